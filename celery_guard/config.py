@@ -1,0 +1,125 @@
+"""Settings: ``CELERY_GUARD_<NAME>`` in the environment, else ``guard_<name>`` in app.conf.
+
+Everything is parsed up front and strictly, so a typo stops the worker before it forks
+anything, with one line that says what to fix, instead of a budget quietly ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable
+
+from .sizes import FRACTION_FORMS, SIZE_FORMS, parse_fraction, parse_size
+
+MODES = ("scale", "refuse", "warn", "off")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(Exception):
+    """A setting that cannot be parsed; carries what the CRITICAL line must name."""
+
+    def __init__(self, variable: str, setting: str, value: str, accepted: str, source: str):
+        super().__init__(f"{variable}={value!r}: expected {accepted}")
+        self.variable = variable
+        self.setting = setting
+        self.value = value
+        self.accepted = accepted
+        self.source = source
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _auto_or_size(text: str) -> int | None:
+    return None if text.strip().lower() == "auto" else parse_size(text)
+
+
+def _positive_int(text: str) -> int:
+    value = text.strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(text)
+    return int(value)
+
+
+def _as_text(raw: Any) -> str:
+    """app.conf may hold numbers; write floats out in full (1e-05 -> 0.00001)."""
+    if isinstance(raw, float) and math.isfinite(raw):
+        return format(Decimal(repr(raw)), "f")
+    return str(raw)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: str
+    accepted: str
+    parse: Callable[[str], Any]
+
+    @property
+    def variable(self) -> str:
+        return f"CELERY_GUARD_{self.name.upper()}"
+
+    @property
+    def setting(self) -> str:
+        return f"guard_{self.name}"
+
+
+OPTIONS = (
+    Option("mode", "scale", " | ".join(MODES), _choice(MODES)),
+    Option("memory_limit", "auto", f"auto, or {SIZE_FORMS}", _auto_or_size),
+    Option("headroom", "10%", FRACTION_FORMS, parse_fraction),
+    Option("child_memory", "auto", f"auto, or {SIZE_FORMS}", _auto_or_size),
+    Option("min_concurrency", "1", "a whole number of at least 1", _positive_int),
+    Option("log_format", "text", " | ".join(LOG_FORMATS), _choice(LOG_FORMATS)),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "scale"
+    memory_limit: int | None = None
+    headroom: float = 0.1
+    child_memory: int | None = None
+    min_concurrency: int = 1
+    log_format: str = "text"
+    #: where each value came from: "env", "config" or "default", by option name
+    sources: Mapping[str, str] | None = None
+
+    def source(self, name: str) -> str:
+        return (self.sources or {}).get(name, "default")
+
+
+def load_settings(env: Mapping[str, str], conf: Mapping[str, Any] | Any) -> Settings:
+    """Read every option: environment first, then app.conf (anything with ``.get``).
+
+    Raises ConfigError for the first value that does not parse.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        raw: Any = env.get(option.variable)
+        source = "env"
+        if raw is None:
+            raw = conf.get(option.setting)
+            source = "config"
+        if raw is None:
+            raw, source = option.default, "default"
+        text = _as_text(raw)
+        try:
+            values[option.name] = option.parse(text)
+        except ValueError:
+            raise ConfigError(
+                option.variable, option.setting, text, option.accepted, source
+            ) from None
+        sources[option.name] = source
+    return Settings(**values, sources=sources)

@@ -1,0 +1,66 @@
+"""One line per event: ``celery-guard key=value ...`` (logfmt) or one JSON object.
+
+Log pipelines parse these lines, so the format is the contract: keys keep their meaning,
+numbers stay numbers, and a value with spaces or quotes is quoted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+logger = logging.getLogger("celery_guard")
+
+PREFIX = "celery-guard "
+_DECODER = json.JSONDecoder()
+
+
+def _logfmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text)
+    return text
+
+
+def format_event(event: str, fields: Mapping[str, Any], log_format: str = "text") -> str:
+    """Render ``event=...`` followed by the fields, in insertion order."""
+    record = {"event": event, **fields}
+    if log_format == "json":
+        return json.dumps(record, separators=(",", ":"))
+    return PREFIX + " ".join(f"{key}={_logfmt_value(value)}" for key, value in record.items())
+
+
+def parse_line(line: str) -> dict[str, str]:
+    """Read the fields back from a text line (for tests and the log reader)."""
+    start = line.find(PREFIX)
+    if start < 0:
+        return {}
+    text, fields, i = line[start + len(PREFIX) :].rstrip("\r\n"), {}, 0
+    while i < len(text):
+        while i < len(text) and text[i] == " ":
+            i += 1
+        eq = text.find("=", i)
+        if eq < 0:
+            break
+        key = text[i:eq]
+        i = eq + 1
+        if text[i : i + 1] == '"':
+            try:
+                fields[key], i = _DECODER.raw_decode(text, i)
+            except ValueError:  # a line cut short inside a quoted value
+                fields[key], i = text[i + 1 :], len(text)
+        else:
+            end = text.find(" ", i)
+            end = len(text) if end < 0 else end
+            fields[key], i = text[i:end], end
+    return fields
+
+
+def emit(level: int, event: str, fields: Mapping[str, Any], log_format: str = "text") -> None:
+    logger.log(level, format_event(event, fields, log_format))

@@ -1,0 +1,76 @@
+"""An import-heavy Celery app: the kind of worker the prefork pool multiplies.
+
+At import it builds what real apps carry in every process: a catalogue of many small
+Python objects (ORM rows, vocabularies, registries) and a large read-only buffer (a model,
+a lookup table). The parent holds about 150 MiB; every forked child starts as a copy.
+
+Settings come from the environment so tests and the demo share one app:
+``HEAVY_APP_BROKER`` (default ``filesystem://``), ``HEAVY_APP_BACKEND``,
+``HEAVY_APP_DATA_DIR`` (folder for the filesystem broker and result backend),
+``HEAVY_APP_OBJECTS`` and ``HEAVY_APP_BUFFER_MIB`` (the size of what is imported), and
+``HEAVY_APP_GUARD=0`` to run the same app without celery-guard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery, signals
+
+OBJECTS = int(os.environ.get("HEAVY_APP_OBJECTS", "300000"))
+BUFFER_MIB = int(os.environ.get("HEAVY_APP_BUFFER_MIB", "48"))
+
+#: Small objects: every task that reads them writes their reference counts, so each
+#: child ends up with its own copy of the pages that hold them.
+CATALOG = {f"item-{i}": (i, f"name-{i}", float(i)) for i in range(OBJECTS)}
+#: One large buffer: reading it never writes to its pages, so children keep sharing it.
+BUFFER = bytes(range(256)) * (BUFFER_MIB * 1024 * 1024 // 256)
+
+_broker = os.environ.get("HEAVY_APP_BROKER", "filesystem://")
+_data_dir = os.environ.get("HEAVY_APP_DATA_DIR", "/tmp/celery-guard-demo")
+app = Celery(
+    "heavy_app",
+    broker=_broker,
+    backend=os.environ.get("HEAVY_APP_BACKEND", f"file://{_data_dir}/results"),
+)
+app.conf.worker_hijack_root_logger = True
+if _broker.startswith("filesystem://"):
+    for sub in ("queue", "results", "control"):
+        os.makedirs(os.path.join(_data_dir, sub), exist_ok=True)
+    queue_dir = os.path.join(_data_dir, "queue")
+    app.conf.broker_transport_options = {
+        "data_folder_in": queue_dir,
+        "data_folder_out": queue_dir,
+        "control_folder": os.path.join(_data_dir, "control"),
+    }
+
+if os.environ.get("HEAVY_APP_GUARD", "1") != "0":
+    from celery_guard import MemoryGuard
+
+    app.steps["worker"].add(MemoryGuard)
+
+
+@signals.worker_process_init.connect
+def _child_started(**_: object) -> None:
+    """One line per forked pool child, so a reader (or a test) can count forks."""
+    logging.getLogger("heavy_app").warning("heavy_app pool child started pid=%d", os.getpid())
+
+
+@app.task
+def walk() -> int:
+    """Read every catalogue entry, as a report or a search index rebuild would."""
+    total = 0
+    for key, (number, name, value) in CATALOG.items():
+        total += number + len(name) + len(key) + int(value)
+    return total
+
+
+@app.task
+def noop() -> None:
+    return None
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y

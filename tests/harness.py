@@ -1,0 +1,293 @@
+"""Real parts for the integration tests and the measurement scripts.
+
+A Redis server on a free loopback port, cgroup-v1 memory cgroups created under this
+process's own cgroup, and ``celery worker`` processes of the example app started inside
+them. Nothing is faked: the kernel enforces the limits and counts the OOM kills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celery_guard import cgroups
+from celery_guard.logline import parse_line
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+MIB = 1024 * 1024
+
+#: In CI the real parts must be there: a skip would hide that the behaviour went untested.
+STRICT = os.environ.get("GUARD_TESTS_STRICT") == "1"
+
+
+class Unavailable(Exception):
+    """A real part this machine cannot provide (no redis-server, no writable cgroup)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1, no persistence, stopped on close."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            raise Unavailable("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        self.close()
+        raise RuntimeError("redis-server did not answer PING within 10 s")
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def close(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+def own_memory_cgroup() -> Path:
+    """This process's cgroup-v1 memory directory, where test cgroups can be made."""
+    found = cgroups.find_memory_cgroup("/")
+    if found.cgroup is None or found.cgroup.version != 1:
+        raise Unavailable(f"no cgroup-v1 memory controller: {found.reason}")
+    path = Path(found.cgroup.path)
+    probe = path / f"cgtest-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        raise Unavailable(f"cannot create a memory cgroup under {path}: {error}") from None
+    return path
+
+
+class Cgroup:
+    """A cgroup-v1 memory cgroup for one test; every process in it is killed on close."""
+
+    def __init__(self, parent: Path, limit: int | None = None, name: str = "") -> None:
+        self.path = parent / f"cgtest-{name or uuid.uuid4().hex[:10]}"
+        self.path.mkdir()
+        if limit is not None:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit))
+
+    def child(self, limit: int | None = None) -> Cgroup:
+        return Cgroup(self.path, limit)
+
+    def _value(self, name: str) -> int:
+        return int((self.path / name).read_text())
+
+    @property
+    def limit(self) -> int:
+        return self._value("memory.limit_in_bytes")
+
+    def usage(self) -> int:
+        return self._value("memory.usage_in_bytes")
+
+    def max_usage(self) -> int:
+        return self._value("memory.max_usage_in_bytes")
+
+    def oom_kills(self) -> int:
+        for line in (self.path / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        raise AssertionError("this kernel has no oom_kill counter in memory.oom_control")
+
+    def pids(self) -> list[int]:
+        pids = [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+        for sub in self.path.glob("cgtest-*"):
+            pids += [int(p) for p in (sub / "cgroup.procs").read_text().split()]
+        return pids
+
+    def close(self) -> None:
+        _empty_and_remove(self.path)
+
+
+def _empty_and_remove(path: Path) -> None:
+    for sub in path.glob("cgtest-*"):
+        _empty_and_remove(sub)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = (path / "cgroup.procs").read_text().split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"could not remove test cgroup {path}")
+
+
+@dataclass
+class Worker:
+    """A ``celery worker`` of the example app, started inside a cgroup (or not)."""
+
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    cgroup: Cgroup | None = None
+    queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:8]}")
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "heavy_app",
+            "worker",
+            "-Q",
+            self.queue,
+            "-n",
+            f"{self.queue}@%h",
+            "-l",
+            "info",
+            *self.args,
+        ]
+        if self.cgroup is not None:
+            # Join the cgroup first, then become the worker: every fork stays inside.
+            procs = self.cgroup.path / "cgroup.procs"
+            command = ["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *command]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=EXAMPLES,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        """Wait for a regex in the log; fail early if the worker exits first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = regex.search(self.log)
+            if match:
+                return match
+            if self.process is not None and self.process.poll() is not None:
+                match = regex.search(self.log)
+                if match:
+                    return match
+                raise AssertionError(
+                    f"worker exited ({self.process.returncode}) before /{pattern}/:\n{self.log}"
+                )
+            time.sleep(0.1)
+        raise AssertionError(f"no /{pattern}/ within {timeout} s:\n{self.log}")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self.wait_for(r"@\S+ ready\.", timeout)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def startup(self) -> dict[str, str]:
+        """The fields of the ``event=startup`` line, in either log format."""
+        match = self.wait_for(r"(celery-guard event=startup .*|\{\"event\":\"startup\".*\})")
+        text = match.group(1)
+        if text.startswith("{"):
+            return {key: str(value) for key, value in json.loads(text).items()}
+        return parse_line(text)
+
+    def forks(self) -> int:
+        return len(re.findall(r"heavy_app pool child started", self.log))
+
+    def stop(self, grace: float = 15) -> None:
+        """Warm shutdown, then SIGKILL the whole process group if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+
+def worker_env(
+    redis: RedisServer | None, extra: Mapping[str, str] | None = None, guard: bool = True
+) -> dict[str, str]:
+    """The environment of a worker: this one minus any CELERY_GUARD_*, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_GUARD_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), str(ROOT)])
+    env["HEAVY_APP_GUARD"] = "1" if guard else "0"
+    if redis is not None:
+        env["HEAVY_APP_BROKER"] = redis.url(0)
+        env["HEAVY_APP_BACKEND"] = redis.url(1)
+    env.update(extra or {})
+    return env
+
+
+def send_tasks(redis: RedisServer, queue: str, name: str, count: int) -> list[object]:
+    """Send ``count`` tasks by name, without importing the (heavy) example app here."""
+    from celery import Celery
+
+    client = Celery("client", broker=redis.url(0), backend=redis.url(1))
+    return [client.send_task(f"heavy_app.{name}", queue=queue) for _ in range(count)]
+
+
+@contextlib.contextmanager
+def running(worker: Worker) -> Iterator[Worker]:
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()

@@ -1,0 +1,261 @@
+"""Tests for celery_guard.config: where each setting comes from and how bad ones fail.
+
+The environment wins over app.conf, which wins over the default, option by option; a
+value that does not parse must name the variable, the setting, the value, the accepted
+forms and where it came from, because that is all the CRITICAL line can tell the user.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_guard.config import ConfigError, Settings, load_settings
+
+MIB = 1 << 20
+
+SIZE_ACCEPTED = (
+    "auto, or bytes (536870912), or a number with K, M, G, T, KB, MiB, GiB... (512M, 1.5GiB)"
+)
+ACCEPTED = {
+    "mode": "scale | refuse | warn | off",
+    "memory_limit": SIZE_ACCEPTED,
+    "headroom": "a percentage (10%) or a fraction below 1 (0.1)",
+    "child_memory": SIZE_ACCEPTED,
+    "min_concurrency": "a whole number of at least 1",
+    "log_format": "text | json",
+}
+DEFAULT_SOURCES = {name: "default" for name in ACCEPTED}
+
+
+def test_defaults() -> None:
+    """With nothing set, every option has its documented default and source "default"."""
+    settings = load_settings({}, {})
+    assert settings == Settings(
+        mode="scale",
+        memory_limit=None,
+        headroom=0.1,
+        child_memory=None,
+        min_concurrency=1,
+        log_format="text",
+        sources=DEFAULT_SOURCES,
+    )
+    assert dict(settings.sources or {}) == DEFAULT_SOURCES
+
+
+# option, env value (None: unset), conf value (None: unset), expected value, expected source
+PRECEDENCE: list[tuple[str, str | None, Any, Any, str]] = [
+    ("mode", "warn", "refuse", "warn", "env"),
+    ("mode", None, "refuse", "refuse", "config"),
+    ("mode", None, None, "scale", "default"),
+    ("memory_limit", "512M", "1G", 512 * MIB, "env"),
+    ("memory_limit", None, "1G", 1024 * MIB, "config"),
+    ("memory_limit", "auto", "1G", None, "env"),
+    ("memory_limit", None, None, None, "default"),
+    ("headroom", "20%", "0.3", 0.2, "env"),
+    ("headroom", None, "0.3", 0.3, "config"),
+    ("headroom", None, None, 0.1, "default"),
+    ("child_memory", "43M", "100M", 43 * MIB, "env"),
+    ("child_memory", None, "100M", 100 * MIB, "config"),
+    ("child_memory", None, "auto", None, "config"),
+    ("child_memory", None, None, None, "default"),
+    ("min_concurrency", "3", "2", 3, "env"),
+    ("min_concurrency", None, "2", 2, "config"),
+    ("min_concurrency", None, None, 1, "default"),
+    ("log_format", "json", "text", "json", "env"),
+    ("log_format", None, "json", "json", "config"),
+    ("log_format", None, None, "text", "default"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,env_value,conf_value,expected,source",
+    PRECEDENCE,
+    ids=[f"{p[0]}-{p[4]}" + ("-auto" if "auto" in (p[1], p[2]) else "") for p in PRECEDENCE],
+)
+def test_precedence(
+    name: str, env_value: str | None, conf_value: Any, expected: Any, source: str
+) -> None:
+    """env > app.conf > default for each option, and the source is recorded."""
+    env = {} if env_value is None else {f"CELERY_GUARD_{name.upper()}": env_value}
+    conf = {} if conf_value is None else {f"guard_{name}": conf_value}
+    settings = load_settings(env, conf)
+    assert getattr(settings, name) == expected
+    assert settings.source(name) == source
+    # the other options stay at their defaults
+    assert dict(settings.sources or {}) == {**DEFAULT_SOURCES, name: source}
+
+
+def test_mixed_sources_recorded_per_option() -> None:
+    """Each option is resolved on its own: one from env, one from conf, the rest defaults."""
+    settings = load_settings(
+        {"CELERY_GUARD_MODE": "refuse", "CELERY_GUARD_HEADROOM": "5%"},
+        {"guard_mode": "warn", "guard_memory_limit": "600M", "guard_log_format": "json"},
+    )
+    assert (settings.mode, settings.memory_limit, settings.headroom, settings.log_format) == (
+        "refuse",
+        600 * MIB,
+        0.05,
+        "json",
+    )
+    assert settings.sources == {
+        "mode": "env",
+        "memory_limit": "config",
+        "headroom": "env",
+        "child_memory": "default",
+        "min_concurrency": "default",
+        "log_format": "config",
+    }
+
+
+def test_source_without_sources_is_default() -> None:
+    """A Settings built by hand (no sources) reports "default" rather than failing."""
+    assert Settings().source("mode") == "default"
+
+
+# setting, conf value of a Python type other than str, expected parsed value
+TYPED_CONF: list[tuple[str, Any, Any]] = [
+    ("guard_headroom", 0.2, 0.2),
+    ("guard_headroom", 0, 0.0),
+    ("guard_min_concurrency", 2, 2),
+    ("guard_memory_limit", 536870912, 536870912),
+    ("guard_child_memory", 45088768, 45088768),
+]
+
+
+@pytest.mark.parametrize(
+    "setting,value,expected", TYPED_CONF, ids=[f"{t[0]}={t[1]!r}" for t in TYPED_CONF]
+)
+def test_conf_values_that_are_numbers(setting: str, value: Any, expected: Any) -> None:
+    """app.conf is Python, so users write numbers there, not strings; those must work."""
+    settings = load_settings({}, {setting: value})
+    name = setting.removeprefix("guard_")
+    assert getattr(settings, name) == expected
+    assert settings.source(name) == "config"
+
+
+def test_conf_value_none_falls_back_to_default() -> None:
+    """A setting explicitly set to None in app.conf is treated as unset."""
+    settings = load_settings({}, {"guard_mode": None, "guard_min_concurrency": None})
+    assert (settings.mode, settings.min_concurrency) == ("scale", 1)
+    assert (settings.source("mode"), settings.source("min_concurrency")) == ("default", "default")
+
+
+def test_env_overrides_a_bad_conf_value() -> None:
+    """A bad value in app.conf is never parsed when the environment overrides it."""
+    settings = load_settings({"CELERY_GUARD_MODE": "warn"}, {"guard_mode": "bogus"})
+    assert (settings.mode, settings.source("mode")) == ("warn", "env")
+
+
+def test_celery_app_conf() -> None:
+    """A real Celery app.conf works as the conf mapping."""
+    app = Celery("config-test", set_as_current=False)
+    app.conf.guard_mode = "refuse"
+    app.conf.guard_headroom = 0.25
+    settings = load_settings({"CELERY_GUARD_LOG_FORMAT": "json"}, app.conf)
+    assert (settings.mode, settings.headroom, settings.log_format, settings.memory_limit) == (
+        "refuse",
+        0.25,
+        "json",
+        None,
+    )
+    assert (settings.source("mode"), settings.source("log_format")) == ("config", "env")
+
+
+# option, raw value, parsed value
+CASE_INSENSITIVE = [
+    ("mode", "SCALE", "scale"),
+    ("mode", "Refuse", "refuse"),
+    ("mode", " warn ", "warn"),
+    ("mode", "OFF", "off"),
+    ("log_format", "JSON", "json"),
+    ("log_format", "Text", "text"),
+    ("memory_limit", "AUTO", None),
+    ("child_memory", "Auto", None),
+]
+
+
+@pytest.mark.parametrize(
+    "name,raw,expected", CASE_INSENSITIVE, ids=[f"{c[0]}={c[1].strip()}" for c in CASE_INSENSITIVE]
+)
+@pytest.mark.parametrize("where", ["env", "config"])
+def test_words_are_case_insensitive(name: str, raw: str, expected: Any, where: str) -> None:
+    """Mode, log format and "auto" are words: any case (and surrounding blanks) is accepted."""
+    if where == "env":
+        settings = load_settings({f"CELERY_GUARD_{name.upper()}": raw}, {})
+    else:
+        settings = load_settings({}, {f"guard_{name}": raw})
+    assert getattr(settings, name) == expected
+    assert settings.source(name) == where
+
+
+# option, where the value is set, raw value, the value ConfigError must report
+BAD: list[tuple[str, str, Any, str]] = [
+    ("mode", "env", "scaled", "scaled"),
+    ("mode", "env", "scale,warn", "scale,warn"),
+    ("mode", "config", "fail", "fail"),
+    ("mode", "config", 1, "1"),
+    ("memory_limit", "env", "512B", "512B"),
+    ("memory_limit", "env", "0", "0"),
+    ("memory_limit", "config", "lots", "lots"),
+    ("memory_limit", "config", -1, "-1"),
+    ("memory_limit", "config", 536870912.5, "536870912.5"),
+    ("headroom", "env", "100%", "100%"),
+    ("headroom", "env", "10 percent", "10 percent"),
+    ("headroom", "config", 1.5, "1.5"),
+    ("headroom", "config", "-5%", "-5%"),
+    ("child_memory", "env", "1e9", "1e9"),
+    ("child_memory", "env", "43MiB of RAM", "43MiB of RAM"),
+    ("child_memory", "config", "automatic", "automatic"),
+    ("child_memory", "config", 0, "0"),
+    ("min_concurrency", "env", "0", "0"),
+    ("min_concurrency", "env", "2.5", "2.5"),
+    ("min_concurrency", "env", "-1", "-1"),
+    ("min_concurrency", "config", 0, "0"),
+    ("min_concurrency", "config", "two", "two"),
+    ("min_concurrency", "config", 2.0, "2.0"),
+    ("log_format", "env", "logfmt", "logfmt"),
+    ("log_format", "env", "yaml", "yaml"),
+    ("log_format", "config", "JSONL", "JSONL"),
+    ("log_format", "config", True, "True"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,where,raw,reported",
+    BAD,
+    ids=[f"{b[0]}-{b[1]}-{b[2]!r}" for b in BAD],
+)
+def test_bad_values_raise_config_error(name: str, where: str, raw: Any, reported: str) -> None:
+    """The error names the variable, setting, value, accepted forms and source."""
+    variable, setting = f"CELERY_GUARD_{name.upper()}", f"guard_{name}"
+    env, conf = ({variable: raw}, {}) if where == "env" else ({}, {setting: raw})
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env, conf)
+    error = caught.value
+    assert (error.variable, error.setting, error.value, error.accepted, error.source) == (
+        variable,
+        setting,
+        reported,
+        ACCEPTED[name],
+        where,
+    )
+    assert str(error) == f"{variable}={reported!r}: expected {ACCEPTED[name]}"
+
+
+def test_first_bad_option_is_reported() -> None:
+    """With several bad values, the error is about the first option (mode comes first)."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CELERY_GUARD_LOG_FORMAT": "xml"}, {"guard_mode": "nope"})
+    assert (caught.value.variable, caught.value.value, caught.value.source) == (
+        "CELERY_GUARD_MODE",
+        "nope",
+        "config",
+    )
+
+
+def test_small_float_headroom_in_conf() -> None:
+    """A float in app.conf is a number, whatever notation str() would print it in."""
+    assert load_settings({}, {"guard_headroom": 1e-05}).headroom == 1e-05
