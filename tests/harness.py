@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from celery_guard import cgroups
 from celery_guard.logline import parse_line
@@ -276,7 +277,7 @@ def worker_env(
     return env
 
 
-def send_tasks(redis: RedisServer, queue: str, name: str, count: int) -> list[object]:
+def send_tasks(redis: RedisServer, queue: str, name: str, count: int) -> list[Any]:
     """Send ``count`` tasks by name, without importing the (heavy) example app here."""
     from celery import Celery
 
@@ -284,10 +285,35 @@ def send_tasks(redis: RedisServer, queue: str, name: str, count: int) -> list[ob
     return [client.send_task(f"heavy_app.{name}", queue=queue) for _ in range(count)]
 
 
-@contextlib.contextmanager
-def running(worker: Worker) -> Iterator[Worker]:
+def wait_for_results(results: list[Any], timeout: float, group: Cgroup | None = None) -> bool:
+    """True when every task succeeded; False on a failure, an OOM kill or the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if group is not None and group.oom_kills():
+            return False
+        if all(r.ready() for r in results):
+            return all(r.successful() for r in results)
+        time.sleep(0.2)
+    return False
+
+
+def runs_walk_workload(
+    redis: RedisServer, group: Cgroup, concurrency: int, log_path: Path, guard: bool = False
+) -> bool:
+    """Does the example app at ``concurrency`` run 3 walk tasks per child in ``group``
+    with no OOM kill? The measure behind "the children that really fit"."""
+    worker = Worker(
+        args=["-c", str(concurrency)],
+        env=worker_env(redis, guard=guard),
+        log_path=log_path,
+        cgroup=group,
+    )
     worker.start()
     try:
-        yield worker
+        worker.wait_ready(60)
+        results = send_tasks(redis, worker.queue, "walk", 3 * concurrency)
+        return wait_for_results(results, 120, group) and group.oom_kills() == 0
+    except AssertionError:  # the worker died before it was ready
+        return False
     finally:
         worker.stop()

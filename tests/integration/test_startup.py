@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import harness
 import pytest
@@ -19,6 +19,7 @@ from harness import MIB, Cgroup, Worker
 GIB_LIMIT = 1024 * MIB
 #: Found with ``python tests/bisect_fit.py --limit 1G`` (vanilla Celery, same app and
 #: workload, 3 walk tasks per child): 8 children run it; at 9 the OOM killer fires.
+#: ``test_bisection_figure_holds_here`` re-checks both sides on the machine under test.
 REALLY_FIT_IN_1G = 8
 
 SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
@@ -30,17 +31,6 @@ CONTRACT_KEYS = {
 
 MakeWorker = Callable[..., Worker]
 MakeCgroup = Callable[..., Cgroup]
-
-
-def _wait_for_results(results: list, timeout: float, group: Cgroup | None = None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if group is not None and group.oom_kills():
-            return False
-        if all(r.ready() for r in results):
-            return all(r.successful() for r in results)
-        time.sleep(0.2)
-    return False
 
 
 def _working_set(group: Cgroup) -> int:
@@ -62,7 +52,7 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     vanilla = make_worker(["-c", "16"], harness.worker_env(redis, guard=False), vanilla_group)
     vanilla.wait_ready(60)
     results = harness.send_tasks(redis, vanilla.queue, "walk", 32)
-    assert not _wait_for_results(results, 90, vanilla_group)
+    assert not harness.wait_for_results(results, 90, vanilla_group)
     assert vanilla_group.oom_kills() >= 1
     vanilla.stop()
 
@@ -78,7 +68,7 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     worker.wait_ready(60)
     assert worker.forks() == concurrency
     results = harness.send_tasks(redis, worker.queue, "walk", 32)
-    assert _wait_for_results(results, 120, group)
+    assert harness.wait_for_results(results, 120, group)
     assert group.oom_kills() == 0
 
     # The estimate against reality: what each child added once all of them had walked
@@ -88,6 +78,23 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     assert 0.95 * real_per_child <= estimate <= 1.2 * real_per_child, (
         f"estimate {estimate / MIB:.1f} MiB, real {real_per_child / MIB:.1f} MiB per child"
     )
+
+
+@pytest.mark.cgroup
+def test_bisection_figure_holds_here(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, tmp_path: Path
+) -> None:
+    """Vanilla Celery runs the workload at REALLY_FIT_IN_1G children in 1 GiB, not at one
+    more: the figure the 80% comparison above rests on is true on this machine."""
+    fits = harness.runs_walk_workload(
+        redis, make_cgroup(GIB_LIMIT), REALLY_FIT_IN_1G, tmp_path / "fits.log"
+    )
+    assert fits
+    one_more = make_cgroup(GIB_LIMIT)
+    assert not harness.runs_walk_workload(
+        redis, one_more, REALLY_FIT_IN_1G + 1, tmp_path / "one-more.log"
+    )
+    assert one_more.oom_kills() >= 1
 
 
 @pytest.mark.cgroup
@@ -198,7 +205,7 @@ def test_autoscale_max_is_lowered(
     assert startup["autoscale_min"] == "2"
     worker.wait_ready(60)
     results = harness.send_tasks(redis, worker.queue, "walk", 40)
-    assert _wait_for_results(results, 150, group)
+    assert harness.wait_for_results(results, 150, group)
     assert 2 < worker.forks() <= new_max  # it did scale up, and stopped at the new max
     assert group.oom_kills() == 0
 
