@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import control  # noqa: F401 - registers `celery inspect guard_stats`
 from .bootstep import MemoryGuard
 
 __version__ = "0.1.0"

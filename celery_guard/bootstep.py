@@ -16,13 +16,15 @@ from typing import Any
 
 from celery import bootsteps
 
-from . import cgroups, footprint
+from . import cgroups, footprint, history, telemetry
 from .config import OPTIONS, ConfigError, Settings, load_settings
 from .logline import emit, logger
 from .plan import Decision, decide
 from .sizes import mib
 
 EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
+#: The running worker's collector, for ``celery inspect guard_stats`` (one worker a process).
+ACTIVE: dict[str, telemetry.Collector] = {}
 
 _LEVELS = {
     "kept": logging.INFO,
@@ -89,8 +91,8 @@ def _log_format(env: Mapping[str, str]) -> str:
     return value if value in ("text", "json") else "text"
 
 
-class MemoryGuard(bootsteps.Step):
-    """Fit the pool to the memory budget before it forks; see the README."""
+class MemoryGuard(bootsteps.StartStopStep):
+    """Fit the pool to the memory budget before it forks, then watch the children."""
 
     label = "MemoryGuard"
     name = "celery_guard.bootstep.MemoryGuard"
@@ -101,9 +103,8 @@ class MemoryGuard(bootsteps.Step):
         if logger.level == logging.NOTSET:
             # The startup line is the product: show it even under ``-l warning``.
             logger.setLevel(logging.INFO)
-        self.env: Mapping[str, str] = os.environ
         try:
-            self.settings = load_settings(self.env, w.app.conf)
+            self.settings = load_settings(os.environ, w.app.conf)
         except ConfigError as error:
             emit(
                 logging.CRITICAL,
@@ -115,10 +116,15 @@ class MemoryGuard(bootsteps.Step):
                     "value": error.value,
                     "accepted": error.accepted,
                 },
-                _log_format(self.env),
+                _log_format(os.environ),
             )
             raise SystemExit(EX_CONFIG) from None
+        self.collector: telemetry.Collector | None = None
+        self.sampler: telemetry.Sampler | None = None
+        self.figures: dict[str, Any] | None = None
         self.decision = self._startup(w)
+        if self.settings.mode != "off" and self.decision is not None:  # off: collect nothing
+            self._prepare_telemetry(w, self.decision)
 
     def _startup(self, w: Any) -> Decision | None:
         settings = self.settings
@@ -144,6 +150,8 @@ class MemoryGuard(bootsteps.Step):
             )
             return None
         emit(_LEVELS[decision.action], "startup", fields, settings.log_format)
+        self.figures = fields
+        self._advise(w, pool, fields)
         if decision.action == "refused":
             raise SystemExit(EX_CONFIG)
         if decision.concurrency != requested:
@@ -164,8 +172,11 @@ class MemoryGuard(bootsteps.Step):
         parent = footprint.measure(allocators=footprint.read_allocators())
         forked = getattr(w, "pool_start_method", "fork") == "fork"
         estimate = footprint.estimate_child(parent, forked=forked)
+        remembered = self._history()
         if settings.child_memory is not None:
             child, child_source = settings.child_memory, settings.source("child_memory")
+        elif remembered is not None:
+            child, child_source = remembered, "history"
         else:
             child, child_source = estimate.bytes, "measured"
         in_use = max(parent.rss, budget.in_use)
@@ -179,6 +190,7 @@ class MemoryGuard(bootsteps.Step):
             minimum=settings.min_concurrency,
             pool=pool,
         )
+        self.budget, self.parent = budget, parent
         fields: dict[str, Any] = {
             "mode": settings.mode,
             "pool": pool,
@@ -200,5 +212,152 @@ class MemoryGuard(bootsteps.Step):
             fields["autoscale_min"] = min(w.min_concurrency, decision.concurrency)
         return fields, decision
 
+    # -- history ---------------------------------------------------------------------
+    def _history(self) -> int | None:
+        path = self.settings.state_file
+        if path is None or self.settings.child_memory is not None:
+            return None
+        cost, why = history.load(path)
+        if cost is None and why != "no state file yet":
+            emit(
+                logging.WARNING,
+                "history",
+                {"action": "ignored", "path": path, "reason": why},
+                self.settings.log_format,
+            )
+        return cost
 
-__all__ = ["EX_CONFIG", "OPTIONS", "MemoryGuard", "pool_name", "read_budget"]
+    def _save_history(self, fields: dict[str, Any]) -> None:
+        path, cost = self.settings.state_file, fields.get("private_p95_mib")
+        if path is None or not cost or not fields.get("samples"):
+            return
+        try:
+            history.save(path, int(cost * 1024 * 1024), fields["samples"])
+        except OSError as error:
+            emit(
+                logging.WARNING,
+                "history",
+                {"action": "not_saved", "path": path, "reason": str(error)},
+                self.settings.log_format,
+            )
+
+    # -- advice ----------------------------------------------------------------------
+    def _advise(self, w: Any, pool: str, fields: dict[str, Any]) -> None:
+        """Say what Celery itself would not: settings that cannot work as meant."""
+        max_kib = getattr(w, "max_memory_per_child", None) or 0
+        if not max_kib:
+            return
+        if pool not in ("prefork", "processes"):
+            advice = {
+                "topic": "max_memory_per_child_ignored",
+                "max_memory_per_child_kib": max_kib,
+                "reason": f"the {pool} pool does not recycle children; the setting does nothing",
+                "fix": "use the prefork pool, or drop worker_max_memory_per_child",
+            }
+        elif max_kib * 1024 < self.parent.rss:
+            parent_kib = self.parent.rss // 1024
+            advice = {
+                "topic": "max_memory_per_child_below_parent",
+                "max_memory_per_child_kib": max_kib,
+                "parent_rss_kib": parent_kib,
+                "reason": "a child's peak RSS starts at the parent's RSS, so every child "
+                "will be replaced after every task",
+                "fix": f"set worker_max_memory_per_child above {parent_kib} (KiB), "
+                "from the summary's recommended_max_memory_per_child_kib",
+            }
+        else:
+            return
+        emit(logging.WARNING, "advice", {"worker": w.hostname, **advice}, self.settings.log_format)
+
+    # -- telemetry -------------------------------------------------------------------
+    def _prepare_telemetry(self, w: Any, decision: Decision) -> None:
+        from celery import signals
+
+        settings, fields = self.settings, self.figures or {}
+        max_kib = int(getattr(w, "max_memory_per_child", None) or 0)
+        self.channel_read, channel_write = telemetry.open_channel()
+        probe = telemetry.ChildProbe(channel_write, w.hostname, settings, max_kib)
+        signals.worker_process_init.connect(
+            probe.on_child_start, weak=False, dispatch_uid="cg-init"
+        )
+        signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
+        found = cgroups.find_memory_cgroup("/")
+        forks = fields.get("pool") in ("prefork", "processes")
+        self.collector = telemetry.Collector(
+            hostname=w.hostname,
+            settings=settings,
+            limit=self.budget.limit,
+            headroom=decision.headroom,
+            parent_rss=self.parent.rss,
+            cgroup=found.cgroup,
+            children=(lambda: _child_pids(w)) if forks else (lambda: []),
+            concurrency=lambda: _pool_size(w),
+            max_memory_kib=max_kib,
+        )
+        ACTIVE["collector"] = self.collector
+
+    def create(self, w: Any) -> MemoryGuard:
+        return self
+
+    def start(self, w: Any) -> None:
+        if self.collector is not None:
+            self.sampler = telemetry.Sampler(
+                self.collector, self.channel_read, self.collector.log_summary
+            )
+            self.sampler.start()
+
+    def register_with_event_loop(self, w: Any, hub: Any) -> None:
+        """Wrap the pool's process-down callback once AsynPool has installed its own.
+
+        Steps register in reverse order, so the Pool registers (and replaces the
+        callback) after this step: the wrapping waits for the loop's first tick.
+        """
+        if self.collector is not None:
+            hub.call_soon(self._wrap_process_down, w)
+
+    def _wrap_process_down(self, w: Any) -> None:
+        pool = getattr(getattr(w, "pool", None), "_pool", None)
+        if self.collector is None or pool is None or not hasattr(pool, "on_process_down"):
+            return
+        collector, sampler, original = self.collector, self.sampler, pool.on_process_down
+
+        def on_process_down(proc: Any) -> Any:
+            try:
+                if sampler is not None:
+                    sampler.drain()  # the child's last record, written before it exited
+                collector.on_exit(proc.pid, proc.exitcode)
+            except Exception:  # noqa: BLE001 - the pool's own callback must still run
+                logger.exception("celery-guard event=error stage=process_down")
+            return original(proc) if original else None
+
+        pool.on_process_down = on_process_down
+
+    def stop(self, w: Any) -> None:
+        if self.sampler is not None and self.collector is not None:
+            self.sampler.stop()
+            self.sampler = None
+            try:
+                self.collector.sample()
+                self._save_history(self.collector.log_summary(final=True))
+            except Exception:  # noqa: BLE001 - shutdown goes on
+                logger.exception("celery-guard event=error stage=shutdown")
+
+    terminate = stop
+    shutdown = stop
+
+
+def _child_pids(w: Any) -> list[int]:
+    try:
+        return [p.pid for p in list(w.pool._pool._pool) if p.pid]
+    except AttributeError:
+        return []
+
+
+def _pool_size(w: Any) -> int:
+    try:
+        return int(w.pool.num_processes)
+    except (AttributeError, TypeError):
+        return int(w.concurrency)
+
+
+__all__ = ["ACTIVE", "EX_CONFIG", "OPTIONS", "MemoryGuard", "pool_name", "read_budget"]

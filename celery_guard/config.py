@@ -16,6 +16,7 @@ from .sizes import FRACTION_FORMS, SIZE_FORMS, parse_fraction, parse_size
 
 MODES = ("scale", "refuse", "warn", "off")
 LOG_FORMATS = ("text", "json")
+CHILD_LOGS = ("growth", "all", "off")
 
 
 class ConfigError(Exception):
@@ -42,6 +43,17 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
 
 def _auto_or_size(text: str) -> int | None:
     return None if text.strip().lower() == "auto" else parse_size(text)
+
+
+def _seconds(text: str) -> float:
+    value = text.strip().lower().removesuffix("s")
+    if not value.replace(".", "", 1).isdigit() or not value.isascii() or float(value) <= 0:
+        raise ValueError(text)
+    return float(value)
+
+
+def _path_or_none(text: str) -> str | None:
+    return text.strip() or None
 
 
 def _positive_int(text: str) -> int:
@@ -81,6 +93,11 @@ OPTIONS = (
     Option("child_memory", "auto", f"auto, or {SIZE_FORMS}", _auto_or_size),
     Option("min_concurrency", "1", "a whole number of at least 1", _positive_int),
     Option("log_format", "text", " | ".join(LOG_FORMATS), _choice(LOG_FORMATS)),
+    Option("child_log", "growth", " | ".join(CHILD_LOGS), _choice(CHILD_LOGS)),
+    Option("child_log_step", "16M", SIZE_FORMS, parse_size),
+    Option("sample_interval", "10", "seconds above 0 (10, 2.5, 10s)", _seconds),
+    Option("summary_interval", "300", "seconds above 0 (300, 60s)", _seconds),
+    Option("state_file", "", "a file path, or empty for none", _path_or_none),
 )
 
 
@@ -92,6 +109,11 @@ class Settings:
     child_memory: int | None = None
     min_concurrency: int = 1
     log_format: str = "text"
+    child_log: str = "growth"
+    child_log_step: int = 16 * 1024 * 1024
+    sample_interval: float = 10.0
+    summary_interval: float = 300.0
+    state_file: str | None = None
     #: where each value came from: "env", "config" or "default", by option name
     sources: Mapping[str, str] | None = None
 

@@ -121,7 +121,7 @@ def _mallinfo2() -> _MallInfo2 | None:
     except (OSError, AttributeError):
         return None
     function.restype = _MallInfo2
-    return function()  # type: ignore[no-any-return]
+    return function()
 
 
 _at_import = _mallinfo2()

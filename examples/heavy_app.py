@@ -66,6 +66,17 @@ def walk() -> int:
     return total
 
 
+#: What ``leak`` keeps: a child that runs it grows by exactly what it was asked to.
+_LEAKED: list[bytes] = []
+
+
+@app.task
+def leak(mib: int) -> int:
+    """Keep ``mib`` MiB for the life of the child: a cache that is never trimmed."""
+    _LEAKED.append(b"x" * (mib * 1024 * 1024))
+    return len(_LEAKED)
+
+
 @app.task
 def noop() -> None:
     return None

@@ -246,6 +246,11 @@ class Worker:
             return {key: str(value) for key, value in json.loads(text).items()}
         return parse_line(text)
 
+    def events(self, event: str) -> list[dict[str, str]]:
+        """Every text-format celery-guard line of that event, parsed."""
+        marker = f"celery-guard event={event} "
+        return [parse_line(line) for line in self.log.splitlines() if marker in line]
+
     def forks(self) -> int:
         return len(re.findall(r"heavy_app pool child started", self.log))
 
@@ -277,12 +282,14 @@ def worker_env(
     return env
 
 
-def send_tasks(redis: RedisServer, queue: str, name: str, count: int) -> list[Any]:
+def send_tasks(
+    redis: RedisServer, queue: str, name: str, count: int, args: tuple[Any, ...] = ()
+) -> list[Any]:
     """Send ``count`` tasks by name, without importing the (heavy) example app here."""
     from celery import Celery
 
     client = Celery("client", broker=redis.url(0), backend=redis.url(1))
-    return [client.send_task(f"heavy_app.{name}", queue=queue) for _ in range(count)]
+    return [client.send_task(f"heavy_app.{name}", args=args, queue=queue) for _ in range(count)]
 
 
 def wait_for_results(results: list[Any], timeout: float, group: Cgroup | None = None) -> bool:

@@ -26,6 +26,11 @@ ACCEPTED = {
     "child_memory": SIZE_ACCEPTED,
     "min_concurrency": "a whole number of at least 1",
     "log_format": "text | json",
+    "child_log": "growth | all | off",
+    "child_log_step": SIZE_ACCEPTED.removeprefix("auto, or "),
+    "sample_interval": "seconds above 0 (10, 2.5, 10s)",
+    "summary_interval": "seconds above 0 (300, 60s)",
+    "state_file": "a file path, or empty for none",
 }
 DEFAULT_SOURCES = {name: "default" for name in ACCEPTED}
 
@@ -40,6 +45,11 @@ def test_defaults() -> None:
         child_memory=None,
         min_concurrency=1,
         log_format="text",
+        child_log="growth",
+        child_log_step=16 * MIB,
+        sample_interval=10.0,
+        summary_interval=300.0,
+        state_file=None,
         sources=DEFAULT_SOURCES,
     )
     assert dict(settings.sources or {}) == DEFAULT_SOURCES
@@ -67,6 +77,17 @@ PRECEDENCE: list[tuple[str, str | None, Any, Any, str]] = [
     ("log_format", "json", "text", "json", "env"),
     ("log_format", None, "json", "json", "config"),
     ("log_format", None, None, "text", "default"),
+    ("child_log", "all", "off", "all", "env"),
+    ("child_log", None, "OFF", "off", "config"),
+    ("child_log_step", "4M", "8M", 4 * MIB, "env"),
+    ("child_log_step", None, 1048576, MIB, "config"),
+    ("sample_interval", "2.5", "5", 2.5, "env"),
+    ("sample_interval", None, "5s", 5.0, "config"),
+    ("summary_interval", "60s", "120", 60.0, "env"),
+    ("summary_interval", None, 30, 30.0, "config"),
+    ("state_file", "/var/lib/w.json", "/tmp/x", "/var/lib/w.json", "env"),
+    ("state_file", None, "/tmp/x", "/tmp/x", "config"),
+    ("state_file", "", "/tmp/x", None, "env"),
 ]
 
 
@@ -107,6 +128,7 @@ def test_mixed_sources_recorded_per_option() -> None:
         "child_memory": "default",
         "min_concurrency": "default",
         "log_format": "config",
+        **{name: "default" for name in list(ACCEPTED)[6:]},
     }
 
 
@@ -220,6 +242,15 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("log_format", "env", "yaml", "yaml"),
     ("log_format", "config", "JSONL", "JSONL"),
     ("log_format", "config", True, "True"),
+    ("child_log", "env", "growing", "growing"),
+    ("child_log", "config", "", ""),
+    ("child_log_step", "env", "auto", "auto"),
+    ("child_log_step", "config", 0, "0"),
+    ("sample_interval", "env", "0", "0"),
+    ("sample_interval", "env", "-1", "-1"),
+    ("sample_interval", "config", "1m", "1m"),
+    ("summary_interval", "env", "soon", "soon"),
+    ("summary_interval", "config", "1..2", "1..2"),
 ]
 
 

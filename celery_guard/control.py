@@ -1,0 +1,22 @@
+"""``celery -A proj inspect guard_stats``: each worker's live figures.
+
+``celery inspect NAME`` checks NAME in the CLI process, so this module is imported with
+``celery_guard`` itself: the app module that adds the step registers the command too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker.control import inspect_command
+
+from . import bootstep
+
+
+@inspect_command()
+def guard_stats(state: Any, **_: Any) -> dict[str, Any]:
+    """Limit, usage, children's memory, growth by task and the recommendations."""
+    collector = bootstep.ACTIVE.get("collector")
+    if collector is None:
+        return {"error": "celery-guard collects nothing in this worker (mode off or not a worker)"}
+    return collector.stats()

@@ -1,0 +1,297 @@
+"""Bounded aggregates of children's memory, and the settings they recommend (pure).
+
+A worker runs for weeks and its children report after every task, so the main process
+cannot keep every sample: it keeps exponential histograms, as Kubernetes' VPA does, whose
+size does not depend on how many samples arrived. ``recommend`` turns their percentiles
+into the two settings a user pastes; the summary line logs its inputs rounded as printed,
+so a reader of the log recomputes exactly what the live worker printed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: The keys of ``to_dict``.
+_FORMAT_KEYS = ("first", "ratio", "max_buckets", "count", "min", "max", "buckets")
+
+
+class ExpHistogram:
+    """Bounded aggregate with exponential buckets, as Kubernetes VPA keeps them:
+    bucket 0 is [0, first), bucket i>=1 is [first*ratio**(i-1), first*ratio**i).
+    Memory stays bounded however many samples arrive (at most max_buckets keys)."""
+
+    def __init__(self, first: float = 1024 * 1024, ratio: float = 1.05, max_buckets: int = 600):
+        if not (_finite(first) and first > 0):
+            raise ValueError(f"first must be a positive number, not {first!r}")
+        if not (_finite(ratio) and ratio > 1):
+            raise ValueError(f"ratio must be a number above 1, not {ratio!r}")
+        if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
+            raise ValueError(f"max_buckets must be a whole number >= 1, not {max_buckets!r}")
+        try:
+            last = first * ratio ** (max_buckets - 1)
+        except OverflowError:
+            last = math.inf
+        if not math.isfinite(last):
+            raise ValueError("first * ratio ** max_buckets is too large for a float")
+        self.first = float(first)
+        self.ratio = float(ratio)
+        self.max_buckets = max_buckets
+        self._weights: dict[int, float] = {}
+        self._count = 0.0
+        self._min: float | None = None
+        self._max: float | None = None
+
+    # -- the figures ---------------------------------------------------------------------
+    @property
+    def count(self) -> float:
+        """The total weight added."""
+        return self._count
+
+    @property
+    def min(self) -> float | None:
+        """The exact smallest value added; None when empty."""
+        return self._min
+
+    @property
+    def max(self) -> float | None:
+        """The exact largest value added; None when empty."""
+        return self._max
+
+    def lower(self, index: int) -> float:
+        """The lower bound of bucket ``index`` (0 for bucket 0)."""
+        return 0.0 if index <= 0 else self.first * self.ratio ** (index - 1)
+
+    def upper(self, index: int) -> float:
+        """The upper bound of bucket ``index``; the last bucket is open (infinite)."""
+        return math.inf if index >= self.max_buckets - 1 else self.first * self.ratio**index
+
+    def bucket(self, value: float) -> int:
+        """The index of the bucket ``value`` falls in."""
+        if not value >= self.first:  # negative, small, (NaN is refused by add)
+            return 0
+        steps = (math.log(value) - math.log(self.first)) / math.log(self.ratio)
+        index = min(int(steps) + 1, self.max_buckets - 1)
+        # log() is off by an ulp near bounds: settle it against the bounds themselves.
+        while index > 1 and value < self.lower(index):
+            index -= 1
+        while index < self.max_buckets - 1 and value >= self.upper(index):
+            index += 1
+        return index
+
+    def buckets(self) -> list[tuple[int, float]]:
+        """The non-empty buckets as (index, weight), smallest first."""
+        return sorted(self._weights.items())
+
+    # -- adding ----------------------------------------------------------------------------
+    def add(self, value: float, weight: float = 1.0) -> None:
+        """Count ``value`` with ``weight``; a weight of 0 changes nothing."""
+        if not _finite(value):
+            raise ValueError(f"value must be a finite number, not {value!r}")
+        if not (_finite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, not {weight!r}")
+        if weight == 0:
+            return
+        index = self.bucket(value)
+        self._weights[index] = self._weights.get(index, 0.0) + weight
+        self._count += weight
+        self._min = value if self._min is None else min(self._min, value)
+        self._max = value if self._max is None else max(self._max, value)
+
+    def merge(self, other: ExpHistogram) -> None:
+        """Add every sample of ``other`` (same bucket layout) to this histogram."""
+        if (other.first, other.ratio, other.max_buckets) != (
+            self.first,
+            self.ratio,
+            self.max_buckets,
+        ):
+            raise ValueError("cannot merge histograms with different buckets")
+        for index, weight in other._weights.items():
+            self._weights[index] = self._weights.get(index, 0.0) + weight
+        self._count += other._count
+        for value in (other._min, other._max):
+            if value is not None:
+                self._min = value if self._min is None else min(self._min, value)
+                self._max = value if self._max is None else max(self._max, value)
+
+    # -- reading ---------------------------------------------------------------------------
+    def percentile(self, p: float) -> float | None:
+        """The upper bound of the bucket where the cumulative weight first reaches p% of
+        the total, never above the exact max; None when empty.
+
+        An upper bound, not an interpolation: a setting derived from it is on the safe
+        side of every sample in the bucket (at most ``ratio`` above the true value).
+        """
+        if not (_finite(p) and 0 <= p <= 100):
+            raise ValueError(f"p must be between 0 and 100, not {p!r}")
+        if not self._weights or self._max is None:
+            return None
+        threshold = self._count * p / 100
+        slack = self._count * 1e-12  # sums of float weights must still reach 100%
+        cumulative = 0.0
+        chosen = max(self._weights)
+        for index, weight in sorted(self._weights.items()):
+            cumulative += weight
+            if cumulative + slack >= threshold:
+                chosen = index
+                break
+        return min(self.upper(chosen), self._max)
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe form (bucket indexes as [index, weight] pairs)."""
+        return {
+            "first": self.first,
+            "ratio": self.ratio,
+            "max_buckets": self.max_buckets,
+            "count": self._count,
+            "min": self._min,
+            "max": self._max,
+            "buckets": [[index, weight] for index, weight in self.buckets()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ExpHistogram:
+        """The histogram ``to_dict`` described; ValueError when anything does not fit."""
+        if not isinstance(data, Mapping):
+            raise ValueError("a histogram must be a mapping")
+        missing = [key for key in _FORMAT_KEYS if key not in data]
+        if missing:
+            raise ValueError(f"a histogram needs {', '.join(missing)}")
+        hist = cls(data["first"], data["ratio"], data["max_buckets"])
+        pairs = data["buckets"]
+        if not isinstance(pairs, list):
+            raise ValueError("buckets must be a list of [index, weight] pairs")
+        for pair in pairs:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise ValueError(f"bad bucket {pair!r}: not an [index, weight] pair")
+            index, weight = pair
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise ValueError(f"bad bucket index {index!r}")
+            if not 0 <= index < hist.max_buckets or index in hist._weights:
+                raise ValueError(f"bucket index {index} out of range or repeated")
+            if not (_finite(weight) and weight > 0):
+                raise ValueError(f"bad bucket weight {weight!r}")
+            hist._weights[index] = float(weight)
+        count, low, high = data["count"], data["min"], data["max"]
+        total = sum(hist._weights.values())
+        if not (_finite(count) and math.isclose(count, total, rel_tol=1e-9, abs_tol=1e-9)):
+            raise ValueError(f"count {count!r} is not the sum of the weights ({total})")
+        if not hist._weights:
+            if low is not None or high is not None:
+                raise ValueError("an empty histogram has no min or max")
+            return hist
+        if not (_finite(low) and _finite(high) and low <= high):
+            raise ValueError(f"bad min/max {low!r}/{high!r}")
+        if hist.bucket(low) != min(hist._weights) or hist.bucket(high) != max(hist._weights):
+            raise ValueError("min/max do not fall in the first/last non-empty bucket")
+        hist._count, hist._min, hist._max = float(count), float(low), float(high)
+        return hist
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpHistogram(first={self.first}, ratio={self.ratio}, "
+            f"max_buckets={self.max_buckets}, count={self._count}, "
+            f"min={self._min}, max={self._max}, buckets={len(self._weights)})"
+        )
+
+
+def _finite(value: Any) -> bool:
+    """A real, finite number (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The settings to paste: None where the figures do not allow one."""
+
+    max_memory_per_child_kib: int | None
+    concurrency: int | None
+    note: str  # "" when nothing to say; otherwise one sentence
+
+
+#: billiard recycles a child above worker_max_memory_per_child: set it above the peaks
+#: of this share of healthy children.
+HEALTHY_PERCENTILE = 95
+#: ... with this much room above them.
+MARGIN = 0.15
+
+
+def _kib(mib: float) -> int:
+    """MiB to whole KiB, rounded down; the rounding to 1e-6 KiB first keeps a product
+    like 280 * 1.15 * 1024 (329727.99999999994 in floats) at the 329728 it means."""
+    return math.floor(round(mib * 1024, 6))
+
+
+def recommend(
+    *,
+    limit_mib: float,
+    headroom_mib: float,
+    parent_rss_mib: float,
+    concurrency: int,
+    private_p50_mib: float | None,
+    private_p95_mib: float | None,
+    peak_rss_p50_mib: float | None,
+    peak_rss_p95_mib: float | None,
+    margin: float = MARGIN,
+) -> Recommendation:
+    """``worker_max_memory_per_child`` (KiB) and ``--concurrency`` from a summary's figures.
+
+    A child costs the cgroup its private memory, so the concurrency is how many p95
+    private footprints fit the budget. billiard, though, compares the limit with the
+    child's peak RSS (ru_maxrss), which also counts the pages it shares with the main
+    process: the limit goes a margin above the healthy peaks, unless that is more than
+    the current concurrency can afford, in which case it is capped and the note says so.
+    Never raises; a missing figure gives None.
+
+    Worked example: limit 1024, headroom 102.4, main process 180, concurrency 7, private
+    p50 90 / p95 98, peak RSS p50 270 / p95 280 (MiB)::
+
+        budget   = 1024 - 102.4 - 180         = 741.6
+        children = floor(741.6 / 98)          = 7
+        healthy  = 280 * 1.15                 = 322.0
+        shared   = 270 - 90                   = 180
+        cap      = 180 + 741.6 / 7            = 285.94...
+        322.0 > 285.94: capped, int(285.94... * 1024) = 292805 KiB
+
+    The private budget still fits 7 children, so the note does not ask to lower the
+    concurrency to 7: it says children peaking above 285.9 MiB are recycled, and that
+    floor(741.6 / (322.0 - 180)) = 5 children would avoid it.
+    """
+    budget = limit_mib - headroom_mib - parent_rss_mib
+    current = max(int(concurrency), 1)
+    if budget <= 0:
+        return Recommendation(
+            None,
+            1,
+            f"the main process alone ({parent_rss_mib:.1f} MiB) leaves no room for children"
+            f" in {limit_mib:.1f} MiB with {headroom_mib:.1f} MiB kept free: raise the limit",
+        )
+    children = None
+    if private_p95_mib is not None and private_p95_mib > 0:
+        children = max(1, math.floor(budget / private_p95_mib))
+    if private_p50_mib is None or peak_rss_p50_mib is None or peak_rss_p95_mib is None:
+        return Recommendation(None, children, "")
+    healthy = peak_rss_p95_mib * (1 + margin)
+    shared = max(peak_rss_p50_mib - private_p50_mib, 0.0)
+    cap = shared + budget / current
+    if healthy <= cap:
+        return Recommendation(_kib(healthy), children, "")
+    crossing = (
+        f"healthy peaks ({healthy:.1f} MiB with margin) exceed what {current} children"
+        f" can afford ({cap:.1f} MiB each)"
+    )
+    if children is not None and children < current:
+        return Recommendation(
+            _kib(cap), children, f"{crossing}: lower the concurrency to {children}"
+        )
+    # healthy > cap = shared + budget / current, so healthy - shared > 0.
+    fits = max(1, math.floor(budget / (healthy - shared)))
+    return Recommendation(
+        _kib(cap),
+        children,
+        f"{crossing}: children that peak above that are recycled, and {fits} children"
+        " would avoid it",
+    )

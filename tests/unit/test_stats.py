@@ -1,0 +1,434 @@
+"""Tests for celery_guard.stats: the bounded histograms and the recommended settings.
+
+The histogram rows use first=1, ratio=2 so every bucket bound is a power of two that can
+be checked by eye; the recommendation rows are the figures a summary line logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from celery_guard.stats import MARGIN, ExpHistogram, Recommendation, recommend
+
+MIB = 1024 * 1024
+
+
+def _powers(max_buckets: int = 10) -> ExpHistogram:
+    return ExpHistogram(first=1.0, ratio=2.0, max_buckets=max_buckets)
+
+
+# id, value, expected bucket (first=1, ratio=2, 10 buckets: the last is [256, inf))
+BUCKETS = [
+    ("zero", 0.0, 0),
+    ("below-first", 0.5, 0),
+    ("negative", -3.0, 0),
+    ("first", 1.0, 1),
+    ("below-2", 1.999, 1),
+    ("two", 2.0, 2),
+    ("below-4", 3.999, 2),
+    ("four", 4.0, 3),
+    ("mid", 100.0, 7),
+    ("last-lower-bound", 256.0, 9),
+    ("past-last", 1e9, 9),
+    ("huge", 1.7e308, 9),
+]
+
+
+@pytest.mark.parametrize("value,expected", [b[1:] for b in BUCKETS], ids=[b[0] for b in BUCKETS])
+def test_bucket(value: float, expected: int) -> None:
+    """Bucket 0 is [0, first), bucket i is [first*ratio**(i-1), first*ratio**i)."""
+    assert _powers().bucket(value) == expected
+
+
+# id, value, expected bucket with the defaults (1 MiB, 1.05, 600)
+DEFAULT_BUCKETS = [
+    ("below-1mib", MIB - 1, 0),
+    ("1mib", MIB, 1),
+    ("1mib-times-1.05", MIB * 1.05, 2),
+    ("just-below-1.05", MIB * 1.05 - 1e-6, 1),
+    ("ten-steps", MIB * 1.05**10, 11),
+    ("256mib", 256 * MIB, 114),  # 1.05**113 = 248.9 <= 256 < 1.05**114 = 261.4
+    ("beyond", 1e30, 599),
+]
+
+
+@pytest.mark.parametrize(
+    "value,expected", [b[1:] for b in DEFAULT_BUCKETS], ids=[b[0] for b in DEFAULT_BUCKETS]
+)
+def test_default_buckets(value: float, expected: int) -> None:
+    """Values exactly on a bound land in the bucket that starts there, despite log()."""
+    assert ExpHistogram().bucket(value) == expected
+
+
+# id, index, expected lower, expected upper
+BOUNDS = [
+    ("bucket-0", 0, 0.0, 1.0),
+    ("bucket-1", 1, 1.0, 2.0),
+    ("bucket-3", 3, 4.0, 8.0),
+    ("bucket-8", 8, 128.0, 256.0),
+    ("last-is-open", 9, 256.0, math.inf),
+]
+
+
+@pytest.mark.parametrize("index,lower,upper", [b[1:] for b in BOUNDS], ids=[b[0] for b in BOUNDS])
+def test_bounds(index: int, lower: float, upper: float) -> None:
+    hist = _powers()
+    assert (hist.lower(index), hist.upper(index)) == (lower, upper)
+
+
+def test_every_bound_lands_in_its_own_bucket() -> None:
+    """For ratios whose powers are inexact, each bound still opens its own bucket."""
+    for ratio in (1.01, 1.05, 1.3):
+        hist = ExpHistogram(first=1.0, ratio=ratio, max_buckets=500)
+        for index in range(1, 499):
+            assert hist.bucket(hist.lower(index)) == index, (ratio, index)
+            assert hist.bucket(hist.upper(index)) == index + 1, (ratio, index)
+
+
+ONE_TO_100 = [(float(v), 1.0) for v in range(1, 101)]  # buckets hold 1,2,4,8,16,32,37
+WEIGHTED = [(3.0, 9.0), (50.0, 1.0)]
+
+# id, (value, weight) samples, p, expected percentile
+PERCENTILES = [
+    ("p50", ONE_TO_100, 50, 64.0),  # cumulative 63 at the end of [32, 64)
+    ("p31-bucket-end", ONE_TO_100, 31, 32.0),  # cumulative 31 exactly at [16, 32)
+    ("p31.5", ONE_TO_100, 31.5, 64.0),
+    ("p95-capped-at-max", ONE_TO_100, 95, 100.0),  # [64, 128) but nothing above 100
+    ("p100", ONE_TO_100, 100, 100.0),
+    ("p0-first-non-empty", ONE_TO_100, 0, 2.0),
+    ("p1", ONE_TO_100, 1, 2.0),
+    ("weighted-p90", WEIGHTED, 90, 4.0),
+    ("weighted-p91", WEIGHTED, 91, 50.0),
+    ("single-value", [(5.0, 1.0)], 50, 5.0),
+    ("below-first", [(0.25, 1.0), (0.5, 1.0)], 50, 0.5),
+    ("negative", [(-2.0, 1.0)], 95, -2.0),
+    ("past-last-bucket", [(300.0, 1.0), (5000.0, 1.0)], 50, 5000.0),
+    ("fractional-weights", [(1.0, 0.1)] * 10 + [(9.0, 0.1)] * 10, 50, 2.0),
+    ("zero-weight-ignored", [(1.0, 1.0), (200.0, 0.0)], 99, 1.0),
+]
+
+
+@pytest.mark.parametrize(
+    "samples,p,expected", [r[1:] for r in PERCENTILES], ids=[r[0] for r in PERCENTILES]
+)
+def test_percentile(samples: list[tuple[float, float]], p: float, expected: float) -> None:
+    """The upper bound of the bucket where p% is reached, never above the exact max."""
+    hist = _powers()
+    for value, weight in samples:
+        hist.add(value, weight)
+    assert hist.percentile(p) == expected
+
+
+# id, samples, expected (count, min, max)
+FIGURES = [
+    ("empty", [], (0.0, None, None)),
+    ("one-to-100", ONE_TO_100, (100.0, 1.0, 100.0)),
+    ("weighted", WEIGHTED, (10.0, 3.0, 50.0)),
+    ("negative", [(-2.0, 1.0), (7.5, 2.0)], (3.0, -2.0, 7.5)),
+]
+
+
+@pytest.mark.parametrize("samples,expected", [r[1:] for r in FIGURES], ids=[r[0] for r in FIGURES])
+def test_count_min_max(samples: list[tuple[float, float]], expected: tuple[Any, ...]) -> None:
+    """count is the total weight; min and max are exact, not bucket bounds."""
+    hist = _powers()
+    for value, weight in samples:
+        hist.add(value, weight)
+    assert (hist.count, hist.min, hist.max) == expected
+
+
+def test_empty_percentile_is_none() -> None:
+    assert _powers().percentile(50) is None
+
+
+# id, call on a histogram, expected error fragment
+REFUSED = [
+    ("nan-value", lambda h: h.add(math.nan), "finite"),
+    ("inf-value", lambda h: h.add(math.inf), "finite"),
+    ("text-value", lambda h: h.add("3"), "finite"),
+    ("bool-value", lambda h: h.add(True), "finite"),
+    ("negative-weight", lambda h: h.add(1.0, -1.0), "weight"),
+    ("nan-weight", lambda h: h.add(1.0, math.nan), "weight"),
+    ("p-above-100", lambda h: h.percentile(101), "between 0 and 100"),
+    ("p-negative", lambda h: h.percentile(-1), "between 0 and 100"),
+    ("merge-other-layout", lambda h: h.merge(ExpHistogram()), "different buckets"),
+    ("first-zero", lambda h: ExpHistogram(first=0), "first"),
+    ("ratio-one", lambda h: ExpHistogram(ratio=1.0), "ratio"),
+    ("no-buckets", lambda h: ExpHistogram(max_buckets=0), "max_buckets"),
+    ("float-buckets", lambda h: ExpHistogram(max_buckets=10.0), "max_buckets"),
+    ("overflowing-layout", lambda h: ExpHistogram(ratio=2.0, max_buckets=5000), "too large"),
+]
+
+
+@pytest.mark.parametrize("call,message", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_refused(call: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call(_powers())
+
+
+def test_a_million_adds_keep_at_most_max_buckets() -> None:
+    """Values over 43 orders of magnitude touch every bucket, and no more than 600 exist."""
+    hist, value = ExpHistogram(), 1.0
+    for _ in range(1_000_000):
+        hist.add(value)
+        value *= 1.0001
+    assert len(hist.buckets()) == 600
+    assert hist.count == 1_000_000
+    assert (hist.min, hist.max) == (1.0, value / 1.0001)
+    assert hist.percentile(100) == value / 1.0001
+
+
+# id, samples of the first, samples of the second
+MERGES = [
+    ("both", [(1.0, 1.0), (5.0, 2.0)], [(3.0, 1.0), (300.0, 1.0)]),
+    ("into-empty", [], [(3.0, 1.0), (0.5, 4.0)]),
+    ("from-empty", [(3.0, 1.0)], []),
+    ("both-empty", [], []),
+    ("new-extremes", [(10.0, 1.0)], [(0.1, 1.0), (900.0, 1.0)]),
+]
+
+
+@pytest.mark.parametrize("left,right", [m[1:] for m in MERGES], ids=[m[0] for m in MERGES])
+def test_merge_equals_adding_everything(
+    left: list[tuple[float, float]], right: list[tuple[float, float]]
+) -> None:
+    merged, other, together = _powers(), _powers(), _powers()
+    for value, weight in left:
+        merged.add(value, weight)
+        together.add(value, weight)
+    for value, weight in right:
+        other.add(value, weight)
+        together.add(value, weight)
+    merged.merge(other)
+    assert merged.to_dict() == together.to_dict()
+
+
+def test_to_dict() -> None:
+    hist = _powers()
+    hist.add(3.0)
+    hist.add(300.0, 2.0)
+    assert hist.to_dict() == {
+        "first": 1.0,
+        "ratio": 2.0,
+        "max_buckets": 10,
+        "count": 3.0,
+        "min": 3.0,
+        "max": 300.0,
+        "buckets": [[2, 1.0], [9, 2.0]],
+    }
+
+
+@pytest.mark.parametrize("samples", [[], ONE_TO_100, WEIGHTED], ids=["empty", "100", "weighted"])
+def test_round_trip_through_json(samples: list[tuple[float, float]]) -> None:
+    hist = ExpHistogram(first=0.5, ratio=1.3, max_buckets=40)
+    for value, weight in samples:
+        hist.add(value, weight)
+    back = ExpHistogram.from_dict(json.loads(json.dumps(hist.to_dict())))
+    assert back.to_dict() == hist.to_dict()
+    assert [back.percentile(p) for p in (0, 50, 95, 100)] == [
+        hist.percentile(p) for p in (0, 50, 95, 100)
+    ]
+
+
+GOOD: dict[str, Any] = {
+    "first": 1.0,
+    "ratio": 2.0,
+    "max_buckets": 10,
+    "count": 3.0,
+    "min": 3.0,
+    "max": 300.0,
+    "buckets": [[2, 1.0], [9, 2.0]],
+}
+
+# id, data
+GARBAGE: list[tuple[str, Any]] = [
+    ("none", None),
+    ("list", [1, 2]),
+    ("text", "histogram"),
+    ("empty-dict", {}),
+    ("missing-buckets", {k: v for k, v in GOOD.items() if k != "buckets"}),
+    ("missing-count", {k: v for k, v in GOOD.items() if k != "count"}),
+    ("first-zero", {**GOOD, "first": 0}),
+    ("first-text", {**GOOD, "first": "1"}),
+    ("ratio-one", {**GOOD, "ratio": 1}),
+    ("max-buckets-text", {**GOOD, "max_buckets": "10"}),
+    ("max-buckets-bool", {**GOOD, "max_buckets": True}),
+    ("buckets-dict", {**GOOD, "buckets": {"2": 1.0}}),
+    ("bucket-not-pair", {**GOOD, "buckets": [[2, 1.0, 0], [9, 2.0]]}),
+    ("bucket-index-float", {**GOOD, "buckets": [[2.0, 1.0], [9, 2.0]]}),
+    ("bucket-index-negative", {**GOOD, "buckets": [[-1, 1.0], [9, 2.0]]}),
+    ("bucket-index-past-last", {**GOOD, "buckets": [[2, 1.0], [10, 2.0]]}),
+    ("bucket-repeated", {**GOOD, "buckets": [[2, 1.0], [2, 2.0]]}),
+    ("weight-zero", {**GOOD, "buckets": [[2, 0.0], [9, 3.0]]}),
+    ("weight-text", {**GOOD, "buckets": [[2, "1"], [9, 2.0]]}),
+    ("weight-nan", {**GOOD, "buckets": [[2, math.nan], [9, 2.0]]}),
+    ("count-mismatch", {**GOOD, "count": 4.0}),
+    ("count-none", {**GOOD, "count": None}),
+    ("min-above-max", {**GOOD, "min": 300.0, "max": 3.0}),
+    ("min-missing-value", {**GOOD, "min": None}),
+    ("min-outside-first-bucket", {**GOOD, "min": 1.5}),
+    ("max-outside-last-bucket", {**GOOD, "max": 200.0}),
+    ("empty-with-min", {**GOOD, "buckets": [], "count": 0, "max": None}),
+]
+
+
+@pytest.mark.parametrize("data", [g[1] for g in GARBAGE], ids=[g[0] for g in GARBAGE])
+def test_from_dict_refuses_garbage(data: Any) -> None:
+    with pytest.raises(ValueError):
+        ExpHistogram.from_dict(data)
+
+
+def test_from_dict_accepts_the_good_one() -> None:
+    """The base of the garbage rows is valid, so each row fails for its own change."""
+    assert ExpHistogram.from_dict(GOOD).to_dict() == GOOD
+
+
+# The figures of the recommendation rows, as a summary line logs them.
+FITS = {
+    "limit_mib": 2048.0,
+    "headroom_mib": 204.8,
+    "parent_rss_mib": 180.0,
+    "concurrency": 8,
+    "private_p50_mib": 120.0,
+    "private_p95_mib": 150.0,
+    "peak_rss_p50_mib": 290.0,
+    "peak_rss_p95_mib": 300.0,
+}
+CROSSING = {
+    "limit_mib": 1024.0,
+    "headroom_mib": 102.4,
+    "parent_rss_mib": 200.0,
+    "concurrency": 8,
+    "private_p50_mib": 80.0,
+    "private_p95_mib": 110.0,
+    "peak_rss_p50_mib": 260.0,
+    "peak_rss_p95_mib": 300.0,
+}
+WORKED = {
+    "limit_mib": 1024.0,
+    "headroom_mib": 102.4,
+    "parent_rss_mib": 180.0,
+    "concurrency": 7,
+    "private_p50_mib": 90.0,
+    "private_p95_mib": 98.0,
+    "peak_rss_p50_mib": 270.0,
+    "peak_rss_p95_mib": 280.0,
+}
+NO_SAMPLES = {
+    "private_p50_mib": None,
+    "private_p95_mib": None,
+    "peak_rss_p50_mib": None,
+    "peak_rss_p95_mib": None,
+}
+CROSSING_NOTE = (
+    "healthy peaks (345.0 MiB with margin) exceed what 8 children can afford (270.2 MiB each): "
+)
+
+# id, figures, expected (max_memory_per_child_kib, concurrency, note)
+RECOMMENDATIONS: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = [
+    # budget 1663.2: 11 children of 150; healthy 300*1.15 = 345 <= cap 170 + 1663.2/8 = 377.9
+    ("fits", FITS, (345 * 1024, 11, "")),
+    # budget 721.6: 6 children of 110; healthy 345 > cap 180 + 721.6/8 = 270.2
+    ("crossing", CROSSING, (276684, 6, CROSSING_NOTE + "lower the concurrency to 6")),
+    # the docstring's worked example: 7 still fit by private memory, 5 avoid recycling
+    (
+        "worked-example",
+        WORKED,
+        (
+            292805,
+            7,
+            "healthy peaks (322.0 MiB with margin) exceed what 7 children can afford"
+            " (285.9 MiB each): children that peak above that are recycled,"
+            " and 5 children would avoid it",
+        ),
+    ),
+    # floor(721.6 / (345 - 180)) = 4
+    (
+        "crossing-without-private-p95",
+        {**CROSSING, "private_p95_mib": None},
+        (
+            276684,
+            None,
+            CROSSING_NOTE + "children that peak above that are recycled,"
+            " and 4 children would avoid it",
+        ),
+    ),
+    # budget 800, cap 100 + 800/8 = 200 = healthy 200 * (1 + 0)
+    (
+        "margin-0-equals-cap",
+        {
+            "limit_mib": 1000.0,
+            "headroom_mib": 100.0,
+            "parent_rss_mib": 100.0,
+            "concurrency": 8,
+            "private_p50_mib": 100.0,
+            "private_p95_mib": 100.0,
+            "peak_rss_p50_mib": 200.0,
+            "peak_rss_p95_mib": 200.0,
+            "margin": 0.0,
+        },
+        (204800, 8, ""),
+    ),
+    # peak p50 below private p50: nothing counted as shared; cap 741.6/7 = 105.9
+    (
+        "shared-never-negative",
+        {
+            **WORKED,
+            "private_p50_mib": 120.0,
+            "private_p95_mib": 130.0,
+            "peak_rss_p50_mib": 100.0,
+            "peak_rss_p95_mib": 100.0,
+        },
+        (
+            108485,
+            5,
+            "healthy peaks (115.0 MiB with margin) exceed what 7 children can afford"
+            " (105.9 MiB each): lower the concurrency to 5",
+        ),
+    ),
+    ("one-child-at-least", {**FITS, "private_p95_mib": 4000.0}, (353280, 1, "")),
+    ("concurrency-0-counts-as-1", {**FITS, "concurrency": 0}, (353280, 11, "")),
+    ("no-private-p95", {**FITS, "private_p95_mib": None}, (353280, None, "")),
+    ("private-p95-zero", {**FITS, "private_p95_mib": 0.0}, (353280, None, "")),
+    ("no-private-p50", {**FITS, "private_p50_mib": None}, (None, 11, "")),
+    ("no-peak-p50", {**FITS, "peak_rss_p50_mib": None}, (None, 11, "")),
+    ("no-peak-p95", {**FITS, "peak_rss_p95_mib": None}, (None, 11, "")),
+    ("no-samples", {**FITS, **NO_SAMPLES}, (None, None, "")),
+    (
+        "no-budget",
+        {**FITS, "limit_mib": 256.0, "headroom_mib": 25.6, "parent_rss_mib": 240.0},
+        (
+            None,
+            1,
+            "the main process alone (240.0 MiB) leaves no room for children in 256.0 MiB"
+            " with 25.6 MiB kept free: raise the limit",
+        ),
+    ),
+    (
+        "budget-exactly-0",
+        {**FITS, **NO_SAMPLES, "limit_mib": 200.0, "headroom_mib": 20.0, "parent_rss_mib": 180.0},
+        (
+            None,
+            1,
+            "the main process alone (180.0 MiB) leaves no room for children in 200.0 MiB"
+            " with 20.0 MiB kept free: raise the limit",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "figures,expected", [r[1:] for r in RECOMMENDATIONS], ids=[r[0] for r in RECOMMENDATIONS]
+)
+def test_recommend(figures: dict[str, Any], expected: tuple[Any, ...]) -> None:
+    assert recommend(**figures) == Recommendation(*expected)
+
+
+def test_margin_default() -> None:
+    """The default margin is the one the rows above assume (300 * 1.15 = 345)."""
+    assert MARGIN == 0.15
+    assert recommend(**FITS) == recommend(**FITS, margin=0.15)
