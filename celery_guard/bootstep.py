@@ -10,13 +10,13 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import bootsteps
 
-from . import cgroups, footprint, history, telemetry
+from . import cgroups, footprint, governor, history, telemetry
 from .config import OPTIONS, ConfigError, Settings, load_settings
 from .logline import emit, logger
 from .plan import Decision, decide
@@ -121,10 +121,12 @@ class MemoryGuard(bootsteps.StartStopStep):
             raise SystemExit(EX_CONFIG) from None
         self.collector: telemetry.Collector | None = None
         self.sampler: telemetry.Sampler | None = None
+        self.watches: list[Callable[[], None]] = []
         self.figures: dict[str, Any] | None = None
         self.decision = self._startup(w)
         if self.settings.mode != "off" and self.decision is not None:  # off: collect nothing
             self._prepare_telemetry(w, self.decision)
+            self._prepare_governor(w)
 
     def _startup(self, w: Any) -> Decision | None:
         settings = self.settings
@@ -206,6 +208,7 @@ class MemoryGuard(bootsteps.StartStopStep):
             "fits": decision.fits,
             "in_use_mib": mib(in_use),
             "child_estimate_method": estimate.method,
+            "gc_freeze": settings.gc_freeze,
             "limit_detail": budget.detail,
         }
         if w.autoscale:
@@ -296,13 +299,56 @@ class MemoryGuard(bootsteps.StartStopStep):
         )
         ACTIVE["collector"] = self.collector
 
+    def _prepare_governor(self, w: Any) -> None:
+        from celery import signals
+
+        settings = self.settings
+        signals.worker_process_init.connect(
+            governor.ChildOomScore(settings), weak=False, dispatch_uid="cg-oom-score"
+        )
+        if settings.gc_freeze:
+            signals.worker_before_create_process.connect(
+                governor.freeze_before_fork, weak=False, dispatch_uid="cg-gc-freeze"
+            )
+        if settings.max_worker_memory is not None:
+            self._watch_worker_memory(w, settings.max_worker_memory)
+        collector = self.collector
+        if collector is None or collector.cgroup is None:
+            return
+        collector.oom_kills_seen = collector.read_oom_kills()
+        if cgroups.read_oom_group(collector.cgroup):
+            advice = {
+                "worker": w.hostname,
+                "topic": "oom_group",
+                "reason": "memory.oom.group is 1 in this cgroup: one OOM kill ends every "
+                "process in it, the main process included",
+                "fix": "keep the pool inside its budget (mode scale) so the kernel never "
+                "has to act; Kubernetes 1.28+ sets it on every container",
+            }
+            emit(logging.WARNING, "advice", advice, settings.log_format)
+
+    def _watch_worker_memory(self, w: Any, limit: int) -> None:
+        pool = (self.figures or {}).get("pool")
+        if pool not in ("prefork", "processes"):
+            watch = governor.WorkerMemoryLimit(limit, w.hostname, self.settings)
+            self.watches.append(watch.check)
+            return
+        advice = {
+            "worker": w.hostname,
+            "topic": "max_worker_memory_ignored",
+            "reason": "CELERY_GUARD_MAX_WORKER_MEMORY is for pools that do not fork; "
+            "the prefork pool recycles children instead",
+            "fix": "set worker_max_memory_per_child (see the summary's recommendation)",
+        }
+        emit(logging.WARNING, "advice", advice, self.settings.log_format)
+
     def create(self, w: Any) -> MemoryGuard:
         return self
 
     def start(self, w: Any) -> None:
         if self.collector is not None:
             self.sampler = telemetry.Sampler(
-                self.collector, self.channel_read, self.collector.log_summary
+                self.collector, self.channel_read, self.collector.log_summary, self.watches
             )
             self.sampler.start()
 
@@ -320,16 +366,28 @@ class MemoryGuard(bootsteps.StartStopStep):
         if self.collector is None or pool is None or not hasattr(pool, "on_process_down"):
             return
         collector, sampler, original = self.collector, self.sampler, pool.on_process_down
+        job_down = pool.on_job_process_down
+        #: pid -> (task name, id) of the job it held, noted before billiard marks it lost
+        held: dict[int, tuple[str, str]] = {}
+
+        def on_job_process_down(job: Any, pid_gone: int) -> Any:
+            try:
+                held[pid_gone] = _task_of(job)
+            except Exception:  # noqa: BLE001 - the pool's own callback must still run
+                logger.exception("celery-guard event=error stage=job_process_down")
+            return job_down(job, pid_gone)
 
         def on_process_down(proc: Any) -> Any:
             try:
                 if sampler is not None:
                     sampler.drain()  # the child's last record, written before it exited
-                collector.on_exit(proc.pid, proc.exitcode)
+                task = held.pop(proc.pid, None) or _running_task(proc.pid)
+                collector.on_exit(proc.pid, proc.exitcode, task)
             except Exception:  # noqa: BLE001 - the pool's own callback must still run
                 logger.exception("celery-guard event=error stage=process_down")
             return original(proc) if original else None
 
+        pool.on_job_process_down = on_job_process_down
         pool.on_process_down = on_process_down
 
     def stop(self, w: Any) -> None:
@@ -344,6 +402,24 @@ class MemoryGuard(bootsteps.StartStopStep):
 
     terminate = stop
     shutdown = stop
+
+
+def _task_of(job: Any) -> tuple[str, str]:
+    """(name, id) of a billiard job: its correlation id is the task id."""
+    from celery.worker import state
+
+    request = state.requests.get(job.correlation_id)
+    return (request.name if request is not None else "?"), job.correlation_id
+
+
+def _running_task(pid: int) -> tuple[str, str] | None:
+    """(name, id) of the task the child ``pid`` had accepted, from the worker's state."""
+    from celery.worker import state
+
+    for request in list(state.active_requests):
+        if getattr(request, "worker_pid", None) == pid:
+            return request.name, request.id
+    return None
 
 
 def _child_pids(w: Any) -> list[int]:

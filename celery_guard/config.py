@@ -52,6 +52,27 @@ def _seconds(text: str) -> float:
     return float(value)
 
 
+def _oom_score_adj(text: str) -> int | None:
+    value = text.strip().lower()
+    if value == "off":
+        return None
+    number = value[1:] if value[:1] in "+-" else value
+    if not number.isascii() or not number.isdigit() or not -1000 <= int(value) <= 1000:
+        raise ValueError(text)
+    return int(value)
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(text)
+    return value in ("1", "true", "yes", "on")
+
+
+def _size_or_none(text: str) -> int | None:
+    return parse_size(text) if text.strip() else None
+
+
 def _path_or_none(text: str) -> str | None:
     return text.strip() or None
 
@@ -98,6 +119,11 @@ OPTIONS = (
     Option("sample_interval", "10", "seconds above 0 (10, 2.5, 10s)", _seconds),
     Option("summary_interval", "300", "seconds above 0 (300, 60s)", _seconds),
     Option("state_file", "", "a file path, or empty for none", _path_or_none),
+    Option(
+        "child_oom_score_adj", "500", "off, or a whole number from -1000 to 1000", _oom_score_adj
+    ),
+    Option("gc_freeze", "0", "1 or 0 (true/false, yes/no, on/off)", _flag),
+    Option("max_worker_memory", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
 )
 
 
@@ -114,6 +140,9 @@ class Settings:
     sample_interval: float = 10.0
     summary_interval: float = 300.0
     state_file: str | None = None
+    child_oom_score_adj: int | None = 500
+    gc_freeze: bool = False
+    max_worker_memory: int | None = None
     #: where each value came from: "env", "config" or "default", by option name
     sources: Mapping[str, str] | None = None
 

@@ -17,6 +17,7 @@ import mmap
 import os
 import resource
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -131,6 +132,15 @@ class TaskGrowth:
 
 
 @dataclass
+class ChildFigures:
+    """A child's last sampled figures, kept to explain its exit."""
+
+    rss: int
+    private: int
+    peak: int
+
+
+@dataclass
 class Collector:
     """The main process's view: growth by task, children's memory, recycles."""
 
@@ -147,8 +157,10 @@ class Collector:
     peak_rss: ExpHistogram = field(default_factory=ExpHistogram)
     tasks: dict[str, TaskGrowth] = field(default_factory=dict)
     last_task: dict[int, tuple[str, int]] = field(default_factory=dict)
-    child_peak: dict[int, int] = field(default_factory=dict)
+    child_figures: dict[int, ChildFigures] = field(default_factory=dict)
     recycles: int = 0
+    oom_kills: int = 0
+    oom_kills_seen: int | None = None  # the cgroup's counter when last read
     samples: int = 0
     usage: int | None = None
     working_set: int | None = None
@@ -185,25 +197,34 @@ class Collector:
             rollup = _kib_fields(f"/proc/{pid}/smaps_rollup")
             status = _kib_fields(f"/proc/{pid}/status")
             private = private_bytes(rollup)
-            if private is None or "VmHWM" not in status:
+            if private is None or "VmHWM" not in status or "Rss" not in rollup:
                 continue  # the child exited between the listing and the read
             with self.lock:
                 self.private.add(private)
                 self.peak_rss.add(status["VmHWM"])
-                self.child_peak[pid] = status["VmHWM"]
+                self.child_figures[pid] = ChildFigures(rollup["Rss"], private, status["VmHWM"])
                 self.samples += 1
         with self.lock:  # forget children that are gone: the dict stays bounded
             alive = set(self.children())
-            for pid in [p for p in self.child_peak if p not in alive]:
-                del self.child_peak[pid]
+            for pid in [p for p in self.child_figures if p not in alive]:
+                del self.child_figures[pid]
 
     # -- what is logged -------------------------------------------------------------
-    def on_exit(self, pid: int, exitcode: int | None) -> None:
-        """A pool child is gone; report it when billiard recycled it for its memory."""
+    def read_oom_kills(self) -> int | None:
+        return cgroups.read_oom_kills(self.cgroup)[0] if self.cgroup is not None else None
+
+    def on_exit(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        """A pool child is gone: say why when memory was the reason.
+
+        ``task`` is (name, id) of the task it was running, if any.
+        """
+        if exitcode == -signal.SIGKILL:
+            self._on_sigkill(pid, task)
         if exitcode != 155:  # billiard's EX_RECYCLE
             return
         with self.lock:
-            name, peak = self.last_task.pop(pid, ("?", self.child_peak.get(pid, 0)))
+            figures = self.child_figures.get(pid)
+            name, peak = self.last_task.pop(pid, ("?", figures.peak if figures else 0))
             self.recycles += 1
         emit(
             logging.WARNING,
@@ -215,6 +236,29 @@ class Collector:
             },
             self.settings.log_format,
         )  # fmt: skip
+
+    def _on_sigkill(self, pid: int, task: tuple[str, str] | None) -> None:
+        """SIGKILL and the cgroup's OOM-kill counter rose: the kernel killed it."""
+        before, now = self.oom_kills_seen, self.read_oom_kills()
+        self.oom_kills_seen = now
+        if before is None or now is None or now <= before:
+            return  # a kill -9 from someone else is not an OOM kill
+        usage = cgroups.read_usage(self.cgroup) if self.cgroup is not None else None
+        with self.lock:
+            figures = self.child_figures.get(pid)
+            self.oom_kills += 1
+        fields: dict[str, Any] = {
+            "worker": self.hostname,
+            "pid": pid,
+            "task": task[0] if task else None,
+            "task_id": task[1] if task else None,
+            "rss_mib": mib(figures.rss) if figures else None,
+            "private_mib": mib(figures.private) if figures else None,
+            "usage_mib": _mib_or_none(usage.usage if usage else None),
+            "limit_mib": mib(self.limit),
+            "oom_kills": now,
+        }
+        emit(logging.ERROR, "oom", fields, self.settings.log_format)
 
     def summary_fields(self, final: bool = False) -> dict[str, Any]:
         with self.lock:
@@ -240,6 +284,7 @@ class Collector:
                 "peak_rss_max_mib": _mib_or_none(self.peak_rss.max),
                 "top_tasks": ",".join(f"{n}:{mib(g.total)}" for n, g in top if g.total),
                 "recycles": self.recycles,
+                "oom_kills": self.oom_kills,
             }
         advice = recommend(
             limit_mib=fields["limit_mib"],
@@ -280,13 +325,21 @@ def _mib_or_none(value: float | None) -> float | None:
 class Sampler(threading.Thread):
     """Drains the children's records and samples memory, off the consumer's loop."""
 
+    #: How often the watches (limits that act) run, whatever the sample interval.
+    WATCH_INTERVAL = 1.0
+
     def __init__(
-        self, collector: Collector, channel: int | None, on_summary: Callable[[], object]
+        self,
+        collector: Collector,
+        channel: int | None,
+        on_summary: Callable[[], object],
+        watches: list[Callable[[], None]] | None = None,
     ) -> None:
         super().__init__(name="celery-guard-sampler", daemon=True)
         self.collector = collector
         self.channel = channel
         self.on_summary = on_summary
+        self.watches = watches or []
         self.stopping = threading.Event()
 
     def drain(self) -> None:
@@ -305,11 +358,15 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         settings = self.collector.settings
-        next_sample = time.monotonic()
+        next_sample = next_watch = time.monotonic()
         next_summary = next_sample + settings.summary_interval
         while not self.stopping.is_set():
             now = time.monotonic()
             try:
+                if self.watches and now >= next_watch:
+                    for watch in self.watches:
+                        watch()
+                    next_watch = now + self.WATCH_INTERVAL
                 if now >= next_sample:
                     self.collector.sample()
                     next_sample = now + settings.sample_interval
@@ -318,7 +375,8 @@ class Sampler(threading.Thread):
                     next_summary = now + settings.summary_interval
             except Exception:  # noqa: BLE001 - a failed sample must not end the sampler
                 logger.exception("celery-guard event=error stage=sampler")
-            timeout = max(min(next_sample, next_summary) - time.monotonic(), 0.01)
+            deadlines = [next_sample, next_summary] + ([next_watch] if self.watches else [])
+            timeout = max(min(deadlines) - time.monotonic(), 0.01)
             if self.channel is None:
                 self.stopping.wait(timeout)
                 continue

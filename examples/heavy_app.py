@@ -7,14 +7,18 @@ a lookup table). The parent holds about 150 MiB; every forked child starts as a 
 Settings come from the environment so tests and the demo share one app:
 ``HEAVY_APP_BROKER`` (default ``filesystem://``), ``HEAVY_APP_BACKEND``,
 ``HEAVY_APP_DATA_DIR`` (folder for the filesystem broker and result backend),
-``HEAVY_APP_OBJECTS`` and ``HEAVY_APP_BUFFER_MIB`` (the size of what is imported), and
-``HEAVY_APP_GUARD=0`` to run the same app without celery-guard.
+``HEAVY_APP_OBJECTS`` and ``HEAVY_APP_BUFFER_MIB`` (the size of what is imported),
+``HEAVY_APP_CONTAINERS=1`` to hold the catalogue in lists, which the garbage collector
+tracks (tuples of numbers and strings it stops tracking), and ``HEAVY_APP_GUARD=0`` to
+run the same app without celery-guard.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import time
 
 from celery import Celery, signals
 
@@ -23,7 +27,11 @@ BUFFER_MIB = int(os.environ.get("HEAVY_APP_BUFFER_MIB", "48"))
 
 #: Small objects: every task that reads them writes their reference counts, so each
 #: child ends up with its own copy of the pages that hold them.
-CATALOG = {f"item-{i}": (i, f"name-{i}", float(i)) for i in range(OBJECTS)}
+CATALOG: dict[str, tuple[int, str, float] | list[object]] = {
+    f"item-{i}": (i, f"name-{i}", float(i)) for i in range(OBJECTS)
+}
+if os.environ.get("HEAVY_APP_CONTAINERS") == "1":
+    CATALOG = {key: list(value) for key, value in CATALOG.items()}
 #: One large buffer: reading it never writes to its pages, so children keep sharing it.
 BUFFER = bytes(range(256)) * (BUFFER_MIB * 1024 * 1024 // 256)
 
@@ -71,10 +79,27 @@ _LEAKED: list[bytes] = []
 
 
 @app.task
-def leak(mib: int) -> int:
+def leak(mib: int, seconds: float = 0.0) -> int:
     """Keep ``mib`` MiB for the life of the child: a cache that is never trimmed."""
     _LEAKED.append(b"x" * (mib * 1024 * 1024))
+    time.sleep(seconds)
     return len(_LEAKED)
+
+
+@app.task
+def hog(mib: int, seconds: float = 1.0) -> int:
+    """Use ``mib`` MiB for a moment, as a task that loads a large file would."""
+    block = bytearray(mib * 1024 * 1024)
+    for offset in range(0, len(block), 4096):  # touch every page: make it resident
+        block[offset] = 1
+    time.sleep(seconds)
+    return len(block)
+
+
+@app.task
+def collect() -> int:
+    """A full collection in the child: what the collector does on its own, sooner or later."""
+    return gc.collect()
 
 
 @app.task

@@ -59,9 +59,12 @@ def make_worker(tmp_path: Path) -> Iterator[Callable[..., harness.Worker]]:
         args: list[str],
         env: dict[str, str],
         cgroup: harness.Cgroup | None = None,
+        queue: str | None = None,
     ) -> harness.Worker:
         log = tmp_path / f"worker-{len(started)}.log"
         worker = harness.Worker(args=args, env=env, log_path=log, cgroup=cgroup)
+        if queue is not None:  # another worker for the same queue, as after a restart
+            worker.queue = queue
         started.append(worker.start())
         return worker
 

@@ -31,6 +31,9 @@ ACCEPTED = {
     "sample_interval": "seconds above 0 (10, 2.5, 10s)",
     "summary_interval": "seconds above 0 (300, 60s)",
     "state_file": "a file path, or empty for none",
+    "child_oom_score_adj": "off, or a whole number from -1000 to 1000",
+    "gc_freeze": "1 or 0 (true/false, yes/no, on/off)",
+    "max_worker_memory": "empty for none, or " + SIZE_ACCEPTED.removeprefix("auto, or "),
 }
 DEFAULT_SOURCES = {name: "default" for name in ACCEPTED}
 
@@ -50,6 +53,9 @@ def test_defaults() -> None:
         sample_interval=10.0,
         summary_interval=300.0,
         state_file=None,
+        child_oom_score_adj=500,
+        gc_freeze=False,
+        max_worker_memory=None,
         sources=DEFAULT_SOURCES,
     )
     assert dict(settings.sources or {}) == DEFAULT_SOURCES
@@ -88,6 +94,16 @@ PRECEDENCE: list[tuple[str, str | None, Any, Any, str]] = [
     ("state_file", "/var/lib/w.json", "/tmp/x", "/var/lib/w.json", "env"),
     ("state_file", None, "/tmp/x", "/tmp/x", "config"),
     ("state_file", "", "/tmp/x", None, "env"),
+    ("child_oom_score_adj", "800", "100", 800, "env"),
+    ("child_oom_score_adj", "off", "100", None, "env"),
+    ("child_oom_score_adj", None, -200, -200, "config"),
+    ("child_oom_score_adj", None, "+1000", 1000, "config"),
+    ("gc_freeze", "1", "0", True, "env"),
+    ("gc_freeze", None, True, True, "config"),
+    ("gc_freeze", None, "no", False, "config"),
+    ("max_worker_memory", "1G", "2G", 1024 * MIB, "env"),
+    ("max_worker_memory", None, "2G", 2048 * MIB, "config"),
+    ("max_worker_memory", "", "2G", None, "env"),
 ]
 
 
@@ -251,6 +267,14 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("sample_interval", "config", "1m", "1m"),
     ("summary_interval", "env", "soon", "soon"),
     ("summary_interval", "config", "1..2", "1..2"),
+    ("child_oom_score_adj", "env", "1001", "1001"),
+    ("child_oom_score_adj", "env", "high", "high"),
+    ("child_oom_score_adj", "config", 2.5, "2.5"),
+    ("child_oom_score_adj", "config", "--5", "--5"),
+    ("gc_freeze", "env", "2", "2"),
+    ("gc_freeze", "config", "freeze", "freeze"),
+    ("max_worker_memory", "env", "auto", "auto"),
+    ("max_worker_memory", "config", "0", "0"),
 ]
 
 

@@ -1,0 +1,165 @@
+"""Run-time protection, end to end: real workers, real Redis, real cgroups, and real OOM
+kills by the kernel."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import harness
+import pytest
+from harness import MIB, Cgroup, Worker
+
+MakeWorker = Callable[..., Worker]
+MakeCgroup = Callable[..., Cgroup]
+
+SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
+FAST = {"CELERY_GUARD_SAMPLE_INTERVAL": "0.3", "CELERY_GUARD_SUMMARY_INTERVAL": "600"}
+
+
+def _child_pids(worker: Worker, count: int) -> list[int]:
+    """The pids of the first ``count`` pool children, as the example app logs them."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in re.findall(r"pool child started pid=(\d+)", worker.log)]
+        if len(pids) >= count:
+            return pids[:count]
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} children started:\n{worker.log}")
+
+
+def _oom_score_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def test_children_are_the_oom_killers_first_pick(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    """Every pool child raises its oom_score_adj (default 500); the main process keeps its."""
+    worker = make_worker(["-c", "2"], harness.worker_env(redis, SMALL_APP))
+    children = _child_pids(worker, 2)
+    assert [_oom_score_adj(pid) for pid in children] == [500, 500]
+    assert _oom_score_adj(worker.process.pid) == _oom_score_adj(os.getpid())
+
+
+def test_oom_score_adj_can_be_turned_off(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    env = harness.worker_env(redis, {**SMALL_APP, "CELERY_GUARD_CHILD_OOM_SCORE_ADJ": "off"})
+    worker = make_worker(["-c", "1"], env)
+    (child,) = _child_pids(worker, 1)
+    assert _oom_score_adj(child) == _oom_score_adj(os.getpid())
+
+
+@pytest.mark.cgroup
+def test_an_oom_kill_of_a_child_is_explained_and_the_worker_lives_on(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """A task that needs more than the cgroup has: the kernel kills the child running it
+    (not the main process), and the guard says which task, with the figures."""
+    group = make_cgroup(400 * MIB)
+    worker = make_worker(["-c", "2"], harness.worker_env(redis, {**SMALL_APP, **FAST}), group)
+    worker.wait_ready(60)
+    (hog,) = harness.send_tasks(redis, worker.queue, "hog", 1, (600,))
+    worker.wait_for(r"event=oom ", 60)
+    (oom,) = worker.events("oom")
+    assert oom["task"] == "heavy_app.hog" and oom["task_id"] == hog.id
+    assert float(oom["limit_mib"]) == 400.0
+    assert int(oom["oom_kills"]) == group.oom_kills() >= 1
+    assert "ERROR/MainProcess" in next(
+        line for line in worker.log.splitlines() if "event=oom" in line
+    )
+    assert worker.process.poll() is None  # the main process is alive
+    (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
+    assert after.get(timeout=60) == 5
+
+
+@pytest.mark.cgroup
+def test_a_plain_kill_9_is_not_called_an_oom_kill(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """SIGKILL from someone else while a task runs: Celery reports the lost worker, the
+    cgroup's OOM counter does not move, and the guard does not call it an OOM kill."""
+    group = make_cgroup(None)
+    worker = make_worker(["-c", "1"], harness.worker_env(redis, {**SMALL_APP, **FAST}), group)
+    (child,) = _child_pids(worker, 1)
+    worker.wait_ready(60)
+    harness.send_tasks(redis, worker.queue, "hog", 1, (8, 30))
+    worker.wait_for(r"Task heavy_app.hog\[.*\] received", 30)
+    time.sleep(1)  # the only child has taken it
+    os.kill(child, signal.SIGKILL)
+    worker.wait_for(rf"pid:{child} exited with 'signal 9 \(SIGKILL\)'", 30)
+    (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
+    assert after.get(timeout=60) == 5
+    assert worker.events("oom") == []
+    assert group.oom_kills() == 0
+
+
+def _charge_per_child_after_collecting(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, freeze: bool
+) -> float:
+    """MiB each of 4 children adds to the cgroup once each has run a full collection."""
+    env = harness.worker_env(
+        redis,
+        {"HEAVY_APP_CONTAINERS": "1", "HEAVY_APP_BUFFER_MIB": "1",
+         "CELERY_GUARD_GC_FREEZE": "1" if freeze else "0", **FAST},
+    )  # fmt: skip
+    group = make_cgroup(None)
+    worker = make_worker(["-c", "4"], env, group)
+    in_use = float(worker.startup()["in_use_mib"]) * MIB
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "collect", 4)
+    for result in results:  # hold each child busy so that all four collect
+        result.get(timeout=60)
+    harness.send_tasks(redis, worker.queue, "collect", 8)
+    time.sleep(2)
+    stat = dict(line.split() for line in (group.path / "memory.stat").read_text().splitlines())
+    working_set = group.usage() - int(stat["total_inactive_file"])
+    worker.stop()
+    return (working_set - in_use) / 4 / MIB
+
+
+@pytest.mark.cgroup
+def test_gc_freeze_cuts_what_each_child_copies(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """With 300k lists (containers the collector tracks) in the main process, a full
+    collection in each child copies the pages holding them; frozen before the fork, the
+    collector leaves them alone."""
+    plain = _charge_per_child_after_collecting(redis, make_cgroup, make_worker, freeze=False)
+    frozen = _charge_per_child_after_collecting(redis, make_cgroup, make_worker, freeze=True)
+    print(f"per-child charge after a full collection: {plain:.1f} MiB, frozen {frozen:.1f} MiB")
+    assert frozen <= 0.7 * plain
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_max_worker_memory_shuts_down_warm_and_loses_no_task(
+    redis: harness.RedisServer, make_worker: MakeWorker, pool: str
+) -> None:
+    """Pools that do not fork ignore worker_max_memory_per_child. With
+    CELERY_GUARD_MAX_WORKER_MEMORY the worker stops taking tasks once its own memory passes
+    the limit, finishes what it runs, exits 75 for its supervisor to restart it, and the
+    tasks it had not started wait in the broker for the next worker."""
+    env = harness.worker_env(redis, SMALL_APP)
+    probe = make_worker(["-P", pool, "-c", "2"], env)
+    rss_mib = float(probe.startup()["parent_rss_mib"])
+    probe.stop()
+    limit = f"{int(rss_mib) + 48}M"
+    worker = make_worker(["-P", pool, "-c", "2"], {**env, "CELERY_GUARD_MAX_WORKER_MEMORY": limit})
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "leak", 12, (16, 0.5))  # 192 MiB
+    assert worker.wait_exit(90) == 75
+    (pressure,) = worker.events("pressure")
+    assert pressure["action"] == "warm_shutdown" and pressure["exit_status"] == "75"
+    assert float(pressure["usage_mib"]) > float(pressure["limit_mib"]) == int(rss_mib) + 48
+    assert [s["final"] for s in worker.events("summary")] == ["true"]  # an orderly stop
+    done = sum(r.ready() for r in results)
+    assert 0 < done < 12  # it stopped part way
+
+    # The next worker (as the supervisor would start) takes the rest: nothing was lost.
+    make_worker(["-P", pool, "-c", "2"], env, queue=worker.queue)
+    assert harness.wait_for_results(results, 90)
