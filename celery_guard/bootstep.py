@@ -42,6 +42,7 @@ class Budget:
     source: str  # cgroup-v2 | cgroup-v1 | env | config | physical
     detail: str
     in_use: int  # what the cgroup already holds (working set), when it is the cgroup's
+    cgroup: cgroups.Cgroup | None = None  # where usage is compared with the limit
 
 
 def read_budget(settings: Settings, root: str = "/") -> Budget:
@@ -50,15 +51,15 @@ def read_budget(settings: Settings, root: str = "/") -> Budget:
     With a cgroup limit, ``in_use`` is the working set where that limit is set: the
     processes already charged there (siblings too) count against the pool.
     """
+    found = cgroups.find_memory_cgroup(root)
     if settings.memory_limit is not None:
         source = settings.source("memory_limit")
-        return Budget(settings.memory_limit, source, f"{source} setting", 0)
+        return Budget(settings.memory_limit, source, f"{source} setting", 0, found.cgroup)
     physical, _ = cgroups.physical_memory(root)
     if physical is None:
         import psutil
 
         physical = psutil.virtual_memory().total
-    found = cgroups.find_memory_cgroup(root)
     if found.cgroup is None:
         return Budget(physical, "physical", found.reason, 0)
     limit = cgroups.read_limit(found.cgroup, physical)
@@ -66,7 +67,7 @@ def read_budget(settings: Settings, root: str = "/") -> Budget:
         return Budget(physical, "physical", limit.reason, 0)
     level = replace(found.cgroup, path=limit.path or found.cgroup.path)
     in_use = cgroups.read_usage(level).working_set or 0
-    return Budget(limit.bytes, limit.source, limit.reason, in_use)
+    return Budget(limit.bytes, limit.source, limit.reason, in_use, level)
 
 
 def pool_name(pool_cls: Any) -> str:
@@ -122,6 +123,7 @@ class MemoryGuard(bootsteps.StartStopStep):
         self.collector: telemetry.Collector | None = None
         self.sampler: telemetry.Sampler | None = None
         self.watches: list[Callable[[], None]] = []
+        self.brake: governor.Brake | None = None
         self.figures: dict[str, Any] | None = None
         self.decision = self._startup(w)
         if self.settings.mode != "off" and self.decision is not None:  # off: collect nothing
@@ -312,6 +314,7 @@ class MemoryGuard(bootsteps.StartStopStep):
             )
         if settings.max_worker_memory is not None:
             self._watch_worker_memory(w, settings.max_worker_memory)
+        self._advise_acks(w)
         collector = self.collector
         if collector is None or collector.cgroup is None:
             return
@@ -326,6 +329,23 @@ class MemoryGuard(bootsteps.StartStopStep):
                 "has to act; Kubernetes 1.28+ sets it on every container",
             }
             emit(logging.WARNING, "advice", advice, settings.log_format)
+
+    def _advise_acks(self, w: Any) -> None:
+        """A child the brake (or the kernel) stops loses its task unless acks are late."""
+        conf = w.app.conf
+        if not self.settings.brake or (self.figures or {}).get("pool") not in ("prefork",):
+            return
+        if conf.get("task_acks_late") and conf.get("task_reject_on_worker_lost"):
+            return
+        advice = {
+            "worker": w.hostname,
+            "topic": "acks_early",
+            "reason": "a task whose child is stopped for memory fails with WorkerLostError "
+            "and is not run again: its message was acknowledged when it started",
+            "fix": "task_acks_late = True and task_reject_on_worker_lost = True (tasks must "
+            "be safe to run twice), or accept the loss",
+        }
+        emit(logging.WARNING, "advice", advice, self.settings.log_format)
 
     def _watch_worker_memory(self, w: Any, limit: int) -> None:
         pool = (self.figures or {}).get("pool")
@@ -360,6 +380,27 @@ class MemoryGuard(bootsteps.StartStopStep):
         """
         if self.collector is not None:
             hub.call_soon(self._wrap_process_down, w)
+            self._start_brake(w, hub)
+
+    def _start_brake(self, w: Any, hub: Any) -> None:
+        """The brake needs a forking pool, a cgroup to read and a limit it enforces."""
+        settings, figures = self.settings, self.figures or {}
+        if not settings.brake or figures.get("pool") not in ("prefork", "processes"):
+            return
+        if w.autoscale:  # Celery's autoscaler owns the pool size
+            return
+        if self.budget.cgroup is None or self.budget.source == "physical":
+            return
+        self.brake = governor.Brake(
+            w,
+            settings,
+            self.budget.cgroup,
+            self.budget.limit,
+            target=int(figures["requested"]),
+            estimate=int(figures["child_estimate_mib"] * 1024 * 1024),
+            collector=self.collector,
+        )
+        self.brake.start(hub)
 
     def _wrap_process_down(self, w: Any) -> None:
         pool = getattr(getattr(w, "pool", None), "_pool", None)
@@ -381,7 +422,7 @@ class MemoryGuard(bootsteps.StartStopStep):
             try:
                 if sampler is not None:
                     sampler.drain()  # the child's last record, written before it exited
-                task = held.pop(proc.pid, None) or _running_task(proc.pid)
+                task = held.pop(proc.pid, None) or governor.running_task(proc.pid)
                 collector.on_exit(proc.pid, proc.exitcode, task)
             except Exception:  # noqa: BLE001 - the pool's own callback must still run
                 logger.exception("celery-guard event=error stage=process_down")
@@ -391,6 +432,8 @@ class MemoryGuard(bootsteps.StartStopStep):
         pool.on_process_down = on_process_down
 
     def stop(self, w: Any) -> None:
+        if self.brake is not None:
+            self.brake.stop()
         if self.sampler is not None and self.collector is not None:
             self.sampler.stop()
             self.sampler = None
@@ -410,16 +453,6 @@ def _task_of(job: Any) -> tuple[str, str]:
 
     request = state.requests.get(job.correlation_id)
     return (request.name if request is not None else "?"), job.correlation_id
-
-
-def _running_task(pid: int) -> tuple[str, str] | None:
-    """(name, id) of the task the child ``pid`` had accepted, from the worker's state."""
-    from celery.worker import state
-
-    for request in list(state.active_requests):
-        if getattr(request, "worker_pid", None) == pid:
-            return request.name, request.id
-    return None
 
 
 def _child_pids(w: Any) -> list[int]:

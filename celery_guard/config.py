@@ -124,6 +124,11 @@ OPTIONS = (
     ),
     Option("gc_freeze", "0", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option("max_worker_memory", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
+    Option("brake", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
+    Option("brake_interval", "0.25", "seconds above 0 (0.25, 1, 2s)", _seconds),
+    Option("low_water", "80%", FRACTION_FORMS, parse_fraction),
+    Option("high_water", "90%", FRACTION_FORMS, parse_fraction),
+    Option("hard_water", "97%", FRACTION_FORMS, parse_fraction),
 )
 
 
@@ -143,6 +148,11 @@ class Settings:
     child_oom_score_adj: int | None = 500
     gc_freeze: bool = False
     max_worker_memory: int | None = None
+    brake: bool = True
+    brake_interval: float = 0.25
+    low_water: float = 0.8
+    high_water: float = 0.9
+    hard_water: float = 0.97
     #: where each value came from: "env", "config" or "default", by option name
     sources: Mapping[str, str] | None = None
 
@@ -173,4 +183,14 @@ def load_settings(env: Mapping[str, str], conf: Mapping[str, Any] | Any) -> Sett
                 option.variable, option.setting, text, option.accepted, source
             ) from None
         sources[option.name] = source
+    if not values["low_water"] < values["high_water"] < values["hard_water"]:
+        option = next(o for o in OPTIONS if o.name == "high_water")
+        marks = f"{values['low_water']}/{values['high_water']}/{values['hard_water']}"
+        raise ConfigError(
+            option.variable,
+            option.setting,
+            marks,
+            "CELERY_GUARD_LOW_WATER < CELERY_GUARD_HIGH_WATER < CELERY_GUARD_HARD_WATER",
+            sources["high_water"],
+        )
     return Settings(**values, sources=sources)

@@ -160,6 +160,7 @@ class Collector:
     child_figures: dict[int, ChildFigures] = field(default_factory=dict)
     recycles: int = 0
     oom_kills: int = 0
+    stopped_by_brake: set[int] = field(default_factory=set)
     oom_kills_seen: int | None = None  # the cgroup's counter when last read
     samples: int = 0
     usage: int | None = None
@@ -218,8 +219,9 @@ class Collector:
 
         ``task`` is (name, id) of the task it was running, if any.
         """
-        if exitcode == -signal.SIGKILL:
+        if exitcode == -signal.SIGKILL and pid not in self.stopped_by_brake:
             self._on_sigkill(pid, task)
+        self.stopped_by_brake.discard(pid)
         if exitcode != 155:  # billiard's EX_RECYCLE
             return
         with self.lock:

@@ -9,8 +9,9 @@ Settings come from the environment so tests and the demo share one app:
 ``HEAVY_APP_DATA_DIR`` (folder for the filesystem broker and result backend),
 ``HEAVY_APP_OBJECTS`` and ``HEAVY_APP_BUFFER_MIB`` (the size of what is imported),
 ``HEAVY_APP_CONTAINERS=1`` to hold the catalogue in lists, which the garbage collector
-tracks (tuples of numbers and strings it stops tracking), and ``HEAVY_APP_GUARD=0`` to
-run the same app without celery-guard.
+tracks (tuples of numbers and strings it stops tracking), ``HEAVY_APP_ACKS_LATE=1`` for
+``task_acks_late`` with ``task_reject_on_worker_lost`` (a task whose child is killed goes
+back to the queue), and ``HEAVY_APP_GUARD=0`` to run the same app without celery-guard.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ app = Celery(
     backend=os.environ.get("HEAVY_APP_BACKEND", f"file://{_data_dir}/results"),
 )
 app.conf.worker_hijack_root_logger = True
+if os.environ.get("HEAVY_APP_ACKS_LATE") == "1":
+    app.conf.task_acks_late = True
+    app.conf.task_reject_on_worker_lost = True
 if _broker.startswith("filesystem://"):
     for sub in ("queue", "results", "control"):
         os.makedirs(os.path.join(_data_dir, sub), exist_ok=True)

@@ -59,10 +59,12 @@ def test_oom_score_adj_can_be_turned_off(
 def test_an_oom_kill_of_a_child_is_explained_and_the_worker_lives_on(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
-    """A task that needs more than the cgroup has: the kernel kills the child running it
-    (not the main process), and the guard says which task, with the figures."""
+    """A task that needs more than the cgroup has, with the brake off (on, it stops the
+    child before the kernel has to): the kernel kills the child running it, not the main
+    process, and the guard says which task, with the figures."""
     group = make_cgroup(400 * MIB)
-    worker = make_worker(["-c", "2"], harness.worker_env(redis, {**SMALL_APP, **FAST}), group)
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST, "CELERY_GUARD_BRAKE": "0"})
+    worker = make_worker(["-c", "2"], env, group)
     worker.wait_ready(60)
     (hog,) = harness.send_tasks(redis, worker.queue, "hog", 1, (600,))
     worker.wait_for(r"event=oom ", 60)
@@ -163,3 +165,89 @@ def test_max_worker_memory_shuts_down_warm_and_loses_no_task(
     # The next worker (as the supervisor would start) takes the rest: nothing was lost.
     make_worker(["-P", pool, "-c", "2"], env, queue=worker.queue)
     assert harness.wait_for_results(results, 90)
+
+
+ACKS_LATE = {"HEAVY_APP_ACKS_LATE": "1"}
+GIB = 1024 * MIB
+
+
+def _final_concurrency(worker: Worker) -> int:
+    worker.stop()
+    (final,) = [s for s in worker.events("summary") if s["final"] == "true"]
+    return int(final["concurrency"])
+
+
+@pytest.mark.cgroup
+def test_children_that_grow_past_the_limit_vanilla_is_killed_guarded_finishes(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """6 children fit at startup (7 would), then 60 tasks that each keep 16 MiB in their
+    child (one a second per child) push the pool 960 MiB past that. Vanilla Celery: the
+    OOM killer. Guarded: the brake stops consuming, retires and stops the largest
+    children, every task completes (acks late: a stopped child's task goes back to the
+    queue), and no OOM kill."""
+    vanilla_group = make_cgroup(GIB)
+    vanilla = make_worker(
+        ["-c", "6"], harness.worker_env(redis, ACKS_LATE, guard=False), vanilla_group
+    )
+    vanilla.wait_ready(60)
+    results = harness.send_tasks(redis, vanilla.queue, "walk", 12)
+    results += harness.send_tasks(redis, vanilla.queue, "leak", 60, (16, 1.0))
+    assert not harness.wait_for_results(results, 120, vanilla_group)
+    assert vanilla_group.oom_kills() >= 1
+    vanilla.stop()
+
+    group = make_cgroup(GIB)
+    worker = make_worker(["-c", "6"], harness.worker_env(redis, {**ACKS_LATE, **FAST}), group)
+    assert worker.startup()["action"] == "kept"
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "walk", 12)
+    results += harness.send_tasks(redis, worker.queue, "leak", 60, (16, 1.0))
+    assert harness.wait_for_results(results, 240, group)
+    assert group.oom_kills() == 0
+    actions = {p["action"] for p in worker.events("pressure")}
+    assert {"pause", "retire"} <= actions or {"pause", "terminate"} <= actions
+    assert worker.events("oom") == []
+
+
+# forced child estimate, the pool size it starts with
+CONVERGENCE = [("10M", 16), ("900M", 1)]
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("estimate,starts", CONVERGENCE, ids=["estimate-low", "estimate-high"])
+def test_the_pool_converges_to_what_fits(
+    redis: harness.RedisServer,
+    make_cgroup: MakeCgroup,
+    make_worker: MakeWorker,
+    estimate: str,
+    starts: int,
+) -> None:
+    """From a child estimate forced far too low (16 children start) or far too high (1
+    starts), the brake and the grow-back settle within one child of the 8 that really fit
+    in 1 GiB (REALLY_FIT_IN_1G in test_startup.py, re-checked there by bisection), with
+    every task done and no OOM kill."""
+    env = harness.worker_env(redis, {**ACKS_LATE, **FAST, "CELERY_GUARD_CHILD_MEMORY": estimate})
+    group = make_cgroup(GIB)
+    worker = make_worker(["-c", "16"], env, group)
+    assert int(worker.startup()["concurrency"]) == starts
+    worker.wait_ready(60)
+    results = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # a stream that keeps every child busy in turn
+        results += harness.send_tasks(redis, worker.queue, "walk", 8)
+        time.sleep(2)
+    assert harness.wait_for_results(results, 240, group)
+    assert group.oom_kills() == 0
+    assert 7 <= _final_concurrency(worker) <= 9
+
+
+@pytest.mark.parametrize("acks_late,topics", [(False, ["acks_early"]), (True, [])])
+def test_advice_when_acks_are_early(
+    redis: harness.RedisServer, make_worker: MakeWorker, acks_late: bool, topics: list[str]
+) -> None:
+    """With early acks, a task in a child stopped for memory is lost: say so at startup."""
+    env = harness.worker_env(redis, {**SMALL_APP, **(ACKS_LATE if acks_late else {})})
+    worker = make_worker(["-c", "1"], env)
+    worker.wait_ready(60)
+    assert [a["topic"] for a in worker.events("advice")] == topics

@@ -109,7 +109,7 @@ def test_recycle_after_max_memory_per_child_is_reported(
 def test_advice_on_max_memory_per_child(
     redis: harness.RedisServer, make_worker: MakeWorker, args: list[str], topic: str
 ) -> None:
-    worker = make_worker(args, harness.worker_env(redis, SMALL_APP))
+    worker = make_worker(args, harness.worker_env(redis, {**SMALL_APP, "HEAVY_APP_ACKS_LATE": "1"}))
     worker.wait_ready(60)
     advice = worker.events("advice")
     assert [a["topic"] for a in advice] == [topic]

@@ -34,6 +34,11 @@ ACCEPTED = {
     "child_oom_score_adj": "off, or a whole number from -1000 to 1000",
     "gc_freeze": "1 or 0 (true/false, yes/no, on/off)",
     "max_worker_memory": "empty for none, or " + SIZE_ACCEPTED.removeprefix("auto, or "),
+    "brake": "1 or 0 (true/false, yes/no, on/off)",
+    "brake_interval": "seconds above 0 (0.25, 1, 2s)",
+    "low_water": "a percentage (10%) or a fraction below 1 (0.1)",
+    "high_water": "a percentage (10%) or a fraction below 1 (0.1)",
+    "hard_water": "a percentage (10%) or a fraction below 1 (0.1)",
 }
 DEFAULT_SOURCES = {name: "default" for name in ACCEPTED}
 
@@ -56,6 +61,11 @@ def test_defaults() -> None:
         child_oom_score_adj=500,
         gc_freeze=False,
         max_worker_memory=None,
+        brake=True,
+        brake_interval=0.25,
+        low_water=0.8,
+        high_water=0.9,
+        hard_water=0.97,
         sources=DEFAULT_SOURCES,
     )
     assert dict(settings.sources or {}) == DEFAULT_SOURCES
@@ -104,6 +114,9 @@ PRECEDENCE: list[tuple[str, str | None, Any, Any, str]] = [
     ("max_worker_memory", "1G", "2G", 1024 * MIB, "env"),
     ("max_worker_memory", None, "2G", 2048 * MIB, "config"),
     ("max_worker_memory", "", "2G", None, "env"),
+    ("brake", "0", "1", False, "env"),
+    ("brake_interval", None, "0.5", 0.5, "config"),
+    ("high_water", "92%", "0.85", 0.92, "env"),
 ]
 
 
@@ -275,7 +288,28 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("gc_freeze", "config", "freeze", "freeze"),
     ("max_worker_memory", "env", "auto", "auto"),
     ("max_worker_memory", "config", "0", "0"),
+    ("brake", "env", "sometimes", "sometimes"),
+    ("brake_interval", "config", "0", "0"),
+    ("hard_water", "env", "100%", "100%"),
 ]
+
+
+# low, high, hard: the marks must rise
+MARKS = [("90%", "90%", "97%"), ("80%", "98%", "97%"), ("0.95", "0.9", "0.97")]
+
+
+@pytest.mark.parametrize("low,high,hard", MARKS, ids=["low=high", "high>hard", "low>high"])
+def test_water_marks_must_rise(low: str, high: str, hard: str) -> None:
+    """low < high < hard, or the brake would act against itself: one error naming them."""
+    env = {
+        "CELERY_GUARD_LOW_WATER": low,
+        "CELERY_GUARD_HIGH_WATER": high,
+        "CELERY_GUARD_HARD_WATER": hard,
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env, {})
+    assert caught.value.variable == "CELERY_GUARD_HIGH_WATER"
+    assert "LOW_WATER < CELERY_GUARD_HIGH_WATER < CELERY_GUARD_HARD_WATER" in caught.value.accepted
 
 
 @pytest.mark.parametrize(
