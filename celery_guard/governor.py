@@ -116,7 +116,7 @@ class Brake:
     FAST = 0.05  # seconds between checks above the low-water mark
     COOLDOWN = 0.3  # seconds after retiring a child: time for it to exit and free memory
     HARD_COOLDOWN = 0.1  # after stopping one at the hard mark: SIGKILL frees at once
-    LOOKAHEAD = 0.25  # seconds: act on where the working set will be, not where it is
+    LOOKAHEAD = 0.5  # seconds: act on where the working set will be, not where it is
 
     def __init__(
         self,
