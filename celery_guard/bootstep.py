@@ -19,7 +19,7 @@ from celery import bootsteps
 from . import cgroups, footprint, governor, history, telemetry
 from .config import OPTIONS, ConfigError, Settings, load_settings
 from .logline import emit, logger
-from .plan import Decision, decide
+from .plan import FORKING_POOLS, Decision, decide
 from .sizes import mib
 
 EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
@@ -252,7 +252,7 @@ class MemoryGuard(bootsteps.StartStopStep):
         max_kib = getattr(w, "max_memory_per_child", None) or 0
         if not max_kib:
             return
-        if pool not in ("prefork", "processes"):
+        if pool not in FORKING_POOLS:
             advice = {
                 "topic": "max_memory_per_child_ignored",
                 "max_memory_per_child_kib": max_kib,
@@ -287,7 +287,7 @@ class MemoryGuard(bootsteps.StartStopStep):
         )
         signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
         found = cgroups.find_memory_cgroup("/")
-        forks = fields.get("pool") in ("prefork", "processes")
+        forks = fields.get("pool") in FORKING_POOLS
         self.collector = telemetry.Collector(
             hostname=w.hostname,
             settings=settings,
@@ -333,7 +333,7 @@ class MemoryGuard(bootsteps.StartStopStep):
     def _advise_acks(self, w: Any) -> None:
         """A child the brake (or the kernel) stops loses its task unless acks are late."""
         conf = w.app.conf
-        if not self.settings.brake or (self.figures or {}).get("pool") not in ("prefork",):
+        if not self.settings.brake or (self.figures or {}).get("pool") not in FORKING_POOLS:
             return
         if conf.get("task_acks_late") and conf.get("task_reject_on_worker_lost"):
             return
@@ -349,7 +349,7 @@ class MemoryGuard(bootsteps.StartStopStep):
 
     def _watch_worker_memory(self, w: Any, limit: int) -> None:
         pool = (self.figures or {}).get("pool")
-        if pool not in ("prefork", "processes"):
+        if pool not in FORKING_POOLS:
             watch = governor.WorkerMemoryLimit(limit, w.hostname, self.settings)
             self.watches.append(watch.check)
             return
@@ -385,7 +385,7 @@ class MemoryGuard(bootsteps.StartStopStep):
     def _start_brake(self, w: Any, hub: Any) -> None:
         """The brake needs a forking pool, a cgroup to read and a limit it enforces."""
         settings, figures = self.settings, self.figures or {}
-        if not settings.brake or figures.get("pool") not in ("prefork", "processes"):
+        if not settings.brake or figures.get("pool") not in FORKING_POOLS:
             return
         if w.autoscale:  # Celery's autoscaler owns the pool size
             return

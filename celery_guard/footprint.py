@@ -154,10 +154,26 @@ def _read(path: str) -> str:
         return ""
 
 
+def read_kib_fields(path: str) -> dict[str, int]:
+    """The ``kB`` fields of a /proc file; empty when it is gone (an exited child)."""
+    return parse_kib_fields(_read(path))
+
+
+class StatmRss:
+    """This process's RSS from /proc/self/statm through a descriptor kept open: about
+    1.4 us a read, cheap enough for every task. Open it in the process it measures."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __call__(self) -> int:
+        return int(os.pread(self.fd, 64, 0).split()[1]) * mmap.PAGESIZE
+
+
 def measure(proc: str = "/proc/self", allocators: Allocators | None = None) -> Footprint:
     """Read the footprint of the process whose /proc directory is ``proc``."""
-    status = parse_kib_fields(_read(os.path.join(proc, "status")))
-    rollup = parse_kib_fields(_read(os.path.join(proc, "smaps_rollup")))
+    status = read_kib_fields(os.path.join(proc, "status"))
+    rollup = read_kib_fields(os.path.join(proc, "smaps_rollup"))
     rss = rollup.get("Rss", status.get("VmRSS", 0))
     return Footprint(
         rss=rss,

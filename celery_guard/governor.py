@@ -18,6 +18,7 @@ from typing import Any
 
 from . import cgroups
 from .config import Settings
+from .footprint import StatmRss, read_kib_fields
 from .logline import emit, logger
 from .sizes import mib
 
@@ -75,10 +76,7 @@ class WorkerMemoryLimit:
         self.hostname = hostname
         self.log_format = settings.log_format
         self.tripped = False
-        self.statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-
-    def rss(self) -> int:
-        return int(os.pread(self.statm, 64, 0).split()[1]) * PAGE
+        self.rss = StatmRss()
 
     def check(self) -> None:
         if self.tripped:
@@ -325,9 +323,9 @@ class Brake:
 
 def telemetry_private(pid: int) -> int | None:
     """A child's private memory now (smaps_rollup): read only when the brake acts."""
-    from .telemetry import _kib_fields, private_bytes
+    from .telemetry import private_bytes
 
-    return private_bytes(_kib_fields(f"/proc/{pid}/smaps_rollup"))
+    return private_bytes(read_kib_fields(f"/proc/{pid}/smaps_rollup"))
 
 
 def running_task(pid: int) -> tuple[str, str] | None:

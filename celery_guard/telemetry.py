@@ -26,7 +26,7 @@ from typing import Any
 
 from . import cgroups
 from .config import Settings
-from .footprint import parse_kib_fields
+from .footprint import StatmRss, read_kib_fields
 from .logline import emit, logger
 from .sizes import mib
 from .stats import ExpHistogram, recommend
@@ -36,14 +36,6 @@ PAGE = mmap.PAGESIZE
 PRIVATE_EVERY = 100
 #: Distinct task names kept for the growth table; past this, growth goes to "other".
 MAX_TASK_NAMES = 200
-
-
-def _kib_fields(path: str) -> dict[str, int]:
-    try:
-        with open(path, encoding="ascii", errors="replace") as file:
-            return parse_kib_fields(file.read())
-    except OSError:
-        return {}
 
 
 def private_bytes(fields: dict[str, int]) -> int | None:
@@ -71,13 +63,10 @@ class ChildProbe:
         """Fresh state per process: the figures of the parent do not belong to the child."""
         self.pid = os.getpid()
         self.tasks = 0
-        self.statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        self.rss = StatmRss()
         self.last_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.last_rss = self._rss()
+        self.last_rss = self.rss()
         self.logged_peak = self.last_peak
-
-    def _rss(self) -> int:
-        return int(os.pread(self.statm, 64, 0).split()[1]) * PAGE
 
     def after_task(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         try:
@@ -89,7 +78,7 @@ class ChildProbe:
 
     def _after_task(self, task_id: str | None, name: str) -> None:
         self.tasks += 1
-        rss = self._rss()
+        rss = self.rss()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         delta, rss_delta = peak - self.last_peak, rss - self.last_rss
         self.last_peak, self.last_rss = peak, rss
@@ -109,7 +98,7 @@ class ChildProbe:
             "delta_mib": mib(delta), "rss_delta_mib": mib(rss_delta),
         }  # fmt: skip
         if self.tasks % PRIVATE_EVERY == 1:
-            private = private_bytes(_kib_fields("/proc/self/smaps_rollup"))
+            private = private_bytes(read_kib_fields("/proc/self/smaps_rollup"))
             if private is not None:
                 fields["private_mib"] = mib(private)
         emit(logging.INFO, "child", fields, self.log_format)
@@ -195,8 +184,8 @@ class Collector:
             usage = cgroups.read_usage(self.cgroup)
             self.usage, self.working_set = usage.usage, usage.working_set
         for pid in self.children():
-            rollup = _kib_fields(f"/proc/{pid}/smaps_rollup")
-            status = _kib_fields(f"/proc/{pid}/status")
+            rollup = read_kib_fields(f"/proc/{pid}/smaps_rollup")
+            status = read_kib_fields(f"/proc/{pid}/status")
             private = private_bytes(rollup)
             if private is None or "VmHWM" not in status or "Rss" not in rollup:
                 continue  # the child exited between the listing and the read
