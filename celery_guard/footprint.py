@@ -16,8 +16,7 @@ So one child is estimated, from the parent's own allocators, as::
     + one page per large malloc chunk (its object header is written)
     + the parent's page tables      (VmPTE: the child gets its own copy)
 
-Measured on the example app in a real cgroup: 99 MiB estimated, 98 MiB copied per child
-after tasks that read every object; a bare Celery worker: 25 MiB estimated, 24 copied.
+Checked against real children in a real cgroup by tests/integration/test_startup.py.
 
 When the allocators cannot be asked (another allocator, PYTHONMALLOC=malloc, musl), the
 estimate falls back to an upper bound read from the memory map alone: anonymous memory

@@ -123,10 +123,6 @@ class Cgroup:
     def _value(self, name: str) -> int:
         return int((self.path / name).read_text())
 
-    @property
-    def limit(self) -> int:
-        return self._value("memory.limit_in_bytes")
-
     def usage(self) -> int:
         return self._value("memory.usage_in_bytes")
 
