@@ -124,7 +124,8 @@ class MemoryGuard(bootsteps.StartStopStep):
         self.sampler: telemetry.Sampler | None = None
         self.watches: list[Callable[[], None]] = []
         self.brake: governor.Brake | None = None
-        self.figures: dict[str, Any] | None = None
+        self.pool = pool_name(w.pool_cls)
+        self.child_estimate = 0  # bytes, as decided at startup
         self.decision = self._startup(w)
         if self.settings.mode != "off" and self.decision is not None:  # off: collect nothing
             self._prepare_telemetry(w, self.decision)
@@ -133,8 +134,8 @@ class MemoryGuard(bootsteps.StartStopStep):
     def _startup(self, w: Any) -> Decision | None:
         settings = self.settings
         autoscale = list(w.autoscale) if w.autoscale else None
-        requested = int(autoscale[0] if autoscale else w.concurrency)
-        pool = pool_name(w.pool_cls)
+        requested = self.requested = int(autoscale[0] if autoscale else w.concurrency)
+        pool = self.pool
         try:
             fields, decision = self._measure_and_decide(w, pool, requested)
         except Exception as error:  # noqa: BLE001 - never take the worker down by accident
@@ -154,8 +155,7 @@ class MemoryGuard(bootsteps.StartStopStep):
             )
             return None
         emit(_LEVELS[decision.action], "startup", fields, settings.log_format)
-        self.figures = fields
-        self._advise(w, pool, fields)
+        self._advise(w, pool)
         if decision.action == "refused":
             raise SystemExit(EX_CONFIG)
         if decision.concurrency != requested:
@@ -194,7 +194,7 @@ class MemoryGuard(bootsteps.StartStopStep):
             minimum=settings.min_concurrency,
             pool=pool,
         )
-        self.budget, self.parent = budget, parent
+        self.budget, self.parent, self.child_estimate = budget, parent, child
         fields: dict[str, Any] = {
             "mode": settings.mode,
             "pool": pool,
@@ -247,7 +247,7 @@ class MemoryGuard(bootsteps.StartStopStep):
             )
 
     # -- advice ----------------------------------------------------------------------
-    def _advise(self, w: Any, pool: str, fields: dict[str, Any]) -> None:
+    def _advise(self, w: Any, pool: str) -> None:
         """Say what Celery itself would not: settings that cannot work as meant."""
         max_kib = getattr(w, "max_memory_per_child", None) or 0
         if not max_kib:
@@ -278,7 +278,7 @@ class MemoryGuard(bootsteps.StartStopStep):
     def _prepare_telemetry(self, w: Any, decision: Decision) -> None:
         from celery import signals
 
-        settings, fields = self.settings, self.figures or {}
+        settings = self.settings
         max_kib = int(getattr(w, "max_memory_per_child", None) or 0)
         self.channel_read, channel_write = telemetry.open_channel()
         probe = telemetry.ChildProbe(channel_write, w.hostname, settings, max_kib)
@@ -287,7 +287,7 @@ class MemoryGuard(bootsteps.StartStopStep):
         )
         signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
         found = cgroups.find_memory_cgroup("/")
-        forks = fields.get("pool") in FORKING_POOLS
+        forks = self.pool in FORKING_POOLS
         self.collector = telemetry.Collector(
             hostname=w.hostname,
             settings=settings,
@@ -333,7 +333,7 @@ class MemoryGuard(bootsteps.StartStopStep):
     def _advise_acks(self, w: Any) -> None:
         """A child the brake (or the kernel) stops loses its task unless acks are late."""
         conf = w.app.conf
-        if not self.settings.brake or (self.figures or {}).get("pool") not in FORKING_POOLS:
+        if not self.settings.brake or self.pool not in FORKING_POOLS:
             return
         if conf.get("task_acks_late") and conf.get("task_reject_on_worker_lost"):
             return
@@ -348,8 +348,7 @@ class MemoryGuard(bootsteps.StartStopStep):
         emit(logging.WARNING, "advice", advice, self.settings.log_format)
 
     def _watch_worker_memory(self, w: Any, limit: int) -> None:
-        pool = (self.figures or {}).get("pool")
-        if pool not in FORKING_POOLS:
+        if self.pool not in FORKING_POOLS:
             watch = governor.WorkerMemoryLimit(limit, w.hostname, self.settings)
             self.watches.append(watch.check)
             return
@@ -384,8 +383,8 @@ class MemoryGuard(bootsteps.StartStopStep):
 
     def _start_brake(self, w: Any, hub: Any) -> None:
         """The brake needs a forking pool, a cgroup to read and a limit it enforces."""
-        settings, figures = self.settings, self.figures or {}
-        if not settings.brake or figures.get("pool") not in FORKING_POOLS:
+        settings = self.settings
+        if not settings.brake or self.pool not in FORKING_POOLS:
             return
         if w.autoscale:  # Celery's autoscaler owns the pool size
             return
@@ -396,8 +395,8 @@ class MemoryGuard(bootsteps.StartStopStep):
             settings,
             self.budget.cgroup,
             self.budget.limit,
-            target=int(figures["requested"]),
-            estimate=int(figures["child_estimate_mib"] * 1024 * 1024),
+            target=self.requested,
+            estimate=self.child_estimate,
             collector=self.collector,
         )
         self.brake.start(hub)

@@ -207,19 +207,22 @@ def test_merge_equals_adding_everything(
     assert merged.to_dict() == together.to_dict()
 
 
+GOOD: dict[str, Any] = {
+    "first": 1.0,
+    "ratio": 2.0,
+    "max_buckets": 10,
+    "count": 3.0,
+    "min": 3.0,
+    "max": 300.0,
+    "buckets": [[2, 1.0], [9, 2.0]],
+}
+
+
 def test_to_dict() -> None:
     hist = _powers()
     hist.add(3.0)
     hist.add(300.0, 2.0)
-    assert hist.to_dict() == {
-        "first": 1.0,
-        "ratio": 2.0,
-        "max_buckets": 10,
-        "count": 3.0,
-        "min": 3.0,
-        "max": 300.0,
-        "buckets": [[2, 1.0], [9, 2.0]],
-    }
+    assert hist.to_dict() == GOOD
 
 
 @pytest.mark.parametrize("samples", [[], ONE_TO_100, WEIGHTED], ids=["empty", "100", "weighted"])
@@ -233,16 +236,6 @@ def test_round_trip_through_json(samples: list[tuple[float, float]]) -> None:
         hist.percentile(p) for p in (0, 50, 95, 100)
     ]
 
-
-GOOD: dict[str, Any] = {
-    "first": 1.0,
-    "ratio": 2.0,
-    "max_buckets": 10,
-    "count": 3.0,
-    "min": 3.0,
-    "max": 300.0,
-    "buckets": [[2, 1.0], [9, 2.0]],
-}
 
 # id, data
 GARBAGE: list[tuple[str, Any]] = [
