@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import mmap
 import os
 import signal
 import time
@@ -20,9 +19,8 @@ from . import cgroups
 from .config import Settings
 from .footprint import StatmRss, read_kib_fields
 from .logline import emit, logger
+from .pressure import Action, Child, Marks, Policy
 from .sizes import mib
-
-PAGE = mmap.PAGESIZE
 
 
 def set_oom_score_adj(value: int, path: str = "/proc/self/oom_score_adj") -> str:
@@ -103,18 +101,13 @@ class WorkerMemoryLimit:
 
 
 class Brake:
-    """Act before the kernel does: keep the cgroup's working set under the limit.
+    """Act before the kernel does: carry out ``pressure.Policy`` on the worker.
 
     It runs on the worker's event loop (pool operations belong to the main thread): a
     check every ``brake_interval`` seconds, and every 0.05 s above the low-water mark, each
-    reading two cgroup files. Between the marks it does nothing, so a pool that fits
-    stays as it is.
+    reading two cgroup files; the children's private memory is read only when a rule
+    needs it.
     """
-
-    FAST = 0.05  # seconds between checks above the low-water mark
-    COOLDOWN = 0.3  # seconds after retiring a child: time for it to exit and free memory
-    HARD_COOLDOWN = 0.1  # after stopping one at the hard mark: SIGKILL frees at once
-    LOOKAHEAD = 0.5  # seconds: act on where the working set will be, not where it is
 
     def __init__(
         self,
@@ -130,19 +123,10 @@ class Brake:
         self.settings = settings
         self.cgroup = cgroup
         self.limit = limit
-        self.low = int(limit * settings.low_water)
-        self.high = int(limit * settings.high_water)
-        self.hard = int(limit * settings.hard_water)
-        self.target = target
-        self.estimate = estimate
+        marks = Marks.of(limit, settings.low_water, settings.high_water, settings.hard_water)
+        self.policy = Policy(marks, settings.brake_interval, target, estimate)
         self.collector = collector
-        self.paused = False
         self.stopped = False
-        self.quiet_until = 0.0
-        self.hard_quiet_until = 0.0
-        self.grow_after = 0.0
-        self.last: tuple[float, int] | None = None  # (time, working set) at the last check
-        self.rate = 0.0  # bytes per second the working set rose by at the last check
 
     # -- the loop --------------------------------------------------------------------
     def start(self, hub: Any) -> None:
@@ -159,98 +143,75 @@ class Brake:
         try:
             working_set = cgroups.read_usage(self.cgroup).working_set
             if working_set is not None:
-                self.check(working_set, time.monotonic())
-                delay = self.next_delay(working_set)
+                size = self.w.pool.num_processes
+                for action in self.policy.decide(
+                    working_set, time.monotonic(), size, self._children
+                ):
+                    self._carry_out(action, working_set)
+                delay = self.policy.next_delay(working_set)
         except Exception:  # noqa: BLE001 - the brake must not stop the worker
             logger.exception("celery-guard event=error stage=brake")
         self.hub.call_later(delay, self.tick)
 
-    def next_delay(self, working_set: int) -> float:
-        """Check again before the working set can reach the low-water mark at the rate it
-        is rising; above that mark, check often."""
-        if working_set >= self.low:
-            return self.FAST
-        interval = self.settings.brake_interval
-        if self.rate > 0:
-            interval = min(interval, max((self.low - working_set) / self.rate / 2, self.FAST))
-        return interval
-
-    def projected(self, working_set: int, now: float) -> int:
-        """The working set LOOKAHEAD seconds from now, at the rate it rose since the last
-        check: children that copy hundreds of MiB a second outrun a check that waits."""
-        last, self.last = self.last, (now, working_set)
-        if last is None or now <= last[0]:
-            return working_set
-        self.rate = max((working_set - last[1]) / (now - last[0]), 0.0)
-        return working_set + int(self.rate * self.LOOKAHEAD)
-
-    def check(self, working_set: int, now: float) -> None:
-        ahead = self.projected(working_set, now)
-        if working_set >= self.high:
-            self.grow_after = now + 10 * self.settings.brake_interval
-            if not self.paused:
-                self.pause(working_set)
-            if ahead >= self.hard:
-                if now >= self.hard_quiet_until and self.stop_busiest(working_set):
-                    self.hard_quiet_until = now + self.HARD_COOLDOWN
-                return
-            if now >= self.quiet_until and self.retire_idlest(working_set):
-                self.quiet_until = now + self.COOLDOWN
-        elif self.paused and working_set >= self.low:
-            # Paused, idle children keep what they copied: retire them until below the
-            # low mark, or the worker would wait for memory that nothing frees.
-            if now >= self.quiet_until and self.retire_idlest(working_set, level="low"):
-                self.quiet_until = now + self.COOLDOWN
-        elif working_set < self.low:
-            if self.paused:
-                self.resume(working_set)
-            if now >= self.grow_after and self.grow(working_set):
-                self.grow_after = now + 5 * self.settings.brake_interval
-
-    # -- the actions -----------------------------------------------------------------
+    # -- the pool --------------------------------------------------------------------
     def _pool(self) -> Any:
         return self.w.pool._pool
 
-    def _children(self) -> list[tuple[Any, int, bool]]:
-        """(process, private bytes, busy) for each live child; the largest first."""
+    def _children(self, busy: bool | None = None) -> list[Child]:
+        """The live children (only the busy or the idle ones when asked), with their
+        private memory read now: smaps_rollup costs about 1.5 ms for a large child."""
         pool = self._pool()
         found = []
         for proc in list(pool._pool):
             if proc.exitcode is not None or not proc.pid:
                 continue
+            active = bool(pool._worker_active(proc))
+            if busy is not None and active != busy:
+                continue
             private = telemetry_private(proc.pid)
             if private is not None:
-                found.append((proc, private, pool._worker_active(proc)))
-        return sorted(found, key=lambda item: -item[1])
+                found.append(Child(proc.pid, private, active))
+        return found
 
-    def _log(self, level: str, working_set: int, action: str, **extra: Any) -> None:
-        fields = {
-            "worker": self.w.hostname,
-            "level": level,
-            "usage_mib": mib(working_set),
-            "limit_mib": mib(self.limit),
-            "action": action,
-            "concurrency": self.w.pool.num_processes,
-            **extra,
-        }
-        emit(logging.WARNING, "pressure", fields, self.settings.log_format)
+    def _process(self, pid: int) -> Any:
+        for proc in list(self._pool()._pool):
+            if proc.pid == pid and proc.exitcode is None:
+                return proc
+        return None
 
-    def pause(self, working_set: int) -> None:
+    def _carry_out(self, action: Action, working_set: int) -> None:
+        extra: dict[str, Any] = {}
+        child = action.child
+        if action.action == "pause":
+            if not self._consume(False):
+                self.policy.paused = False  # no consumer yet: nothing to pause
+                return
+        elif action.action == "resume":
+            self._consume(True)
+        elif action.action == "grow":
+            self.w.pool.grow(1)
+            extra = {"child_cost_mib": mib(action.cost), "projected_mib": mib(action.projected)}
+        elif child is not None:
+            proc = self._process(child.pid)
+            if proc is None:
+                return  # it exited since it was read
+            task = running_task(child.pid) if action.action == "terminate" else None
+            self._remove(proc, kill=action.action == "terminate")
+            extra = {"pid": child.pid, "private_mib": mib(child.private)}
+            if action.action == "terminate":
+                extra.update(task=task[0] if task else None, task_id=task[1] if task else None)
+        self._log(action.level, working_set, action.action, **extra)
+
+    def _consume(self, on: bool) -> bool:
         consumer = getattr(self.w, "consumer", None)
         task_consumer = getattr(consumer, "task_consumer", None)
         if task_consumer is None:
-            return
-        task_consumer.cancel()
-        self.paused = True
-        self._log("high", working_set, "pause")
-
-    def resume(self, working_set: int) -> None:
-        consumer = getattr(self.w, "consumer", None)
-        task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is not None:
+            return False
+        if on:
             task_consumer.consume()
-        self.paused = False
-        self._log("low", working_set, "resume")
+        else:
+            task_consumer.cancel()
+        return True
 
     def _remove(self, proc: Any, kill: bool) -> None:
         """Take one child out of the pool (billiard would replace it otherwise); the last
@@ -269,56 +230,17 @@ class Brake:
         if shrink:
             pool.on_shrink(1)
 
-    def retire_idlest(self, working_set: int, level: str = "high") -> bool:
-        """Retire the idle child holding the most private memory; keep one child."""
-        if self.w.pool.num_processes <= 1:
-            return False
-        for proc, private, busy in self._children():
-            if not busy:
-                self._remove(proc, kill=False)
-                self._log(level, working_set, "retire", pid=proc.pid, private_mib=mib(private))
-                return True
-        return False
-
-    def stop_busiest(self, working_set: int) -> bool:
-        """Near the hard limit: stop the busy child with the most private memory now,
-        rather than let the kernel choose (it may choose the main process)."""
-        for proc, private, busy in self._children():
-            if busy:
-                task = running_task(proc.pid)
-                self._remove(proc, kill=True)
-                self._log(
-                    "hard",
-                    working_set,
-                    "terminate",
-                    pid=proc.pid,
-                    private_mib=mib(private),
-                    task=task[0] if task else None,
-                    task_id=task[1] if task else None,
-                )
-                return True
-        return False
-
-    def grow(self, working_set: int) -> bool:
-        """One more child, towards the requested concurrency, when it fits under the
-        high-water mark at the cost the largest child really has now.
-
-        Young children have not grown yet: the working set is projected as if every
-        child had reached that cost, so the pool does not overshoot and shrink again.
-        """
-        size = self.w.pool.num_processes
-        if size >= self.target:
-            return False
-        privates = [private for _, private, _ in self._children()]
-        cost = max(privates) if privates else self.estimate
-        projected = working_set + sum(cost - private for private in privates)
-        if projected + cost > self.high:
-            return False
-        self.w.pool.grow(1)
-        self._log(
-            "low", working_set, "grow", child_cost_mib=mib(cost), projected_mib=mib(projected)
-        )
-        return True
+    def _log(self, level: str, working_set: int, action: str, **extra: Any) -> None:
+        fields = {
+            "worker": self.w.hostname,
+            "level": level,
+            "usage_mib": mib(working_set),
+            "limit_mib": mib(self.limit),
+            "action": action,
+            "concurrency": self.w.pool.num_processes,
+            **extra,
+        }
+        emit(logging.WARNING, "pressure", fields, self.settings.log_format)
 
 
 def telemetry_private(pid: int) -> int | None:

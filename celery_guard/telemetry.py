@@ -318,6 +318,7 @@ class Sampler(threading.Thread):
 
     #: How often the watches (limits that act) run, whatever the sample interval.
     WATCH_INTERVAL = 1.0
+    WAKE = 0.5  # seconds: the longest wait, so that stop() is heard
 
     def __init__(
         self,
@@ -334,14 +335,17 @@ class Sampler(threading.Thread):
         self.stopping = threading.Event()
 
     def drain(self) -> None:
+        """Read what is there and return: under eventlet and gevent ``os.read`` waits
+        for data instead of failing on an empty pipe, so ask ``select`` first."""
         if self.channel is None:
             return
         while True:
             try:
+                readable, _, _ = select.select([self.channel], [], [], 0)
+                if not readable:
+                    return
                 data = os.read(self.channel, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
+            except (OSError, ValueError):
                 return
             if not data:
                 return
@@ -367,7 +371,8 @@ class Sampler(threading.Thread):
             except Exception:  # noqa: BLE001 - a failed sample must not end the sampler
                 logger.exception("celery-guard event=error stage=sampler")
             deadlines = [next_sample, next_summary] + ([next_watch] if self.watches else [])
-            timeout = max(min(deadlines) - time.monotonic(), 0.01)
+            # at most WAKE: a green thread (gevent, eventlet) in select() misses stop()
+            timeout = min(max(min(deadlines) - time.monotonic(), 0.01), self.WAKE)
             if self.channel is None:
                 self.stopping.wait(timeout)
                 continue
@@ -379,7 +384,8 @@ class Sampler(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         self.join(5)
-        self.drain()
+        if not self.is_alive():  # one reader at a time: green threads insist on it
+            self.drain()
 
 
 def open_channel() -> tuple[int, int]:

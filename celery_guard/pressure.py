@@ -1,0 +1,232 @@
+"""The brake's decisions, apart from the pool they act on.
+
+Given the cgroup's working set, the time and the pool's children, what to do: pause or
+resume consuming, retire an idle child, terminate busy ones, grow the pool. Pure (the
+children are read through a callable, only when a rule needs them), so every rule has a
+table-driven test; ``governor.Brake`` carries the actions out on the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Child:
+    pid: int
+    private: int  # bytes: the memory only this child holds (USS)
+    busy: bool
+
+
+@dataclass(frozen=True)
+class Action:
+    action: str  # pause | resume | retire | terminate | grow
+    level: str  # the mark that made it: hard | high | low
+    child: Child | None = None  # retire, terminate
+    cost: int = 0  # grow: what one child costs now (the largest child)
+    projected: int = 0  # grow: the working set once every child costs that
+
+
+#: Reads the pool's live children; ``busy`` True or False reads only those.
+ReadChildren = Callable[[Optional[bool]], list[Child]]  # a runtime alias: Optional for 3.9
+
+
+@dataclass(frozen=True)
+class Marks:
+    """The working-set marks, in bytes: low < high < hard < limit."""
+
+    low: int
+    high: int
+    hard: int
+
+    @classmethod
+    def of(cls, limit: int, low: float, high: float, hard: float) -> Marks:
+        return cls(int(limit * low), int(limit * high), int(limit * hard))
+
+
+def fit(working_set: int, children: list[Child], size: int, floor: int) -> tuple[int, int]:
+    """(cost, projected): what one child costs, the private memory of the largest (at
+    least ``floor``), and the working set once every child of a pool of ``size`` has
+    grown to it.
+
+    Young children have not copied yet; counting them at the largest child's cost keeps
+    the pool from growing into a burst it cannot hold.
+    """
+    cost = max([c.private for c in children] + [floor])
+    projected = working_set + sum(cost - c.private for c in children)
+    projected += max(size - len(children), 0) * cost  # started, not yet readable
+    return cost, projected
+
+
+class Policy:
+    """Between the marks it does nothing, so a pool that fits stays as it is.
+
+    - The working set, projected LOOKAHEAD seconds ahead at the rate it rises, reaches
+      the hard mark (and it is past the low mark): pause, and terminate the busy children
+      with the most private memory, as many as it takes to bring the projection back
+      under the high mark.
+    - Past the high mark: pause and retire the idle child with the most private memory.
+    - Paused: go on retiring idle children while above the low mark, or while the pool
+      would not fit under the high mark at the largest child's cost; then resume.
+    - Below the low mark, not paused: grow by one child when one more still fits.
+    """
+
+    FAST = 0.05  # seconds between checks above the low-water mark
+    COOLDOWN = 0.3  # seconds after retiring a child: time for it to exit and free memory
+    HARD_COOLDOWN = 0.1  # after terminating: SIGKILL frees at once
+    LOOKAHEAD = 0.5  # seconds: act on where the working set will be, not where it is
+    CALM_AFTER_PRESSURE = 10  # intervals without growing after any pressure
+    CALM_AFTER_GROW = 5  # intervals between two grows
+    CALM_AFTER_NO_ROOM = 20  # intervals before reading the children again for a grow
+    REMEMBER = 60.0  # seconds a removed child's cost still counts: the evidence is gone
+    MODEL_MARGIN = 0.05  # on a child's cost in the ceiling: page tables, kernel memory
+
+    def __init__(self, marks: Marks, interval: float, target: int, estimate: int) -> None:
+        self.marks = marks
+        self.interval = interval
+        self.target = target
+        self.estimate = estimate
+        self.paused = False
+        self.quiet_until = 0.0
+        self.hard_quiet_until = 0.0
+        self.grow_after = 0.0
+        self.last: tuple[float, int] | None = None  # (time, working set) at the last check
+        self.rate = 0.0  # bytes per second the working set rose by at the last check
+        #: (shared, cost) when the children were last read: the working set that is not
+        #: any child's own, and the private memory of the largest child
+        self.model: tuple[int, int] | None = None
+        self.removed: list[tuple[float, int]] = []  # (time, private) of children removed
+
+    def next_delay(self, working_set: int) -> float:
+        """Check again before the working set can reach the low mark at the rate it is
+        rising; above that mark, check often."""
+        if working_set >= self.marks.low:
+            return self.FAST
+        if self.rate > 0:
+            until_low = (self.marks.low - working_set) / self.rate / 2
+            return min(self.interval, max(until_low, self.FAST))
+        return self.interval
+
+    def project(self, working_set: int, now: float) -> int:
+        """The working set LOOKAHEAD seconds from now, at the rate it rose since the last
+        check: children that copy hundreds of MiB a second outrun a check that waits."""
+        last, self.last = self.last, (now, working_set)
+        if last is None or now <= last[0]:
+            return working_set
+        self.rate = max((working_set - last[1]) / (now - last[0]), 0.0)
+        return working_set + int(self.rate * self.LOOKAHEAD)
+
+    def ceiling(self, size: int) -> int | None:
+        """The working set once every child of the pool has grown to the largest child's
+        cost at the last reading; None before any reading."""
+        if self.model is None:
+            return None
+        shared, cost = self.model
+        return shared + int(size * cost * (1 + self.MODEL_MARGIN))
+
+    def decide(
+        self, working_set: int, now: float, size: int, children: ReadChildren
+    ) -> list[Action]:
+        marks = self.marks
+        ahead = self.project(working_set, now)
+        ceiling = self.ceiling(size)
+        if ceiling is not None and working_set <= ceiling < marks.high:
+            # A pool known to fit: children copying at once rise fast, but no further
+            # than their cost. Past the ceiling the model is wrong and the rate rules.
+            ahead = min(ahead, ceiling)
+        if working_set >= marks.low and ahead >= marks.hard:
+            return self._pressure("hard", now) + self._terminate(working_set, now, children)
+        if working_set >= marks.high:
+            return self._pressure("high", now) + self._retire("high", now, size, children)
+        if self.paused:
+            return self._while_paused(working_set, now, size, children)
+        if working_set < marks.low:
+            return self._grow(working_set, now, size, children)
+        return []
+
+    # -- the rules ---------------------------------------------------------------------
+    def _pressure(self, level: str, now: float) -> list[Action]:
+        self.grow_after = now + self.CALM_AFTER_PRESSURE * self.interval
+        if self.paused:
+            return []
+        self.paused = True
+        return [Action("pause", level)]
+
+    def _terminate(self, working_set: int, now: float, children: ReadChildren) -> list[Action]:
+        """As many of the largest busy children as it takes to bring the projection under
+        the high mark: each frees what it holds and stops its share of the growth."""
+        if now < self.hard_quiet_until:
+            return []
+        busy = sorted(children(True), key=lambda c: -c.private)
+        growth = self.rate * self.LOOKAHEAD
+        actions: list[Action] = []
+        for child in busy:
+            left = len(busy) - len(actions)
+            if actions and working_set + growth * left / len(busy) <= self.marks.high:
+                break
+            actions.append(Action("terminate", "hard", child))
+            self.removed.append((now, child.private))
+            working_set -= child.private
+        if actions:
+            self.hard_quiet_until = now + self.HARD_COOLDOWN
+        return actions
+
+    def _retire(self, level: str, now: float, size: int, children: ReadChildren) -> list[Action]:
+        if now < self.quiet_until or size <= 1:
+            return []
+        idle = sorted(children(False), key=lambda c: -c.private)
+        if not idle:
+            return []
+        self.quiet_until = now + self.COOLDOWN
+        self.removed.append((now, idle[0].private))
+        return [Action("retire", level, idle[0])]
+
+    def _while_paused(
+        self, working_set: int, now: float, size: int, children: ReadChildren
+    ) -> list[Action]:
+        """Idle children keep what they copied, so waiting frees nothing: retire them
+        until below the low mark and until the pool fits at what its largest child costs.
+        Resuming earlier would start the same burst again."""
+        everyone = children(None)
+        _, projected = self._fit(working_set, now, everyone, size)
+        if working_set >= self.marks.low or (projected > self.marks.high and size > 1):
+            return self._retire("low", now, size, lambda busy: [c for c in everyone if not c.busy])
+        self.paused = False
+        self.grow_after = now + self.CALM_AFTER_PRESSURE * self.interval  # let them settle
+        return [Action("resume", "low")]
+
+    def _fit(
+        self, working_set: int, now: float, children: list[Child], size: int
+    ) -> tuple[int, int]:
+        """``fit`` at a cost no lower than what the children removed lately had: after
+        retiring the largest, the young ones left would make the pool look cheap."""
+        self.removed = [(t, p) for t, p in self.removed if now - t < self.REMEMBER]
+        floor = max((p for _, p in self.removed), default=0)
+        if not children:  # nothing measured yet: the startup estimate
+            floor = max(floor, self.estimate)
+        cost, projected = fit(working_set, children, size, floor)
+        if children:
+            shared = working_set - sum(c.private for c in children)
+            if self.rate > 0 and self.model is not None:
+                # Rising: the children, read after the working set, have grown since;
+                # a lower figure is that race, not memory given back.
+                shared = max(shared, self.model[0])
+            self.model = (shared, cost)
+        return cost, projected
+
+    def _grow(
+        self, working_set: int, now: float, size: int, children: ReadChildren
+    ) -> list[Action]:
+        if size >= self.target or now < self.grow_after:
+            return []
+        cost, projected = self._fit(working_set, now, children(None), size)
+        if projected + cost > self.marks.high:
+            self.grow_after = now + self.CALM_AFTER_NO_ROOM * self.interval
+            return []
+        self.grow_after = now + self.CALM_AFTER_GROW * self.interval
+        return [Action("grow", "low", cost=cost, projected=projected)]
+
+
+__all__ = ["Action", "Child", "Marks", "Policy", "ReadChildren", "fit"]
