@@ -17,6 +17,24 @@ __all__ = ["MemoryGuard", "__version__", "install"]
 
 
 def install(app: Any) -> Any:
-    """Add the worker step to ``app``; returns the app for chaining."""
+    """Add the worker step to ``app``, and a ``--guard-<name>`` ``celery worker`` option
+    for every setting (an option wins over the environment and app.conf); returns the
+    app for chaining."""
+    import click
+
+    from .config import OPTIONS
+
     app.steps["worker"].add(MemoryGuard)
+    known = {param.name for param in app.user_options["worker"]}
+    for option in OPTIONS:
+        if "guard_" + option.name in known:
+            continue  # installed twice
+        app.user_options["worker"].add(
+            click.Option(
+                [option.flag],
+                default=None,
+                help=f"celery-guard: {option.accepted} (else ${option.variable}, "
+                f"app.conf.{option.setting}, default {option.default or 'none'})",
+            )
+        )
     return app

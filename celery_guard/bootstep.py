@@ -7,20 +7,17 @@ forks a child: the one moment where the pool size can still be changed.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import bootsteps
 
-from . import cgroups, footprint, governor, history, telemetry
-from .config import OPTIONS, ConfigError, Settings, load_settings
+from . import advice, cgroups, governor, history, startup, telemetry
+from .config import OPTIONS, ConfigError, load_settings
 from .logline import emit, logger
-from .plan import FORKING_POOLS, Decision, decide
-from .sizes import mib
+from .plan import FORKING_POOLS, Decision
 
 EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
 #: The running worker's collector, for ``celery inspect guard_stats`` (one worker a process).
@@ -34,40 +31,6 @@ _LEVELS = {
     "over_budget": logging.ERROR,
     "refused": logging.CRITICAL,
 }
-
-
-@dataclass(frozen=True)
-class Budget:
-    limit: int
-    source: str  # cgroup-v2 | cgroup-v1 | env | config | physical
-    detail: str
-    in_use: int  # what the cgroup already holds (working set), when it is the cgroup's
-    cgroup: cgroups.Cgroup | None = None  # where usage is compared with the limit
-
-
-def read_budget(settings: Settings, root: str = "/") -> Budget:
-    """The limit to fit in: the setting, else the cgroup's, else physical memory.
-
-    With a cgroup limit, ``in_use`` is the working set where that limit is set: the
-    processes already charged there (siblings too) count against the pool.
-    """
-    found = cgroups.find_memory_cgroup(root)
-    if settings.memory_limit is not None:
-        source = settings.source("memory_limit")
-        return Budget(settings.memory_limit, source, f"{source} setting", 0, found.cgroup)
-    physical, _ = cgroups.physical_memory(root)
-    if physical is None:
-        import psutil
-
-        physical = psutil.virtual_memory().total
-    if found.cgroup is None:
-        return Budget(physical, "physical", found.reason, 0)
-    limit = cgroups.read_limit(found.cgroup, physical)
-    if limit.bytes is None:
-        return Budget(physical, "physical", limit.reason, 0)
-    level = replace(found.cgroup, path=limit.path or found.cgroup.path)
-    in_use = cgroups.read_usage(level).working_set or 0
-    return Budget(limit.bytes, limit.source, limit.reason, in_use, level)
 
 
 def pool_name(pool_cls: Any) -> str:
@@ -104,8 +67,9 @@ class MemoryGuard(bootsteps.StartStopStep):
         if logger.level == logging.NOTSET:
             # The startup line is the product: show it even under ``-l warning``.
             logger.setLevel(logging.INFO)
+        options = {o.name: kwargs.get("guard_" + o.name) for o in OPTIONS}  # install()'s
         try:
-            self.settings = load_settings(os.environ, w.app.conf)
+            self.settings = load_settings(os.environ, w.app.conf, options)
         except ConfigError as error:
             emit(
                 logging.CRITICAL,
@@ -113,6 +77,7 @@ class MemoryGuard(bootsteps.StartStopStep):
                 {
                     "variable": error.variable,
                     "setting": error.setting,
+                    **({"option": error.flag} if error.flag else {}),
                     "source": error.source,
                     "value": error.value,
                     "accepted": error.accepted,
@@ -124,6 +89,7 @@ class MemoryGuard(bootsteps.StartStopStep):
         self.sampler: telemetry.Sampler | None = None
         self.watches: list[Callable[[], None]] = []
         self.brake: governor.Brake | None = None
+        self.metrics: Any = None  # metrics.MetricsServer, when served
         self.pool = pool_name(w.pool_cls)
         self.child_estimate = 0  # bytes, as decided at startup
         self.decision = self._startup(w)
@@ -155,7 +121,6 @@ class MemoryGuard(bootsteps.StartStopStep):
             )
             return None
         emit(_LEVELS[decision.action], "startup", fields, settings.log_format)
-        self._advise(w, pool)
         if decision.action == "refused":
             raise SystemExit(EX_CONFIG)
         if decision.concurrency != requested:
@@ -170,67 +135,14 @@ class MemoryGuard(bootsteps.StartStopStep):
     def _measure_and_decide(
         self, w: Any, pool: str, requested: int
     ) -> tuple[dict[str, Any], Decision]:
-        settings = self.settings
-        gc.collect()  # what the pool does before each fork; measure the same heap
-        budget = read_budget(settings)
-        parent = footprint.measure(allocators=footprint.read_allocators())
-        forked = getattr(w, "pool_start_method", "fork") == "fork"
-        estimate = footprint.estimate_child(parent, forked=forked)
-        remembered = self._history()
-        if settings.child_memory is not None:
-            child, child_source = settings.child_memory, settings.source("child_memory")
-        elif remembered is not None:
-            child, child_source = remembered, "history"
-        else:
-            child, child_source = estimate.bytes, "measured"
-        in_use = max(parent.rss, budget.in_use)
-        decision = decide(
-            mode=settings.mode,
-            limit=budget.limit,
-            headroom_fraction=settings.headroom,
-            in_use=in_use,
-            child=child,
-            requested=requested,
-            minimum=settings.min_concurrency,
-            pool=pool,
-        )
-        self.budget, self.parent, self.child_estimate = budget, parent, child
-        fields: dict[str, Any] = {
-            "mode": settings.mode,
-            "pool": pool,
-            "limit_mib": mib(budget.limit),
-            "limit_source": budget.source,
-            "headroom_mib": mib(decision.headroom),
-            "parent_rss_mib": mib(parent.rss),
-            "child_estimate_mib": mib(child),
-            "child_estimate_source": child_source,
-            "requested": requested,
-            "concurrency": decision.concurrency,
-            "action": decision.action,
-            "fits": decision.fits,
-            "in_use_mib": mib(in_use),
-            "child_estimate_method": estimate.method,
-            "gc_freeze": settings.gc_freeze,
-            "limit_detail": budget.detail,
-        }
+        start_method = getattr(w, "pool_start_method", "fork")
+        measured = startup.measure(self.settings, pool, requested, forked=start_method == "fork")
+        self.budget, self.parent = measured.budget, measured.parent
+        self.child_estimate = measured.child
+        fields = measured.fields()
         if w.autoscale:
-            fields["autoscale_min"] = min(w.min_concurrency, decision.concurrency)
-        return fields, decision
-
-    # -- history ---------------------------------------------------------------------
-    def _history(self) -> int | None:
-        path = self.settings.state_file
-        if path is None or self.settings.child_memory is not None:
-            return None
-        cost, why = history.load(path)
-        if cost is None and why != "no state file yet":
-            emit(
-                logging.WARNING,
-                "history",
-                {"action": "ignored", "path": path, "reason": why},
-                self.settings.log_format,
-            )
-        return cost
+            fields["autoscale_min"] = min(w.min_concurrency, measured.decision.concurrency)
+        return fields, measured.decision
 
     def _save_history(self, fields: dict[str, Any]) -> None:
         path, cost = self.settings.state_file, fields.get("private_p95_mib")
@@ -247,32 +159,23 @@ class MemoryGuard(bootsteps.StartStopStep):
             )
 
     # -- advice ----------------------------------------------------------------------
-    def _advise(self, w: Any, pool: str) -> None:
+    def _advise(self, w: Any) -> None:
         """Say what Celery itself would not: settings that cannot work as meant."""
-        max_kib = getattr(w, "max_memory_per_child", None) or 0
-        if not max_kib:
-            return
-        if pool not in FORKING_POOLS:
-            advice = {
-                "topic": "max_memory_per_child_ignored",
-                "max_memory_per_child_kib": max_kib,
-                "reason": f"the {pool} pool does not recycle children; the setting does nothing",
-                "fix": "use the prefork pool, or drop worker_max_memory_per_child",
-            }
-        elif max_kib * 1024 < self.parent.rss:
-            parent_kib = self.parent.rss // 1024
-            advice = {
-                "topic": "max_memory_per_child_below_parent",
-                "max_memory_per_child_kib": max_kib,
-                "parent_rss_kib": parent_kib,
-                "reason": "a child's peak RSS starts at the parent's RSS, so every child "
-                "will be replaced after every task",
-                "fix": f"set worker_max_memory_per_child above {parent_kib} (KiB), "
-                "from the summary's recommended_max_memory_per_child_kib",
-            }
-        else:
-            return
-        emit(logging.WARNING, "advice", {"worker": w.hostname, **advice}, self.settings.log_format)
+        conf = w.app.conf
+        cgroup = self.collector.cgroup if self.collector is not None else None
+        facts = advice.Facts(
+            pool=self.pool,
+            parent_rss=self.parent.rss,
+            max_memory_per_child_kib=int(getattr(w, "max_memory_per_child", None) or 0),
+            max_worker_memory=self.settings.max_worker_memory,
+            brake=self.settings.brake,
+            acks_late=bool(conf.get("task_acks_late")),
+            reject_on_worker_lost=bool(conf.get("task_reject_on_worker_lost")),
+            oom_group=bool(cgroup is not None and cgroups.read_oom_group(cgroup)),
+        )
+        for item in advice.worker_advice(facts):
+            fields = {"worker": w.hostname, **item.fields()}
+            emit(logging.WARNING, "advice", fields, self.settings.log_format)
 
     # -- telemetry -------------------------------------------------------------------
     def _prepare_telemetry(self, w: Any, decision: Decision) -> None:
@@ -312,54 +215,14 @@ class MemoryGuard(bootsteps.StartStopStep):
             signals.worker_before_create_process.connect(
                 governor.freeze_before_fork, weak=False, dispatch_uid="cg-gc-freeze"
             )
-        if settings.max_worker_memory is not None:
-            self._watch_worker_memory(w, settings.max_worker_memory)
-        self._advise_acks(w)
-        collector = self.collector
-        if collector is None or collector.cgroup is None:
-            return
-        collector.oom_kills_seen = collector.read_oom_kills()
-        if cgroups.read_oom_group(collector.cgroup):
-            advice = {
-                "worker": w.hostname,
-                "topic": "oom_group",
-                "reason": "memory.oom.group is 1 in this cgroup: one OOM kill ends every "
-                "process in it, the main process included",
-                "fix": "keep the pool inside its budget (mode scale) so the kernel never "
-                "has to act; Kubernetes 1.28+ sets it on every container",
-            }
-            emit(logging.WARNING, "advice", advice, settings.log_format)
-
-    def _advise_acks(self, w: Any) -> None:
-        """A child the brake (or the kernel) stops loses its task unless acks are late."""
-        conf = w.app.conf
-        if not self.settings.brake or self.pool not in FORKING_POOLS:
-            return
-        if conf.get("task_acks_late") and conf.get("task_reject_on_worker_lost"):
-            return
-        advice = {
-            "worker": w.hostname,
-            "topic": "acks_early",
-            "reason": "a task whose child is stopped for memory fails with WorkerLostError "
-            "and is not run again: its message was acknowledged when it started",
-            "fix": "task_acks_late = True and task_reject_on_worker_lost = True (tasks must "
-            "be safe to run twice), or accept the loss",
-        }
-        emit(logging.WARNING, "advice", advice, self.settings.log_format)
-
-    def _watch_worker_memory(self, w: Any, limit: int) -> None:
-        if self.pool not in FORKING_POOLS:
-            watch = governor.WorkerMemoryLimit(limit, w.hostname, self.settings)
+        if settings.max_worker_memory is not None and self.pool not in FORKING_POOLS:
+            watch = governor.WorkerMemoryLimit(
+                settings.max_worker_memory, w.hostname, settings, self.collector
+            )
             self.watches.append(watch.check)
-            return
-        advice = {
-            "worker": w.hostname,
-            "topic": "max_worker_memory_ignored",
-            "reason": "CELERY_GUARD_MAX_WORKER_MEMORY is for pools that do not fork; "
-            "the prefork pool recycles children instead",
-            "fix": "set worker_max_memory_per_child (see the summary's recommendation)",
-        }
-        emit(logging.WARNING, "advice", advice, self.settings.log_format)
+        if self.collector is not None:
+            self.collector.oom_kills_seen = self.collector.read_oom_kills()
+        self._advise(w)
 
     def create(self, w: Any) -> MemoryGuard:
         return self
@@ -370,6 +233,27 @@ class MemoryGuard(bootsteps.StartStopStep):
                 self.collector, self.channel_read, self.collector.log_summary, self.watches
             )
             self.sampler.start()
+            self._serve_metrics(w)
+
+    def _serve_metrics(self, w: Any) -> None:
+        settings = self.settings
+        if settings.metrics_port is None or self.collector is None:
+            return
+        from celery import signals
+
+        from . import metrics
+
+        forks = self.pool in FORKING_POOLS
+        source = metrics.GuardCollector(
+            self.collector, (lambda: _child_pids(w)) if forks else (lambda: []), self.requested
+        )
+        self.metrics = metrics.serve(
+            source, settings.metrics_address, settings.metrics_port, settings.log_format
+        )
+        if self.metrics is not None:  # children forked from now on close their copy
+            signals.worker_process_init.connect(
+                self.metrics.close_in_child, weak=False, dispatch_uid="cg-metrics"
+            )
 
     def register_with_event_loop(self, w: Any, hub: Any) -> None:
         """Wrap the pool's process-down callback once AsynPool has installed its own.
@@ -433,6 +317,9 @@ class MemoryGuard(bootsteps.StartStopStep):
     def stop(self, w: Any) -> None:
         if self.brake is not None:
             self.brake.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.sampler is not None and self.collector is not None:
             self.sampler.stop()
             self.sampler = None
@@ -468,4 +355,4 @@ def _pool_size(w: Any) -> int:
         return int(w.concurrency)
 
 
-__all__ = ["ACTIVE", "EX_CONFIG", "OPTIONS", "MemoryGuard", "pool_name", "read_budget"]
+__all__ = ["ACTIVE", "EX_CONFIG", "MemoryGuard", "pool_name"]

@@ -1,4 +1,5 @@
-"""Settings: ``CELERY_GUARD_<NAME>`` in the environment, else ``guard_<name>`` in app.conf.
+"""Settings: a ``--guard-<name>`` worker option, else ``CELERY_GUARD_<NAME>`` in the
+environment, else ``guard_<name>`` in app.conf, else the default.
 
 Everything is parsed up front and strictly, so a typo stops the worker before it forks
 anything, with one line that says what to fix, instead of a budget quietly ignored.
@@ -22,8 +23,11 @@ CHILD_LOGS = ("growth", "all", "off")
 class ConfigError(Exception):
     """A setting that cannot be parsed; carries what the CRITICAL line must name."""
 
-    def __init__(self, variable: str, setting: str, value: str, accepted: str, source: str):
+    def __init__(
+        self, variable: str, setting: str, value: str, accepted: str, source: str, flag: str = ""
+    ):
         super().__init__(f"{variable}={value!r}: expected {accepted}")
+        self.flag = flag  # the worker option, when that is where the value came from
         self.variable = variable
         self.setting = setting
         self.value = value
@@ -77,6 +81,22 @@ def _path_or_none(text: str) -> str | None:
     return text.strip() or None
 
 
+def _port_or_none(text: str) -> int | None:
+    value = text.strip()
+    if not value:
+        return None
+    if not value.isascii() or not value.isdigit() or int(value) > 65535:
+        raise ValueError(text)
+    return int(value)
+
+
+def _address(text: str) -> str:
+    value = text.strip()
+    if not value or " " in value:
+        raise ValueError(text)
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = text.strip()
     if not value.isdigit() or int(value) < 1:
@@ -106,6 +126,11 @@ class Option:
     def setting(self) -> str:
         return f"guard_{self.name}"
 
+    @property
+    def flag(self) -> str:
+        """The ``celery worker`` option that ``celery_guard.install`` adds."""
+        return "--guard-" + self.name.replace("_", "-")
+
 
 OPTIONS = (
     Option("mode", "scale", " | ".join(MODES), _choice(MODES)),
@@ -129,6 +154,8 @@ OPTIONS = (
     Option("low_water", "80%", FRACTION_FORMS, parse_fraction),
     Option("high_water", "90%", FRACTION_FORMS, parse_fraction),
     Option("hard_water", "97%", FRACTION_FORMS, parse_fraction),
+    Option("metrics_port", "", "empty for none, or a port, 0 for any free", _port_or_none),
+    Option("metrics_address", "127.0.0.1", "an address to bind (127.0.0.1, ::, 0.0.0.0)", _address),
 )
 
 
@@ -153,23 +180,32 @@ class Settings:
     low_water: float = 0.8
     high_water: float = 0.9
     hard_water: float = 0.97
-    #: where each value came from: "env", "config" or "default", by option name
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
+    #: where each value came from: "option", "env", "config" or "default", by name
     sources: Mapping[str, str] | None = None
 
     def source(self, name: str) -> str:
         return (self.sources or {}).get(name, "default")
 
 
-def load_settings(env: Mapping[str, str], conf: Mapping[str, Any] | Any) -> Settings:
-    """Read every option: environment first, then app.conf (anything with ``.get``).
+def load_settings(
+    env: Mapping[str, str],
+    conf: Mapping[str, Any] | Any,
+    options: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read every option: worker options (by name, None when not given) first, then the
+    environment, then app.conf (anything with ``.get``).
 
     Raises ConfigError for the first value that does not parse.
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for option in OPTIONS:
-        raw: Any = env.get(option.variable)
-        source = "env"
+        raw: Any = (options or {}).get(option.name)
+        source = "option"
+        if raw is None:
+            raw, source = env.get(option.variable), "env"
         if raw is None:
             raw = conf.get(option.setting)
             source = "config"
@@ -179,8 +215,9 @@ def load_settings(env: Mapping[str, str], conf: Mapping[str, Any] | Any) -> Sett
         try:
             values[option.name] = option.parse(text)
         except ValueError:
+            flag = option.flag if source == "option" else ""
             raise ConfigError(
-                option.variable, option.setting, text, option.accepted, source
+                option.variable, option.setting, text, option.accepted, source, flag
             ) from None
         sources[option.name] = source
     if not values["low_water"] < values["high_water"] < values["hard_water"]:

@@ -69,9 +69,12 @@ class WorkerMemoryLimit:
     exits with the status given.
     """
 
-    def __init__(self, limit: int, hostname: str, settings: Settings) -> None:
+    def __init__(
+        self, limit: int, hostname: str, settings: Settings, collector: Any = None
+    ) -> None:
         self.limit = limit
         self.hostname = hostname
+        self.collector = collector
         self.log_format = settings.log_format
         self.tripped = False
         self.rss = StatmRss()
@@ -97,6 +100,8 @@ class WorkerMemoryLimit:
             "exit_status": EX_TEMPFAIL,
         }
         emit(logging.WARNING, "pressure", fields, self.log_format)
+        if self.collector is not None:
+            self.collector.count_pressure("warm_shutdown")
         state.should_stop = EX_TEMPFAIL
 
 
@@ -231,6 +236,7 @@ class Brake:
             pool.on_shrink(1)
 
     def _log(self, level: str, working_set: int, action: str, **extra: Any) -> None:
+        self.collector.count_pressure(action)
         fields = {
             "worker": self.w.hostname,
             "level": level,

@@ -63,11 +63,13 @@ def fit(working_set: int, children: list[Child], size: int, floor: int) -> tuple
 class Policy:
     """Between the marks it does nothing, so a pool that fits stays as it is.
 
-    - The working set, projected LOOKAHEAD seconds ahead at the rate it rises, reaches
-      the hard mark (and it is past the low mark): pause, and terminate the busy children
-      with the most private memory, as many as it takes to bring the projection back
-      under the high mark.
-    - Past the high mark: pause and retire the idle child with the most private memory.
+    - Past the high mark, and the working set projected LOOKAHEAD seconds ahead at the
+      rate it rises reaches the hard mark: pause, and terminate the busy children with the
+      most private memory, as many as it takes to bring the projection back under the
+      high mark. Not earlier: children that copy at once rise as fast whether the pool
+      fits or not (the CPUs set the pace), only the level tells them apart.
+    - Past the high mark otherwise: pause and retire the idle child with the most private
+      memory.
     - Paused: go on retiring idle children while above the low mark, or while the pool
       would not fit under the high mark at the largest child's cost; then resume.
     - Below the low mark, not paused: grow by one child when one more still fits.
@@ -81,7 +83,6 @@ class Policy:
     CALM_AFTER_GROW = 5  # intervals between two grows
     CALM_AFTER_NO_ROOM = 20  # intervals before reading the children again for a grow
     REMEMBER = 60.0  # seconds a removed child's cost still counts: the evidence is gone
-    MODEL_MARGIN = 0.05  # on a child's cost in the ceiling: page tables, kernel memory
 
     def __init__(self, marks: Marks, interval: float, target: int, estimate: int) -> None:
         self.marks = marks
@@ -94,9 +95,6 @@ class Policy:
         self.grow_after = 0.0
         self.last: tuple[float, int] | None = None  # (time, working set) at the last check
         self.rate = 0.0  # bytes per second the working set rose by at the last check
-        #: (shared, cost) when the children were last read: the working set that is not
-        #: any child's own, and the private memory of the largest child
-        self.model: tuple[int, int] | None = None
         self.removed: list[tuple[float, int]] = []  # (time, private) of children removed
 
     def next_delay(self, working_set: int) -> float:
@@ -118,25 +116,12 @@ class Policy:
         self.rate = max((working_set - last[1]) / (now - last[0]), 0.0)
         return working_set + int(self.rate * self.LOOKAHEAD)
 
-    def ceiling(self, size: int) -> int | None:
-        """The working set once every child of the pool has grown to the largest child's
-        cost at the last reading; None before any reading."""
-        if self.model is None:
-            return None
-        shared, cost = self.model
-        return shared + int(size * cost * (1 + self.MODEL_MARGIN))
-
     def decide(
         self, working_set: int, now: float, size: int, children: ReadChildren
     ) -> list[Action]:
         marks = self.marks
         ahead = self.project(working_set, now)
-        ceiling = self.ceiling(size)
-        if ceiling is not None and working_set <= ceiling < marks.high:
-            # A pool known to fit: children copying at once rise fast, but no further
-            # than their cost. Past the ceiling the model is wrong and the rate rules.
-            ahead = min(ahead, ceiling)
-        if working_set >= marks.low and ahead >= marks.hard:
+        if working_set >= marks.high and ahead >= marks.hard:
             return self._pressure("hard", now) + self._terminate(working_set, now, children)
         if working_set >= marks.high:
             return self._pressure("high", now) + self._retire("high", now, size, children)
@@ -206,15 +191,7 @@ class Policy:
         floor = max((p for _, p in self.removed), default=0)
         if not children:  # nothing measured yet: the startup estimate
             floor = max(floor, self.estimate)
-        cost, projected = fit(working_set, children, size, floor)
-        if children:
-            shared = working_set - sum(c.private for c in children)
-            if self.rate > 0 and self.model is not None:
-                # Rising: the children, read after the working set, have grown since;
-                # a lower figure is that race, not memory given back.
-                shared = max(shared, self.model[0])
-            self.model = (shared, cost)
-        return cost, projected
+        return fit(working_set, children, size, floor)
 
     def _grow(
         self, working_set: int, now: float, size: int, children: ReadChildren

@@ -149,6 +149,7 @@ class Collector:
     child_figures: dict[int, ChildFigures] = field(default_factory=dict)
     recycles: int = 0
     oom_kills: int = 0
+    pressure: dict[str, int] = field(default_factory=dict)  # event=pressure lines by action
     stopped_by_brake: set[int] = field(default_factory=set)
     oom_kills_seen: int | None = None  # the cgroup's counter when last read
     samples: int = 0
@@ -177,6 +178,10 @@ class Collector:
                     growth.largest = max(growth.largest, delta)
                 if kind == "R":
                     self.last_task[pid] = (name, peak)
+
+    def count_pressure(self, action: str) -> None:
+        with self.lock:
+            self.pressure[action] = self.pressure.get(action, 0) + 1
 
     # -- sampling -------------------------------------------------------------------
     def sample(self) -> None:

@@ -8,6 +8,7 @@ Settings come from the environment so tests and the demo share one app:
 ``HEAVY_APP_BROKER`` (default ``filesystem://``), ``HEAVY_APP_BACKEND``,
 ``HEAVY_APP_DATA_DIR`` (folder for the filesystem broker and result backend),
 ``HEAVY_APP_OBJECTS`` and ``HEAVY_APP_BUFFER_MIB`` (the size of what is imported),
+``HEAVY_APP_REPORTS=1`` to import a second, lighter task module (``heavy_reports``),
 ``HEAVY_APP_CONTAINERS=1`` to hold the catalogue in lists, which the garbage collector
 tracks (tuples of numbers and strings it stops tracking), ``HEAVY_APP_ACKS_LATE=1`` for
 ``task_acks_late`` with ``task_reject_on_worker_lost`` (a task whose child is killed goes
@@ -57,10 +58,14 @@ if _broker.startswith("filesystem://"):
         "control_folder": os.path.join(_data_dir, "control"),
     }
 
+if os.environ.get("HEAVY_APP_REPORTS") == "1":
+    app.conf.imports = ("heavy_reports",)  # a second task module, for `guard imports`
 if os.environ.get("HEAVY_APP_GUARD", "1") != "0":
-    from celery_guard import MemoryGuard
+    import celery_guard
 
-    app.steps["worker"].add(MemoryGuard)
+    # The one line `app.steps["worker"].add(MemoryGuard)` is enough; install() also
+    # adds the --guard-* options to `celery worker`.
+    celery_guard.install(app)
 
 
 @signals.worker_process_init.connect

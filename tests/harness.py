@@ -172,6 +172,7 @@ class Worker:
     cgroup: Cgroup | None = None
     queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:8]}")
     process: subprocess.Popen[bytes] | None = None
+    app: str = "heavy_app"  # a module in examples/
 
     def start(self) -> Worker:
         command = [
@@ -179,7 +180,7 @@ class Worker:
             "-m",
             "celery",
             "-A",
-            "heavy_app",
+            self.app,
             "worker",
             "-Q",
             self.queue,
@@ -264,6 +265,42 @@ class Worker:
             self.process.wait(5)
 
 
+def run_celery(
+    args: list[str], env: dict[str, str], cgroups: list[Path] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``celery -A heavy_app ARGS`` as a user would run it, inside ``cgroups`` (each a
+    cgroup-v1 directory to join first), with its output and exit status."""
+    command = [sys.executable, "-m", "celery", "-A", "heavy_app", *args]
+    if cgroups:
+        joins = " && ".join(f'echo $$ > "{path / "cgroup.procs"}"' for path in cgroups)
+        command = ["sh", "-c", f'{joins} && exec "$@"', "sh", *command]
+    return subprocess.run(
+        command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def cpu_cgroup(cpus: float) -> Path:
+    """A cgroup-v1 cpu cgroup under this process's own, with a CFS quota of ``cpus``;
+    remove it with ``_empty_and_remove``."""
+    mount = Path("/sys/fs/cgroup/cpu")
+    own = "/"
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            own = path
+    parent = mount / own.lstrip("/")
+    if not (parent / "cpu.cfs_quota_us").exists():
+        raise Unavailable(f"no cgroup-v1 cpu controller at {parent}")
+    path = parent / f"cgtest-cpu-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+        period = int((path / "cpu.cfs_period_us").read_text())
+        (path / "cpu.cfs_quota_us").write_text(str(int(period * cpus)))
+    except OSError as error:
+        raise Unavailable(f"cannot make a cpu cgroup under {parent}: {error}") from None
+    return path
+
+
 def worker_env(
     redis: RedisServer | None, extra: Mapping[str, str] | None = None, guard: bool = True
 ) -> dict[str, str]:
@@ -279,13 +316,18 @@ def worker_env(
 
 
 def send_tasks(
-    redis: RedisServer, queue: str, name: str, count: int, args: tuple[Any, ...] = ()
+    redis: RedisServer,
+    queue: str,
+    name: str,
+    count: int,
+    args: tuple[Any, ...] = (),
+    app: str = "heavy_app",
 ) -> list[Any]:
     """Send ``count`` tasks by name, without importing the (heavy) example app here."""
     from celery import Celery
 
     client = Celery("client", broker=redis.url(0), backend=redis.url(1))
-    return [client.send_task(f"heavy_app.{name}", args=args, queue=queue) for _ in range(count)]
+    return [client.send_task(f"{app}.{name}", args=args, queue=queue) for _ in range(count)]
 
 
 def wait_for_results(results: list[Any], timeout: float, group: Cgroup | None = None) -> bool:

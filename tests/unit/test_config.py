@@ -1,8 +1,9 @@
 """Tests for celery_guard.config: where each setting comes from and how bad ones fail.
 
-The environment wins over app.conf, which wins over the default, option by option; a
-value that does not parse must name the variable, the setting, the value, the accepted
-forms and where it came from, because that is all the CRITICAL line can tell the user.
+A worker option wins over the environment, which wins over app.conf, which wins over the
+default, option by option; a value that does not parse must name the variable, the
+setting, the value, the accepted forms and where it came from (and the worker option,
+when it came from one), because that is all the CRITICAL line can tell the user.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ACCEPTED = {
     "low_water": "a percentage (10%) or a fraction below 1 (0.1)",
     "high_water": "a percentage (10%) or a fraction below 1 (0.1)",
     "hard_water": "a percentage (10%) or a fraction below 1 (0.1)",
+    "metrics_port": "empty for none, or a port, 0 for any free",
+    "metrics_address": "an address to bind (127.0.0.1, ::, 0.0.0.0)",
 }
 DEFAULT_SOURCES = {name: "default" for name in ACCEPTED}
 
@@ -66,6 +69,8 @@ def test_defaults() -> None:
         low_water=0.8,
         high_water=0.9,
         hard_water=0.97,
+        metrics_port=None,
+        metrics_address="127.0.0.1",
         sources=DEFAULT_SOURCES,
     )
     assert dict(settings.sources or {}) == DEFAULT_SOURCES
@@ -117,6 +122,10 @@ PRECEDENCE: list[tuple[str, str | None, Any, Any, str]] = [
     ("brake", "0", "1", False, "env"),
     ("brake_interval", None, "0.5", 0.5, "config"),
     ("high_water", "92%", "0.85", 0.92, "env"),
+    ("metrics_port", "9808", "9000", 9808, "env"),
+    ("metrics_port", None, 0, 0, "config"),
+    ("metrics_port", "", 9000, None, "env"),
+    ("metrics_address", None, "0.0.0.0", "0.0.0.0", "config"),
 ]
 
 
@@ -291,6 +300,11 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("brake", "env", "sometimes", "sometimes"),
     ("brake_interval", "config", "0", "0"),
     ("hard_water", "env", "100%", "100%"),
+    ("metrics_port", "env", "65536", "65536"),
+    ("metrics_port", "env", "http", "http"),
+    ("metrics_port", "config", -1, "-1"),
+    ("metrics_address", "env", "", ""),
+    ("metrics_address", "config", "local host", "local host"),
 ]
 
 
@@ -348,3 +362,47 @@ def test_first_bad_option_is_reported() -> None:
 def test_small_float_headroom_in_conf() -> None:
     """A float in app.conf is a number, whatever notation str() would print it in."""
     assert load_settings({}, {"guard_headroom": 1e-05}).headroom == 1e-05
+
+
+# option, worker option value, env value, conf value, expected value, expected source
+WITH_OPTIONS: list[tuple[str, Any, str | None, Any, Any, str]] = [
+    ("mode", "refuse", "warn", "off", "refuse", "option"),
+    ("mode", None, "warn", "off", "warn", "env"),
+    ("memory_limit", "700M", "1G", "2G", 700 * MIB, "option"),
+    ("metrics_port", "0", None, 9000, 0, "option"),
+    ("child_memory", None, None, "40M", 40 * MIB, "config"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,option,env_value,conf_value,expected,source",
+    WITH_OPTIONS,
+    ids=[f"{w[0]}-{w[5]}" for w in WITH_OPTIONS],
+)
+def test_a_worker_option_wins_over_everything(
+    name: str, option: Any, env_value: str | None, conf_value: Any, expected: Any, source: str
+) -> None:
+    """``--guard-<name>`` (celery_guard.install) > env > app.conf > default; an option
+    not given (None, as click passes it) falls through."""
+    env = {} if env_value is None else {f"CELERY_GUARD_{name.upper()}": env_value}
+    conf = {} if conf_value is None else {f"guard_{name}": conf_value}
+    settings = load_settings(env, conf, {name: option})
+    assert (getattr(settings, name), settings.source(name)) == (expected, source)
+
+
+def test_a_bad_worker_option_names_the_option_too() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CELERY_GUARD_MODE": "warn"}, {}, {"mode": "sometimes"})
+    error = caught.value
+    assert (error.flag, error.variable, error.value, error.source) == (
+        "--guard-mode",
+        "CELERY_GUARD_MODE",
+        "sometimes",
+        "option",
+    )
+
+
+def test_a_bad_env_value_names_no_option() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CELERY_GUARD_MODE": "sometimes"}, {}, {"mode": None})
+    assert caught.value.flag == ""

@@ -1,0 +1,201 @@
+"""``celery -A proj guard ...``: the guard under Celery's own command line.
+
+Registered as a ``celery.commands`` entry point. ``check`` is the startup decision as a
+dry run (exit 78 when the requested concurrency does not fit, to gate a deploy);
+``imports`` measures what each task module costs in every child.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import advice, cgroups, imports_cost, startup
+from .bootstep import EX_CONFIG, pool_name
+from .config import OPTIONS, ConfigError, Settings, load_settings
+from .logline import format_event
+from .plan import FORKING_POOLS
+from .sizes import mib
+
+#: The worker's own options are accepted (and the ones the check does not use ignored),
+#: so that ``guard check`` can take a worker's command line as it is.
+WORKER_LIKE = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _guard_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(OPTIONS):
+        command = click.option(
+            option.flag, default=None, help=f"{option.accepted} (else ${option.variable})"
+        )(command)
+    return command
+
+
+def _format_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--format",
+        "output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="text: logfmt lines, as in the worker's log; json: one object a line",
+    )(command)
+
+
+@click.group(name="guard")
+def guard() -> None:
+    """celery-guard: will this app's worker fit in its memory budget?"""
+
+
+def _settings(options: dict[str, Any], conf: Any, output: str) -> Settings:
+    names = {o.name: options.get("guard_" + o.name) for o in OPTIONS}
+    try:
+        return load_settings(os.environ, conf, names)
+    except ConfigError as error:
+        fields = {
+            "variable": error.variable,
+            "setting": error.setting,
+            **({"option": error.flag} if error.flag else {}),
+            "source": error.source,
+            "value": error.value,
+            "accepted": error.accepted,
+        }
+        click.echo(format_event("config_error", fields, output))
+        sys.exit(EX_CONFIG)
+
+
+def _requested(
+    concurrency: str | None, autoscale: str | None, conf: Any, forks: bool
+) -> tuple[int, bool]:
+    """(the concurrency the worker would start with, whether it came from the host's CPU
+    count), by Celery's own rules: ``--autoscale`` max, ``-c``, ``worker_concurrency``,
+    else billiard's ``cpu_count``."""
+    from billiard import cpu_count
+
+    if autoscale:
+        return int(str(autoscale).split(",")[0]), False
+    value = concurrency if concurrency not in (None, "", "0") else conf.get("worker_concurrency")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        budget = _cpu_budget(forks)
+        return (budget if budget is not None else cpu_count()), False
+    if value:
+        return int(value), False
+    return cpu_count(), True
+
+
+def _cpu_budget(cpu_bound: bool = True) -> int | None:
+    """What Celery's ``-c auto`` would start (Celery 5.7+), else None."""
+    try:
+        from celery.utils.sysinfo import cpu_budget
+    except ImportError:
+        return None
+    return int(cpu_budget(use_cgroup_quota=cpu_bound).count)
+
+
+def _import_like_a_worker(app: Any, pool: str | None) -> Any:
+    """What the worker's main process holds before it forks: the task modules, the
+    worker's own modules, the pool and the broker's client library."""
+    from celery import concurrency
+
+    app.loader.import_default_modules()
+    import celery.apps.worker
+    import celery.worker.consumer  # noqa: F401
+
+    pool_cls = concurrency.get_implementation(pool or app.conf.worker_pool)
+    try:
+        app.connection_for_read().transport  # noqa: B018 - imports the client library
+    except Exception:  # noqa: BLE001 - an unknown transport is the worker's to report
+        pass
+    return pool_cls
+
+
+@guard.command(context_settings=WORKER_LIKE)
+@click.option("-c", "--concurrency", default=None, help="as for celery worker: a number or auto")
+@click.option("-P", "--pool", default=None, help="as for celery worker (default: worker_pool)")
+@click.option("--autoscale", default=None, help="as for celery worker: MAX,MIN")
+@click.option("--max-memory-per-child", type=int, default=None, help="KiB, as for celery worker")
+@click.option("--prefetch-multiplier", type=int, default=None, help="as for celery worker")
+@click.option("--without-gossip", is_flag=True, help="as for celery worker")
+@click.option("--without-mingle", is_flag=True, help="as for celery worker")
+@click.option("--without-heartbeat", is_flag=True, help="as for celery worker")
+@_format_option
+@_guard_options
+@click.pass_context
+def check(ctx: click.Context, **options: Any) -> None:
+    """The worker's startup decision, without starting a worker.
+
+    Prints the startup line's keys as event=check, then advice, each with a reason and a
+    fix. Exit status 0 when the requested concurrency fits, 78 when it does not. Run it
+    where the worker will run (the same container and memory limit), before the worker.
+    """
+    app = ctx.obj.app
+    output = options["output"]
+    settings = _settings(options, app.conf, output)
+    pool = pool_name(_import_like_a_worker(app, options["pool"]))
+    forks = pool in FORKING_POOLS
+    requested, from_host = _requested(options["concurrency"], options["autoscale"], app.conf, forks)
+    measured = startup.measure(settings, pool, requested)
+    click.echo(format_event("check", measured.fields(), output))
+
+    conf = app.conf
+    found = cgroups.find_memory_cgroup("/")
+    from billiard import cpu_count
+
+    facts = advice.Facts(
+        pool=pool,
+        parent_rss=measured.parent.rss,
+        max_memory_per_child_kib=int(
+            options["max_memory_per_child"] or conf.get("worker_max_memory_per_child") or 0
+        ),
+        max_worker_memory=settings.max_worker_memory,
+        brake=settings.brake,
+        acks_late=bool(conf.get("task_acks_late")),
+        reject_on_worker_lost=bool(conf.get("task_reject_on_worker_lost")),
+        oom_group=bool(found.cgroup is not None and cgroups.read_oom_group(found.cgroup)),
+        concurrency_from_host_cpus=from_host,
+        host_cpus=cpu_count(),
+        cpu_budget=_cpu_budget(),
+        prefetch_multiplier=int(
+            options["prefetch_multiplier"] or conf.get("worker_prefetch_multiplier") or 1
+        ),
+        left_on=tuple(
+            name for name in ("gossip", "mingle", "heartbeat") if not options[f"without_{name}"]
+        ),
+    )
+    for item in advice.check_advice(facts):
+        click.echo(format_event("advice", item.fields(), output))
+    fits = not forks or requested <= measured.decision.fits
+    ctx.exit(0 if fits else EX_CONFIG)
+
+
+@guard.command()
+@click.option("--top", type=int, default=0, help="only the N largest (0: all)")
+@_format_option
+@click.pass_context
+def imports(ctx: click.Context, top: int, output: str) -> None:
+    """What each of the app's task modules, with what it imports, costs in every child.
+
+    Each module is imported in a fresh interpreter, after Celery and the module that
+    defines the app, and measured as the child estimate measures the main process.
+    Largest first: candidates to import lazily or to give a queue and worker of their own.
+    """
+    app = ctx.obj.app
+    app.loader.import_default_modules()
+    base = imports_cost.app_module(app)
+    rows = imports_cost.measure_all(imports_cost.task_modules(app), base, sys.executable)
+    rows.sort(key=lambda row: -(row.child or 0))
+    for row in rows[: top or None]:
+        fields = {
+            "module": row.module,
+            "child_mib": mib(row.child) if row.child is not None else None,
+            "rss_mib": mib(row.rss) if row.rss is not None else None,
+            "tasks": row.tasks,
+            **({"error": row.error} if row.error else {}),
+        }
+        click.echo(format_event("imports", fields, output))
+
+
+__all__ = ["check", "guard", "imports"]

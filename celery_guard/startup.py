@@ -1,0 +1,131 @@
+"""The startup decision, measured: the budget, the main process, one child's cost.
+
+Shared by the worker step (right before the pool forks) and ``celery guard check`` (a dry
+run before a deploy), so that both print the same figures from the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import cgroups, footprint, history
+from .config import Settings
+from .logline import emit
+from .plan import Decision, decide
+from .sizes import mib
+
+
+@dataclass(frozen=True)
+class Budget:
+    limit: int
+    source: str  # cgroup-v2 | cgroup-v1 | env | config | option | physical
+    detail: str
+    in_use: int  # what the cgroup already holds (working set), when it is the cgroup's
+    cgroup: cgroups.Cgroup | None = None  # where usage is compared with the limit
+
+
+def read_budget(settings: Settings, root: str = "/") -> Budget:
+    """The limit to fit in: the setting, else the cgroup's, else physical memory.
+
+    With a cgroup limit, ``in_use`` is the working set where that limit is set: the
+    processes already charged there (siblings too) count against the pool.
+    """
+    found = cgroups.find_memory_cgroup(root)
+    if settings.memory_limit is not None:
+        source = settings.source("memory_limit")
+        return Budget(settings.memory_limit, source, f"{source} setting", 0, found.cgroup)
+    physical, _ = cgroups.physical_memory(root)
+    if physical is None:
+        import psutil
+
+        physical = psutil.virtual_memory().total
+    if found.cgroup is None:
+        return Budget(physical, "physical", found.reason, 0)
+    limit = cgroups.read_limit(found.cgroup, physical)
+    if limit.bytes is None:
+        return Budget(physical, "physical", limit.reason, 0)
+    level = replace(found.cgroup, path=limit.path or found.cgroup.path)
+    in_use = cgroups.read_usage(level).working_set or 0
+    return Budget(limit.bytes, limit.source, limit.reason, in_use, level)
+
+
+def remembered_cost(settings: Settings) -> int | None:
+    """The per-child cost the state file kept from an earlier run, if it is to be used."""
+    path = settings.state_file
+    if path is None or settings.child_memory is not None:
+        return None
+    cost, why = history.load(path)
+    if cost is None and why != "no state file yet":
+        fields = {"action": "ignored", "path": path, "reason": why}
+        emit(logging.WARNING, "history", fields, settings.log_format)
+    return cost
+
+
+@dataclass(frozen=True)
+class Measured:
+    settings: Settings
+    pool: str
+    requested: int
+    budget: Budget
+    parent: footprint.Footprint
+    estimate: footprint.Estimate
+    child: int  # bytes: the cost per child the decision used
+    child_source: str  # measured | history | env | config | option
+    in_use: int
+    decision: Decision
+
+    def fields(self) -> dict[str, Any]:
+        """The keys of the startup line, in its order."""
+        return {
+            "mode": self.settings.mode,
+            "pool": self.pool,
+            "limit_mib": mib(self.budget.limit),
+            "limit_source": self.budget.source,
+            "headroom_mib": mib(self.decision.headroom),
+            "parent_rss_mib": mib(self.parent.rss),
+            "child_estimate_mib": mib(self.child),
+            "child_estimate_source": self.child_source,
+            "requested": self.requested,
+            "concurrency": self.decision.concurrency,
+            "action": self.decision.action,
+            "fits": self.decision.fits,
+            "in_use_mib": mib(self.in_use),
+            "child_estimate_method": self.estimate.method,
+            "gc_freeze": self.settings.gc_freeze,
+            "limit_detail": self.budget.detail,
+        }
+
+
+def measure(settings: Settings, pool: str, requested: int, forked: bool = True) -> Measured:
+    """Measure this process as the main process of a worker and decide the concurrency."""
+    gc.collect()  # what the pool does before each fork; measure the same heap
+    budget = read_budget(settings)
+    parent = footprint.measure(allocators=footprint.read_allocators())
+    estimate = footprint.estimate_child(parent, forked=forked)
+    remembered = remembered_cost(settings)
+    if settings.child_memory is not None:
+        child, child_source = settings.child_memory, settings.source("child_memory")
+    elif remembered is not None:
+        child, child_source = remembered, "history"
+    else:
+        child, child_source = estimate.bytes, "measured"
+    in_use = max(parent.rss, budget.in_use)
+    decision = decide(
+        mode=settings.mode,
+        limit=budget.limit,
+        headroom_fraction=settings.headroom,
+        in_use=in_use,
+        child=child,
+        requested=requested,
+        minimum=settings.min_concurrency,
+        pool=pool,
+    )
+    return Measured(
+        settings, pool, requested, budget, parent, estimate, child, child_source, in_use, decision
+    )
+
+
+__all__ = ["Budget", "Measured", "measure", "read_budget", "remembered_cost"]

@@ -1,0 +1,209 @@
+"""``celery guard check`` and ``celery guard imports``, and the worker options, run as a
+user runs them: the ``celery`` command on the example app, in and out of real cgroups."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import harness
+import pytest
+from harness import MIB
+
+from celery_guard.logline import parse_line
+
+MakeCgroup = Callable[..., harness.Cgroup]
+MakeWorker = Callable[..., harness.Worker]
+GIB = 1024 * MIB
+#: the settings that leave nothing to advise on
+QUIET = ["--without-gossip", "--without-mingle", "--without-heartbeat", "--prefetch-multiplier=1"]
+
+
+def lines(output: str, event: str) -> list[dict[str, str]]:
+    return [parse_line(line) for line in output.splitlines() if f"event={event} " in line]
+
+
+@pytest.fixture
+def cpu_quota() -> Iterator[Callable[[float], Path]]:
+    made: list[Path] = []
+
+    def make(cpus: float) -> Path:
+        try:
+            made.append(harness.cpu_cgroup(cpus))
+        except harness.Unavailable as error:
+            if harness.STRICT:
+                pytest.fail(f"{error} (GUARD_TESTS_STRICT=1)")
+            pytest.skip(str(error))
+        return made[-1]
+
+    yield make
+    for path in made:
+        harness._empty_and_remove(path)
+
+
+@pytest.mark.cgroup
+def test_check_gates_a_deploy_and_agrees_with_the_worker(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """In 1 GiB, -c 16 does not fit: exit 78, and the check's figures are the worker's
+    own (the same concurrency and fits as the startup line of a worker started after).
+    -c 4 fits: exit 0."""
+    env = harness.worker_env(redis, {"HEAVY_APP_ACKS_LATE": "1"})
+    group = make_cgroup(GIB)
+    done = harness.run_celery(["guard", "check", "-c", "16", *QUIET], env, [group.path])
+    assert done.returncode == 78, done.stderr
+    (check,) = lines(done.stdout, "check")
+    assert (check["requested"], check["action"], check["limit_source"]) == (
+        "16",
+        "scaled",
+        "cgroup-v1",
+    )
+    assert lines(done.stdout, "advice") == []
+    assert "Traceback" not in done.stderr
+
+    worker = make_worker(["-c", "16"], env, group)
+    startup = worker.startup()
+    assert abs(int(startup["fits"]) - int(check["fits"])) <= 1
+    assert abs(int(startup["concurrency"]) - int(check["concurrency"])) <= 1
+    ratio = float(check["parent_rss_mib"]) / float(startup["parent_rss_mib"])
+    assert 0.85 <= ratio <= 1.05, (check, startup)
+    worker.stop()
+
+    fits = harness.run_celery(["guard", "check", "-c", "4", *QUIET], env, [group.path])
+    assert fits.returncode == 0, fits.stderr
+    assert lines(fits.stdout, "check")[0]["action"] == "kept"
+
+
+def test_check_out_of_a_cgroup_limit_and_in_json(redis: harness.RedisServer) -> None:
+    """No memory limit above this process: physical memory is the budget (24 GiB here,
+    -c 4 fits); --format json prints one object a line, the same keys."""
+    env = harness.worker_env(redis)
+    done = harness.run_celery(["guard", "check", "-c", "4", "--format", "json"], env)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert records[0]["event"] == "check"
+    assert records[0]["requested"] == 4 and isinstance(records[0]["limit_mib"], float)
+    assert all(r["event"] == "advice" and r["reason"] and r["fix"] for r in records[1:])
+    text = harness.run_celery(["guard", "check", "-c", "4"], env)
+    assert set(lines(text.stdout, "check")[0]) == set(records[0])
+
+
+def test_check_advice_with_reasons_and_fixes(redis: harness.RedisServer) -> None:
+    """Celery's defaults (early acks, prefetch 4, gossip, mingle and heartbeat on) each
+    get a line; the worker options that change them silence it."""
+    env = harness.worker_env(redis)
+    done = harness.run_celery(["guard", "check", "-c", "2", "--max-memory-per-child=1000"], env)
+    topics = [a["topic"] for a in lines(done.stdout, "advice")]
+    assert topics == [
+        "max_memory_per_child_below_parent",
+        "acks_early",
+        "prefetch_multiplier",
+        "gossip_mingle_heartbeat",
+    ]
+    quiet = harness.run_celery(
+        ["guard", "check", "-c", "2", *QUIET], {**env, "HEAVY_APP_ACKS_LATE": "1"}
+    )
+    assert lines(quiet.stdout, "advice") == []
+
+
+@pytest.mark.cgroup
+def test_check_advises_against_host_cpus_under_a_cpu_quota(
+    redis: harness.RedisServer, cpu_quota: Callable[[float], Path]
+) -> None:
+    """-c left unset: Celery starts one child per host CPU (2 here). Under a 1-CPU quota
+    the check says so, with Celery's own -c auto as the fix; with -c given it does not."""
+    env = {**harness.worker_env(redis, {"HEAVY_APP_ACKS_LATE": "1"})}
+    quota = cpu_quota(1.0)
+    done = harness.run_celery(["guard", "check", *QUIET], env, [quota])
+    (advice,) = lines(done.stdout, "advice")
+    assert (advice["topic"], advice["cpu_budget"], advice["host_cpus"]) == (
+        "concurrency_from_host_cpus",
+        "1",
+        "2",
+    )
+    assert advice["fix"].startswith("-c auto")
+    given = harness.run_celery(["guard", "check", "-c", "2", *QUIET], env, [quota])
+    assert lines(given.stdout, "advice") == []
+
+
+def test_check_with_a_bad_setting_exits_78_with_one_line(redis: harness.RedisServer) -> None:
+    env = harness.worker_env(redis, {"CELERY_GUARD_HEADROOM": "lots"})
+    done = harness.run_celery(["guard", "check"], env)
+    assert done.returncode == 78
+    (error,) = lines(done.stdout, "config_error")
+    assert error["variable"] == "CELERY_GUARD_HEADROOM" and error["value"] == "lots"
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_imports_measures_each_task_module_largest_first(redis: harness.RedisServer) -> None:
+    """heavy_app builds 300k small objects at import; heavy_reports 40k rows. Each is
+    imported in a fresh interpreter: the larger costs more per child, and listed first;
+    a tenth of the objects costs far less."""
+    env = harness.worker_env(redis, {"HEAVY_APP_REPORTS": "1"})
+    done = harness.run_celery(["guard", "imports"], env)
+    assert done.returncode == 0, done.stderr
+    rows = lines(done.stdout, "imports")
+    assert [r["module"] for r in rows] == ["heavy_app", "heavy_reports"]
+    app_cost, reports_cost = (float(r["child_mib"]) for r in rows)
+    assert app_cost > 4 * reports_cost > 0
+    assert rows[1]["tasks"] == "1"
+
+    small = harness.run_celery(
+        ["guard", "imports", "--format", "json"], {**env, "HEAVY_APP_OBJECTS": "30000"}
+    )
+    costs = {r["module"]: r["child_mib"] for r in map(json.loads, small.stdout.splitlines())}
+    assert costs["heavy_app"] < app_cost / 3
+
+
+@pytest.mark.cgroup
+def test_worker_options_win_over_the_environment(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """--guard-mode refuse beats CELERY_GUARD_MODE=scale: -c 16 in 1 GiB exits 78;
+    a bad option value names the option."""
+    env = harness.worker_env(redis, {"CELERY_GUARD_MODE": "scale"})
+    worker = make_worker(["-c", "16", "--guard-mode", "refuse"], env, make_cgroup(GIB))
+    assert worker.wait_exit(60) == 78
+    startup = worker.startup()
+    assert startup["action"] == "refused" and startup["mode"] == "refuse"
+
+    bad = make_worker(["-c", "1", "--guard-headroom", "lots"], env)
+    assert bad.wait_exit(60) == 78
+    (error,) = bad.events("config_error")
+    assert (error["option"], error["variable"], error["source"]) == (
+        "--guard-headroom",
+        "CELERY_GUARD_HEADROOM",
+        "option",
+    )
+    assert "Traceback" not in bad.log
+
+
+def test_the_gevent_example_runs_as_documented(redis: harness.RedisServer, tmp_path: Path) -> None:
+    """examples/gevent_app.py under -P gevent -c 50: the guard keeps the concurrency (the
+    pool does not fork), and 50 one-second I/O tasks finish together, not in turn."""
+    env = {
+        **harness.worker_env(None),
+        "GEVENT_APP_BROKER": redis.url(0),
+        "GEVENT_APP_BACKEND": redis.url(1),
+        "CELERY_GUARD_MAX_WORKER_MEMORY": "512M",
+    }
+    worker = harness.Worker(
+        ["-P", "gevent", "-c", "50"], env, tmp_path / "gevent.log", app="gevent_app"
+    ).start()
+    try:
+        startup = worker.startup()
+        assert (startup["pool"], startup["action"], startup["concurrency"]) == (
+            "gevent",
+            "kept",
+            "50",
+        )
+        worker.wait_ready(60)
+        began = time.monotonic()
+        results = harness.send_tasks(redis, worker.queue, "fetch", 50, ("u", 1.0), app="gevent_app")
+        assert harness.wait_for_results(results, 60)
+        assert time.monotonic() - began < 10
+        assert worker.events("pressure") == []
+    finally:
+        worker.stop()

@@ -1,0 +1,114 @@
+"""The Prometheus endpoint, scraped over loopback and read with the client's own parser."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Callable
+
+import harness
+import psutil
+import pytest
+from harness import MIB
+
+MakeCgroup = Callable[..., harness.Cgroup]
+MakeWorker = Callable[..., harness.Worker]
+SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Sample name -> [(labels, value)], parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+    ((_, number),) = samples[name]
+    return number
+
+
+def listening(pid: int, port: int) -> list[str]:
+    return [
+        c.laddr.ip
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+
+
+@pytest.mark.cgroup
+def test_metrics_are_served_by_the_main_process_only(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """Port 0 asks for any free port; the line says which. The figures match the
+    worker's own lines, and children forked after the server started (replacements for
+    recycled ones) do not hold the port."""
+    probe = make_worker(["-c", "1"], harness.worker_env(redis, SMALL_APP))
+    parent_kib = int(float(probe.startup()["parent_rss_mib"]) * 1024)
+    probe.stop()
+
+    env = harness.worker_env(redis, {**SMALL_APP, "CELERY_GUARD_METRICS_PORT": "0"})
+    max_kib = parent_kib + 24 * 1024  # a child that keeps 32 MiB is recycled
+    group = make_cgroup(1024 * MIB)
+    worker = make_worker(["-c", "2", f"--max-memory-per-child={max_kib}"], env, group)
+    worker.wait_ready(60)
+    (serving,) = worker.events("metrics")
+    assert (serving["action"], serving["address"]) == ("serving", "127.0.0.1")
+    port = int(serving["port"])
+    assert port > 0
+
+    samples = scrape(port)
+    assert value(samples, "celery_guard_limit_bytes") == 1024 * MIB
+    assert value(samples, "celery_guard_children") == 2
+    assert value(samples, "celery_guard_concurrency") == 2
+    assert value(samples, "celery_guard_requested_concurrency") == 2
+    assert 0 < value(samples, "celery_guard_working_set_bytes")
+    assert value(samples, "celery_guard_working_set_bytes") <= value(
+        samples, "celery_guard_usage_bytes"
+    )
+    children = {int(labels["pid"]) for labels, _ in samples["celery_guard_child_private_bytes"]}
+    started = {int(pid) for pid in re.findall(r"pool child started pid=(\d+)", worker.log)}
+    assert children == started
+    assert value(samples, "celery_guard_recycles_total") == 0
+
+    results = harness.send_tasks(redis, worker.queue, "leak", 4, (32,))
+    assert harness.wait_for_results(results, 60, group)
+    deadline = time.monotonic() + 20
+    while len(worker.events("recycle")) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    samples = scrape(port)
+    assert value(samples, "celery_guard_recycles_total") == len(worker.events("recycle")) == 4
+    assert value(samples, "celery_guard_oom_kills_total") == 0
+
+    assert worker.process is not None
+    assert listening(worker.process.pid, port) == ["127.0.0.1"]
+    replacements = {int(p) for p in re.findall(r"pool child started pid=(\d+)", worker.log)}
+    replacements -= started
+    assert replacements
+    for pid in replacements & set(group.pids()):
+        assert listening(pid, port) == []
+
+
+def test_a_taken_port_is_one_error_line_and_the_worker_runs_on(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = harness.worker_env(redis, {**SMALL_APP, "CELERY_GUARD_METRICS_PORT": str(port)})
+        worker = make_worker(["-c", "1"], env)
+        worker.wait_ready(60)
+        (line,) = worker.events("metrics")
+        assert line["action"] == "off" and "Address already in use" in line["reason"]
+        results = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
+        assert harness.wait_for_results(results, 30)
