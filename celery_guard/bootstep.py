@@ -222,7 +222,28 @@ class MemoryGuard(bootsteps.StartStopStep):
             self.watches.append(watch.check)
         if self.collector is not None:
             self.collector.oom_kills_seen = self.collector.read_oom_kills()
+            self._watch_limit(w, self.collector)
         self._advise(w)
+
+    def _watch_limit(self, w: Any, collector: telemetry.Collector) -> None:
+        """Only a limit read from the cgroup can change under the worker's feet."""
+        if collector.cgroup is None or not self.budget.source.startswith("cgroup"):
+            return
+        physical, _ = cgroups.physical_memory("/")
+        if physical is None:
+            import psutil
+
+            physical = psutil.virtual_memory().total
+        watch = governor.LimitWatch(
+            collector.cgroup,
+            physical,
+            self.budget.limit,
+            w.hostname,
+            self.settings,
+            collector,
+            lambda: self.brake,
+        )
+        self.watches.append(watch.check)
 
     def create(self, w: Any) -> MemoryGuard:
         return self

@@ -125,7 +125,7 @@ def _parse_int(text: str, display: str) -> tuple[int | None, str]:
 def _field(text: str, key: str, display: str) -> tuple[int | None, str]:
     """Value of a `key N` line (memory.stat, memory.events, memory.oom_control)."""
     prefix = key + " "
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if line.startswith(prefix):
             return _parse_int(line[len(prefix) :], f"{key} in {display}")
     return None, f"no {key} field in {display}"
@@ -159,7 +159,7 @@ def _unescape(field: str) -> str:
 def _parse_mountinfo(text: str) -> list[_Mount]:
     """Parse proc(5) mountinfo lines; the optional fields before ' - ' vary in number."""
     mounts = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         fields = line.split(" ")
         if len(fields) < 10:
             continue
@@ -227,7 +227,7 @@ def find_memory_cgroup(root: str = "/", pid: str = "self") -> Found:
 
     v1_path: str | None = None
     v2_path: str | None = None
-    for line in text.splitlines():
+    for line in text.split("\n"):
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
@@ -285,7 +285,7 @@ def physical_memory(root: str = "/") -> tuple[int | None, str]:
     text, why = _read(_under(root, name), name)
     if text is None:
         return None, why
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if line.startswith("MemTotal:"):
             value = line[len("MemTotal:") :].strip()
             if value.endswith(" kB"):

@@ -105,6 +105,50 @@ class WorkerMemoryLimit:
         state.should_stop = EX_TEMPFAIL
 
 
+class LimitWatch:
+    """The cgroup's limit can change while the worker runs (``docker update --memory``,
+    an in-place pod resize, an operator's echo): read it again every second, and carry a
+    new figure to the collector and the brake, with one line."""
+
+    def __init__(
+        self,
+        cgroup: cgroups.Cgroup,
+        physical: int,
+        limit: int,
+        hostname: str,
+        settings: Settings,
+        collector: Any,
+        brake: Any,
+    ) -> None:
+        self.cgroup = cgroup
+        self.physical = physical
+        self.limit = limit
+        self.hostname = hostname
+        self.settings = settings
+        self.collector = collector
+        self.brake = brake  # a callable: the Brake once the event loop started it, or None
+
+    def check(self) -> None:
+        found = cgroups.read_limit(self.cgroup, self.physical)
+        new = found.bytes or self.physical  # no limit any more: physical memory
+        if new == self.limit:
+            return
+        fields = {
+            "worker": self.hostname,
+            "action": "changed",
+            "old_mib": mib(self.limit),
+            "new_mib": mib(new),
+            "limit_source": found.source if found.bytes else "physical",
+            "limit_detail": found.reason,
+        }
+        emit(logging.WARNING, "limit", fields, self.settings.log_format)
+        self.limit = new
+        self.collector.limit = new
+        brake = self.brake()
+        if brake is not None:
+            brake.set_limit(new)
+
+
 class Brake:
     """Act before the kernel does: carry out ``pressure.Policy`` on the worker.
 
@@ -137,6 +181,14 @@ class Brake:
     def start(self, hub: Any) -> None:
         self.hub = hub
         hub.call_later(self.settings.brake_interval, self.tick)
+
+    def set_limit(self, limit: int) -> None:
+        """From the limit watch's thread: one assignment, read whole by the next tick."""
+        settings = self.settings
+        self.limit = limit
+        self.policy.marks = Marks.of(
+            limit, settings.low_water, settings.high_water, settings.hard_water
+        )
 
     def stop(self) -> None:
         self.stopped = True
@@ -201,7 +253,8 @@ class Brake:
             if proc is None:
                 return  # it exited since it was read
             task = running_task(child.pid) if action.action == "terminate" else None
-            self._remove(proc, kill=action.action == "terminate")
+            # at the hard mark even idle children go at once: SIGKILL frees without waiting
+            self._remove(proc, kill=action.level == "hard")
             extra = {"pid": child.pid, "private_mib": mib(child.private)}
             if action.action == "terminate":
                 extra.update(task=task[0] if task else None, task_id=task[1] if task else None)

@@ -57,7 +57,7 @@ def _convert(key: str, value: str) -> Any:
     if value in ("true", "false"):
         return value == "true"
     if _INT.match(value):
-        return int(value)
+        return int(value)  # ValueError past 4300 digits: the line is garbled, skipped
     if _FLOAT.match(value):
         return float(value)
     return value
@@ -96,7 +96,10 @@ def parse_record(line: str) -> dict[str, Any] | None:
     if not text.startswith(PREFIX):
         return None
     fields = parse_line(text)
-    return _record({key: _convert(key, value) for key, value in fields.items()})
+    try:
+        return _record({key: _convert(key, value) for key, value in fields.items()})
+    except ValueError:  # as for JSON: a figure no log line of ours has
+        return None
 
 
 def read_records(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -111,7 +114,10 @@ def number(value: Any) -> float | None:
     """A finite int or float from a record, else None (bools are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return value if math.isfinite(value) else None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an int too large for a float: not a memory figure
+        return None
 
 
 @dataclass

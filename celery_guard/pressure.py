@@ -64,12 +64,13 @@ class Policy:
     """Between the marks it does nothing, so a pool that fits stays as it is.
 
     - Past the high mark, and the working set projected LOOKAHEAD seconds ahead at the
-      rate it rises reaches the hard mark: pause, and terminate the busy children with the
-      most private memory, as many as it takes to bring the projection back under the
-      high mark. Not earlier: children that copy at once rise as fast whether the pool
-      fits or not (the CPUs set the pace), only the level tells them apart.
-    - Past the high mark otherwise: pause and retire the idle child with the most private
-      memory.
+      rate it rises reaches the hard mark: pause, and stop children (busy ones, the
+      largest first, then idle ones that hold memory), as many as it takes to bring the
+      projection back under the high mark. Not
+      earlier: children that copy at once rise as fast whether the pool fits or not (the
+      CPUs set the pace), only the level tells them apart.
+    - Past the high mark otherwise: pause and retire idle children, the largest first,
+      until the working set is under the high mark.
     - Paused: go on retiring idle children while above the low mark, or while the pool
       would not fit under the high mark at the largest child's cost; then resume.
     - Below the low mark, not paused: grow by one child when one more still fits.
@@ -122,9 +123,10 @@ class Policy:
         marks = self.marks
         ahead = self.project(working_set, now)
         if working_set >= marks.high and ahead >= marks.hard:
-            return self._pressure("hard", now) + self._terminate(working_set, now, children)
+            return self._pressure("hard", now) + self._stop(working_set, now, size, children)
         if working_set >= marks.high:
-            return self._pressure("high", now) + self._retire("high", now, size, children)
+            actions = self._retire("high", marks.high, working_set, now, size, children)
+            return self._pressure("high", now) + actions
         if self.paused:
             return self._while_paused(working_set, now, size, children)
         if working_set < marks.low:
@@ -139,34 +141,68 @@ class Policy:
         self.paused = True
         return [Action("pause", level)]
 
-    def _terminate(self, working_set: int, now: float, children: ReadChildren) -> list[Action]:
-        """As many of the largest busy children as it takes to bring the projection under
-        the high mark: each frees what it holds and stops its share of the growth."""
+    def _stop(
+        self, working_set: int, now: float, size: int, children: ReadChildren
+    ) -> list[Action]:
+        """As many children as it takes to bring the projection under the high mark. Busy
+        ones first, the largest first: they are the rise, and each frees what it holds
+        and stops its share. Then, if that is not enough, idle ones, the largest first
+        (children that ran leaky tasks hold memory without a task; nothing is lost). The
+        idle ones are read only then: each read costs a CPU that copying children want.
+        One child is always left."""
         if now < self.hard_quiet_until:
             return []
         busy = sorted(children(True), key=lambda c: -c.private)
-        growth = self.rate * self.LOOKAHEAD
+        share = self.rate * self.LOOKAHEAD / len(busy) if busy else 0.0
+        left = len(busy)
         actions: list[Action] = []
+
+        def enough() -> bool:
+            return bool(actions) and working_set + share * left <= self.marks.high
+
         for child in busy:
-            left = len(busy) - len(actions)
-            if actions and working_set + growth * left / len(busy) <= self.marks.high:
+            if enough():
                 break
             actions.append(Action("terminate", "hard", child))
             self.removed.append((now, child.private))
             working_set -= child.private
+            left -= 1
+        if not enough():
+            for child in sorted(children(False), key=lambda c: -c.private):
+                if enough() or size - len(actions) <= 1:
+                    break
+                actions.append(Action("retire", "hard", child))
+                self.removed.append((now, child.private))
+                working_set -= child.private
         if actions:
             self.hard_quiet_until = now + self.HARD_COOLDOWN
         return actions
 
-    def _retire(self, level: str, now: float, size: int, children: ReadChildren) -> list[Action]:
+    def _retire(
+        self,
+        level: str,
+        mark: int,
+        working_set: int,
+        now: float,
+        size: int,
+        children: ReadChildren,
+        at_least: int = 1,
+    ) -> list[Action]:
+        """Idle children, the largest first, as many as it takes to bring the working set
+        under ``mark`` (and ``at_least`` of them); then a pause for them to exit."""
         if now < self.quiet_until or size <= 1:
             return []
-        idle = sorted(children(False), key=lambda c: -c.private)
-        if not idle:
-            return []
-        self.quiet_until = now + self.COOLDOWN
-        self.removed.append((now, idle[0].private))
-        return [Action("retire", level, idle[0])]
+        actions: list[Action] = []
+        for child in sorted(children(False), key=lambda c: -c.private):
+            enough = len(actions) >= at_least and working_set <= mark
+            if enough or size - len(actions) <= 1:
+                break
+            actions.append(Action("retire", level, child))
+            self.removed.append((now, child.private))
+            working_set -= child.private
+        if actions:
+            self.quiet_until = now + self.COOLDOWN
+        return actions
 
     def _while_paused(
         self, working_set: int, now: float, size: int, children: ReadChildren
@@ -175,9 +211,14 @@ class Policy:
         until below the low mark and until the pool fits at what its largest child costs.
         Resuming earlier would start the same burst again."""
         everyone = children(None)
-        _, projected = self._fit(working_set, now, everyone, size)
-        if working_set >= self.marks.low or (projected > self.marks.high and size > 1):
-            return self._retire("low", now, size, lambda busy: [c for c in everyone if not c.busy])
+        cost, projected = self._fit(working_set, now, everyone, size)
+        over = -(-(projected - self.marks.high) // cost) if projected > self.marks.high else 0
+        if working_set >= self.marks.low or (over and size > 1):
+            # each child retired takes one child's cost off the projection
+            idle = [c for c in everyone if not c.busy]
+            return self._retire(
+                "low", self.marks.low, working_set, now, size, lambda _: idle, max(over, 1)
+            )
         self.paused = False
         self.grow_after = now + self.CALM_AFTER_PRESSURE * self.interval  # let them settle
         return [Action("resume", "low")]

@@ -7,8 +7,11 @@ the documented forms is rejected rather than guessed at.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 MIB = 1024 * 1024
+#: Larger than any memory a machine has (8 EiB): beyond it a figure is a typo.
+MAX_SIZE = 2**63 - 1
 
 _UNITS = {
     "": 1,
@@ -35,9 +38,13 @@ def parse_size(text: str) -> int:
     number, unit = match.groups()
     if not unit and "." in number:
         raise ValueError(f"a size without a unit is whole bytes: {text!r}")
-    size = int(float(number) * _UNITS[unit.lower()])
+    if len(number) > 40:
+        raise ValueError(f"not a size a machine has: {text!r}")
+    size = int(Decimal(number) * _UNITS[unit.lower()])  # exact: floats round large sizes
     if size <= 0:
         raise ValueError(f"size must be positive: {text!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"not a size a machine has: {text!r}")
     return size
 
 

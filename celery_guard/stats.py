@@ -30,8 +30,8 @@ class ExpHistogram:
             raise ValueError(f"ratio must be a number above 1, not {ratio!r}")
         if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
             raise ValueError(f"max_buckets must be a whole number >= 1, not {max_buckets!r}")
-        try:
-            last = first * ratio ** (max_buckets - 1)
+        try:  # in floats: a whole-number ratio would make an exact, endless integer power
+            last = float(first) * float(ratio) ** (max_buckets - 1)
         except OverflowError:
             last = math.inf
         if not math.isfinite(last):
@@ -199,8 +199,13 @@ class ExpHistogram:
 
 
 def _finite(value: Any) -> bool:
-    """A real, finite number (bools are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real, finite number (bools are not numbers here; nor an int beyond a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -219,10 +224,12 @@ HEALTHY_PERCENTILE = 95
 MARGIN = 0.15
 
 
-def _kib(mib: float) -> int:
+def _kib(mib: float) -> int | None:
     """MiB to whole KiB, rounded down; the rounding to 1e-6 KiB first keeps a product
-    like 280 * 1.15 * 1024 (329727.99999999994 in floats) at the 329728 it means."""
-    return math.floor(round(mib * 1024, 6))
+    like 280 * 1.15 * 1024 (329727.99999999994 in floats) at the 329728 it means.
+    None for a figure beyond floats (no real memory size)."""
+    kib = round(mib * 1024, 6)
+    return math.floor(kib) if math.isfinite(kib) else None
 
 
 def recommend(
@@ -271,7 +278,8 @@ def recommend(
         )
     children = None
     if private_p95_mib is not None and private_p95_mib > 0:
-        children = max(1, math.floor(budget / private_p95_mib))
+        per_child = budget / private_p95_mib
+        children = max(1, math.floor(per_child)) if math.isfinite(per_child) else None
     if private_p50_mib is None or peak_rss_p50_mib is None or peak_rss_p95_mib is None:
         return Recommendation(None, children, "")
     healthy = peak_rss_p95_mib * (1 + margin)
@@ -288,7 +296,8 @@ def recommend(
             _kib(cap), children, f"{crossing}: lower the concurrency to {children}"
         )
     # healthy > cap = shared + budget / current, so healthy - shared > 0.
-    fits = max(1, math.floor(budget / (healthy - shared)))
+    ratio = budget / (healthy - shared)
+    fits = max(1, math.floor(ratio)) if math.isfinite(ratio) else 1
     return Recommendation(
         _kib(cap),
         children,

@@ -216,11 +216,13 @@ class Collector:
         if exitcode == -signal.SIGKILL and pid not in self.stopped_by_brake:
             self._on_sigkill(pid, task)
         self.stopped_by_brake.discard(pid)
+        with self.lock:
+            last = self.last_task.pop(pid, None)  # whatever the exit: the dict stays bounded
         if exitcode != 155:  # billiard's EX_RECYCLE
             return
         with self.lock:
             figures = self.child_figures.get(pid)
-            name, peak = self.last_task.pop(pid, ("?", figures.peak if figures else 0))
+            name, peak = last or ("?", figures.peak if figures else 0)
             self.recycles += 1
         emit(
             logging.WARNING,
@@ -310,6 +312,13 @@ class Collector:
             fields["tasks"] = {
                 name: {"events": g.events, "total_mib": mib(g.total), "max_mib": mib(g.largest)}
                 for name, g in self.tasks.items()
+            }
+            fields["held"] = {  # what the guard keeps: bounded whatever the task count
+                "task_names": len(self.tasks),
+                "children": len(self.child_figures),
+                "last_tasks": len(self.last_task),
+                "private_buckets": len(self.private.buckets()),
+                "peak_rss_buckets": len(self.peak_rss.buckets()),
             }
         return fields
 

@@ -47,11 +47,12 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on 127.0.0.1, no persistence, stopped on close."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(binary):
             raise Unavailable("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
+        self.workdir = workdir
+        self.port = port or free_port()
         self.process = subprocess.Popen(
             [
                 binary,
@@ -81,6 +82,12 @@ class RedisServer:
             time.sleep(0.05)
         self.close()
         raise RuntimeError("redis-server did not answer PING within 10 s")
+
+    def restart(self, down: float = 2.0) -> None:
+        """Stop the server, wait ``down`` seconds, start it again on the same port."""
+        self.close()
+        time.sleep(down)
+        self.__init__(self.workdir, self.port)  # type: ignore[misc]
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -173,6 +180,8 @@ class Worker:
     queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:8]}")
     process: subprocess.Popen[bytes] | None = None
     app: str = "heavy_app"  # a module in examples/
+    #: drop the capabilities that let root read any file: a file of mode 000 is EACCES
+    no_read_override: bool = False
 
     def start(self) -> Worker:
         command = [
@@ -190,6 +199,9 @@ class Worker:
             "info",
             *self.args,
         ]
+        if self.no_read_override:
+            caps = "-dac_override,-dac_read_search"
+            command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", *command]
         if self.cgroup is not None:
             # Join the cgroup first, then become the worker: every fork stays inside.
             procs = self.cgroup.path / "cgroup.procs"
@@ -299,6 +311,18 @@ def cpu_cgroup(cpus: float) -> Path:
     except OSError as error:
         raise Unavailable(f"cannot make a cpu cgroup under {parent}: {error}") from None
     return path
+
+
+def guard_stats(worker: Worker, env: dict[str, str]) -> dict[str, Any]:
+    """``celery inspect guard_stats`` for this worker, as a user runs it."""
+    node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "heavy_app", "inspect", "guard_stats",
+         "-d", node, "--json", "--timeout", "10"],
+        cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    return dict(json.loads(out.stdout)[node])
 
 
 def worker_env(

@@ -82,9 +82,17 @@ def test_above_high_pause_once_and_retire_the_largest_idle_child() -> None:
     p = policy()
     kids = Children(child(1, 90, busy=True), child(2, 60), child(3, 80))
     assert check(p, 0.0, 910, 3, kids) == [("pause", "high", None), ("retire", "high", 3)]
-    assert kids.reads == [False], "only the idle children are read to retire one"
+    assert kids.reads == [False], "only the idle children are read to retire"
     assert check(p, 0.1, 910, 2, kids) == [], "within the cooldown: the child is exiting"
     assert check(p, 0.1 + Policy.COOLDOWN, 910, 2, kids) == [("retire", "high", 3)]
+
+
+def test_above_high_as_many_idle_children_as_it_takes() -> None:
+    """960 MiB, high 900: 40 + 30 is enough, the third idle child stays."""
+    p = policy()
+    kids = Children(child(1, 30), child(2, 40), child(3, 10), child(4, 200, busy=True))
+    actions = check(p, 0.0, 960, 4, kids)
+    assert actions == [("pause", "high", None), ("retire", "high", 2), ("retire", "high", 1)]
 
 
 def test_the_last_child_is_never_retired() -> None:
@@ -93,8 +101,9 @@ def test_the_last_child_is_never_retired() -> None:
 
 
 # -- the hard mark ---------------------------------------------------------------------
-def test_a_fast_rise_past_high_terminates_the_largest_busy_children() -> None:
-    """900 -> 940 MiB in 0.05 s: 800 MiB/s, 400 MiB more within the look-ahead."""
+def test_a_fast_rise_past_high_stops_the_largest_busy_children() -> None:
+    """900 -> 940 MiB in 0.05 s: 800 MiB/s, 400 MiB more within the look-ahead. Busy
+    children are the rise: the largest go, and the idle ones are not even read."""
     p = policy()
     kids = Children(
         child(1, 100, busy=True), child(2, 120, busy=True), child(3, 300), child(4, 110, True)
@@ -103,7 +112,31 @@ def test_a_fast_rise_past_high_terminates_the_largest_busy_children() -> None:
     actions = check(p, 0.05, 930, 4, kids)
     # largest first: 2 leaves 810 + 2/3 of the rise (1077) > 900, 4 leaves 700 + 133
     assert actions == [("pause", "hard", None), ("terminate", "hard", 2), ("terminate", "hard", 4)]
-    assert kids.reads == [True], "only the busy children are read to terminate"
+    assert kids.reads == [True]
+
+
+def test_idle_children_holding_memory_go_when_busy_ones_are_not_enough() -> None:
+    """Leaky tasks finish at once: the memory is held by idle children. After the one busy
+    child, the largest idle ones go (retire, at the hard level: SIGKILL, no task lost)."""
+    p = policy()
+    kids = Children(child(1, 50, busy=True), child(2, 200), child(3, 150), child(4, 30))
+    check(p, 0.0, 880, 4, kids)
+    actions = check(p, 0.05, 960, 4, kids)  # 1600 MiB/s: 800 ahead, all of it child 1's
+    # 1 leaves 910 and no rise: still over 900; 2 leaves 710
+    assert actions == [("pause", "hard", None), ("terminate", "hard", 1), ("retire", "hard", 2)]
+    assert kids.reads == [True, False]
+
+
+def test_young_idle_children_are_not_stopped_for_a_rise_they_do_not_make() -> None:
+    """16 children copying at once; the idle young ones hold 20 MiB each and do not grow:
+    stopping busy ones (90 MiB and their share of the rise) brings the projection down."""
+    p = policy()
+    kids = Children(
+        *(child(pid, 60, busy=True) for pid in range(8)), *(child(pid, 20) for pid in range(8, 16))
+    )
+    check(p, 0.0, 880, 16, kids)
+    actions = check(p, 0.05, 920, 16, kids)  # 800 MiB/s: 400 ahead, 50 a busy child
+    assert {a for a, _, _ in actions} == {"pause", "terminate"}
 
 
 TERMINATE = [
@@ -162,9 +195,10 @@ def test_paused_it_retires_until_the_pool_fits_then_resumes() -> None:
     p.paused = True
     many = [*(child(pid, 100) for pid in range(3)), *(child(p_, 20) for p_ in range(3, 10))]
     kids = Children(*many)
-    assert check(p, 0.0, 600, 10, kids) == [("retire", "low", 0)]
-    kids.children = many[1:]
-    assert check(p, 0.1, 500, 9, kids) == [], "cooldown"
+    # 160 + 10 x 100 = 1160: 260 over, 3 children's cost: the three grown ones go
+    assert check(p, 0.0, 600, 10, kids) == [("retire", "low", pid) for pid in (0, 1, 2)]
+    kids.children = many[3:]  # gone: 300 + 7 young at the removed cost 100 fits
+    assert check(p, 0.5, 300, 7, kids) == [("resume", "low", None)]
 
 
 def test_paused_above_low_it_retires_even_when_the_pool_fits() -> None:

@@ -1,0 +1,174 @@
+"""Faults a worker meets in production: the guard keeps it running and its lines true.
+
+Unreadable cgroup files, a limit changed under the running worker, the broker restarted,
+children killed from outside, children exiting while they are being measured.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import harness
+import pytest
+from harness import MIB
+
+MakeCgroup = Callable[..., harness.Cgroup]
+MakeWorker = Callable[..., harness.Worker]
+SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
+FAST = {"CELERY_GUARD_SAMPLE_INTERVAL": "0.3", "CELERY_GUARD_SUMMARY_INTERVAL": "600"}
+GIB = 1024 * MIB
+
+
+def no_guard_errors(worker: harness.Worker) -> None:
+    log = worker.log
+    assert "celery-guard event=error" not in log
+    assert not re.search(r"Traceback[^\n]*\n(?:\s.*\n)*?.*celery_guard", log), log
+
+
+def child_pids(worker: harness.Worker) -> list[int]:
+    return [int(p) for p in re.findall(r"pool child started pid=(\d+)", worker.log)]
+
+
+@pytest.mark.cgroup
+def test_unreadable_cgroup_files_fall_back_and_the_worker_runs(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, tmp_path: Path
+) -> None:
+    """A worker without root's power to read any file, in a cgroup whose memory files
+    have mode 000 (EACCES): the startup line falls back with the reason, the summary
+    leaves the unreadable figures empty, and every task runs."""
+    group = make_cgroup(GIB)
+    for name in ("memory.limit_in_bytes", "memory.stat", "memory.usage_in_bytes",
+                 "memory.oom_control", "memory.max_usage_in_bytes"):  # fmt: skip
+        os.chmod(group.path / name, 0)
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST})
+    worker = harness.Worker(
+        ["-c", "2"], env, tmp_path / "worker.log", cgroup=group, no_read_override=True
+    ).start()
+    try:
+        startup = worker.startup()
+        assert startup["limit_source"] != "cgroup-v1" or "Permission" in startup["limit_detail"]
+        assert "Permission denied" in worker.log or startup["limit_source"] == "physical"
+        worker.wait_ready(60)
+        results = harness.send_tasks(redis, worker.queue, "add", 20, (1, 2))
+        assert harness.wait_for_results(results, 60)
+    finally:
+        worker.stop()
+    (final,) = [s for s in worker.events("summary") if s["final"] == "true"]
+    assert final["usage_mib"] == "" and final["working_set_mib"] == ""
+    no_guard_errors(worker)
+
+
+@pytest.mark.cgroup
+def test_a_limit_changed_at_run_time_is_noticed(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """4 children of the example app fit in 1 GiB (7 would). Lowered under the running
+    worker to just above its working set (the high-water mark now below it), the guard
+    says so within seconds and the brake shrinks the pool; raised to 2 GiB, it says so and
+    the pool grows back to 4. No OOM kill, no task lost."""
+    acks = {"HEAVY_APP_ACKS_LATE": "1"}
+    group = make_cgroup(GIB)
+    worker = make_worker(["-c", "4"], harness.worker_env(redis, {**acks, **FAST}), group)
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "walk", 8)
+    assert harness.wait_for_results(results, 120, group)
+
+    stat = dict(line.split() for line in (group.path / "memory.stat").read_text().splitlines())
+    working_set = group.usage() - int(stat["total_inactive_file"])
+    lowered_mib = working_set // 0.93 // MIB  # high (90%) below the working set
+    (group.path / "memory.limit_in_bytes").write_text(str(int(lowered_mib * MIB)))
+    lowered = worker.wait_for(rf"celery-guard event=limit .*new_mib={lowered_mib}", 10)
+    assert "old_mib=1024.0" in lowered.group(0)
+    worker.wait_for(r"event=pressure .*action=retire", 20)
+    results = harness.send_tasks(redis, worker.queue, "walk", 8)
+    assert harness.wait_for_results(results, 180, group)
+    shrunk = min(int(p["concurrency"]) for p in worker.events("pressure"))
+    assert shrunk < 4
+
+    (group.path / "memory.limit_in_bytes").write_text(str(2 * GIB))
+    worker.wait_for(r"celery-guard event=limit .*new_mib=2048\.0", 10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        results = harness.send_tasks(redis, worker.queue, "walk", 4)
+        assert harness.wait_for_results(results, 60, group)
+        if any(p["action"] == "grow" and p["concurrency"] == "4"
+               for p in worker.events("pressure")):  # fmt: skip
+            break
+    else:
+        pytest.fail(f"the pool did not grow back to 4:\n{worker.events('pressure')}")
+    assert group.oom_kills() == 0
+    no_guard_errors(worker)
+
+
+def test_the_broker_restarted_mid_run(
+    tmp_path_factory: pytest.TempPathFactory, make_worker: MakeWorker
+) -> None:
+    """Redis goes away for 2 s and comes back on the same port: Celery reconnects, the
+    guard goes on, and tasks sent after the restart run."""
+    redis = harness.RedisServer(tmp_path_factory.mktemp("redis-restart"))
+    try:
+        worker = make_worker(["-c", "2"], harness.worker_env(redis, {**SMALL_APP, **FAST}))
+        worker.wait_ready(60)
+        assert harness.wait_for_results(
+            harness.send_tasks(redis, worker.queue, "add", 4, (1, 1)), 30
+        )
+        redis.restart(down=2.0)
+        worker.wait_for(r"(?i)connection to broker lost|Cannot connect|reconnect", 30)
+        results = harness.send_tasks(redis, worker.queue, "add", 4, (2, 2))
+        assert harness.wait_for_results(results, 90)
+        assert worker.process is not None and worker.process.poll() is None
+        worker.stop()
+        assert [s["final"] for s in worker.events("summary")] == ["true"]
+        no_guard_errors(worker)
+    finally:
+        redis.close()
+
+
+def test_children_killed_by_sigterm_and_sigkill(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    """Billiard replaces both; neither is called an OOM kill or a recycle."""
+    worker = make_worker(["-c", "3"], harness.worker_env(redis, {**SMALL_APP, **FAST}))
+    worker.wait_ready(60)
+    first, second = child_pids(worker)[:2]
+    os.kill(first, signal.SIGTERM)
+    os.kill(second, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while len(child_pids(worker)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(child_pids(worker)) == 5
+    results = harness.send_tasks(redis, worker.queue, "add", 12, (3, 4))
+    assert harness.wait_for_results(results, 60)
+    worker.stop()
+    assert worker.events("oom") == [] and worker.events("recycle") == []
+    (final,) = [s for s in worker.events("summary") if s["final"] == "true"]
+    assert (final["oom_kills"], final["recycles"]) == ("0", "0")
+    no_guard_errors(worker)
+
+
+@pytest.mark.cgroup
+def test_children_that_exit_while_being_measured(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """--max-tasks-per-child=1: every child exits after one task, 200 of them, while the
+    sampler reads /proc of each child every 0.05 s and the brake checks the cgroup.
+    Entries vanish mid-read; every task runs and no guard line is an error."""
+    env = harness.worker_env(
+        redis,
+        {**SMALL_APP, "CELERY_GUARD_SAMPLE_INTERVAL": "0.05", "CELERY_GUARD_CHILD_LOG": "all"},
+    )
+    worker = make_worker(["-c", "4", "--max-tasks-per-child=1"], env, make_cgroup(GIB))
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "add", 200, (5, 6))
+    assert harness.wait_for_results(results, 180)
+    assert len(child_pids(worker)) >= 200
+    worker.stop()
+    assert len(worker.events("child")) == 200
+    (final,) = [s for s in worker.events("summary") if s["final"] == "true"]
+    assert int(final["samples"]) > 0 and final["oom_kills"] == "0"
+    no_guard_errors(worker)
