@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import Settings
 from .plan import FORKING_POOLS
 
 
@@ -43,6 +44,31 @@ class Facts:
     cpu_budget: int | None = None  # what the cgroup CPU quota allows (Celery's -c auto)
     prefetch_multiplier: int = 1
     left_on: tuple[str, ...] = ()  # of gossip, mingle, heartbeat
+
+    @classmethod
+    def of(
+        cls,
+        conf: Mapping[str, Any] | Any,
+        settings: Settings,
+        *,
+        pool: str,
+        parent_rss: int,
+        max_memory_per_child_kib: int,
+        oom_group: bool,
+        **deployment: Any,
+    ) -> Facts:
+        """The facts both the worker and the check take from app.conf and the settings."""
+        return cls(
+            pool=pool,
+            parent_rss=parent_rss,
+            max_memory_per_child_kib=max_memory_per_child_kib,
+            max_worker_memory=settings.max_worker_memory,
+            brake=settings.brake,
+            acks_late=bool(conf.get("task_acks_late")),
+            reject_on_worker_lost=bool(conf.get("task_reject_on_worker_lost")),
+            oom_group=oom_group,
+            **deployment,
+        )
 
 
 def _max_memory_per_child(f: Facts) -> list[Advice]:

@@ -15,7 +15,7 @@ from typing import Any
 from celery import bootsteps
 
 from . import advice, cgroups, governor, history, startup, telemetry
-from .config import OPTIONS, ConfigError, load_settings
+from .config import ConfigError, error_fields, given_options, load_settings
 from .logline import emit, logger
 from .plan import FORKING_POOLS, Decision
 
@@ -67,23 +67,10 @@ class MemoryGuard(bootsteps.StartStopStep):
         if logger.level == logging.NOTSET:
             # The startup line is the product: show it even under ``-l warning``.
             logger.setLevel(logging.INFO)
-        options = {o.name: kwargs.get("guard_" + o.name) for o in OPTIONS}  # install()'s
-        try:
-            self.settings = load_settings(os.environ, w.app.conf, options)
+        try:  # worker options come with the kwargs when install() added them
+            self.settings = load_settings(os.environ, w.app.conf, given_options(kwargs))
         except ConfigError as error:
-            emit(
-                logging.CRITICAL,
-                "config_error",
-                {
-                    "variable": error.variable,
-                    "setting": error.setting,
-                    **({"option": error.flag} if error.flag else {}),
-                    "source": error.source,
-                    "value": error.value,
-                    "accepted": error.accepted,
-                },
-                _log_format(os.environ),
-            )
+            emit(logging.CRITICAL, "config_error", error_fields(error), _log_format(os.environ))
             raise SystemExit(EX_CONFIG) from None
         self.collector: telemetry.Collector | None = None
         self.sampler: telemetry.Sampler | None = None
@@ -161,17 +148,14 @@ class MemoryGuard(bootsteps.StartStopStep):
     # -- advice ----------------------------------------------------------------------
     def _advise(self, w: Any) -> None:
         """Say what Celery itself would not: settings that cannot work as meant."""
-        conf = w.app.conf
-        cgroup = self.collector.cgroup if self.collector is not None else None
-        facts = advice.Facts(
+        own = self.budget.own
+        facts = advice.Facts.of(
+            w.app.conf,
+            self.settings,
             pool=self.pool,
             parent_rss=self.parent.rss,
             max_memory_per_child_kib=int(getattr(w, "max_memory_per_child", None) or 0),
-            max_worker_memory=self.settings.max_worker_memory,
-            brake=self.settings.brake,
-            acks_late=bool(conf.get("task_acks_late")),
-            reject_on_worker_lost=bool(conf.get("task_reject_on_worker_lost")),
-            oom_group=bool(cgroup is not None and cgroups.read_oom_group(cgroup)),
+            oom_group=bool(own is not None and cgroups.read_oom_group(own)),
         )
         for item in advice.worker_advice(facts):
             fields = {"worker": w.hostname, **item.fields()}
@@ -189,7 +173,6 @@ class MemoryGuard(bootsteps.StartStopStep):
             probe.on_child_start, weak=False, dispatch_uid="cg-init"
         )
         signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
-        found = cgroups.find_memory_cgroup("/")
         forks = self.pool in FORKING_POOLS
         self.collector = telemetry.Collector(
             hostname=w.hostname,
@@ -197,7 +180,7 @@ class MemoryGuard(bootsteps.StartStopStep):
             limit=self.budget.limit,
             headroom=decision.headroom,
             parent_rss=self.parent.rss,
-            cgroup=found.cgroup,
+            cgroup=self.budget.own,
             children=(lambda: _child_pids(w)) if forks else (lambda: []),
             concurrency=lambda: _pool_size(w),
             max_memory_kib=max_kib,
@@ -229,14 +212,9 @@ class MemoryGuard(bootsteps.StartStopStep):
         """Only a limit read from the cgroup can change under the worker's feet."""
         if collector.cgroup is None or not self.budget.source.startswith("cgroup"):
             return
-        physical, _ = cgroups.physical_memory("/")
-        if physical is None:
-            import psutil
-
-            physical = psutil.virtual_memory().total
         watch = governor.LimitWatch(
             collector.cgroup,
-            physical,
+            self.budget.physical,
             self.budget.limit,
             w.hostname,
             self.settings,
@@ -264,10 +242,7 @@ class MemoryGuard(bootsteps.StartStopStep):
 
         from . import metrics
 
-        forks = self.pool in FORKING_POOLS
-        source = metrics.GuardCollector(
-            self.collector, (lambda: _child_pids(w)) if forks else (lambda: []), self.requested
-        )
+        source = metrics.GuardCollector(self.collector, self.requested)
         self.metrics = metrics.serve(
             source, settings.metrics_address, settings.metrics_port, settings.log_format
         )

@@ -16,7 +16,7 @@ import click
 
 from . import advice, cgroups, imports_cost, startup
 from .bootstep import EX_CONFIG, pool_name
-from .config import OPTIONS, ConfigError, Settings, load_settings
+from .config import OPTIONS, ConfigError, Settings, error_fields, given_options, load_settings
 from .logline import format_event
 from .plan import FORKING_POOLS
 from .sizes import mib
@@ -51,19 +51,10 @@ def guard() -> None:
 
 
 def _settings(options: dict[str, Any], conf: Any, output: str) -> Settings:
-    names = {o.name: options.get("guard_" + o.name) for o in OPTIONS}
     try:
-        return load_settings(os.environ, conf, names)
+        return load_settings(os.environ, conf, given_options(options))
     except ConfigError as error:
-        fields = {
-            "variable": error.variable,
-            "setting": error.setting,
-            **({"option": error.flag} if error.flag else {}),
-            "source": error.source,
-            "value": error.value,
-            "accepted": error.accepted,
-        }
-        click.echo(format_event("config_error", fields, output))
+        click.echo(format_event("config_error", error_fields(error), output))
         sys.exit(EX_CONFIG)
 
 
@@ -141,20 +132,18 @@ def check(ctx: click.Context, **options: Any) -> None:
     click.echo(format_event("check", measured.fields(), output))
 
     conf = app.conf
-    found = cgroups.find_memory_cgroup("/")
+    own = measured.budget.own
     from billiard import cpu_count
 
-    facts = advice.Facts(
+    facts = advice.Facts.of(
+        conf,
+        settings,
         pool=pool,
         parent_rss=measured.parent.rss,
         max_memory_per_child_kib=int(
             options["max_memory_per_child"] or conf.get("worker_max_memory_per_child") or 0
         ),
-        max_worker_memory=settings.max_worker_memory,
-        brake=settings.brake,
-        acks_late=bool(conf.get("task_acks_late")),
-        reject_on_worker_lost=bool(conf.get("task_reject_on_worker_lost")),
-        oom_group=bool(found.cgroup is not None and cgroups.read_oom_group(found.cgroup)),
+        oom_group=bool(own is not None and cgroups.read_oom_group(own)),
         concurrency_from_host_cpus=from_host,
         host_cpus=cpu_count(),
         cpu_budget=_cpu_budget(),

@@ -111,6 +111,18 @@ def _as_text(raw: Any) -> str:
     return str(raw)
 
 
+def error_fields(error: ConfigError) -> dict[str, Any]:
+    """The keys of the ``event=config_error`` line, from the worker and ``guard check``."""
+    return {
+        "variable": error.variable,
+        "setting": error.setting,
+        **({"option": error.flag} if error.flag else {}),
+        "source": error.source,
+        "value": error.value,
+        "accepted": error.accepted,
+    }
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -187,6 +199,12 @@ class Settings:
 
     def source(self, name: str) -> str:
         return (self.sources or {}).get(name, "default")
+
+
+def given_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``--guard-<name>`` values from a click command's (or a step's) keyword
+    arguments, by option name; None where not given."""
+    return {option.name: params.get("guard_" + option.name) for option in OPTIONS}
 
 
 def load_settings(

@@ -17,10 +17,11 @@ from typing import Any
 
 from . import cgroups
 from .config import Settings
-from .footprint import StatmRss, read_kib_fields
+from .footprint import StatmRss
 from .logline import emit, logger
 from .pressure import Action, Child, Marks, Policy
 from .sizes import mib
+from .telemetry import read_private
 
 
 def set_oom_score_adj(value: int, path: str = "/proc/self/oom_score_adj") -> str:
@@ -225,7 +226,7 @@ class Brake:
             active = bool(pool._worker_active(proc))
             if busy is not None and active != busy:
                 continue
-            private = telemetry_private(proc.pid)
+            private = read_private(proc.pid)
             if private is not None:
                 found.append(Child(proc.pid, private, active))
         return found
@@ -300,13 +301,6 @@ class Brake:
             **extra,
         }
         emit(logging.WARNING, "pressure", fields, self.settings.log_format)
-
-
-def telemetry_private(pid: int) -> int | None:
-    """A child's private memory now (smaps_rollup): read only when the brake acts."""
-    from .telemetry import private_bytes
-
-    return private_bytes(read_kib_fields(f"/proc/{pid}/smaps_rollup"))
 
 
 def running_task(pid: int) -> tuple[str, str] | None:

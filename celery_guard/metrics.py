@@ -8,13 +8,12 @@ listening socket, so one port answers for the whole worker.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from . import cgroups
-from .footprint import read_kib_fields
 from .logline import emit
-from .telemetry import Collector, private_bytes
+from .telemetry import Collector, read_private
 
 PREFIX = "celery_guard_"
 
@@ -22,14 +21,8 @@ PREFIX = "celery_guard_"
 class GuardCollector:
     """A ``prometheus_client`` custom collector over the guard's live figures."""
 
-    def __init__(
-        self,
-        collector: Collector,
-        children: Callable[[], list[int]],
-        requested: int,
-    ) -> None:
+    def __init__(self, collector: Collector, requested: int) -> None:
         self.collector = collector
-        self.children = children
         self.requested = requested
 
     def collect(self) -> Iterator[Any]:
@@ -55,7 +48,7 @@ class GuardCollector:
             "The cgroup's working set: usage less inactive file pages.",
             usage.working_set if usage else None,
         )
-        pids = self.children()
+        pids = c.children()
         yield from gauge("children", "Live pool children.", len(pids))
         yield from gauge("concurrency", "The pool's size now.", c.concurrency())
         yield from gauge(
@@ -68,7 +61,7 @@ class GuardCollector:
             labels=["worker", "pid"],
         )
         for pid in pids:
-            value = private_bytes(read_kib_fields(f"/proc/{pid}/smaps_rollup"))
+            value = read_private(pid)
             if value is not None:  # None: it exited between the listing and the read
                 private.add_metric([c.hostname, str(pid)], value)
         yield private

@@ -60,6 +60,10 @@ def fit(working_set: int, children: list[Child], size: int, floor: int) -> tuple
     return cost, projected
 
 
+def _largest_first(children: list[Child]) -> list[Child]:
+    return sorted(children, key=lambda c: -c.private)
+
+
 class Policy:
     """Between the marks it does nothing, so a pool that fits stays as it is.
 
@@ -152,7 +156,7 @@ class Policy:
         One child is always left."""
         if now < self.hard_quiet_until:
             return []
-        busy = sorted(children(True), key=lambda c: -c.private)
+        busy = _largest_first(children(True))
         share = self.rate * self.LOOKAHEAD / len(busy) if busy else 0.0
         left = len(busy)
         actions: list[Action] = []
@@ -163,17 +167,13 @@ class Policy:
         for child in busy:
             if enough():
                 break
-            actions.append(Action("terminate", "hard", child))
-            self.removed.append((now, child.private))
-            working_set -= child.private
+            working_set -= self._take(actions, "terminate", "hard", child, now)
             left -= 1
         if not enough():
-            for child in sorted(children(False), key=lambda c: -c.private):
+            for child in _largest_first(children(False)):
                 if enough() or size - len(actions) <= 1:
                     break
-                actions.append(Action("retire", "hard", child))
-                self.removed.append((now, child.private))
-                working_set -= child.private
+                working_set -= self._take(actions, "retire", "hard", child, now)
         if actions:
             self.hard_quiet_until = now + self.HARD_COOLDOWN
         return actions
@@ -193,16 +193,23 @@ class Policy:
         if now < self.quiet_until or size <= 1:
             return []
         actions: list[Action] = []
-        for child in sorted(children(False), key=lambda c: -c.private):
+        for child in _largest_first(children(False)):
             enough = len(actions) >= at_least and working_set <= mark
             if enough or size - len(actions) <= 1:
                 break
-            actions.append(Action("retire", level, child))
-            self.removed.append((now, child.private))
-            working_set -= child.private
+            working_set -= self._take(actions, "retire", level, child, now)
         if actions:
             self.quiet_until = now + self.COOLDOWN
         return actions
+
+    def _take(
+        self, actions: list[Action], action: str, level: str, child: Child, now: float
+    ) -> int:
+        """Add a terminate or retire; the child's cost is remembered (see ``_fit``).
+        Returns what it frees."""
+        actions.append(Action(action, level, child))
+        self.removed.append((now, child.private))
+        return child.private
 
     def _while_paused(
         self, working_set: int, now: float, size: int, children: ReadChildren

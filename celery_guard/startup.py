@@ -25,6 +25,18 @@ class Budget:
     detail: str
     in_use: int  # what the cgroup already holds (working set), when it is the cgroup's
     cgroup: cgroups.Cgroup | None = None  # where usage is compared with the limit
+    own: cgroups.Cgroup | None = None  # the process's own memory cgroup, if any
+    physical: int = 0  # bytes of physical memory: the budget when nothing limits
+
+
+def physical_bytes(root: str = "/") -> int:
+    """Physical memory: /proc/meminfo under ``root``, else what psutil says."""
+    physical, _ = cgroups.physical_memory(root)
+    if physical is None:
+        import psutil
+
+        physical = int(psutil.virtual_memory().total)
+    return physical
 
 
 def read_budget(settings: Settings, root: str = "/") -> Budget:
@@ -34,22 +46,19 @@ def read_budget(settings: Settings, root: str = "/") -> Budget:
     processes already charged there (siblings too) count against the pool.
     """
     found = cgroups.find_memory_cgroup(root)
+    own, physical = found.cgroup, physical_bytes(root)
     if settings.memory_limit is not None:
         source = settings.source("memory_limit")
-        return Budget(settings.memory_limit, source, f"{source} setting", 0, found.cgroup)
-    physical, _ = cgroups.physical_memory(root)
-    if physical is None:
-        import psutil
-
-        physical = psutil.virtual_memory().total
-    if found.cgroup is None:
-        return Budget(physical, "physical", found.reason, 0)
-    limit = cgroups.read_limit(found.cgroup, physical)
+        detail = f"{source} setting"
+        return Budget(settings.memory_limit, source, detail, 0, own, own, physical)
+    if own is None:
+        return Budget(physical, "physical", found.reason, 0, None, None, physical)
+    limit = cgroups.read_limit(own, physical)
     if limit.bytes is None:
-        return Budget(physical, "physical", limit.reason, 0)
-    level = replace(found.cgroup, path=limit.path or found.cgroup.path)
+        return Budget(physical, "physical", limit.reason, 0, None, own, physical)
+    level = replace(own, path=limit.path or own.path)
     in_use = cgroups.read_usage(level).working_set or 0
-    return Budget(limit.bytes, limit.source, limit.reason, in_use, level)
+    return Budget(limit.bytes, limit.source, limit.reason, in_use, level, own, physical)
 
 
 def remembered_cost(settings: Settings) -> int | None:
@@ -128,4 +137,4 @@ def measure(settings: Settings, pool: str, requested: int, forked: bool = True) 
     )
 
 
-__all__ = ["Budget", "Measured", "measure", "read_budget", "remembered_cost"]
+__all__ = ["Budget", "Measured", "measure", "physical_bytes", "read_budget", "remembered_cost"]

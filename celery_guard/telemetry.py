@@ -45,6 +45,12 @@ def private_bytes(fields: dict[str, int]) -> int | None:
     return fields["Private_Dirty"] + fields.get("Private_Clean", 0)
 
 
+def read_private(pid: int | str = "self") -> int | None:
+    """A process's private memory now (0.1-5 ms: it walks the page tables); None when
+    the process is gone."""
+    return private_bytes(read_kib_fields(f"/proc/{pid}/smaps_rollup"))
+
+
 class ChildProbe:
     """The per-task path, inside each pool child. It must never fail a task."""
 
@@ -98,7 +104,7 @@ class ChildProbe:
             "delta_mib": mib(delta), "rss_delta_mib": mib(rss_delta),
         }  # fmt: skip
         if self.tasks % PRIVATE_EVERY == 1:
-            private = private_bytes(read_kib_fields("/proc/self/smaps_rollup"))
+            private = read_private()
             if private is not None:
                 fields["private_mib"] = mib(private)
         emit(logging.INFO, "child", fields, self.log_format)
@@ -410,4 +416,4 @@ def open_channel() -> tuple[int, int]:
     return read_end, write_end
 
 
-__all__ = ["ChildProbe", "Collector", "Sampler", "open_channel", "private_bytes"]
+__all__ = ["ChildProbe", "Collector", "Sampler", "open_channel", "private_bytes", "read_private"]

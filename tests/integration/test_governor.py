@@ -240,8 +240,16 @@ def test_the_pool_converges_to_what_fits(
         time.sleep(2)
     assert harness.wait_for_results(results, 240, group)
     assert group.oom_kills() == 0
-    assert 7 <= _final_concurrency(worker) <= 9
-    pauses = [p for p in worker.events("pressure") if p["action"] == "pause"]
+    final = _final_concurrency(worker)
+    assert 7 <= final <= 9
+    pressure = worker.events("pressure")
+    pauses = [p for p in pressure if p["action"] == "pause"]
+    terminated = sum(p["action"] == "terminate" for p in pressure)
+    highest = max((float(p["usage_mib"]) for p in pressure), default=0.0)
+    print(  # the figures the README quotes: pytest -s
+        f"estimate {estimate}: started {starts}, settled {final}, pauses {len(pauses)}, "
+        f"terminated {terminated}, highest working set logged {highest:.0f} MiB of 1024"
+    )
     assert len(pauses) <= 2
 
 

@@ -3,7 +3,7 @@ aggregates, so what it holds is the same after the last task as after the first 
 no task is lost; the summary agrees with the per-task lines.
 
 CI runs 5,000 tasks; the full soak is 50,000:
-``GUARD_SOAK_TASKS=50000 bash tests/run.sh tests/integration/test_soak.py``.
+``GUARD_SOAK_TASKS=50000 bash tests/run.sh tests/integration/test_soak.py -s`` (-s shows the figures).
 """
 
 from __future__ import annotations
