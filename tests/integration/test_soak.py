@@ -2,8 +2,8 @@
 aggregates, so what it holds is the same after the last task as after the first fifth;
 no task is lost; the summary agrees with the per-task lines.
 
-CI runs 5,000 tasks; the full soak is 50,000:
-``GUARD_SOAK_TASKS=50000 bash tests/run.sh tests/integration/test_soak.py -s`` (-s shows the figures).
+CI runs 5,000 tasks; the full soak is 50,000 (``-s`` shows the figures):
+``GUARD_SOAK_TASKS=50000 bash tests/run.sh tests/integration/test_soak.py -s``.
 """
 
 from __future__ import annotations
