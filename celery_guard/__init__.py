@@ -10,10 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from . import control  # noqa: F401 - registers `celery inspect guard_stats`
-from .bootstep import MemoryGuard
+from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
+from .steps import MemoryGuard
 
 __version__ = "0.1.0"
-__all__ = ["MemoryGuard", "__version__", "install"]
+__all__ = [
+    "MemoryGuard",
+    "MemoryLimitExceeded",
+    "SoftMemoryLimitExceeded",
+    "__version__",
+    "install",
+]
 
 
 def install(app: Any) -> Any:

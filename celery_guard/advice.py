@@ -118,10 +118,12 @@ def _acks(f: Facts) -> list[Advice]:
     return [
         Advice(
             "acks_early",
-            "a task whose child is stopped for memory fails with WorkerLostError and is "
-            "not run again: its message was acknowledged when it started",
+            "a task whose child has to be stopped for memory (the last resort, when the "
+            "kernel would act next) fails with MemoryLimitExceeded and is not run again: "
+            "its message was acknowledged when it started",
             "task_acks_late = True and task_reject_on_worker_lost = True (tasks must be "
-            "safe to run twice), or accept the loss",
+            "safe to run twice; one task is re-delivered at most CELERY_GUARD_MAX_MEMORY_KILLS "
+            "times), or accept the loss",
         )
     ]
 

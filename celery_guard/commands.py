@@ -15,11 +15,11 @@ from typing import Any
 import click
 
 from . import advice, cgroups, imports_cost, startup
-from .bootstep import EX_CONFIG, pool_name
 from .config import OPTIONS, ConfigError, Settings, error_fields, given_options, load_settings
 from .logline import format_event
 from .plan import FORKING_POOLS
 from .sizes import mib
+from .steps import EX_CONFIG, pool_name
 
 #: The worker's own options are accepted (and the ones the check does not use ignored),
 #: so that ``guard check`` can take a worker's command line as it is.

@@ -159,9 +159,12 @@ OPTIONS = (
     Option(
         "child_oom_score_adj", "500", "off, or a whole number from -1000 to 1000", _oom_score_adj
     ),
-    Option("gc_freeze", "0", "1 or 0 (true/false, yes/no, on/off)", _flag),
+    Option("gc_freeze", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option("max_worker_memory", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
     Option("brake", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
+    Option("recycle", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
+    Option("min_tasks_per_child", "4", "a whole number of at least 1", _positive_int),
+    Option("max_memory_kills", "3", "a whole number of at least 1", _positive_int),
     Option("brake_interval", "0.25", "seconds above 0 (0.25, 1, 2s)", _seconds),
     Option("low_water", "80%", FRACTION_FORMS, parse_fraction),
     Option("high_water", "90%", FRACTION_FORMS, parse_fraction),
@@ -185,9 +188,12 @@ class Settings:
     summary_interval: float = 300.0
     state_file: str | None = None
     child_oom_score_adj: int | None = 500
-    gc_freeze: bool = False
+    gc_freeze: bool = True
     max_worker_memory: int | None = None
     brake: bool = True
+    recycle: bool = True
+    min_tasks_per_child: int = 4
+    max_memory_kills: int = 3
     brake_interval: float = 0.25
     low_water: float = 0.8
     high_water: float = 0.9

@@ -10,13 +10,13 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from . import bootstep
+from . import steps
 
 
 @inspect_command()
 def guard_stats(state: Any, **_: Any) -> dict[str, Any]:
     """Limit, usage, children's memory, growth by task and the recommendations."""
-    collector = bootstep.ACTIVE.get("collector")
+    collector = steps.ACTIVE.get("collector")
     if collector is None:
         return {"error": "celery-guard collects nothing in this worker (mode off or not a worker)"}
     return collector.stats()

@@ -1,313 +1,304 @@
-"""Run-time protection: when memory runs short, lose a child, not the worker.
+"""The run-time budget on the worker's event loop: ledger and policy, carried out.
 
-The kernel's OOM killer picks its victim by size and ``oom_score_adj``. The main process
-is usually the largest process of a worker, so without help it is the one killed, and the
-whole worker goes with it. Raising each child's ``oom_score_adj`` (no privilege needed to
-raise it) makes the kernel pick a child instead, which billiard replaces.
+Decisions are taken where memory changes: when a task is handed to the pool (admit or
+hold), when it ends (its peak is known from the child's record: recycle the child if it
+outgrew its share, release held tasks), and when a child comes or goes. A check of the
+cgroup's working set every ``brake_interval`` seconds (every 0.05 s above the low mark)
+is the net for growth inside a running task. ``policy`` decides, ``ledger`` remembers,
+``actuator.PoolControl`` acts; this class only passes the figures between them.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
-import signal
+import statistics
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from . import cgroups
+from . import cgroups, policy
+from .actuator import PoolControl
 from .config import Settings
+from .exits import ExitCauses, Kill
 from .footprint import StatmRss
+from .ledger import ChildState, Ledger, Record
+from .limit import LiveLimit
 from .logline import emit, logger
-from .pressure import Action, Child, Marks, Policy
 from .sizes import mib
-from .telemetry import read_private
+
+#: How long a working-set reading serves the gate before it is read again (seconds).
+FRESH = 0.02
 
 
-def set_oom_score_adj(value: int, path: str = "/proc/self/oom_score_adj") -> str:
-    """Write ``value``; return "" or why it could not be written (lowering needs privilege)."""
-    try:
-        with open(path, "w") as file:
-            file.write(str(value))
-    except OSError as error:
-        return f"{type(error).__name__}: {error.strerror or error}"
-    return ""
-
-
-class ChildOomScore:
-    """``worker_process_init`` receiver: make every pool child the OOM killer's first pick."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.value = settings.child_oom_score_adj
-        self.log_format = settings.log_format
-
-    def __call__(self, **_: object) -> None:
-        if self.value is None:
-            return
-        why = set_oom_score_adj(self.value)
-        if why:
-            fields = {"pid": os.getpid(), "oom_score_adj": self.value, "reason": why}
-            emit(logging.WARNING, "oom_score_adj_failed", fields, self.log_format)
-
-
-def freeze_before_fork(**_: object) -> None:
-    """``worker_before_create_process`` receiver: collect, then move every object to the
-    permanent generation, so the collector in a child never writes to (and copies) the
-    pages it shares with the parent. The recipe of the ``gc.freeze`` documentation."""
-    gc.collect()
-    gc.freeze()
-
-
-EX_TEMPFAIL = 75  # sysexits.h: a temporary failure; the supervisor should start it again
-
-
-class WorkerMemoryLimit:
-    """``CELERY_GUARD_MAX_WORKER_MEMORY`` for pools that do not fork, where
-    ``worker_max_memory_per_child`` does nothing: past the limit, a warm shutdown.
-
-    Celery's consumer loop checks ``state.should_stop`` on every cycle; setting it stops
-    consuming, lets active tasks finish, returns unacknowledged messages to the broker and
-    exits with the status given.
-    """
-
-    def __init__(
-        self, limit: int, hostname: str, settings: Settings, collector: Any = None
-    ) -> None:
-        self.limit = limit
-        self.hostname = hostname
-        self.collector = collector
-        self.log_format = settings.log_format
-        self.tripped = False
-        self.rss = StatmRss()
-
-    def check(self) -> None:
-        if self.tripped:
-            return
-        rss = self.rss()
-        if rss <= self.limit:
-            return
-        from celery.worker import state
-
-        self.tripped = True
-        active = sorted(request.name for request in list(state.active_requests))
-        fields = {
-            "worker": self.hostname,
-            "level": "max_worker_memory",
-            "usage_mib": mib(rss),
-            "limit_mib": mib(self.limit),
-            "action": "warm_shutdown",
-            "pid": os.getpid(),
-            "task": ",".join(active) or None,
-            "exit_status": EX_TEMPFAIL,
-        }
-        emit(logging.WARNING, "pressure", fields, self.log_format)
-        if self.collector is not None:
-            self.collector.count_pressure("warm_shutdown")
-        state.should_stop = EX_TEMPFAIL
-
-
-class LimitWatch:
-    """The cgroup's limit can change while the worker runs (``docker update --memory``,
-    an in-place pod resize, an operator's echo): read it again every second, and carry a
-    new figure to the collector and the brake, with one line."""
+class Governor:
+    """Keeps the pool's projected peak under the high mark, task by task."""
 
     def __init__(
         self,
-        cgroup: cgroups.Cgroup,
-        physical: int,
-        limit: int,
-        hostname: str,
-        settings: Settings,
-        collector: Any,
-        brake: Any,
-    ) -> None:
-        self.cgroup = cgroup
-        self.physical = physical
-        self.limit = limit
-        self.hostname = hostname
-        self.settings = settings
-        self.collector = collector
-        self.brake = brake  # a callable: the Brake once the event loop started it, or None
-
-    def check(self) -> None:
-        found = cgroups.read_limit(self.cgroup, self.physical)
-        new = found.bytes or self.physical  # no limit any more: physical memory
-        if new == self.limit:
-            return
-        fields = {
-            "worker": self.hostname,
-            "action": "changed",
-            "old_mib": mib(self.limit),
-            "new_mib": mib(new),
-            "limit_source": found.source if found.bytes else "physical",
-            "limit_detail": found.reason,
-        }
-        emit(logging.WARNING, "limit", fields, self.settings.log_format)
-        self.limit = new
-        self.collector.limit = new
-        brake = self.brake()
-        if brake is not None:
-            brake.set_limit(new)
-
-
-class Brake:
-    """Act before the kernel does: carry out ``pressure.Policy`` on the worker.
-
-    It runs on the worker's event loop (pool operations belong to the main thread): a
-    check every ``brake_interval`` seconds, and every 0.05 s above the low-water mark, each
-    reading two cgroup files; the children's private memory is read only when a rule
-    needs it.
-    """
-
-    def __init__(
-        self,
-        w: Any,
+        control: PoolControl,
         settings: Settings,
         cgroup: cgroups.Cgroup,
-        limit: int,
-        target: int,
+        live: LiveLimit,
+        requested: int,
         estimate: int,
-        collector: Any,
+        others: int,
+        hostname: str,
+        exits: ExitCauses,
+        drain: Callable[[], None] = lambda: None,
+        count: Callable[[str], None] = lambda action: None,
     ) -> None:
-        self.w = w
+        self.control = control
         self.settings = settings
         self.cgroup = cgroup
-        self.limit = limit
-        marks = Marks.of(limit, settings.low_water, settings.high_water, settings.hard_water)
-        self.policy = Policy(marks, settings.brake_interval, target, estimate)
-        self.collector = collector
+        self.live = live
+        self.requested = requested
+        self.others = others  # bytes in the cgroup at startup that are not this worker
+        self.hostname = hostname
+        self.exits = exits
+        self.drain = drain
+        self.count = count
+        self.ledger = Ledger(estimate)
+        self.safety = policy.Safety()
+        self.records: deque[Record] = deque()  # from the sampler's thread
+        self.main_rss = StatmRss()
+        self.reading: tuple[float, int] | None = None  # (when, working set)
+        self.holding = False
         self.stopped = False
+        #: Seconds from the working set passing the high mark to the safety net's action.
+        self.reactions: deque[float] = deque(maxlen=256)
+        self.crossed: float | None = None  # when the working set passed the high mark
+        #: Seconds the gate took to decide a hold (before the task reached a child).
+        self.hold_decisions: deque[float] = deque(maxlen=256)
+        self.holds = 0  # tasks held, one count per decision
+        self.figures_lock = threading.Lock()  # the summary reads them from its thread
 
-    # -- the loop --------------------------------------------------------------------
+    # -- wiring ----------------------------------------------------------------------
     def start(self, hub: Any) -> None:
         self.hub = hub
+        for pid in self.control.children:  # forked before the hooks were in place
+            self.child_up(pid)
+        self.control.listeners.append(self)
+        self.control.gate = self.gate
         hub.call_later(self.settings.brake_interval, self.tick)
-
-    def set_limit(self, limit: int) -> None:
-        """From the limit watch's thread: one assignment, read whole by the next tick."""
-        settings = self.settings
-        self.limit = limit
-        self.policy.marks = Marks.of(
-            limit, settings.low_water, settings.high_water, settings.hard_water
-        )
 
     def stop(self) -> None:
         self.stopped = True
+        self.control.gate = None
 
+    def take(self, record: Record) -> None:
+        """A child's record, from whichever thread read it; absorbed on the loop."""
+        self.records.append(record)
+
+    def _absorb(self) -> None:
+        while self.records:
+            self.ledger.take(self.records.popleft())
+
+    # -- the view ---------------------------------------------------------------------
+    def _working_set(self, now: float, fresh: float = FRESH) -> int:
+        if self.reading is None or now - self.reading[0] > fresh:
+            found = cgroups.read_usage(self.cgroup).working_set
+            if found is None:  # unreadable now: the last figure, else nothing fits
+                return self.reading[1] if self.reading else self.live.limit
+            self.reading = (now, found)
+        return self.reading[1]
+
+    def view(self, now: float, fresh: float = FRESH) -> policy.View:
+        return policy.View(
+            fresh=(lambda: self.view(time.monotonic(), 0.0)) if fresh > 0 else None,
+            working_set=self._working_set(now, fresh),
+            marks=self.live.marks,
+            size=self.control.size,
+            requested=self.requested,
+            base=self.main_rss() + self.others,
+            tasks_per_child=self.settings.min_tasks_per_child,
+            rss_now=self.control.rss,
+        )
+
+    # -- listener: the pool's events --------------------------------------------------
+    def child_up(self, pid: int) -> None:
+        self.ledger.child_up(pid, self.control.rss(pid) or 0)
+
+    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        self.ledger.child_down(pid)
+        self.control.release()
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        self.ledger.task_accepted(pid, task_id, name)
+
+    def task_ready(self, pid: int, task_id: str) -> bool:
+        """A task ended in ``pid``: take its record, then recycle the child if it has
+        outgrown its share. The held tasks are released after (PoolControl)."""
+        self.drain()  # the child wrote its record before it sent the result
+        self._absorb()
+        self.ledger.task_finished(pid)
+        child = self.ledger.children.get(pid)
+        if child is None or not self.settings.recycle or self.stopped:
+            return False
+        view = self.view(time.monotonic())
+        if not policy.recycle(view, self.ledger, child):
+            return False
+        child.leaving = True
+        self._log_recycle(child, view)
+        return True
+
+    # -- the gate ---------------------------------------------------------------------
+    def gate(self, request: Any) -> bool | None:
+        """True: hand ``request`` to the pool now; False: hold it and the ones behind it
+        (no room, no free child); None: hold it while a run of its kind is measured."""
+        if self.stopped:
+            return True
+        began = time.perf_counter()
+        self._absorb()
+        now = time.monotonic()
+        self.ledger.forget_stale(now)
+        view = self.view(now)
+        verdict = policy.admit(view, self.ledger, request.name, self.safety.over)
+        if verdict.admit:
+            self.ledger.task_handed(request.id, request.name, verdict.peak, now)
+            if self.holding:
+                self.holding = False
+                self._pressure(
+                    "release", "low", view.working_set, task=request.name,
+                    projected_mib=mib(verdict.projected), held=len(self.control.held),
+                )  # fmt: skip
+            return True
+        if verdict.reason == "learning":
+            return None
+        if verdict.reason == "no_child":
+            return False
+        self.holds += 1
+        if not self.holding:  # one line when holding starts, not one per task held
+            self.holding = True
+            with self.figures_lock:
+                self.hold_decisions.append(time.perf_counter() - began)
+            self._pressure(
+                "hold", "high", view.working_set, task=request.name, task_id=request.id,
+                peak_mib=mib(verdict.peak), projected_mib=mib(verdict.projected),
+                held=len(self.control.held),
+            )  # fmt: skip
+        return False
+
+    # -- the clock --------------------------------------------------------------------
     def tick(self) -> None:
         if self.stopped:
             return
         delay = self.settings.brake_interval
         try:
-            working_set = cgroups.read_usage(self.cgroup).working_set
-            if working_set is not None:
-                size = self.w.pool.num_processes
-                for action in self.policy.decide(
-                    working_set, time.monotonic(), size, self._children
-                ):
-                    self._carry_out(action, working_set)
-                delay = self.policy.next_delay(working_set)
-        except Exception:  # noqa: BLE001 - the brake must not stop the worker
-            logger.exception("celery-guard event=error stage=brake")
+            self._absorb()
+            now = time.monotonic()
+            view = self.view(now, fresh=0.0)
+            if view.working_set >= view.marks.high and self.crossed is None:
+                self.crossed = now
+            elif view.working_set < view.marks.high:
+                self.crossed = None
+            for action in self.safety.decide(view, self.ledger, now):
+                self._carry_out(action, view)
+            if not self.safety.over:
+                self.control.release()
+            delay = self.safety.next_delay(view.working_set, view.marks, delay)
+        except Exception:  # noqa: BLE001 - the governor must not stop the worker
+            logger.exception("celery-guard event=error stage=governor")
         self.hub.call_later(delay, self.tick)
 
-    # -- the pool --------------------------------------------------------------------
-    def _pool(self) -> Any:
-        return self.w.pool._pool
-
-    def _children(self, busy: bool | None = None) -> list[Child]:
-        """The live children (only the busy or the idle ones when asked), with their
-        private memory read now: smaps_rollup costs about 1.5 ms for a large child."""
-        pool = self._pool()
-        found = []
-        for proc in list(pool._pool):
-            if proc.exitcode is not None or not proc.pid:
-                continue
-            active = bool(pool._worker_active(proc))
-            if busy is not None and active != busy:
-                continue
-            private = read_private(proc.pid)
-            if private is not None:
-                found.append(Child(proc.pid, private, active))
-        return found
-
-    def _process(self, pid: int) -> Any:
-        for proc in list(self._pool()._pool):
-            if proc.pid == pid and proc.exitcode is None:
-                return proc
-        return None
-
-    def _carry_out(self, action: Action, working_set: int) -> None:
-        extra: dict[str, Any] = {}
+    def _carry_out(self, action: policy.Action, view: policy.View) -> None:
         child = action.child
-        if action.action == "pause":
-            if not self._consume(False):
-                self.policy.paused = False  # no consumer yet: nothing to pause
-                return
-        elif action.action == "resume":
-            self._consume(True)
-        elif action.action == "grow":
-            self.w.pool.grow(1)
-            extra = {"child_cost_mib": mib(action.cost), "projected_mib": mib(action.projected)}
-        elif child is not None:
-            proc = self._process(child.pid)
-            if proc is None:
-                return  # it exited since it was read
-            task = running_task(child.pid) if action.action == "terminate" else None
-            # at the hard mark even idle children go at once: SIGKILL frees without waiting
-            self._remove(proc, kill=action.level == "hard")
-            extra = {"pid": child.pid, "private_mib": mib(child.private)}
-            if action.action == "terminate":
-                extra.update(task=task[0] if task else None, task_id=task[1] if task else None)
-        self._log(action.level, working_set, action.action, **extra)
+        if action.action == "grow":
+            self.control.grow(action.count)
+            self._pressure(
+                "grow", action.level, view.working_set, added=action.count,
+                child_cost_mib=mib(policy.child_cost(view, self.ledger)),
+                target=policy.target_size(view, self.ledger),
+            )  # fmt: skip
+            return
+        if child is None:
+            return
+        if action.action == "kill":
+            reason = (
+                f"the working set reached {mib(view.working_set)} MiB of "
+                f"{mib(view.marks.limit)} MiB and was rising towards the hard mark"
+            )
+            self.exits.killing(child.pid, Kill(reason))
+            done = self.control.kill(child.pid, shrink=True)
+        elif action.action == "shed":
+            done = self.control.recycle(child.pid)
+        else:  # retire
+            done = self.control.retire(child.pid)
+        if not done:
+            return
+        child.leaving = True
+        self._note_reaction()
+        extra: dict[str, Any] = {"pid": child.pid, "private_mib": mib(child.private)}
+        if action.action == "kill":
+            extra.update(task=child.task, task_id=child.task_id)
+        name = {"kill": "terminate", "shed": "retire"}.get(action.action, action.action)
+        self._pressure(name, action.level, view.working_set, **extra)
 
-    def _consume(self, on: bool) -> bool:
-        consumer = getattr(self.w, "consumer", None)
-        task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is None:
-            return False
-        if on:
-            task_consumer.consume()
-        else:
-            task_consumer.cancel()
-        return True
+    def _note_reaction(self) -> None:
+        if self.crossed is not None:
+            with self.figures_lock:
+                self.reactions.append(time.monotonic() - self.crossed)
+            self.crossed = None
 
-    def _remove(self, proc: Any, kill: bool) -> None:
-        """Take one child out of the pool (billiard would replace it otherwise); the last
-        child is only replaced, so that the pool never stops."""
-        pool = self._pool()
-        shrink = self.w.pool.num_processes > 1
-        if shrink:
-            pool._processes -= 1
-            if pool._putlock:
-                pool._putlock.shrink()
-        if kill:
-            self.collector.stopped_by_brake.add(proc.pid)  # not an OOM kill: ours
-            os.kill(proc.pid, signal.SIGKILL)
-        else:
-            proc.terminate_controlled()
-        if shrink:
-            pool.on_shrink(1)
-
-    def _log(self, level: str, working_set: int, action: str, **extra: Any) -> None:
-        self.collector.count_pressure(action)
+    # -- lines ------------------------------------------------------------------------
+    def _pressure(self, action: str, level: str, usage: int, **extra: Any) -> None:
+        self.count(action)
         fields = {
-            "worker": self.w.hostname,
+            "worker": self.hostname,
             "level": level,
-            "usage_mib": mib(working_set),
-            "limit_mib": mib(self.limit),
+            "usage_mib": mib(usage),
+            "limit_mib": mib(self.live.limit),
             "action": action,
-            "concurrency": self.w.pool.num_processes,
+            "concurrency": self.control.size,
             **extra,
         }
         emit(logging.WARNING, "pressure", fields, self.settings.log_format)
 
+    def _log_recycle(self, child: ChildState, view: policy.View) -> None:
+        self.count("recycle")
+        fields = {
+            "worker": self.hostname,
+            "pid": child.pid,
+            "reason": "budget",
+            "private_mib": mib(child.private),
+            "baseline_mib": mib(child.baseline or 0),
+            "next_peak_mib": mib(self.ledger.tasks.worst_peak),
+            "share_mib": mib(policy.share(view)),
+            "tasks": child.tasks,
+            "concurrency": view.size,
+        }
+        emit(logging.INFO, "recycle", fields, self.settings.log_format)
 
-def running_task(pid: int) -> tuple[str, str] | None:
-    """(name, id) of the task the child ``pid`` had accepted, from the worker's state."""
-    from celery.worker import state
+    def figures(self) -> dict[str, Any]:
+        """What the summary line adds from the governor: how often it held tasks, and how
+        fast it acts (see the README's log reference)."""
+        with self.figures_lock:
+            decisions, reactions = list(self.hold_decisions), list(self.reactions)
+        return {
+            "holds": self.holds,
+            "hold_decision_p50_us": round(statistics.median(decisions) * 1e6, 1)
+            if decisions
+            else None,
+            "reaction_p50_ms": round(statistics.median(reactions) * 1000, 1) if reactions else None,
+            "reaction_max_ms": round(max(reactions) * 1000, 1) if reactions else None,
+        }
 
-    for request in list(state.active_requests):
-        if getattr(request, "worker_pid", None) == pid:
-            return request.name, request.id
-    return None
+    def info(self) -> dict[str, Any]:
+        """The governor's figures, for ``celery inspect stats`` and ``guard_stats``."""
+        tasks = self.ledger.tasks
+        view = self.view(time.monotonic())
+        return {
+            **self.figures(),
+            "target": policy.target_size(view, self.ledger),
+            "child_cost_mib": mib(policy.child_cost(view, self.ledger)),
+            "share_mib": mib(policy.share(view)),
+            "expected_baseline_mib": mib(self.ledger.expected_baseline),
+            "worst_peak_mib": mib(tasks.worst_peak),
+            "worst_retained_mib": mib(tasks.worst_retained),
+            "held": len(self.control.held),
+            "task_peaks_mib": {n: mib(m.peak) for n, m in list(tasks.by_name.items())[:50]},
+        }
+
+
+__all__ = ["Governor"]

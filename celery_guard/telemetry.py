@@ -10,14 +10,12 @@ aggregates.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
 import os
 import resource
-import select
-import signal
+import selectors
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +24,10 @@ from typing import Any
 
 from . import cgroups
 from .config import Settings
+from .exits import OOM, ExitCauses, LostJob, MemoryFailures, Outcome
 from .footprint import StatmRss, read_kib_fields
+from .ledger import Record
+from .limit import LiveLimit
 from .logline import emit, logger
 from .sizes import mib
 from .stats import ExpHistogram, recommend
@@ -36,6 +37,14 @@ PAGE = mmap.PAGESIZE
 PRIVATE_EVERY = 100
 #: Distinct task names kept for the growth table; past this, growth goes to "other".
 MAX_TASK_NAMES = 200
+#: A child reports a task whose figures changed nothing only for the first runs of each
+#: name in that child, up to this many names.
+NAMES_REPORTED = 256
+MIB = 1024 * 1024
+#: The largest figure a record may carry (bytes): 1 PiB; larger is a forged or broken line.
+MAX_FIGURE = 1 << 50
+MAX_NAME = 200  # characters of a task name in a record
+PID_MAX = 1 << 22  # the kernel's largest pid_max
 
 
 def private_bytes(fields: dict[str, int]) -> int | None:
@@ -71,8 +80,9 @@ class ChildProbe:
         self.tasks = 0
         self.rss = StatmRss()
         self.last_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.last_rss = self.rss()
+        self.last_rss = self.sent_rss = self.rss()
         self.logged_peak = self.last_peak
+        self.names: set[str] = set()
 
     def after_task(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         try:
@@ -80,17 +90,30 @@ class ChildProbe:
                 self.on_child_start()
             self._after_task(task_id, getattr(task, "name", None) or "?")
         except Exception:  # noqa: BLE001 - telemetry must not break the task path
-            logger.debug("celery-guard event=error stage=child", exc_info=True)
+            logger.warning("celery-guard event=error stage=child", exc_info=True)
 
     def _after_task(self, task_id: str | None, name: str) -> None:
         self.tasks += 1
         rss = self.rss()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         delta, rss_delta = peak - self.last_peak, rss - self.last_rss
-        self.last_peak, self.last_rss = peak, rss
+        # The task's own peak above where it started: exact when it raised the child's
+        # lifetime peak, else the lifetime peak bounds it.
+        exact = delta > 0
+        task_peak = (peak if exact else self.last_peak) - self.last_rss
+        private = read_private() if self.tasks % PRIVATE_EVERY == 1 else None
         recycling = 0 < self.max_memory_kib < peak // 1024
-        if delta > 0 or recycling:
-            self._send(f"{'R' if recycling else 'G'} {self.pid} {name} {delta} {peak}\n")
+        new_name = name not in self.names and len(self.names) < NAMES_REPORTED
+        if new_name:
+            self.names.add(name)
+        self.last_peak, self.last_rss = peak, rss
+        if exact or new_name or recycling or private is not None or abs(rss - self.sent_rss) >= MIB:
+            self.sent_rss = rss
+            self._send(
+                f"{'R' if recycling else 'T'} {self.pid} {delta} {int(exact)} {task_peak} "
+                f"{rss_delta} {rss} {-1 if private is None else private} "
+                f"{name[:MAX_NAME].replace(chr(10), '?')}\n"
+            )
         if self.mode == "off":
             return
         grew = peak - self.logged_peak >= self.step
@@ -103,10 +126,8 @@ class ChildProbe:
             "tasks": self.tasks, "rss_mib": mib(rss), "peak_rss_mib": mib(peak),
             "delta_mib": mib(delta), "rss_delta_mib": mib(rss_delta),
         }  # fmt: skip
-        if self.tasks % PRIVATE_EVERY == 1:
-            private = read_private()
-            if private is not None:
-                fields["private_mib"] = mib(private)
+        if private is not None:
+            fields["private_mib"] = mib(private)
         emit(logging.INFO, "child", fields, self.log_format)
 
     def _send(self, record: str) -> None:
@@ -117,6 +138,36 @@ class ChildProbe:
         except OSError as error:  # a full pipe drops the record; nothing waits
             if error.errno not in (errno.EAGAIN, errno.EPIPE):
                 raise
+
+
+def parse_record(line: str) -> tuple[str, int, Record] | None:
+    """A child's record, checked field by field; None for anything else.
+
+    ``KIND PID DELTA EXACT PEAK RETAINED RSS PRIVATE NAME``: the name comes last and may
+    hold spaces (Celery allows them). Figures are plain ASCII integers within
+    MAX_FIGURE: the pipe is open to every process a child forks, so nothing is trusted."""
+    parts = line.split(" ", 8)
+    if len(parts) != 9 or parts[0] not in ("T", "R") or not parts[8]:
+        return None
+    numbers = []
+    for text in parts[1:8]:
+        digits = text[1:] if text[:1] == "-" else text
+        if not (0 < len(digits) <= 16 and digits.isascii() and digits.isdigit()):
+            return None
+        numbers.append(int(text))
+    pid, delta, exact, peak, retained, rss, private = numbers
+    name = parts[8]
+    if not 0 < pid < PID_MAX or exact not in (0, 1) or not name.isprintable():
+        return None
+    if len(name) > MAX_NAME or private < -1 or not 0 <= rss < MAX_FIGURE:
+        return None
+    if not all(-MAX_FIGURE < n < MAX_FIGURE for n in (delta, peak, retained, private)):
+        return None
+    record = Record(
+        pid, name, max(peak, 0), bool(exact), retained, rss,
+        None if private < 0 else private, parts[0] == "R",
+    )  # fmt: skip
+    return parts[0], delta, record
 
 
 @dataclass
@@ -141,7 +192,7 @@ class Collector:
 
     hostname: str
     settings: Settings
-    limit: int
+    live: LiveLimit  # the limit now (the limit watch replaces it)
     headroom: int
     parent_rss: int
     cgroup: cgroups.Cgroup | None
@@ -156,25 +207,48 @@ class Collector:
     recycles: int = 0
     oom_kills: int = 0
     pressure: dict[str, int] = field(default_factory=dict)  # event=pressure lines by action
-    stopped_by_brake: set[int] = field(default_factory=set)
-    oom_kills_seen: int | None = None  # the cgroup's counter when last read
+    #: Is this pid one of ours (a pool child, or this process for pools that do not fork)?
+    known: Callable[[int], bool] = lambda pid: True
+    #: Told every record, after the growth table (the governor's ledger).
+    listeners: list[Callable[[Record], None]] = field(default_factory=list)
+    exits: ExitCauses = field(default_factory=lambda: ExitCauses(None))
+    failures: MemoryFailures | None = None  # set in __post_init__
+    #: Other parts' figures (the governor's): added to every summary line, and to
+    #: ``guard_stats`` under their name.
+    summary_extras: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
+    stats_sections: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    dropped: int = 0  # records refused
+
+    def __post_init__(self) -> None:
+        self.exits.seen = self.read_oom_kills()
+        self.failures = MemoryFailures(self.exit_cause, self.settings.max_memory_kills)
+
+    @property
+    def limit(self) -> int:
+        return self.live.limit
+
+    def on_lost(self, lost: LostJob) -> Exception | None:
+        """The pool lost a task with its child: ``MemoryLimitExceeded`` when memory was
+        why (see ``exits.MemoryFailures``)."""
+        assert self.failures is not None
+        with self.lock:
+            return self.failures.on_lost(lost, self.exits)
+
     samples: int = 0
     usage: int | None = None
     working_set: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- records from the children -------------------------------------------------
-    def take(self, data: bytes) -> None:
-        for line in data.decode(errors="replace").splitlines():
-            parts = line.split(" ")
-            if len(parts) != 5 or parts[0] not in ("G", "R"):
+    def take(self, lines: list[str]) -> None:
+        for line in lines:
+            parsed = parse_record(line)
+            if parsed is None or not self.known(parsed[2].pid):
+                self.dropped += 1
                 continue
-            kind, pid_text, name, delta_text, peak_text = parts
-            try:
-                pid, delta, peak = int(pid_text), int(delta_text), int(peak_text)
-            except ValueError:
-                continue
+            kind, delta, record = parsed
             with self.lock:
+                name = record.name
                 if name not in self.tasks and len(self.tasks) >= MAX_TASK_NAMES:
                     name = "other"
                 growth = self.tasks.setdefault(name, TaskGrowth())
@@ -182,8 +256,10 @@ class Collector:
                     growth.events += 1
                     growth.total += delta
                     growth.largest = max(growth.largest, delta)
-                if kind == "R":
-                    self.last_task[pid] = (name, peak)
+                if kind == "R" and (record.pid in self.last_task or len(self.last_task) < 4096):
+                    self.last_task[record.pid] = (name, record.rss + record.peak)
+            for listener in self.listeners:
+                listener(record)
 
     def count_pressure(self, action: str) -> None:
         with self.lock:
@@ -214,14 +290,22 @@ class Collector:
     def read_oom_kills(self) -> int | None:
         return cgroups.read_oom_kills(self.cgroup)[0] if self.cgroup is not None else None
 
+    def exit_cause(self, pid: int, exitcode: int | None) -> str:
+        """GUARD, OOM or OTHER, decided once per exit (see ``exits.ExitCauses``)."""
+        sigkill = exitcode is not None and exitcode < 0 and -exitcode == 9
+        counter = self.read_oom_kills() if sigkill else None
+        return self.exits.cause(pid, exitcode, counter)
+
     def on_exit(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
         """A pool child is gone: say why when memory was the reason.
 
         ``task`` is (name, id) of the task it was running, if any.
         """
-        if exitcode == -signal.SIGKILL and pid not in self.stopped_by_brake:
-            self._on_sigkill(pid, task)
-        self.stopped_by_brake.discard(pid)
+        with self.lock:
+            cause = self.exit_cause(pid, exitcode)
+            outcome = self.failures.outcome(pid) if self.failures else None
+        if cause == OOM:
+            self._on_oom(pid, task, outcome)
         with self.lock:
             last = self.last_task.pop(pid, None)  # whatever the exit: the dict stays bounded
         if exitcode != 155:  # billiard's EX_RECYCLE
@@ -234,19 +318,16 @@ class Collector:
             logging.WARNING,
             "recycle",
             {
-                "worker": self.hostname, "pid": pid, "exitcode": exitcode,
-                "peak_rss_mib": mib(peak), "last_task": name,
+                "worker": self.hostname, "pid": pid, "reason": "max_memory_per_child",
+                "exitcode": exitcode, "peak_rss_mib": mib(peak), "last_task": name,
                 "max_memory_per_child_kib": self.max_memory_kib,
             },
             self.settings.log_format,
         )  # fmt: skip
 
-    def _on_sigkill(self, pid: int, task: tuple[str, str] | None) -> None:
-        """SIGKILL and the cgroup's OOM-kill counter rose: the kernel killed it."""
-        before, now = self.oom_kills_seen, self.read_oom_kills()
-        self.oom_kills_seen = now
-        if before is None or now is None or now <= before:
-            return  # a kill -9 from someone else is not an OOM kill
+    def _on_oom(self, pid: int, task: tuple[str, str] | None, outcome: Outcome | None) -> None:
+        """The kernel's OOM killer took this child: name the task, with the figures."""
+        now = self.exits.seen
         usage = cgroups.read_usage(self.cgroup) if self.cgroup is not None else None
         with self.lock:
             figures = self.child_figures.get(pid)
@@ -262,6 +343,8 @@ class Collector:
             "limit_mib": mib(self.limit),
             "oom_kills": now,
         }
+        if outcome is not None:  # what becomes of the task (see exits.MemoryFailures)
+            fields.update(then=outcome.then, memory_kills=outcome.kills)
         emit(logging.ERROR, "oom", fields, self.settings.log_format)
 
     def summary_fields(self, final: bool = False) -> dict[str, Any]:
@@ -304,6 +387,8 @@ class Collector:
         fields["recommended_concurrency"] = advice.concurrency
         if advice.note:
             fields["recommendation_note"] = advice.note
+        for extra in self.summary_extras:
+            fields.update(extra())
         return fields
 
     def log_summary(self, final: bool = False) -> dict[str, Any]:
@@ -326,6 +411,8 @@ class Collector:
                 "private_buckets": len(self.private.buckets()),
                 "peak_rss_buckets": len(self.peak_rss.buckets()),
             }
+        for name, section in self.stats_sections.items():
+            fields[name] = section()
         return fields
 
 
@@ -334,11 +421,17 @@ def _mib_or_none(value: float | None) -> float | None:
 
 
 class Sampler(threading.Thread):
-    """Drains the children's records and samples memory, off the consumer's loop."""
+    """Drains the children's records and samples memory, off the consumer's loop.
+
+    It never spins: a step that fails has its deadline moved on (further each time it
+    fails again, up to MAX_BACKOFF), and a pipe it cannot wait on (a descriptor select()
+    refuses, EBADF) is given up with one line, the sampling going on by the clock."""
 
     #: How often the watches (limits that act) run, whatever the sample interval.
     WATCH_INTERVAL = 1.0
     WAKE = 0.5  # seconds: the longest wait, so that stop() is heard
+    MAX_BACKOFF = 60.0  # seconds: the longest a failing step waits before it runs again
+    READ = 65536
 
     def __init__(
         self,
@@ -353,23 +446,69 @@ class Sampler(threading.Thread):
         self.on_summary = on_summary
         self.watches = watches or []
         self.stopping = threading.Event()
+        self.reading = threading.Lock()  # one reader at a time: the event loop drains too
+        self.partial = b""  # the start of a record cut by the end of a read
+        self.failures: dict[str, int] = {}
+        self.selector: selectors.BaseSelector | None = None
+        if channel is not None:
+            self.selector = self._selector(channel)
+
+    def _selector(self, channel: int) -> selectors.BaseSelector | None:
+        """epoll or poll where there is one (no limit on the descriptor's number); green
+        runtimes leave only select(), which refuses descriptors >= 1024."""
+        try:
+            selector = selectors.DefaultSelector()
+            selector.register(channel, selectors.EVENT_READ)
+            return selector
+        except (OSError, ValueError) as error:
+            self._give_up(error)
+            return None
+
+    def _give_up(self, error: BaseException) -> None:
+        self.channel = None
+        emit(
+            logging.ERROR,
+            "error",
+            {"stage": "channel", "error": f"{type(error).__name__}: {error}",
+             "effect": "children's records are no longer read; sampling goes on"},
+            self.collector.settings.log_format,
+        )  # fmt: skip
 
     def drain(self) -> None:
-        """Read what is there and return: under eventlet and gevent ``os.read`` waits
-        for data instead of failing on an empty pipe, so ask ``select`` first."""
-        if self.channel is None:
-            return
-        while True:
-            try:
-                readable, _, _ = select.select([self.channel], [], [], 0)
-                if not readable:
+        """Read what is there and return. Under eventlet and gevent ``os.read`` waits for
+        data instead of failing on an empty pipe, so the selector is asked first."""
+        with self.reading:
+            while self.channel is not None and self.selector is not None:
+                try:
+                    if not self.selector.select(0):
+                        return
+                    data = os.read(self.channel, self.READ)
+                except (OSError, ValueError) as error:
+                    if isinstance(error, OSError) and error.errno in (errno.EAGAIN, errno.EINTR):
+                        return
+                    self._give_up(error)
                     return
-                data = os.read(self.channel, 65536)
-            except (OSError, ValueError):
-                return
-            if not data:
-                return
-            self.collector.take(data)
+                if not data:
+                    return
+                lines = (self.partial + data).split(b"\n")
+                self.partial = lines.pop()[-4096:]  # a record never spans more than that
+                self.collector.take([line.decode(errors="replace") for line in lines])
+
+    def _step(self, name: str, now: float, interval: float, step: Callable[[], object]) -> float:
+        """Run one step; return when it runs next (later after each failure in a row)."""
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - a failed step must not end the sampler
+            failures = self.failures[name] = self.failures.get(name, 0) + 1
+            if failures <= 3 or failures % 100 == 0:  # say it, but not 100 times a second
+                logger.exception("celery-guard event=error stage=%s failures=%d", name, failures)
+            return now + min(interval * 2 ** min(failures, 16), max(interval, self.MAX_BACKOFF))
+        self.failures.pop(name, None)
+        return now + interval
+
+    def _watch(self) -> None:
+        for watch in self.watches:
+            watch()
 
     def run(self) -> None:
         settings = self.collector.settings
@@ -377,29 +516,30 @@ class Sampler(threading.Thread):
         next_summary = next_sample + settings.summary_interval
         while not self.stopping.is_set():
             now = time.monotonic()
-            try:
-                if self.watches and now >= next_watch:
-                    for watch in self.watches:
-                        watch()
-                    next_watch = now + self.WATCH_INTERVAL
-                if now >= next_sample:
-                    self.collector.sample()
-                    next_sample = now + settings.sample_interval
-                if now >= next_summary:
-                    self.on_summary()
-                    next_summary = now + settings.summary_interval
-            except Exception:  # noqa: BLE001 - a failed sample must not end the sampler
-                logger.exception("celery-guard event=error stage=sampler")
+            if self.watches and now >= next_watch:
+                next_watch = self._step("watch", now, self.WATCH_INTERVAL, self._watch)
+            if now >= next_sample:
+                next_sample = self._step(
+                    "sample", now, settings.sample_interval, self.collector.sample
+                )
+            if now >= next_summary:
+                next_summary = self._step(
+                    "summary", now, settings.summary_interval, self.on_summary
+                )
             deadlines = [next_sample, next_summary] + ([next_watch] if self.watches else [])
             # at most WAKE: a green thread (gevent, eventlet) in select() misses stop()
             timeout = min(max(min(deadlines) - time.monotonic(), 0.01), self.WAKE)
-            if self.channel is None:
+            selector = self.selector
+            if self.channel is None or selector is None:
                 self.stopping.wait(timeout)
                 continue
-            with contextlib.suppress(OSError, ValueError):
-                readable, _, _ = select.select([self.channel], [], [], timeout)
-                if readable:
-                    self.drain()
+            try:
+                ready = selector.select(timeout)
+            except (OSError, ValueError) as error:
+                self._give_up(error)
+                continue
+            if ready:
+                self.drain()
 
     def stop(self) -> None:
         self.stopping.set()

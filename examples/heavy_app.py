@@ -74,6 +74,16 @@ def _child_started(**_: object) -> None:
     logging.getLogger("heavy_app").warning("heavy_app pool child started pid=%d", os.getpid())
 
 
+@signals.task_failure.connect
+def _task_failed(
+    task_id: str | None = None, exception: BaseException | None = None, **_: object
+) -> None:
+    """One line per failed task with the exception's class, as a monitoring hook sees it."""
+    logging.getLogger("heavy_app").warning(
+        "heavy_app task failed id=%s exception=%s", task_id, type(exception).__name__
+    )
+
+
 @app.task
 def walk() -> int:
     """Read every catalogue entry, as a report or a search index rebuild would."""

@@ -63,7 +63,6 @@ from celery_guard.logreader import (
     peak_histogram,
     read_records,
 )
-from celery_guard.pressure import Action, Child, Marks, Policy
 from celery_guard.sizes import MAX_SIZE, MIB, mib, parse_fraction, parse_size
 from celery_guard.stats import ExpHistogram, Recommendation, recommend
 
@@ -735,6 +734,9 @@ GOOD: dict[str, list[str]] = {
     "gc_freeze": ["1", "0", "true", "no", "ON"],
     "max_worker_memory": ["", "2G"],
     "brake": ["1", "0", "yes", "off"],
+    "recycle": ["1", "0", "no"],
+    "min_tasks_per_child": ["1", "4", "10"],
+    "max_memory_kills": ["1", "3"],
     "brake_interval": ["0.25", "1", "2s"],
     "low_water": ["70%", "80%", "0.85", "90%"],
     "high_water": ["80%", "90%", "0.95", "85%"],
@@ -1429,86 +1431,6 @@ def test_recommend_never_raises(
     assert advice.concurrency is None or advice.concurrency >= 1
     kib = advice.max_memory_per_child_kib
     assert kib is None or type(kib) is int
-
-
-# ---------------------------------------------------------------------------------------
-# pressure
-
-CHILDREN = st.lists(
-    st.builds(
-        Child, st.integers(1, 10**6), st.integers(0, 400).map(lambda m: m * MIB), st.booleans()
-    ),
-    max_size=8,
-    unique_by=lambda child: child.pid,
-)
-LIMIT = 1000 * MIB
-STEPS = st.lists(
-    st.tuples(
-        st.floats(0, 1.3).map(lambda share: int(share * LIMIT)),  # working set
-        st.floats(1e-3, 3.0),  # seconds since the last check
-        st.integers(0, 12),  # pool size
-        CHILDREN,
-    ),
-    min_size=1,
-    max_size=25,
-)
-
-
-def _reader(children: list[Child]) -> Callable[[bool | None], list[Child]]:
-    return lambda busy: [c for c in children if busy is None or c.busy == busy]
-
-
-@QUICK
-@given(
-    fractions=st.lists(st.floats(0.05, 0.99), min_size=3, max_size=3, unique=True).map(sorted),
-    interval=st.floats(0.01, 5.0),
-    target=st.integers(1, 16),
-    estimate=st.integers(0, 500),
-    steps=STEPS,
-)
-def test_policy_decisions_stay_within_the_pool(
-    fractions: list[float],
-    interval: float,
-    target: int,
-    estimate: int,
-    steps: list[tuple[int, float, int, list[Child]]],
-) -> None:
-    marks = Marks.of(LIMIT, *fractions)
-    policy = Policy(marks, interval, target, estimate * MIB)
-    now, paused = 100.0, False
-    for working_set, dt, size, children in steps:
-        now += dt
-        actions = policy.decide(working_set, now, size, _reader(children))
-        assert all(isinstance(a, Action) for a in actions)
-        kinds = [a.action for a in actions]
-        for kind in set(kinds):
-            event(kind)
-        assert set(kinds) <= {"pause", "resume", "retire", "terminate", "grow"}
-        busy = [c for c in children if c.busy]
-        idle = [c for c in children if not c.busy]
-        terminated = [a.child for a in actions if a.action == "terminate"]
-        retired = [a.child for a in actions if a.action == "retire"]
-        assert all(child in busy for child in terminated) and len(terminated) <= len(busy)
-        assert all(child in idle for child in retired)
-        assert len(set(terminated + retired)) == len(terminated) + len(retired)
-        assert len(retired) <= max(size - 1, 0)  # the pool keeps one child: none at size 1
-        for chosen, among in ((terminated, busy), (retired, idle)):
-            if chosen:  # the largest first
-                spared = [c.private for c in among if c not in chosen]
-                assert min(c.private for c in chosen) >= max(spared, default=0)
-        for grow in (a for a in actions if a.action == "grow"):
-            assert size < target and grow.projected + grow.cost <= marks.high
-        assert not ("pause" in kinds and "resume" in kinds)
-        if "pause" in kinds:
-            assert not paused and working_set >= marks.high
-            paused = True
-        if "resume" in kinds:
-            assert paused and working_set < marks.low
-            paused = False
-        if "grow" in kinds:
-            assert not paused and working_set < marks.low
-        assert policy.paused == paused
-        assert policy.next_delay(working_set) > 0
 
 
 # ---------------------------------------------------------------------------------------

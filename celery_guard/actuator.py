@@ -1,0 +1,359 @@
+"""The one place that touches Celery's and billiard's internals (prefork on the event loop).
+
+Everything the guard does to the pool goes through ``PoolControl``: it hears the pool's
+events (a task handed over, accepted by a child, finished; a child up or down; a job
+lost) and carries out grow, retire, recycle, kill, hold and release. The hooks it uses,
+checked in Celery 5.7.0 and billiard 4.3.2 (see the README's how-it-works):
+
+- hand-over: every received task waits in the worker's ``LaxBoundedSemaphore`` and is
+  then passed to ``WorkController._process_task``, looked up on the instance at each
+  call: replacing it there holds a task *after* it took a slot and *before* it reaches
+  the pool (unacknowledged, also with early acks, which happen when a child accepts it);
+- accepted / finished: the result handler's ``state_handlers[ACK]`` and ``[READY]``,
+  looked up at each message;
+- child up / down, job lost: AsynPool's ``on_process_up``, ``on_process_down``,
+  ``on_job_process_down`` and ``on_job_process_lost`` instance attributes;
+- recycle: ``Process.terminate_controlled`` on an idle child, kept marked busy so the fair
+  scheduler writes nothing more to it (billiard's own shrink uses the same signal);
+- every signal goes to a pid checked to be a current pool child by its start time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import signal
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from billiard.pool import ACK, READY
+
+from .exits import LostJob
+
+
+class Listener(Protocol):
+    """What the pool's events are told to (the governor, the telemetry)."""
+
+    def child_up(self, pid: int) -> None: ...
+    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None: ...
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None: ...
+    def task_ready(self, pid: int, task_id: str) -> bool: ...
+
+
+def start_time(pid: int, proc: str = "/proc") -> int | None:
+    """A process's start time in clock ticks since boot (field 22 of ``stat``): with the
+    pid, it names one process for good, whatever reuses the pid later."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as file:
+            data = file.read(4096)
+    except OSError:
+        return None
+    end = data.rfind(b")")  # the name may hold spaces and parentheses
+    fields = data[end + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def read_rss(pid: int, proc: str = "/proc") -> int | None:
+    """A process's RSS in bytes from ``statm`` (about 10 us); None when it is gone."""
+    try:
+        with open(f"{proc}/{pid}/statm", "rb") as file:
+            return int(file.read(200).split()[1]) * mmap.PAGESIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass
+class Child:
+    """A pool child as the guard knows it."""
+
+    pid: int
+    started: int | None  # start time (ticks since boot), None if unreadable at fork
+    process: Any  # billiard's Process
+
+
+class PoolControl:
+    """Hears the pool and acts on it; holds the tasks the governor does not start yet."""
+
+    def __init__(self, w: Any) -> None:
+        self.w = w
+        self.children: dict[int, Child] = {}
+        self.listeners: list[Listener] = []
+        self.held: deque[Any] = deque()  # requests that took a slot, not handed over
+        self.recycling: set[int] = set()  # pids told to exit after their task
+        #: The governor's verdict on a request: True hand over now, False hold (no room;
+        #: keep the order), None defer (let the ones behind go first).
+        self.gate: Callable[[Any], bool | None] | None = None
+        #: Told of a task lost with its child; returns the exception it fails with
+        #: instead of billiard's WorkerLostError, or None to leave it.
+        self.on_lost: Callable[[LostJob], Exception | None] | None = None
+        self._start_task: Callable[[Any], Any] | None = None
+        self.installed = False
+
+    # -- installing ------------------------------------------------------------------
+    @property
+    def pool(self) -> Any:
+        return self.w.pool._pool
+
+    def install(self) -> bool:
+        """Wrap the hooks, once (the consumer registers with the event loop again after a
+        lost broker connection); False when this pool does not have them (not prefork
+        on the event loop), and then the guard leaves it alone."""
+        if self.installed:
+            return True
+        w, pool = self.w, getattr(getattr(self.w, "pool", None), "_pool", None)
+        handler = getattr(pool, "_result_handler", None)
+        handlers = getattr(handler, "state_handlers", None)
+        semaphore = getattr(w, "semaphore", None)
+        needed = ("on_process_up", "on_process_down", "on_job_process_lost")
+        if pool is None or handlers is None or not all(hasattr(pool, n) for n in needed):
+            return False
+        self._wrap_pool(pool, handlers)
+        if semaphore is not None and getattr(w, "process_task", None) == getattr(
+            w, "_process_task_sem", None
+        ):
+            self._wrap_hand_over(w, semaphore)
+        for process in list(pool._pool):
+            if process.pid and process.exitcode is None:
+                self._up(process)
+        self.installed = True
+        return True
+
+    def _wrap_pool(self, pool: Any, handlers: dict[int, Any]) -> None:
+        process_up, process_down = pool.on_process_up, pool.on_process_down
+        job_down, job_lost = pool.on_job_process_down, pool.on_job_process_lost
+        ack, ready = handlers[ACK], handlers[READY]
+        held_task: dict[int, tuple[str, str]] = {}  # pid -> the task its lost job was
+
+        def on_process_up(process: Any) -> Any:
+            result = process_up(process) if process_up else None
+            self._guarded("process_up", self._up, process)
+            return result
+
+        def on_job_process_down(job: Any, pid_gone: int) -> Any:
+            with contextlib.suppress(Exception):
+                held_task[pid_gone] = self._task_of(job)
+            return job_down(job, pid_gone)
+
+        def on_job_process_lost(job: Any, pid: int, exitcode: int | None) -> Any:
+            error = self._guarded("job_lost", self._lost, job, pid, exitcode)
+            if error is None:
+                return job_lost(job, pid, exitcode)
+            try:
+                raise error
+            except Exception:  # noqa: BLE001 - ExceptionInfo takes the one raised here
+                from billiard.einfo import ExceptionInfo
+
+                job._set(None, (False, ExceptionInfo()))
+            return None
+
+        def on_process_down(process: Any) -> Any:
+            task = held_task.pop(process.pid, None)
+            self._guarded("process_down", self._down, process, task)
+            return process_down(process) if process_down else None
+
+        def on_ack(job: int, i: int, time_accepted: float, pid: int, *rest: Any) -> Any:
+            result = ack(job, i, time_accepted, pid, *rest)
+            self._guarded("ack", self._accepted, job, pid)
+            return result
+
+        def on_ready(job: int, i: int, obj: Any, inqw_fd: int) -> Any:
+            pid = self._guarded("ready", self._ready, job)
+            result = ready(job, i, obj, inqw_fd)
+            if pid in self.recycling:  # nothing more is written to a child on its way out
+                with contextlib.suppress(AttributeError):
+                    pool._busy_workers.add(inqw_fd)
+            self._guarded("release", self.release)
+            return result
+
+        pool.on_process_up, pool.on_process_down = on_process_up, on_process_down
+        pool.on_job_process_down, pool.on_job_process_lost = (
+            on_job_process_down,
+            on_job_process_lost,
+        )
+        handlers[ACK], handlers[READY] = on_ack, on_ready
+
+    def _wrap_hand_over(self, w: Any, semaphore: Any) -> None:
+        self._start_task = w._process_task
+        clear = semaphore.clear
+
+        def process_task(request: Any) -> None:
+            self.held.append(request)
+            self.release()
+
+        def clear_semaphore() -> None:
+            # Celery clears its semaphore when the broker connection is lost: the
+            # messages come back from the broker, so held requests are dropped too.
+            self.held.clear()
+            clear()
+
+        w._process_task = process_task
+        semaphore.clear = clear_semaphore
+
+    def _guarded(self, stage: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a guard callback inside the pool's: an error is logged, never raised."""
+        try:
+            return function(*args)
+        except Exception:  # noqa: BLE001 - the pool's own callback must still run
+            from .logline import logger
+
+            logger.exception("celery-guard event=error stage=%s", stage)
+            return None
+
+    # -- events ----------------------------------------------------------------------
+    def _up(self, process: Any) -> None:
+        pid = process.pid
+        self.children[pid] = Child(pid, start_time(pid), process)
+        for listener in self.listeners:
+            listener.child_up(pid)
+
+    def _down(self, process: Any, task: tuple[str, str] | None) -> None:
+        pid = process.pid
+        self.children.pop(pid, None)
+        self.recycling.discard(pid)
+        for listener in self.listeners:
+            listener.child_down(pid, process.exitcode, task)
+
+    def _accepted(self, job: int, pid: int) -> None:
+        result = self.pool._cache.get(job)
+        if result is None:
+            return
+        name, task_id = self._task_of(result)
+        for listener in self.listeners:
+            listener.task_accepted(pid, task_id, name)
+
+    def _ready(self, job: int) -> int | None:
+        """A child finished a job: tell the listeners; recycle it when one asks."""
+        result = self.pool._cache.get(job)
+        pids = result.worker_pids() if result is not None else []
+        if not pids:
+            return None
+        pid, task_id = pids[0], result.correlation_id
+        recycle = False
+        for listener in self.listeners:
+            recycle = listener.task_ready(pid, task_id) or recycle
+        if recycle and self.recycle(pid):
+            return pid
+        return None
+
+    def _lost(self, job: Any, pid: int, exitcode: int | None) -> Exception | None:
+        if self.on_lost is None:
+            return None
+        from celery.worker import state
+
+        request = state.requests.get(job.correlation_id)
+        task = getattr(request, "task", None)
+        lost = LostJob(
+            pid,
+            exitcode,
+            job.correlation_id,
+            getattr(request, "name", None) or "?",
+            bool(getattr(task, "acks_late", False)),
+            bool(getattr(task, "reject_on_worker_lost", False)),
+        )
+        return self.on_lost(lost)
+
+    @staticmethod
+    def _task_of(job: Any) -> tuple[str, str]:
+        """(name, id) of a billiard job: its correlation id is the task id."""
+        from celery.worker import state
+
+        request = state.requests.get(job.correlation_id)
+        return (request.name if request is not None else "?"), job.correlation_id
+
+    # -- the hand-over gate ----------------------------------------------------------
+    def release(self) -> None:
+        """Hand over held requests, oldest first, while the gate lets them; a request the
+        gate only defers (None: its kind is being measured) does not block the ones
+        behind, one it refuses (False) does."""
+        start, gate = self._start_task, self.gate
+        if start is None:
+            return
+        kept: deque[Any] = deque()
+        while self.held:
+            request = self.held.popleft()
+            verdict = True if gate is None else gate(request)
+            if verdict is True:
+                self._guarded("hand_over", start, request)
+            elif verdict is None:  # deferred: try the next one
+                kept.append(request)
+            else:  # no room or no child: keep the order
+                kept.append(request)
+                kept.extend(self.held)
+                self.held.clear()
+        self.held = kept
+
+    # -- reading the pool ------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return int(self.w.pool.num_processes)
+
+    def rss(self, pid: int) -> int | None:
+        return read_rss(pid)
+
+    def _current(self, pid: int) -> Child | None:
+        """The child ``pid`` if it is still the process that was forked: alive, in the
+        pool, and with the start time it had then (the pid was not reused)."""
+        child = self.children.get(pid)
+        if child is None or child.process.exitcode is not None:
+            return None
+        if child.started is not None and start_time(pid) != child.started:
+            return None
+        return child
+
+    # -- acting ----------------------------------------------------------------------
+    def grow(self, count: int = 1) -> None:
+        """Add children now: billiard forks them at its next maintenance (every few
+        seconds) unless asked at once."""
+        self.w.pool.grow(count)
+        self.pool.maintain_pool()
+
+    def recycle(self, pid: int) -> bool:
+        """Replace an idle child: it exits (billiard's controlled termination) and the pool
+        forks a new one in its place."""
+        child = self._current(pid)
+        if child is None:
+            return False
+        self.recycling.add(pid)
+        child.process.terminate_controlled()
+        return True
+
+    def retire(self, pid: int) -> bool:
+        """Take an idle child out of the pool for good: the pool is one smaller."""
+        child = self._current(pid)
+        if child is None or self.size <= 1:
+            return False
+        pool = self.pool
+        pool._processes -= 1
+        if pool._putlock:
+            pool._putlock.shrink()
+        self.recycling.add(pid)
+        child.process.terminate_controlled()
+        pool.on_shrink(1)
+        return True
+
+    def kill(self, pid: int, shrink: bool) -> bool:
+        """SIGKILL a child (its task is lost: the last resort); ``shrink`` takes its slot
+        out of the pool too (never the last)."""
+        child = self._current(pid)
+        if child is None:
+            return False
+        pool = self.pool
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        if shrink and self.size > 1:
+            pool._processes -= 1
+            if pool._putlock:
+                pool._putlock.shrink()
+            pool.on_shrink(1)
+        return True
+
+
+__all__ = ["Child", "Listener", "PoolControl", "read_rss", "start_time"]

@@ -1,0 +1,227 @@
+"""What each pool child may cost at its peak: the model the run-time governor plans with.
+
+A child costs its *baseline* (its private memory after its first task: what it copied
+from the main process), plus what its tasks *retained* since (a leak), plus, while it
+runs a task, that task's *peak growth*. Peaks and retention are learnt per task name from
+the records the children send after their tasks; a child's baseline from its first
+record. The ledger holds those figures and nothing else: no I/O, no clock of its own,
+fed by the governor on the event loop and read by the policy.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+#: Distinct task names kept; past this, a name is measured under OTHER.
+MAX_TASK_NAMES = 200
+OTHER = "other"
+#: Baselines of the last children kept to predict the next child's.
+BASELINES_KEPT = 32
+#: Seconds a task handed to the pool may wait for a child to accept it before the ledger
+#: forgets it: it is handed over only when a child is free, so one that waits this long
+#: was revoked or lost on the way.
+ACCEPT_WITHIN = 10.0
+
+
+@dataclass(frozen=True)
+class Handed:
+    """A task handed to the pool, not yet accepted by a child."""
+
+    name: str
+    peak: int  # bytes reserved for it
+    when: float  # monotonic seconds
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a child reports after a task (see ``telemetry.ChildProbe``)."""
+
+    pid: int
+    name: str
+    peak: int  # bytes the task grew the child by at its peak, or at most that (``exact``)
+    exact: bool  # False: the child's lifetime peak did not rise, ``peak`` is a bound
+    retained: int  # bytes the child's RSS grew by over the task (negative: it shrank)
+    rss: int  # bytes: the child's RSS after the task
+    private: int | None  # bytes: its private memory, when the child read it
+    recycling: bool = False  # billiard recycles it now (worker_max_memory_per_child)
+
+
+@dataclass
+class TaskMemory:
+    """What runs of one task name did to their child."""
+
+    runs: int = 0
+    peak: int = 0  # the largest growth during one run
+    retained: int = 0  # bytes kept after runs, summed (only growth counts)
+
+    @property
+    def retained_per_run(self) -> int:
+        return self.retained // self.runs if self.runs else 0
+
+
+class TaskTable:
+    """Peak growth and retention by task name, bounded at MAX_TASK_NAMES names."""
+
+    def __init__(self, limits: dict[str, int] | None = None) -> None:
+        self.by_name: dict[str, TaskMemory] = {}
+        #: Declared hard limits (bytes) by task name: an upper bound on an unmeasured peak.
+        self.limits = dict(limits or {})
+
+    def _key(self, name: str) -> str:
+        if name in self.by_name or len(self.by_name) < MAX_TASK_NAMES:
+            return name
+        return OTHER
+
+    def observe(self, name: str, peak: int, retained: int) -> None:
+        memory = self.by_name.setdefault(self._key(name), TaskMemory())
+        memory.runs += 1
+        memory.peak = max(memory.peak, peak, 0)
+        memory.retained += max(retained, 0)
+
+    def known(self, name: str) -> bool:
+        return name in self.by_name or name in self.limits
+
+    def peak(self, name: str) -> int | None:
+        """The growth to expect from one run of ``name``; None when nothing says."""
+        memory = self.by_name.get(name)
+        if memory is not None:
+            return memory.peak
+        return self.limits.get(name)
+
+    @property
+    def worst_peak(self) -> int:
+        """The largest growth of any run seen (or declared): what an unknown task may do."""
+        seen = [m.peak for m in self.by_name.values()] + list(self.limits.values())
+        return max(seen, default=0)
+
+    @property
+    def worst_retained(self) -> int:
+        """What a run of the leakiest task keeps, on average."""
+        return max((m.retained_per_run for m in self.by_name.values()), default=0)
+
+
+@dataclass
+class ChildState:
+    pid: int
+    baseline: int | None = None  # private memory after its first task
+    rss_at_baseline: int = 0
+    rss: int = 0  # RSS after its last task
+    tasks: int = 0  # tasks it finished
+    task: str | None = None  # the task it runs now
+    task_id: str | None = None
+    task_peak: int = 0  # the growth reserved for that task
+    task_rss: int = 0  # its RSS when that task started
+    leaving: bool = False  # recycled, retired or killed: on its way out
+
+    @property
+    def young(self) -> bool:
+        """No first task measured yet: it has not copied what it will copy."""
+        return self.baseline is None
+
+    @property
+    def private(self) -> int:
+        """Its private memory now, as far as its records tell (0 while young)."""
+        if self.baseline is None:
+            return 0
+        return self.baseline + max(self.rss - self.rss_at_baseline, 0)
+
+
+@dataclass
+class Ledger:
+    """Every live child, the tasks in flight and the task table."""
+
+    estimate: int  # bytes: the startup estimate of a child's baseline
+    tasks: TaskTable = field(default_factory=TaskTable)
+    children: dict[int, ChildState] = field(default_factory=dict)
+    #: Tasks handed to the pool and not yet accepted by a child, by id.
+    starting: OrderedDict[str, Handed] = field(default_factory=OrderedDict)
+    baselines: deque[int] = field(default_factory=lambda: deque(maxlen=BASELINES_KEPT))
+
+    # -- the figures the policy reads ----------------------------------------------------
+    @property
+    def expected_baseline(self) -> int:
+        """What the next child will copy: the largest of the last children's baselines,
+        else the startup estimate."""
+        return max(self.baselines, default=self.estimate)
+
+    def expected_peak(self, name: str) -> int | None:
+        return self.tasks.peak(name)
+
+    def live(self) -> list[ChildState]:
+        return [c for c in self.children.values() if not c.leaving]
+
+    def free(self) -> int:
+        """Children that could take a task now: idle, staying, none promised to them."""
+        idle = sum(1 for c in self.children.values() if not c.leaving and c.task is None)
+        return idle - len(self.starting)
+
+    def busy(self) -> list[ChildState]:
+        return [c for c in self.children.values() if c.task is not None]
+
+    def learning(self, name: str) -> bool:
+        """A run of ``name``, never measured, is already in flight."""
+        return any(h.name == name for h in self.starting.values()) or any(
+            c.task == name for c in self.children.values()
+        )
+
+    # -- events -----------------------------------------------------------------------
+    def child_up(self, pid: int, rss: int = 0) -> None:
+        self.children[pid] = ChildState(pid, rss=rss)
+
+    def child_down(self, pid: int) -> ChildState | None:
+        return self.children.pop(pid, None)
+
+    def task_handed(self, task_id: str, name: str, peak: int, now: float) -> None:
+        self.starting[task_id] = Handed(name, peak, now)
+
+    def forget_stale(self, now: float) -> None:
+        """Tasks handed over that no child accepted in ACCEPT_WITHIN seconds."""
+        while self.starting:
+            task_id, handed = next(iter(self.starting.items()))
+            if now - handed.when < ACCEPT_WITHIN:
+                return
+            del self.starting[task_id]
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        entry = self.starting.pop(task_id, None)
+        child = self.children.get(pid)
+        if child is None:
+            return
+        peak = entry.peak if entry else (self.tasks.peak(name) or self.tasks.worst_peak)
+        child.task, child.task_id, child.task_peak, child.task_rss = name, task_id, peak, child.rss
+
+    def task_finished(self, pid: int) -> None:
+        child = self.children.get(pid)
+        if child is not None:
+            child.task = child.task_id = None
+            child.task_peak = 0
+            child.tasks += 1
+
+    def take(self, record: Record) -> None:
+        """A child's report after a task: its figures, and the task's."""
+        if record.exact or not self.tasks.known(record.name):
+            self.tasks.observe(record.name, record.peak, record.retained)
+        child = self.children.get(record.pid)
+        if child is None:
+            return
+        child.rss = record.rss
+        if record.private is not None and child.baseline is None:
+            # What it copied from the main process: its private memory less what the
+            # task it just ran kept (a leak is not part of the next child's baseline).
+            kept = max(record.retained, 0)
+            child.baseline = max(record.private - kept, 0)
+            child.rss_at_baseline = record.rss - kept
+            self.baselines.append(child.baseline)
+
+
+__all__ = [
+    "MAX_TASK_NAMES",
+    "OTHER",
+    "ChildState",
+    "Handed",
+    "Ledger",
+    "Record",
+    "TaskMemory",
+    "TaskTable",
+]

@@ -1,0 +1,347 @@
+"""The run-time governor's decisions, apart from the pool they act on (pure).
+
+Every rule compares a *projected peak* with the marks: the working set the cgroup holds
+now, plus what is still to come from what already runs (young children that have not
+copied yet, tasks that have not reached their peak), plus what a decision would add. The
+inputs come in a ``View``; the answers are plain values the governor carries out, so
+each rule has a table-driven test and nothing here touches a process.
+
+- ``admit``: hand a task to the pool now, or hold it until it fits.
+- ``recycle``: after its task, replace a child whose memory has outgrown its share.
+- ``target_size``: how many children the pool should have, from what they cost.
+- ``Safety``: the clock-driven net for growth inside running tasks: hold, shed idle
+  children, and only when the hard mark is near, stop a running task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .ledger import ChildState, Ledger
+
+#: A child is recycled only for what it retained beyond what a new child copies, and only
+#: when that is worth a fork: at least this much, and an eighth of its share.
+MIN_RETAINED = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Marks:
+    """The working-set marks, in bytes: low < high < hard < limit."""
+
+    limit: int
+    low: int
+    high: int
+    hard: int
+
+    @classmethod
+    def of(cls, limit: int, low: float, high: float, hard: float) -> Marks:
+        return cls(limit, int(limit * low), int(limit * high), int(limit * hard))
+
+
+@dataclass(frozen=True)
+class View:
+    """What a decision is taken on."""
+
+    working_set: int  # bytes the cgroup holds (usage less inactive file pages)
+    marks: Marks
+    size: int  # the pool's size (children billiard keeps)
+    requested: int  # the concurrency asked for: the pool never grows past it
+    base: int  # bytes that are not pool children: the main process and the rest
+    tasks_per_child: int  # the pool leaves each child room for this many leaky runs
+    #: The RSS of a child now, read on demand (None when it is gone).
+    rss_now: Callable[[int], int | None] = field(default=lambda pid: None)
+    #: The same view with the working set read now, for a decision that also reads the
+    #: children now (a reading older than theirs would miss what grew in between).
+    fresh: Callable[[], View] | None = None
+
+
+# -- the projection ------------------------------------------------------------------------
+def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) -> int:
+    """Bytes the pool will still add at its peak from what it runs now.
+
+    Young children will copy their baseline; each task handed out reaches its expected
+    peak. With ``rss_now`` a running task's growth so far is read and only the rest is
+    counted (it is already in the working set); without, all of it counts (cautious,
+    and no read)."""
+    total = sum(handed.peak for handed in ledger.starting.values())
+    expected = ledger.expected_baseline
+    for child in ledger.children.values():
+        if child.leaving:
+            continue
+        if child.young:
+            total += expected
+        if child.task is not None:
+            grown = 0
+            if rss_now is not None:
+                now = rss_now(child.pid)
+                grown = max(now - child.task_rss, 0) if now is not None else child.task_peak
+            total += max(child.task_peak - grown, 0)
+    return total
+
+
+@dataclass(frozen=True)
+class Admission:
+    admit: bool
+    reason: str  # fits | idle | learning | no_child | over | no_room
+    peak: int  # bytes the task is expected to add
+    projected: int  # the working set at the peak, with the task
+
+
+def expected_peak(ledger: Ledger, name: str) -> int:
+    """A task's expected growth; one never measured counts at the worst seen."""
+    peak = ledger.expected_peak(name)
+    return ledger.tasks.worst_peak if peak is None else peak
+
+
+def leaving(ledger: Ledger) -> int:
+    """Bytes held by children on their way out (recycled, retired): the working set
+    still counts them, and soon will not."""
+    return sum(c.private for c in ledger.children.values() if c.leaving)
+
+
+def fits(view: View, ledger: Ledger, adding: int, read: bool = False) -> tuple[bool, int]:
+    """Does the pool's projected peak, with ``adding`` more, stay under the marks?
+
+    Two conditions: once the children on their way out are gone it stays under the high
+    mark, and until they are it stays under the hard mark (their memory is freed within
+    a fraction of a second; a task's peak may come sooner). With ``read``, the growth of
+    running tasks is read rather than assumed (see ``to_come``). Returns the answer and
+    the projection without the leaving children."""
+    projected = view.working_set + to_come(ledger, view.rss_now if read else None) + adding
+    settled = projected - leaving(ledger)
+    return settled <= view.marks.high and projected <= view.marks.hard, settled
+
+
+def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admission:
+    """Hand ``name`` to the pool now?
+
+    - Nothing in flight: yes, whatever it costs, so the worker always makes progress (a
+      task that alone does not fit is stopped at the hard mark and fails).
+    - A run of a task never measured is in flight: hold the next, so a burst of a new
+      kind of task is measured on one run before it is multiplied.
+    - No child is free to take it: hold it here, where it is weighed again at each
+      task's end, rather than in the pool's own buffer (Celery's semaphore lets a few
+      more through than there are children when children are replaced).
+    - The working set is past the high mark (``over``): hold.
+    - Else when the projected peak fits (``fits``): first as cheaply as it can be
+      told, then reading the running children's RSS.
+    """
+    peak = expected_peak(ledger, name)
+    idle = not ledger.starting and not ledger.busy()
+    if idle:
+        return Admission(True, "idle", peak, view.working_set + peak)
+    if not ledger.tasks.known(name) and ledger.learning(name):
+        return Admission(False, "learning", peak, view.working_set)
+    if ledger.free() <= 0:
+        return Admission(False, "no_child", peak, view.working_set)
+    if over:
+        return Admission(False, "over", peak, view.working_set)
+    ok, projected = fits(view, ledger, peak)
+    if not ok and view.fresh is not None:
+        ok, projected = fits(view.fresh(), ledger, peak, read=True)
+    return Admission(ok, "fits" if ok else "no_room", peak, projected)
+
+
+# -- recycling -----------------------------------------------------------------------------
+def share(view: View) -> int:
+    """What one child may hold at its peak: the room the marks leave the pool, divided
+    among its children."""
+    return max(view.marks.high - view.base, 0) // max(view.size, 1)
+
+
+def recycle(view: View, ledger: Ledger, child: ChildState) -> bool:
+    """Replace ``child`` now that its task ended? When what it holds plus the peak of the
+    next task it may run (the worst seen) would pass its share, and what it holds beyond
+    what a new child copies is worth a fork (MIN_RETAINED)."""
+    if child.young or child.leaving or child.task is not None:
+        return False
+    room = share(view)
+    gain = child.private - ledger.expected_baseline
+    if gain < max(MIN_RETAINED, room // 8):
+        return False
+    return child.private + ledger.tasks.worst_peak > room
+
+
+# -- the pool's size -----------------------------------------------------------------------
+def child_cost(view: View, ledger: Ledger) -> int:
+    """What one child needs at its peak: its baseline, the worst task's peak, and the
+    room to keep what ``tasks_per_child - 1`` runs of the leakiest task retain, so that
+    it is recycled at most every ``tasks_per_child`` tasks (a recycle costs a fork)."""
+    retained = ledger.tasks.worst_retained * max(view.tasks_per_child - 1, 0)
+    return max(ledger.expected_baseline + ledger.tasks.worst_peak + retained, 1)
+
+
+def target_size(view: View, ledger: Ledger) -> int:
+    """The children that fit at their peak cost, between 1 and the requested."""
+    fits = max(view.marks.high - view.base, 0) // child_cost(view, ledger)
+    return max(1, min(view.requested, fits))
+
+
+# -- the safety net ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Action:
+    action: str  # kill | shed | grow | retire
+    pid: int = 0
+    level: str = ""  # the mark that made it: hard | high | low
+    child: ChildState | None = None
+    count: int = 1  # grow: how many children
+
+
+def _largest_first(children: list[ChildState], key: Callable[[ChildState], int]) -> list:
+    return sorted(children, key=lambda c: -key(c))
+
+
+class Safety:
+    """The clock-driven net, for what the task-boundary rules cannot see: growth inside
+    a running task beyond its expected peak.
+
+    - Past the high mark, the working set projected LOOKAHEAD seconds ahead reaches the
+      hard mark: stop running tasks, the largest growth first, as many as it takes to
+      bring the projection back under the high mark (the last resort: the kernel would
+      act next, and it may pick the main process).
+    - Past the high mark: hold every task (``over``); recycle idle children that hold
+      retained memory, and retire idle ones above the target size (the limit fell),
+      the largest first, until under the high mark.
+    - Else: grow towards the target size, one child at a time, when the projected peak
+      with one more child fits; above the target, retire idle children. Above the low
+      mark it checks every FAST seconds.
+    """
+
+    LOOKAHEAD = 0.5  # seconds
+    FAST = 0.05  # seconds between checks above the low mark
+    COOLDOWN = 0.3  # seconds after shedding: time for the children to exit
+    GROW_EVERY = 0.5  # seconds between two grows
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int] | None = None
+        self.rate = 0.0  # bytes per second the working set rose by
+        self.quiet_until = 0.0
+        self.grow_after = 0.0
+        self.over = False
+
+    def project(self, working_set: int, now: float) -> int:
+        last, self.last = self.last, (now, working_set)
+        if last is None or now <= last[0]:
+            return working_set
+        self.rate = max((working_set - last[1]) / (now - last[0]), 0.0)
+        return working_set + int(self.rate * self.LOOKAHEAD)
+
+    def next_delay(self, working_set: int, marks: Marks, interval: float) -> float:
+        """Check again before the working set can reach the low mark at its rate."""
+        if working_set >= marks.low:
+            return self.FAST
+        if self.rate > 0:
+            return min(interval, max((marks.low - working_set) / self.rate / 2, self.FAST))
+        return interval
+
+    def decide(self, view: View, ledger: Ledger, now: float) -> list[Action]:
+        marks, working_set = view.marks, view.working_set
+        ahead = self.project(working_set, now)
+        self.over = working_set >= marks.high
+        if self.over and ahead >= marks.hard:
+            return self._stop(view, ledger, ahead)
+        if self.over:
+            return self._shed(view, ledger, now, "high")
+        return self._resize(view, ledger, now)
+
+    def _stop(self, view: View, ledger: Ledger, ahead: int) -> list[Action]:
+        """Busy children, the largest growth first, until the projection is under the
+        high mark; then idle ones that retained memory. One child is always left."""
+        actions: list[Action] = []
+        left = ahead
+        busy = [c for c in ledger.live() if c.task is not None]
+
+        def grown(child: ChildState) -> int:
+            now = view.rss_now(child.pid)
+            return max((now or 0) - child.task_rss, 0) + (child.private if not child.young else 0)
+
+        sizes = {c.pid: grown(c) for c in busy}
+        for child in _largest_first(busy, lambda c: sizes[c.pid]):
+            if left <= view.marks.high or len(ledger.live()) - len(actions) <= 1:
+                break
+            actions.append(Action("kill", child.pid, "hard", child))
+            left -= max(sizes[child.pid], 1)
+        if left > view.marks.high:
+            for child in self._idle_with_retained(ledger):
+                if left <= view.marks.high or len(ledger.live()) - len(actions) <= 1:
+                    break
+                actions.append(Action("shed", child.pid, "hard", child))
+                left -= child.private
+        return actions
+
+    def _idle_with_retained(self, ledger: Ledger) -> list[ChildState]:
+        expected = ledger.expected_baseline
+        idle = [
+            c
+            for c in ledger.live()
+            if c.task is None and not c.young and c.private - expected >= MIN_RETAINED
+        ]
+        return _largest_first(idle, lambda c: c.private)
+
+    def _shed(self, view: View, ledger: Ledger, now: float, level: str) -> list[Action]:
+        """Past the high mark: recycle idle children that retained memory, the largest
+        first; then, when the pool is larger than its peak cost allows (the limit fell),
+        retire idle ones; as many as it takes to be under the mark again."""
+        if now < self.quiet_until:
+            return []
+        actions: list[Action] = []
+        over = view.working_set - view.marks.high
+        live = len(ledger.live())
+        for child in self._idle_with_retained(ledger):
+            if over < 0 or live - len(actions) <= 1:
+                break
+            actions.append(Action("shed", child.pid, level, child))
+            over -= child.private - ledger.expected_baseline
+        excess = view.size - target_size(view, ledger)
+        chosen = {a.pid for a in actions}
+        idle = [c for c in ledger.live() if c.task is None and c.pid not in chosen]
+        for child in _largest_first(idle, lambda c: c.private)[: max(excess, 0)]:
+            if over < 0 or live - len(actions) <= 1:
+                break
+            actions.append(Action("retire", child.pid, level, child))
+            over -= max(child.private, ledger.expected_baseline)
+        if actions:
+            self.quiet_until = now + self.COOLDOWN
+        return actions
+
+    def _resize(self, view: View, ledger: Ledger, now: float) -> list[Action]:
+        """Towards the target size: retire an idle child above it; below it, add one
+        when a new child (its baseline and a task's peak) fits (``fits``)."""
+        target = target_size(view, ledger)
+        if view.size > target and now >= self.quiet_until:
+            idle = [c for c in ledger.live() if c.task is None]
+            if idle and len(ledger.live()) > 1:
+                self.quiet_until = now + self.COOLDOWN
+                child = _largest_first(idle, lambda c: c.private)[0]
+                return [Action("retire", child.pid, "low", child)]
+            return []
+        if view.size >= target or now < self.grow_after:
+            return []
+        each = ledger.expected_baseline + ledger.tasks.worst_peak
+        count = 0  # as many as fit, up to the target (the tick's reading is fresh)
+        while view.size + count < target and fits(view, ledger, each * (count + 1), True)[0]:
+            count += 1
+        if not count:
+            return []
+        self.grow_after = now + self.GROW_EVERY
+        return [Action("grow", level="low", count=count)]
+
+
+__all__ = [
+    "MIN_RETAINED",
+    "Action",
+    "Admission",
+    "Marks",
+    "Safety",
+    "View",
+    "admit",
+    "child_cost",
+    "expected_peak",
+    "fits",
+    "leaving",
+    "recycle",
+    "share",
+    "target_size",
+    "to_come",
+]

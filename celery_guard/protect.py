@@ -1,0 +1,140 @@
+"""Protections of a process, apart from the pool's budget: when memory runs short, lose a
+child, not the worker; copy less at each fork; stop a pool that does not fork in time.
+
+The kernel's OOM killer picks its victim by size and ``oom_score_adj``. The main process
+is usually the largest process of a worker, so without help it is the one killed, and the
+whole worker goes with it. Raising each child's ``oom_score_adj`` (no privilege needed to
+raise it) makes the kernel pick a child instead, which billiard replaces.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from typing import Any
+
+from .config import Settings
+from .footprint import StatmRss
+from .logline import emit
+from .sizes import mib
+
+
+def set_oom_score_adj(value: int, path: str = "/proc/self/oom_score_adj") -> str:
+    """Write ``value``; return "" or why it could not be written (lowering needs privilege)."""
+    try:
+        with open(path, "w") as file:
+            file.write(str(value))
+    except OSError as error:
+        return f"{type(error).__name__}: {error.strerror or error}"
+    return ""
+
+
+class ChildOomScore:
+    """``worker_process_init`` receiver: make every pool child the OOM killer's first pick."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.value = settings.child_oom_score_adj
+        self.log_format = settings.log_format
+
+    def __call__(self, **_: object) -> None:
+        if self.value is None:
+            return
+        why = set_oom_score_adj(self.value)
+        if why:
+            fields = {"pid": os.getpid(), "oom_score_adj": self.value, "reason": why}
+            emit(logging.WARNING, "oom_score_adj_failed", fields, self.log_format)
+
+
+class FreezeBeforeFirstFork:
+    """``worker_before_create_process`` receiver: before the first child, collect, then
+    move every object to the permanent generation (``gc.freeze``), so that
+
+    - the collector in each child never writes to (and copies) the pages it shares with
+      the main process, and
+    - the full collection Celery runs in the main process before *every* fork (AsynPool,
+      Celery issue #2927) skips what the worker imported: with a large app that
+      collection is most of what a fork costs the main process.
+
+    Once only: what the main process creates later stays collectable there (freezing
+    again at each fork would keep cycles that die later alive for good)."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+
+    def __call__(self, **_: object) -> None:
+        if self.frozen:
+            return
+        gc.collect()
+        gc.freeze()
+        self.frozen = True
+
+
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure; the supervisor should start it again
+
+
+class WorkerMemoryLimit:
+    """``CELERY_GUARD_MAX_WORKER_MEMORY`` for pools that do not fork, where
+    ``worker_max_memory_per_child`` does nothing: past the limit, a warm shutdown.
+
+    Celery's consumer loop checks ``state.should_stop`` on every cycle; setting it stops
+    consuming, lets active tasks finish, returns unacknowledged messages to the broker and
+    exits with the status given.
+    """
+
+    def __init__(
+        self, limit: int, hostname: str, settings: Settings, collector: Any = None
+    ) -> None:
+        self.limit = limit
+        self.hostname = hostname
+        self.collector = collector
+        self.log_format = settings.log_format
+        self.tripped = False
+        self.rss = StatmRss()
+
+    def check(self) -> None:
+        if self.tripped:
+            return
+        rss = self.rss()
+        if rss <= self.limit:
+            return
+        from celery.worker import state
+
+        # The stop flag first: nothing that follows (a log line, a set other threads
+        # change) can leave the watch tripped and the worker running.
+        state.should_stop = EX_TEMPFAIL
+        self.tripped = True
+        fields = {
+            "worker": self.hostname,
+            "level": "max_worker_memory",
+            "usage_mib": mib(rss),
+            "limit_mib": mib(self.limit),
+            "action": "warm_shutdown",
+            "pid": os.getpid(),
+            "task": ",".join(active_task_names(state.active_requests)) or None,
+            "exit_status": EX_TEMPFAIL,
+        }
+        emit(logging.WARNING, "pressure", fields, self.log_format)
+        if self.collector is not None:
+            self.collector.count_pressure("warm_shutdown")
+
+
+def active_task_names(requests: Any, attempts: int = 5) -> list[str]:
+    """The names of the running tasks, from a set that other threads change while it is
+    read (``RuntimeError: set changed size``): try again, then give up on the names."""
+    for _ in range(attempts):
+        try:
+            return sorted(request.name for request in list(requests))
+        except RuntimeError:
+            continue
+    return []
+
+
+__all__ = [
+    "EX_TEMPFAIL",
+    "ChildOomScore",
+    "FreezeBeforeFirstFork",
+    "WorkerMemoryLimit",
+    "active_task_names",
+    "set_oom_score_adj",
+]

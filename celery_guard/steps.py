@@ -1,0 +1,525 @@
+"""The worker steps: thin Celery glue, one concern each, in the style of
+``celery/worker/components.py``.
+
+``MemoryGuard`` is the one line users add; it requires the others, so Celery's blueprint
+pulls them in (``requires`` also means "after"):
+
+- ``Fit`` (requires the Pool step): measure, read the limit, decide the concurrency. Its
+  ``__init__`` runs after ``Pool.__init__`` has copied the concurrency onto the worker and
+  before any step's ``create`` forks a child: the one moment the pool size can change.
+- ``Telemetry``: the per-task probe in each child, the collector and its sampler thread,
+  and (prefork on the event loop) the ``PoolControl`` that hears the pool.
+- ``Protection``: children's ``oom_score_adj``, ``gc.freeze`` before each fork, the
+  worker memory limit of pools that do not fork.
+- ``Governor``: the run-time budget (prefork, a cgroup, the event loop, no autoscale).
+- ``Metrics``: the Prometheus endpoint, when a port is set.
+
+They share one ``GuardState`` on the worker (``w.memory_guard``). Each has ``info()``, so
+``celery inspect stats`` shows its figures under ``guard_<step>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import bootsteps
+from celery.worker.components import Pool
+
+from . import advice, cgroups, history, startup, telemetry
+from .actuator import PoolControl
+from .config import ConfigError, Settings, error_fields, given_options, load_settings
+from .limit import LimitWatch, LiveLimit
+from .logline import emit, logger
+from .plan import FORKING_POOLS
+from .sizes import mib
+
+EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
+#: The running worker's collector, for ``celery inspect guard_stats`` (one worker a process).
+ACTIVE: dict[str, Any] = {}
+
+_LEVELS = {
+    "kept": logging.INFO,
+    "off": logging.INFO,
+    "scaled": logging.WARNING,
+    "warned": logging.WARNING,
+    "over_budget": logging.ERROR,
+    "refused": logging.CRITICAL,
+}
+
+
+def pool_name(pool_cls: Any) -> str:
+    """The ``-P`` name of a pool class: prefork, threads, solo, gevent, eventlet..."""
+    from celery import concurrency
+
+    if isinstance(pool_cls, str):
+        return pool_cls
+    path = f"{pool_cls.__module__}:{pool_cls.__name__}"
+    for name, alias_path in concurrency.ALIASES.items():
+        if alias_path == path:
+            return "prefork" if name == "processes" else name
+    from celery.concurrency.prefork import TaskPool
+
+    if isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool):
+        return "prefork"
+    return pool_cls.__name__
+
+
+def _log_format(env: Mapping[str, str]) -> str:
+    value = env.get("CELERY_GUARD_LOG_FORMAT", "text").strip().lower()
+    return value if value in ("text", "json") else "text"
+
+
+@dataclass
+class GuardState:
+    """What the steps share: the settings and the startup figures (Fit), the live limit
+    (Fit owns it, the limit watch changes it), the collector and the pool control
+    (Telemetry), the watches the sampler runs."""
+
+    settings: Settings
+    pool: str
+    requested: int
+    measured: startup.Measured | None = None
+    live: LiveLimit | None = None
+    collector: telemetry.Collector | None = None
+    control: PoolControl | None = None
+    watches: list[Callable[[], None]] = field(default_factory=list)
+    #: Reads the children's records now (the sampler's drain, once it runs).
+    drain: Callable[[], None] = lambda: None
+    #: Called once the pool's hooks are in place (on the event loop's first tick).
+    on_installed: list[Callable[[], None]] = field(default_factory=list)
+
+
+def state_of(w: Any) -> GuardState | None:
+    return getattr(w, "memory_guard", None)
+
+
+class Fit(bootsteps.StartStopStep):
+    """Fit the pool to the memory budget before it forks."""
+
+    label = "Fit"
+    name = "celery_guard.steps.Fit"
+    #: Classes, not names: Celery resolves the names of the steps added to a blueprint,
+    #: not of the steps those pull in.
+    requires = (Pool,)
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        if logger.level == logging.NOTSET:
+            # The startup line is the product: show it even under ``-l warning``.
+            logger.setLevel(logging.INFO)
+        try:  # worker options come with the kwargs when install() added them
+            settings = load_settings(os.environ, w.app.conf, given_options(kwargs))
+        except ConfigError as error:
+            emit(logging.CRITICAL, "config_error", error_fields(error), _log_format(os.environ))
+            raise SystemExit(EX_CONFIG) from None
+        autoscale = list(w.autoscale) if w.autoscale else None
+        requested = int(autoscale[0] if autoscale else w.concurrency)
+        guard = w.memory_guard = GuardState(settings, pool_name(w.pool_cls), requested)
+        guard.measured = self._decide(w, guard, autoscale)
+        if guard.measured is not None:
+            guard.live = LiveLimit(guard.measured.budget.limit, settings)
+            if settings.mode != "off":
+                self._advise(w, guard, guard.measured)
+
+    def _decide(self, w: Any, guard: GuardState, autoscale: list[int] | None) -> Any:
+        settings, requested = guard.settings, guard.requested
+        try:
+            start_method = getattr(w, "pool_start_method", "fork")
+            measured = startup.measure(
+                settings, guard.pool, requested, forked=start_method == "fork"
+            )
+            fields = measured.fields()
+            if autoscale:
+                fields["autoscale_min"] = min(w.min_concurrency, measured.decision.concurrency)
+        except Exception as error:  # noqa: BLE001 - never take the worker down by accident
+            logger.exception("celery-guard event=error stage=startup")
+            fields = {
+                "mode": settings.mode, "pool": guard.pool, "requested": requested,
+                "concurrency": requested, "action": "kept",
+                "error": f"{type(error).__name__}: {error}",
+            }  # fmt: skip
+            emit(logging.ERROR, "startup", fields, settings.log_format)
+            return None
+        decision = measured.decision
+        emit(_LEVELS[decision.action], "startup", fields, settings.log_format)
+        if decision.action == "refused":
+            raise SystemExit(EX_CONFIG)
+        if decision.concurrency != requested:
+            if autoscale:
+                w.max_concurrency = decision.concurrency
+                w.min_concurrency = min(w.min_concurrency, decision.concurrency)
+                w.autoscale = [w.max_concurrency, w.min_concurrency]
+            else:
+                w.concurrency = w.min_concurrency = decision.concurrency
+        return measured
+
+    def _advise(self, w: Any, guard: GuardState, measured: startup.Measured) -> None:
+        """Say what Celery itself would not: settings that cannot work as meant."""
+        own = measured.budget.own
+        facts = advice.Facts.of(
+            w.app.conf,
+            guard.settings,
+            pool=guard.pool,
+            parent_rss=measured.parent.rss,
+            max_memory_per_child_kib=int(getattr(w, "max_memory_per_child", None) or 0),
+            oom_group=bool(own is not None and cgroups.read_oom_group(own)),
+        )
+        for item in advice.worker_advice(facts):
+            fields = {"worker": w.hostname, **item.fields()}
+            emit(logging.WARNING, "advice", fields, guard.settings.log_format)
+
+    def info(self, w: Any) -> dict[str, Any]:
+        guard = state_of(w)
+        if guard is None or guard.measured is None:
+            return {}
+        return {"guard_fit": guard.measured.fields()}
+
+
+class Telemetry(bootsteps.StartStopStep):
+    """What children really use: the probe in each child, the collector in the main."""
+
+    label = "Telemetry"
+    name = "celery_guard.steps.Telemetry"
+    requires = (Fit,)
+    conditional = True
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        guard = state_of(w)
+        self.enabled = bool(
+            guard and guard.measured and guard.live and guard.settings.mode != "off"
+        )
+        self.sampler: telemetry.Sampler | None = None
+        if not self.enabled or guard is None or guard.measured is None or guard.live is None:
+            return
+        from celery import signals
+
+        settings, budget = guard.settings, guard.measured.budget
+        max_kib = int(getattr(w, "max_memory_per_child", None) or 0)
+        self.channel_read, channel_write = telemetry.open_channel()
+        probe = telemetry.ChildProbe(channel_write, w.hostname, settings, max_kib)
+        signals.worker_process_init.connect(
+            probe.on_child_start, weak=False, dispatch_uid="cg-init"
+        )
+        signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
+        forks = guard.pool in FORKING_POOLS
+        if forks:
+            guard.control = PoolControl(w)
+        control = guard.control
+        own = os.getpid()
+        guard.collector = collector = telemetry.Collector(
+            hostname=w.hostname,
+            settings=settings,
+            live=guard.live,
+            headroom=guard.measured.decision.headroom,
+            parent_rss=guard.measured.parent.rss,
+            cgroup=budget.own,
+            children=(lambda: _child_pids(w)) if forks else (lambda: []),
+            concurrency=lambda: _pool_size(w),
+            max_memory_kib=max_kib,
+            known=(
+                (lambda pid: not control.installed or pid in control.children)
+                if control is not None
+                else (lambda pid: pid == own)
+            ),
+        )
+        ACTIVE["collector"] = collector
+        if budget.own is not None and budget.source.startswith("cgroup"):
+            # Only a limit read from the cgroup can change under the worker's feet.
+            watch = LimitWatch(budget.own, budget.physical, guard.live, w.hostname)
+            guard.watches.append(watch.check)
+
+    def start(self, w: Any) -> None:
+        guard = state_of(w)
+        if guard is None or guard.collector is None:
+            return
+        collector = guard.collector
+        self.sampler = telemetry.Sampler(
+            collector, self.channel_read, collector.log_summary, guard.watches
+        )
+        guard.drain = self.sampler.drain
+        self.sampler.start()
+
+    def register_with_event_loop(self, w: Any, hub: Any) -> None:
+        """Install the pool's hooks once AsynPool has installed its own: steps register in
+        reverse order, so the Pool registers after this step; wait for the first tick."""
+        guard = state_of(w)
+        if guard is not None and guard.control is not None:
+            hub.call_soon(self._install, guard)
+
+    def _install(self, guard: GuardState) -> None:
+        control, collector = guard.control, guard.collector
+        if control is None or collector is None or control.installed:
+            return  # installed at the first registration: once
+        if not control.install():
+            return
+        control.listeners.append(_ExitListener(collector, self.sampler))
+        control.on_lost = collector.on_lost
+        for callback in guard.on_installed:
+            callback()
+
+    def stop(self, w: Any) -> None:
+        guard = state_of(w)
+        if self.sampler is None or guard is None or guard.collector is None:
+            return
+        self.sampler.stop()
+        self.sampler = None
+        try:
+            guard.collector.sample()
+            self._save_history(guard, guard.collector.log_summary(final=True))
+        except Exception:  # noqa: BLE001 - shutdown goes on
+            logger.exception("celery-guard event=error stage=shutdown")
+
+    terminate = shutdown = stop
+
+    def _save_history(self, guard: GuardState, fields: dict[str, Any]) -> None:
+        path, cost = guard.settings.state_file, fields.get("private_p95_mib")
+        if path is None or not cost or not fields.get("samples"):
+            return
+        try:
+            history.save(path, int(cost * 1024 * 1024), fields["samples"])
+        except OSError as error:
+            emit(
+                logging.WARNING,
+                "history",
+                {"action": "not_saved", "path": path, "reason": str(error)},
+                guard.settings.log_format,
+            )
+
+    def info(self, w: Any) -> dict[str, Any]:
+        guard = state_of(w)
+        if guard is None or guard.collector is None:
+            return {}
+        return {"guard_telemetry": guard.collector.summary_fields()}
+
+
+class _ExitListener:
+    """Tells the collector of children gone (the rest of the pool's events it reads from
+    the children's own records)."""
+
+    def __init__(self, collector: telemetry.Collector, sampler: telemetry.Sampler | None):
+        self.collector = collector
+        self.sampler = sampler
+
+    def child_up(self, pid: int) -> None:
+        pass
+
+    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        if self.sampler is not None:
+            self.sampler.drain()  # the child's last record, written before it exited
+        self.collector.on_exit(pid, exitcode, task)
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        pass
+
+    def task_ready(self, pid: int, task_id: str) -> bool:
+        return False
+
+
+class Protection(bootsteps.StartStopStep):
+    """Lose a child, not the worker; copy less at each fork; stop a pool that does not
+    fork before it passes ``CELERY_GUARD_MAX_WORKER_MEMORY``."""
+
+    label = "Protection"
+    name = "celery_guard.steps.Protection"
+    requires = (Telemetry,)
+    conditional = True
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        guard = state_of(w)
+        self.enabled = bool(guard and guard.collector is not None)
+        if not self.enabled or guard is None:
+            return
+        from celery import signals
+
+        from .protect import ChildOomScore, FreezeBeforeFirstFork, WorkerMemoryLimit
+
+        settings = guard.settings
+        signals.worker_process_init.connect(
+            ChildOomScore(settings), weak=False, dispatch_uid="cg-oom-score"
+        )
+        if settings.gc_freeze:
+            signals.worker_before_create_process.connect(
+                FreezeBeforeFirstFork(), weak=False, dispatch_uid="cg-gc-freeze"
+            )
+        if settings.max_worker_memory is not None and guard.pool not in FORKING_POOLS:
+            watch = WorkerMemoryLimit(
+                settings.max_worker_memory, w.hostname, settings, guard.collector
+            )
+            guard.watches.append(watch.check)
+
+    def info(self, w: Any) -> dict[str, Any]:
+        guard = state_of(w)
+        if guard is None:
+            return {}
+        s = guard.settings
+        return {
+            "guard_protection": {
+                "child_oom_score_adj": s.child_oom_score_adj,
+                "gc_freeze": s.gc_freeze,
+                "max_worker_memory_mib": mib(s.max_worker_memory) if s.max_worker_memory else None,
+            }
+        }
+
+
+class Governor(bootsteps.StartStopStep):
+    """The run-time budget: admit, hold, recycle, grow and, as the last resort, stop."""
+
+    label = "Governor"
+    name = "celery_guard.steps.Governor"
+    requires = (Telemetry,)
+    conditional = True
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        from .governor import Governor as Budget
+
+        guard = state_of(w)
+        self.governor: Budget | None = None
+        self.registered = False
+        self.enabled = bool(guard and self._applies(w, guard))
+
+    @staticmethod
+    def _applies(w: Any, guard: GuardState) -> bool:
+        """A forking pool on the event loop, a limit it enforces, and the pool size its
+        own: with ``--autoscale`` Celery's autoscaler owns the size."""
+        measured = guard.measured
+        return bool(
+            guard.settings.brake
+            and guard.control is not None
+            and measured is not None
+            and measured.budget.cgroup is not None
+            and measured.budget.source != "physical"
+            and not w.autoscale
+        )
+
+    def register_with_event_loop(self, w: Any, hub: Any) -> None:
+        guard = state_of(w)
+        if guard is None or guard.control is None or guard.collector is None:
+            return
+        if self.registered:  # registered again after a lost broker connection
+            return
+        self.registered = True
+        guard.on_installed.append(lambda: self._start(w, guard, hub))
+
+    def _start(self, w: Any, guard: GuardState, hub: Any) -> None:
+        from .governor import Governor as Budget
+
+        measured, collector, control = guard.measured, guard.collector, guard.control
+        assert measured is not None and collector is not None and control is not None
+        assert guard.live is not None and measured.budget.cgroup is not None
+        self.governor = Budget(
+            control,
+            guard.settings,
+            measured.budget.cgroup,
+            guard.live,
+            requested=guard.requested,
+            estimate=measured.child,
+            others=max(measured.in_use - measured.parent.rss, 0),
+            hostname=w.hostname,
+            exits=collector.exits,
+            drain=guard.drain,
+            count=collector.count_pressure,
+        )
+        collector.listeners.append(self.governor.take)
+        collector.summary_extras.append(self.governor.figures)
+        collector.stats_sections["governor"] = self.governor.info
+        self.governor.start(hub)
+
+    def stop(self, w: Any) -> None:
+        if self.governor is not None:
+            self.governor.stop()
+
+    terminate = shutdown = stop
+
+    def info(self, w: Any) -> dict[str, Any]:
+        if self.governor is None:
+            return {}
+        return {"guard_governor": self.governor.info()}
+
+
+class Metrics(bootsteps.StartStopStep):
+    """The Prometheus endpoint, served by the main process only."""
+
+    label = "Metrics"
+    name = "celery_guard.steps.Metrics"
+    requires = (Telemetry,)
+    conditional = True
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        guard = state_of(w)
+        self.server: Any = None
+        self.enabled = bool(
+            guard and guard.collector is not None and guard.settings.metrics_port is not None
+        )
+
+    def start(self, w: Any) -> None:
+        guard = state_of(w)
+        port = guard.settings.metrics_port if guard is not None else None
+        if guard is None or guard.collector is None or port is None:
+            return
+        from celery import signals
+
+        from . import metrics
+
+        settings = guard.settings
+        source = metrics.GuardCollector(guard.collector, guard.requested)
+        self.server = metrics.serve(source, settings.metrics_address, port, settings.log_format)
+        if self.server is not None:  # children forked from now on close their copy
+            signals.worker_process_init.connect(
+                self.server.close_in_child, weak=False, dispatch_uid="cg-metrics"
+            )
+
+    def stop(self, w: Any) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    terminate = shutdown = stop
+
+    def info(self, w: Any) -> dict[str, Any]:
+        if self.server is None:
+            return {}
+        return {"guard_metrics": {"port": getattr(self.server, "port", None)}}
+
+
+class MemoryGuard(bootsteps.Step):
+    """The one line: ``app.steps["worker"].add(MemoryGuard)`` brings in every step."""
+
+    label = "MemoryGuard"
+    name = "celery_guard.MemoryGuard"
+    requires = (Fit, Telemetry, Protection, Governor, Metrics)
+
+
+def _child_pids(w: Any) -> list[int]:
+    try:
+        return [p.pid for p in list(w.pool._pool._pool) if p.pid]
+    except AttributeError:
+        return []
+
+
+def _pool_size(w: Any) -> int:
+    try:
+        return int(w.pool.num_processes)
+    except (AttributeError, TypeError):
+        return int(w.concurrency)
+
+
+__all__ = [
+    "ACTIVE",
+    "EX_CONFIG",
+    "Fit",
+    "Governor",
+    "GuardState",
+    "MemoryGuard",
+    "Metrics",
+    "Protection",
+    "Telemetry",
+    "pool_name",
+]

@@ -1,0 +1,122 @@
+"""Run time without loss, end to end: the example app (about 180 MiB main process) asked
+for ``-c 16`` in a 768 MiB cgroup, real Redis, real OOM killer.
+
+- Leaky tasks (each keeps 24 MiB for the life of its child): children are recycled
+  between tasks, before they outgrow their share; nothing is killed, nothing is lost,
+  also with Celery's default early acks.
+- Transient peaks (each task uses 60 MiB for a moment): tasks that would not fit are held
+  until they do, instead of being started and killed.
+- A task that alone cannot fit: stopped, it fails with ``MemoryLimitExceeded`` (in the
+  result backend and in ``task_failure``), re-delivered at most
+  CELERY_GUARD_MAX_MEMORY_KILLS times with late acks; the worker lives on.
+
+Times are not asserted here: ``bench/runtime.py`` compares them with the best hand-tuned
+vanilla worker, and CI runs its short form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import harness
+import pytest
+from harness import MIB, Cgroup, Worker
+
+MakeWorker = Callable[..., Worker]
+MakeCgroup = Callable[..., Cgroup]
+
+LIMIT = 768 * MIB
+FAST = {"CELERY_GUARD_SAMPLE_INTERVAL": "0.5", "CELERY_GUARD_SUMMARY_INTERVAL": "600"}
+ACKS = {"early": {}, "late": {"HEAVY_APP_ACKS_LATE": "1"}}
+
+
+def smallest_pool(worker: Worker) -> int:
+    """The smallest pool size the guard's lines report after the startup decision."""
+    sizes = [int(line["concurrency"]) for line in worker.events("pressure")]
+    sizes += [
+        int(line["concurrency"]) for line in worker.events("recycle") if "concurrency" in line
+    ]
+    sizes.append(int(worker.startup()["concurrency"]))
+    return min(sizes)
+
+
+def guard_stopped(worker: Worker) -> list[dict[str, str]]:
+    return [p for p in worker.events("pressure") if p["action"] == "terminate"]
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("acks", ["early", "late"])
+def test_leaky_tasks_are_recycled_between_tasks_and_nothing_is_lost(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, acks: str
+) -> None:
+    """96 tasks that each keep 24 MiB, 2.3 GiB in all through a 768 MiB cgroup: every
+    one succeeds, children are recycled after a task when their share would not hold the
+    next (event=recycle reason=budget), no running task is stopped, no OOM kill."""
+    group = make_cgroup(LIMIT)
+    worker = make_worker(["-c", "16"], harness.worker_env(redis, {**ACKS[acks], **FAST}), group)
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "leak", 96, (24,))
+    assert harness.wait_for_results(results, 180, group), worker.log[-3000:]
+    worker.stop()
+    assert group.oom_kills() == 0
+    assert guard_stopped(worker) == []
+    recycles = [r for r in worker.events("recycle") if r.get("reason") == "budget"]
+    assert len(recycles) >= 96 * 24 // 768  # the leaks could not fit without them
+    for line in recycles:  # each one said why: over its share with the next task's peak
+        assert float(line["private_mib"]) + float(line["next_peak_mib"]) > float(line["share_mib"])
+    assert smallest_pool(worker) >= 3
+    assert worker.events("oom") == []
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("acks", ["early", "late"])
+def test_transient_peaks_are_held_until_they_fit_not_killed(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, acks: str
+) -> None:
+    """48 tasks that each use 60 MiB for 0.3 s: more children could run them than the
+    cgroup holds at once; the guard holds the ones that would not fit (event=pressure
+    action=hold) until a running one ends. Every task succeeds, none is stopped, no OOM
+    kill."""
+    group = make_cgroup(LIMIT)
+    worker = make_worker(["-c", "16"], harness.worker_env(redis, {**ACKS[acks], **FAST}), group)
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "hog", 48, (60, 0.3))
+    assert harness.wait_for_results(results, 180, group), worker.log[-3000:]
+    worker.stop()
+    assert group.oom_kills() == 0
+    assert guard_stopped(worker) == []
+    holds = [p for p in worker.events("pressure") if p["action"] == "hold"]
+    assert holds and all(p["task"] == "heavy_app.hog" for p in holds)
+    assert smallest_pool(worker) >= 3
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize(("acks", "kills"), [("early", 1), ("late", 3)])
+def test_a_task_that_cannot_fit_fails_with_memory_limit_exceeded(
+    redis: harness.RedisServer,
+    make_cgroup: MakeCgroup,
+    make_worker: MakeWorker,
+    acks: str,
+    kills: int,
+) -> None:
+    """A task that needs more than the whole cgroup: it is stopped (by the guard near the
+    hard mark, or by the kernel if it grows faster than the guard looks), and fails with
+    MemoryLimitExceeded, read back from the result backend and seen by task_failure.
+    With late acks and task_reject_on_worker_lost it comes back, but not forever:
+    CELERY_GUARD_MAX_MEMORY_KILLS (3) kills, then it fails. The worker lives on."""
+    group = make_cgroup(LIMIT)
+    worker = make_worker(["-c", "4"], harness.worker_env(redis, {**ACKS[acks], **FAST}), group)
+    worker.wait_ready(60)
+    (task,) = harness.send_tasks(redis, worker.queue, "hog", 1, (1024, 0.5))
+    with pytest.raises(Exception) as failed:
+        task.get(timeout=120)
+    assert type(failed.value).__name__ == "MemoryLimitExceeded"
+    assert "heavy_app.hog" in str(failed.value) and f"memory kill {kills} " in str(failed.value)
+    worker.wait_for(rf"heavy_app task failed id={task.id} exception=MemoryLimitExceeded", 30)
+    stopped = [p for p in worker.events("pressure") if p["action"] == "terminate"]
+    oom = worker.events("oom")
+    assert len(stopped) + len(oom) == kills
+    assert all(line["task_id"] == task.id for line in stopped + oom)
+    assert worker.process is not None and worker.process.poll() is None  # it lives on
+    (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
+    assert after.get(timeout=60) == 5

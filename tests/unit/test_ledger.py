@@ -1,0 +1,168 @@
+"""Tests for celery_guard.ledger: what the governor remembers of children and tasks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from celery_guard.ledger import (
+    ACCEPT_WITHIN,
+    MAX_TASK_NAMES,
+    OTHER,
+    Ledger,
+    Record,
+    TaskTable,
+)
+
+MIB = 1024 * 1024
+
+
+def record(pid: int = 1, name: str = "t", peak: int = 0, retained: int = 0, rss: int = 0,
+           private: int | None = None, exact: bool = True) -> Record:  # fmt: skip
+    return Record(pid, name, peak, exact, retained, rss, private)
+
+
+def test_the_first_record_sets_the_baseline_without_what_the_task_kept() -> None:
+    """A child whose first task leaked 24 MiB: its baseline is what it copied, not the
+    leak; its private memory is both."""
+    ledger = Ledger(estimate=100 * MIB)
+    ledger.child_up(7, rss=180 * MIB)
+    ledger.take(record(7, peak=24 * MIB, retained=24 * MIB, rss=204 * MIB, private=35 * MIB))
+    child = ledger.children[7]
+    assert child.baseline == 11 * MIB
+    assert child.private == 35 * MIB
+    assert ledger.expected_baseline == 11 * MIB  # no longer the startup estimate
+
+
+def test_private_memory_follows_the_rss_of_later_records() -> None:
+    ledger = Ledger(estimate=0)
+    ledger.child_up(7)
+    ledger.take(record(7, rss=200 * MIB, private=20 * MIB))
+    ledger.take(record(7, peak=24 * MIB, retained=24 * MIB, rss=224 * MIB))
+    assert ledger.children[7].private == 44 * MIB
+    ledger.take(record(7, retained=-30 * MIB, rss=190 * MIB))  # it gave memory back
+    assert ledger.children[7].private == 20 * MIB  # never below its baseline
+
+
+def test_the_expected_baseline_is_the_startup_estimate_until_a_child_reports() -> None:
+    ledger = Ledger(estimate=100 * MIB)
+    assert ledger.expected_baseline == 100 * MIB
+    for pid, private in ((1, 20), (2, 30), (3, 25)):
+        ledger.child_up(pid)
+        ledger.take(record(pid, private=private * MIB))
+    assert ledger.expected_baseline == 30 * MIB  # the largest of the last children
+
+
+def test_a_bound_does_not_lower_a_measured_peak() -> None:
+    """A run that did not raise its child's lifetime peak only bounds its own peak: it
+    counts for a task never measured, never against a measured one."""
+    table = TaskTable()
+    ledger = Ledger(estimate=0, tasks=table)
+    ledger.take(record(name="new", peak=8 * MIB, exact=False))
+    assert table.peak("new") == 8 * MIB  # the bound is all there is: taken
+    ledger.take(record(name="hog", peak=60 * MIB))
+    ledger.take(record(name="hog", peak=2 * MIB, exact=False))
+    assert table.peak("hog") == 60 * MIB
+    assert table.by_name["hog"].runs == 1
+
+
+def test_the_task_table_is_bounded_and_the_rest_goes_to_other() -> None:
+    table = TaskTable()
+    for i in range(MAX_TASK_NAMES + 50):
+        table.observe(f"t{i}", i, 0)
+    assert len(table.by_name) == MAX_TASK_NAMES + 1
+    assert table.by_name[OTHER].runs == 50
+    assert table.peak(f"t{MAX_TASK_NAMES + 10}") is None  # measured under "other"
+
+
+def test_worst_figures_and_declared_limits() -> None:
+    table = TaskTable(limits={"big": 500 * MIB})
+    table.observe("leak", 24 * MIB, 24 * MIB)
+    table.observe("leak", 24 * MIB, 24 * MIB)
+    table.observe("hog", 60 * MIB, 0)
+    assert table.worst_peak == 500 * MIB  # a declared limit bounds a peak from above
+    assert table.worst_retained == 24 * MIB
+    assert table.known("big") and table.peak("big") == 500 * MIB
+    assert not table.known("other-task")
+
+
+def test_a_task_is_reserved_from_hand_over_to_its_end() -> None:
+    ledger = Ledger(estimate=0)
+    ledger.child_up(1, rss=100)
+    ledger.child_up(2, rss=100)
+    assert ledger.free() == 2
+    ledger.task_handed("a", "hog", 60 * MIB, now=0.0)
+    assert ledger.free() == 1 and ledger.learning("hog")
+    ledger.task_accepted(2, "a", "hog")
+    child = ledger.children[2]
+    assert (child.task, child.task_id, child.task_peak, child.task_rss) == (
+        "hog",
+        "a",
+        60 * MIB,
+        100,
+    )
+    assert not ledger.starting and ledger.free() == 1 and ledger.learning("hog")
+    ledger.task_finished(2)
+    assert child.task is None and child.tasks == 1 and ledger.free() == 2
+    assert not ledger.learning("hog")
+
+
+def test_children_on_their_way_out_take_no_task() -> None:
+    ledger = Ledger(estimate=0)
+    ledger.child_up(1)
+    ledger.child_up(2)
+    ledger.children[1].leaving = True
+    assert ledger.free() == 1 and [c.pid for c in ledger.live()] == [2]
+
+
+@pytest.mark.parametrize(
+    ("age", "kept"), [(0.0, 1), (ACCEPT_WITHIN - 0.1, 1), (ACCEPT_WITHIN, 0), (60.0, 0)]
+)
+def test_a_task_no_child_accepted_is_forgotten(age: float, kept: int) -> None:
+    """Handed over only to a free child, a task not accepted within ACCEPT_WITHIN was
+    revoked or lost: its reservation must not hold the pool for good."""
+    ledger = Ledger(estimate=0)
+    ledger.task_handed("a", "t", MIB, now=100.0)
+    ledger.forget_stale(100.0 + age)
+    assert len(ledger.starting) == kept
+
+
+def test_records_of_children_it_does_not_know_still_teach_the_task_table() -> None:
+    ledger = Ledger(estimate=0)
+    ledger.take(record(99, name="t", peak=5 * MIB, private=10 * MIB))
+    assert ledger.tasks.peak("t") == 5 * MIB and 99 not in ledger.children
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 4),  # pid
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(0, 512 * MIB),  # peak
+            st.integers(-64 * MIB, 64 * MIB),  # retained
+            st.integers(0, 1 << 32),  # rss
+            st.one_of(st.none(), st.integers(0, 1 << 31)),  # private
+            st.booleans(),
+        ),
+        max_size=40,
+    )
+)
+def test_any_stream_of_records_keeps_the_figures_sane(
+    stream: list[tuple[int, str, int, int, int, int | None, bool]],
+) -> None:
+    ledger = Ledger(estimate=50 * MIB)
+    for pid in range(1, 5):
+        ledger.child_up(pid)
+    for pid, name, peak, retained, rss, private, exact in stream:
+        ledger.take(Record(pid, name, peak, exact, retained, rss, private))
+    for child in ledger.children.values():
+        assert child.private >= 0
+        assert child.baseline is None or child.private >= child.baseline >= 0
+    assert ledger.expected_baseline >= 0
+    assert ledger.tasks.worst_peak >= 0 and ledger.tasks.worst_retained >= 0
+    exact = [p for _, n, p, _, _, _, e in stream if n == "a" and e]
+    every = [p for _, n, p, _, _, _, _ in stream if n == "a"]
+    if every:  # a bound counts only until a run is measured: between the two
+        assert max(exact, default=0) <= (ledger.tasks.peak("a") or 0) <= max(every)

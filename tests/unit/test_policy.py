@@ -1,0 +1,294 @@
+"""Tests for celery_guard.policy: the run-time decisions, one scenario per rule.
+
+Figures in MiB: a 1000 MiB limit, marks at 80/90/97%, a main process of 200 MiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from celery_guard.ledger import Ledger, Record
+from celery_guard.policy import (
+    Marks,
+    Safety,
+    View,
+    admit,
+    child_cost,
+    fits,
+    leaving,
+    recycle,
+    share,
+    target_size,
+    to_come,
+)
+
+MIB = 1024 * 1024
+MARKS = Marks.of(1000 * MIB, 0.8, 0.9, 0.97)  # high 900, hard 970 MiB
+
+
+def view(ws: int, size: int = 4, requested: int = 16, base: int = 200, per_child: int = 4,
+         rss: dict[int, int] | None = None) -> View:  # fmt: skip
+    """A View with figures in MiB; ``rss`` is what a read of each child's RSS says."""
+    now = {pid: mib * MIB for pid, mib in (rss or {}).items()}
+    return View(ws * MIB, MARKS, size, requested, base * MIB, per_child, now.get)
+
+
+def ledger(*children: tuple[int, int | None, str | None], estimate: int = 30,
+           peaks: dict[str, int] | None = None) -> Ledger:  # fmt: skip
+    """Children as (pid, baseline MiB or None for young, running task or None), all at
+    RSS 200 MiB; task peaks in MiB."""
+    book = Ledger(estimate * MIB)
+    for name, peak in (peaks or {}).items():
+        book.tasks.observe(name, peak * MIB, 0)
+    for pid, baseline, task in children:
+        book.child_up(pid, rss=200 * MIB)
+        if baseline is not None:
+            book.take(Record(pid, "boot", 0, False, 0, 200 * MIB, baseline * MIB))
+        if task is not None:
+            book.task_accepted(pid, f"id-{pid}", task)
+    return book
+
+
+# -- the projection -----------------------------------------------------------------------
+def test_what_is_still_to_come_counts_young_children_and_running_tasks() -> None:
+    book = ledger((1, None, None), (2, 20, "hog"), (3, 20, None), peaks={"hog": 60})
+    book.task_handed("x", "hog", 60 * MIB, now=0.0)
+    # a young child copies the expected baseline (the largest measured: 20), the running
+    # task and the one handed over each reach 60
+    assert to_come(book) == (20 + 60 + 60) * MIB
+    # read: the running task (child 2, from 200 MiB) has grown 45 already
+    assert to_come(book, {2: 245 * MIB}.get) == (20 + 15 + 60) * MIB
+    # a child gone when read will add nothing more
+    assert to_come(book, {}.get) == (20 + 0 + 60) * MIB
+
+
+def test_children_on_their_way_out_count_once_they_are_gone_but_not_past_the_hard_mark() -> None:
+    book = ledger((1, 20, None), (2, 20, None), peaks={"t": 50})
+    book.take(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))  # child 2 holds 120
+    book.children[2].leaving = True
+    assert leaving(book) == 120 * MIB
+    # 880 + 50 = 930: over the high mark now, 810 once child 2 is gone; under the hard
+    assert fits(view(880), book, 50 * MIB) == (True, 810 * MIB)
+    # 930 + 50 = 980 would pass the hard mark before child 2 is gone
+    assert fits(view(930), book, 50 * MIB)[0] is False
+
+
+# -- admit ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "ws", "children", "handed", "over", "expected"),
+    [
+        # nothing in flight: always, even far past the marks, so the worker moves on
+        ("idle", 990, [(1, 20, None)], [], True, (True, "idle")),
+        # a task never measured, one run of it in flight: wait for its measurement
+        ("learning", 300, [(1, 20, "new"), (2, 20, None)], [], False, (False, "learning")),
+        # every idle child already has a task promised
+        ("no-child", 300, [(1, 20, "hog"), (2, 20, None)], ["hog"], False, (False, "no_child")),
+        # past the high mark (the safety net says so): hold
+        ("over", 300, [(1, 20, "hog"), (2, 20, None)], [], True, (False, "over")),
+        # 500 + 60 running + 60 new = 620 <= 900
+        ("fits", 500, [(1, 20, "hog"), (2, 20, None)], [], False, (True, "fits")),
+        # 800 + 60 + 60 = 920 > 900, and the running task has not grown: no room
+        ("no-room", 800, [(1, 20, "hog"), (2, 20, None)], [], False, (False, "no_room")),
+    ],
+)
+def test_admit(name: str, ws: int, children: list, handed: list[str], over: bool,
+               expected: tuple[bool, str]) -> None:  # fmt: skip
+    book = ledger(*children, peaks={"hog": 60})
+    for i, task in enumerate(handed):
+        book.task_handed(f"h{i}", task, 60 * MIB, now=0.0)
+    task = "new" if name == "learning" else "hog"
+    verdict = admit(view(ws, rss={1: 200}), book, task, over=over)
+    assert (verdict.admit, verdict.reason) == expected
+
+
+def test_admit_reads_the_running_children_before_it_says_no() -> None:
+    """800 + 60 + 60 = 920 assumed; read now, the running task has grown its 60 already
+    (it is in the working set): 800 + 0 + 60 = 860 fits. The second look reads the
+    working set again too, through ``fresh``."""
+    book = ledger((1, 20, "hog"), (2, 20, None), peaks={"hog": 60})
+    stale = view(800, rss={1: 260})
+    assert admit(stale, book, "hog").reason == "no_room"  # no fresh view: no second look
+    looked = replace(stale, fresh=lambda: stale)
+    verdict = admit(looked, book, "hog")
+    assert (verdict.admit, verdict.projected) == (True, 860 * MIB)
+
+
+def test_a_task_never_measured_counts_at_the_worst_seen() -> None:
+    book = ledger((1, 20, None), (2, 20, "small"), peaks={"small": 1, "hog": 60})
+    verdict = admit(view(500), book, "unknown")
+    assert verdict.admit and verdict.peak == 60 * MIB
+
+
+# -- recycle -------------------------------------------------------------------------------
+def test_share_divides_the_room_left_by_the_main_process_among_the_children() -> None:
+    assert share(view(0, size=4, base=200)) == 175 * MIB  # (900 - 200) / 4
+
+
+@pytest.mark.parametrize(
+    ("name", "retained", "task", "young", "recycled"),
+    [
+        # 20 + 120 retained + 60 next peak = 200 > 175: over its share, worth a fork
+        ("over-share", 120, None, False, True),
+        # 20 + 90 + 60 = 170 <= 175: keeps going
+        ("within-share", 90, None, False, False),
+        # 20 + 3 + 160 > 175 with a large peak, but 3 MiB is not worth a fork
+        ("nothing-to-gain", 3, None, False, False),
+        # busy or young children are never recycled here
+        ("busy", 120, "leak", False, False),
+        ("young", 120, None, True, False),
+    ],
+)
+def test_recycle(name: str, retained: int, task: str | None, young: bool, recycled: bool) -> None:
+    peaks = {"leak": 60} if name != "nothing-to-gain" else {"leak": 160}
+    book = ledger((1, None if young else 20, task), peaks=peaks)
+    child = book.children[1]
+    child.rss = (200 + retained) * MIB
+    assert recycle(view(500), book, child) is recycled
+
+
+# -- the pool's size -----------------------------------------------------------------------
+def test_a_child_costs_its_baseline_a_peak_and_room_for_its_next_leaky_runs() -> None:
+    book = ledger((1, 20, None), peaks={"hog": 60})
+    book.tasks.observe("leak", 24 * MIB, 24 * MIB)
+    # 20 + 60 (worst peak) + 3 * 24 (runs 2 to 4 of the leakiest task keep 24 each)
+    assert child_cost(view(0, per_child=4), book) == 152 * MIB
+    assert child_cost(view(0, per_child=1), book) == 80 * MIB
+    assert target_size(view(0, per_child=4), book) == 4  # 700 // 152
+    assert target_size(view(0, per_child=1, requested=16), book) == 8  # 700 // 80
+    assert target_size(view(0, per_child=1, requested=5), book) == 5  # never above
+    assert target_size(view(0, base=1000), book) == 1  # never below one
+
+
+# -- the safety net ------------------------------------------------------------------------
+def test_near_the_hard_mark_it_stops_the_largest_running_tasks_first() -> None:
+    """Past the high mark and rising fast: kill busy children, the one that grew most
+    first, until the projection is back under the high mark; idle ones are spared while
+    that is enough."""
+    book = ledger((1, 20, "hog"), (2, 20, "hog"), (3, 20, "hog"), (4, 20, None),
+                  peaks={"hog": 60})  # fmt: skip
+    safety = Safety()
+    safety.decide(view(850), book, now=0.0)  # rising from 850 ...
+    actions = safety.decide(view(930, rss={1: 300, 2: 210, 3: 280}), book, now=0.1)
+    # ... to 930 in 0.1 s: 1330 in LOOKAHEAD; killing 1 (100) then 3 (80) is not enough
+    assert [(a.action, a.pid, a.level) for a in actions][:2] == [
+        ("kill", 1, "hard"),
+        ("kill", 3, "hard"),
+    ]
+    assert safety.over
+
+
+def test_it_always_leaves_one_child() -> None:
+    book = ledger((1, 20, "hog"), peaks={"hog": 60})
+    safety = Safety()
+    safety.decide(view(500), book, now=0.0)
+    assert safety.decide(view(990, rss={1: 900}), book, now=0.1) == []
+
+
+def test_past_the_high_mark_it_sheds_idle_children_that_hold_retained_memory() -> None:
+    book = ledger((1, 20, None), (2, 20, None), (3, 20, None), peaks={"leak": 24})
+    for pid, kept in ((1, 100), (2, 10), (3, 60)):
+        book.children[pid].rss = (200 + kept) * MIB
+    safety = Safety()
+    actions = safety.decide(view(950 - 20), book, now=0.0)  # 30 over the high mark
+    assert [(a.action, a.pid) for a in actions] == [("shed", 1)]  # the largest frees 100
+    assert safety.decide(view(930), book, now=0.1) == []  # cooling down: let it exit
+
+
+def test_below_the_marks_it_grows_as_many_as_fit_towards_the_target() -> None:
+    book = ledger((1, 20, None), peaks={"t": 30})
+    safety = Safety()
+    # target: 700 // (20 + 30) = 14; each new child adds 50: from 300, (900 - 300) // 50
+    actions = safety.decide(view(300, size=1), book, now=0.0)
+    assert [(a.action, a.count) for a in actions] == [("grow", 12)]
+    assert safety.decide(view(300, size=13), book, now=0.1) == []  # GROW_EVERY
+    assert safety.decide(view(300, size=14), book, now=10.0) == []  # at the target
+
+
+def test_above_the_target_it_retires_an_idle_child() -> None:
+    book = ledger((1, 20, None), (2, 20, "t"), peaks={"t": 500})
+    safety = Safety()  # target: 700 // 520 = 1
+    actions = safety.decide(view(300, size=2), book, now=0.0)
+    assert [(a.action, a.pid) for a in actions] == [("retire", 1)]
+
+
+def test_it_checks_often_above_the_low_mark_and_sooner_when_rising() -> None:
+    safety = Safety()
+    assert safety.next_delay(850 * MIB, MARKS, 0.25) == Safety.FAST
+    assert safety.next_delay(100 * MIB, MARKS, 0.25) == 0.25
+    safety.project(100 * MIB, 0.0)
+    safety.project(200 * MIB, 0.1)  # 1000 MiB/s: the low mark (800) in 0.6 s
+    assert Safety.FAST <= safety.next_delay(200 * MIB, MARKS, 1.0) < 0.6
+
+
+# -- properties -----------------------------------------------------------------------------
+CHILD = st.tuples(
+    st.one_of(st.none(), st.integers(0, 200)),  # baseline
+    st.integers(0, 300),  # retained
+    st.one_of(st.none(), st.sampled_from(["a", "b"])),  # running task
+    st.booleans(),  # leaving
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    children=st.lists(CHILD, min_size=1, max_size=8),
+    ws=st.integers(0, 1100),
+    base=st.integers(0, 1000),
+    peaks=st.tuples(st.integers(0, 400), st.integers(0, 400)),
+    requested=st.integers(1, 16),
+    per_child=st.integers(1, 8),
+    times=st.lists(st.floats(0.01, 2.0), min_size=1, max_size=5),
+)
+def test_the_rules_stay_within_the_pool_and_the_marks(
+    children: list[tuple[int | None, int, str | None, bool]],
+    ws: int,
+    base: int,
+    peaks: tuple[int, int],
+    requested: int,
+    per_child: int,
+    times: list[float],
+) -> None:
+    book = Ledger(30 * MIB)
+    book.tasks.observe("a", peaks[0] * MIB, 0)
+    book.tasks.observe("b", peaks[1] * MIB, 5 * MIB)
+    for pid, (baseline, retained, task, gone) in enumerate(children, 1):
+        book.child_up(pid, rss=100 * MIB)
+        if baseline is not None:
+            book.take(Record(pid, "a", 0, False, 0, 100 * MIB, baseline * MIB))
+            book.children[pid].rss = (100 + retained) * MIB
+        if task is not None:
+            book.task_accepted(pid, f"id{pid}", task)
+        book.children[pid].leaving = gone
+    size = len(children)
+    v = view(ws, size=size, requested=requested, base=base, per_child=per_child)
+    assert 1 <= target_size(v, book) <= requested
+    verdict = admit(v, book, "a")
+    event(verdict.reason)
+    if verdict.admit and verdict.reason == "fits":  # what it admits fits: settled, hard
+        assert verdict.projected <= MARKS.high
+    for child in book.children.values():
+        if recycle(v, book, child):
+            assert child.task is None and not child.young and not child.leaving
+            assert child.private + book.tasks.worst_peak > share(v)
+    safety, now, live = Safety(), 0.0, {c.pid for c in book.live()}
+    for dt in times:
+        now += dt
+        actions = safety.decide(v, book, now)
+        for action in actions:
+            event(action.action)
+        stopped = [a.pid for a in actions if a.action in ("kill", "shed", "retire")]
+        assert len(stopped) == len(set(stopped)) and set(stopped) <= live
+        assert len(live) - len(stopped) >= 1 or not stopped  # one child stays
+        for action in actions:
+            if action.action == "kill":
+                assert book.children[action.pid].task is not None
+            if action.action in ("shed", "retire"):
+                assert book.children[action.pid].task is None
+            if action.action == "grow":
+                assert size + action.count <= target_size(v, book)
+                assert ws < MARKS.high
+        assert safety.next_delay(v.working_set, MARKS, 0.25) > 0
