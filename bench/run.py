@@ -44,11 +44,13 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(HERE)]
 
 import harness  # noqa: E402
 import overhead  # noqa: E402
+import runtime  # noqa: E402
 from harness import MIB  # noqa: E402
 
 REQUESTED = 16
 ROUNDS, TASKS = 5, 2000  # of the overhead measure
 SETTLE = 60.0  # seconds a guarded run may go on while the guard still changes the pool
+RUNTIME_ROUNDS = 3  # of the run-time comparison
 
 
 @dataclass(frozen=True)
@@ -371,6 +373,7 @@ def targets(
     startup_ms: tuple[float, float],
     gc: tuple[float, float],
     hook_us: float,
+    comparisons: list[runtime.Comparison],
 ) -> list[str]:
     """Each target, met or missed, from the figures above."""
 
@@ -391,6 +394,7 @@ def targets(
             lines.append(f"  - why: {why_short(r)}")
         if not survived:
             lines.append(f"  - why: {WHY_KILLED.get(r['workload'], 'see the log')}")
+    lines += runtime.targets(comparisons)
     worst = max(guarded / plain for _, plain, guarded, _ in overhead_rows)
     lines.append(f"- per-task overhead <= 1.02 (worst {worst:.3f}): {mark(worst <= 1.02)}")
     if worst > 1.02:
@@ -411,13 +415,7 @@ def targets(
     return [*lines, ""]
 
 
-WHY_KILLED = {
-    "leaky": "each task allocates 24 MiB at once, and the worker has already reserved "
-    "the round's tasks (prefetch): the brake's pause stops fetching, not the start of "
-    "tasks already fetched, so a burst of them outruns a check every 0.05 s. "
-    "`worker_prefetch_multiplier = 1` (which `guard check` advises) and "
-    "`worker_max_memory_per_child` (which the summary recommends) are the remedies.",
-}
+WHY_KILLED: dict[str, str] = {}  # a workload whose guarded run is known to lose tasks, and why
 
 
 def why_short(r: dict[str, Any]) -> str:
@@ -432,8 +430,9 @@ def why_short(r: dict[str, Any]) -> str:
     if (r["started"] or 0) > vanilla:
         return (
             f"it started {r['started']} (the leak is not in the main process, so the "
-            "estimate cannot see it); then the brake stopped the leaking children, and "
-            "the cost of those it removed (their leaks) holds the pool small for a minute"
+            "estimate cannot see it); the pool is then sized so that each child holds "
+            "its baseline and room for a few leaks between recycles, fewer children than "
+            "vanilla runs without recycling"
         )
     text = (
         f"the guard estimated {estimate:.1f} MiB a child (vanilla's largest implies more "
@@ -442,8 +441,8 @@ def why_short(r: dict[str, Any]) -> str:
     )
     if (r["settled"] or 0) > (r["started"] or 0):
         text += (
-            "; the brake grew the pool at the cost it measured, up to the high-water "
-            "mark (90% of the limit)"
+            "; the pool grew to the children that fit at their measured peak cost under "
+            "the high-water mark (90% of the limit)"
         )
     return text
 
@@ -507,6 +506,15 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
                 usage_plot = (path, f"{limit} MiB")
     plot_efficiency(rows, plots / "efficiency.png")
 
+    print("run time", flush=True)
+    runner = runtime.Runner(bench.workdir, bench.redis)
+    rounds = 1 if bench.quick else RUNTIME_ROUNDS
+    comparisons = [
+        runtime.compare(runner, workload, limit, rounds, quick=False)
+        for workload in runtime.WORKLOADS.values()
+        for limit in ((768,) if bench.quick else (768, 1024))
+    ]
+
     print("overhead", flush=True)
     overhead_rows = []
     for concurrency in (1, 2):
@@ -529,7 +537,7 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
     plain_gc = gc_freeze_charge(bench, freeze=False)
     frozen_gc = gc_freeze_charge(bench, freeze=True)
     return render(rows, overhead_rows, hook_us, (first_ms, median_ms), (plain_gc, frozen_gc),
-                  usage_plot, plots, base, default)  # fmt: skip
+                  usage_plot, plots, base, default, comparisons, rounds)  # fmt: skip
 
 
 def render(
@@ -542,6 +550,8 @@ def render(
     plots: Path,
     base: Path,
     default: int,
+    comparisons: list[runtime.Comparison],
+    rounds: int,
 ) -> str:
     lines = [
         "# Benchmarks",
@@ -602,7 +612,8 @@ def render(
             for run in (r["default"], r["requested"], r["guarded"])
         ]
         lines.append(f"| {r['workload']} | {r['limit']} MiB | " + " | ".join(cells) + " |")
-    lines += ["", "## Overhead", ""]
+    lines += ["", *runtime.render(comparisons, rounds)]
+    lines += ["## Overhead", ""]
     lines.append(
         f"No-op tasks, {TASKS} per round after a warm-up, median of {ROUNDS} rounds, guarded "
         "and unguarded workers alternating, in turn first (`bench/overhead.py` runs the "
@@ -636,7 +647,7 @@ def render(
         f"({(1 - frozen_gc / plain_gc) * 100:.0f}% less). Target: >= 30% less.",
         "",
     ]
-    lines += targets(rows, overhead_rows, startup_ms, gc, hook_us)
+    lines += targets(rows, overhead_rows, startup_ms, gc, hook_us, comparisons)
     if usage_plot is not None:
         path, limit = usage_plot
         lines += [

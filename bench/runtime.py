@@ -2,30 +2,31 @@
 
 Usage (root, cgroup v1, redis-server installed; from the repository)::
 
-    .venv/bin/python bench/runtime.py [--workload leaky transient] [--limit 768 1024]
-        [--acks early late] [--grid 4,5,6,7:0,200000,230000] [--tasks N]
+    .venv/bin/python bench/runtime.py [--quick] [--workload leaky transient]
+        [--limit 768 1024] [--rounds 3]
 
-Two workloads of the example app (about 170 MiB main process), asked for ``-c 16``:
+Two workloads of the example app (``examples/heavy_app.py``, about 180 MiB main process),
+the guard asked for ``-c 16``:
 
-- ``leaky``: each task keeps 24 MiB for the life of its child (``leak``);
-- ``transient``: each task uses 60 MiB for a moment (``hog``), then frees it.
+- ``leaky``: 240 tasks that each keep 24 MiB for the life of their child (``leak``);
+- ``transient``: 160 tasks that each use 60 MiB for 0.3 s, then free it (``hog``).
 
-For each workload and limit, vanilla Celery runs over a small grid of ``-c`` and
-``--max-memory-per-child``; the best hand-tuned vanilla is the fastest that finished every
-task with no OOM kill. The guard runs at ``-c 16`` with default settings, with early and
-with late acks. For each run it prints: seconds to finish, tasks that succeeded, tasks
-the guard killed (``MemoryLimitExceeded``) or lost (``WorkerLostError``), OOM kills (the
-cgroup's counter), the smallest pool after the first task, and the guard's ratio to the
-best vanilla time.
+For each workload and limit, vanilla Celery runs a small grid of ``-c`` and
+``--max-memory-per-child`` (in KiB, set from the main process's RSS as a user would: room
+for N leaks above it); the best hand-tuned vanilla is the fastest grid run that finished
+every task with no OOM kill. Then ``--rounds`` rounds, in turn, of that vanilla setting
+and of the guard with early and with late acks; the ratio is of the medians. What fits is
+the largest ``-c`` of the grid that ran clean. ``run.py`` writes the rows into
+BENCHMARKS.md; ``--quick`` (CI) runs one limit, a two-point grid and one round.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import os
+import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ import harness  # noqa: E402
 from harness import MIB  # noqa: E402
 
 REQUESTED = 16
-TIMEOUT = 180.0
+TIMEOUT = 240.0
 
 
 @dataclass(frozen=True)
@@ -48,128 +49,130 @@ class Workload:
     task: str
     args: tuple[Any, ...]
     tasks: int
-    grid: tuple[tuple[int, ...], tuple[int, ...]]  # vanilla -c values, max-memory KiB values
+    concurrencies: tuple[int, ...]  # vanilla's grid
+    leaks: tuple[int, ...]  # vanilla's grid: --max-memory-per-child room, in leaks (0: none)
+    quick: tuple[tuple[int, int], ...]  # the grid of --quick: (-c, leaks)
 
 
+LEAK_MIB = 24
 WORKLOADS = {
-    "leaky": Workload("leaky", "leak", (24,), 240, ((4, 5, 6, 7, 8), (0, 200000, 230000, 260000))),
-    "transient": Workload("transient", "hog", (60, 0.3), 160, ((3, 4, 5, 6, 8), (0,))),
-}
+    "leaky": Workload("leaky", "leak", (LEAK_MIB,), 240, (3, 4, 5, 6, 8), (0, 2, 4, 6),
+                      ((4, 4), (5, 4))),
+    "transient": Workload("transient", "hog", (60, 0.3), 160, (4, 5, 6, 7, 8), (0,),
+                          ((6, 0), (7, 0))),
+}  # fmt: skip
 
 
 @dataclass
 class Outcome:
+    """One worker run of a workload."""
+
     label: str
-    seconds: float | None  # None: not every task finished
+    seconds: float | None  # None: not every task finished in time
     succeeded: int
     sent: int
-    failed: dict[str, int]  # exception class name -> count
+    failed: dict[str, int]  # exception class name (or "unfinished") -> tasks
     oom_kills: int
-    smallest_pool: int | None
-    largest_pool: int | None
-    guard_lines: dict[str, int] = field(default_factory=dict)
-    log: Path | None = None
-    main_cpu: float | None = None  # CPU seconds the main process used
+    main_cpu: float | None = None  # CPU seconds of the main process
+    #: the guard's figures: smallest pool after startup, its stops, recycles, holds, and
+    #: the reaction times of its final summary
+    smallest_pool: int | None = None
+    stopped: int = 0
+    recycles: int = 0
+    holds: int = 0
+    summary: dict[str, str] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
         return self.seconds is not None and self.succeeded == self.sent and not self.oom_kills
 
+    log: Path | None = None
 
-def run(
-    redis: harness.RedisServer,
-    root: Path,
-    workdir: Path,
-    workload: Workload,
-    limit_mib: int,
-    args: list[str],
-    guard: bool,
-    acks_late: bool,
-    extra: dict[str, str] | None = None,
-    label: str = "",
-) -> Outcome:
-    group = harness.Cgroup(root, limit_mib * MIB)
-    env = harness.worker_env(
-        redis, {**({"HEAVY_APP_ACKS_LATE": "1"} if acks_late else {}), **(extra or {})}, guard
-    )
-    log = workdir / f"{label or 'run'}-{time.monotonic_ns()}.log".replace(" ", "_")
-    worker = harness.Worker(args, env, log, cgroup=group).start()
-    pool: list[int] = []
-    stop = threading.Event()
-
-    def count_children() -> None:
-        main = worker.process.pid if worker.process else -1
-        while not stop.is_set():
-            try:
-                pool.append(len([p for p in group.pids() if p != main]))
-            except OSError:
-                pass
-            stop.wait(0.1)
-
-    seconds: float | None = None
-    results: list[Any] = []
-    first_done: int | None = None
-    try:
-        worker.wait_ready(90)
-        thread = threading.Thread(target=count_children, daemon=True)
-        start = time.monotonic()
-        results = harness.send_tasks(
-            redis, worker.queue, workload.task, workload.tasks, workload.args
+    def line(self, best: float | None = None) -> str:
+        seconds = f"{self.seconds:6.1f} s" if self.seconds is not None else "   n/a  "
+        ratio = f", ratio {self.seconds / best:.2f}" if best and self.seconds else ""
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items())) or "none"
+        guard = (
+            f", smallest pool {self.smallest_pool}, stopped {self.stopped}, recycles "
+            f"{self.recycles}, holds {self.holds}"
+            if self.smallest_pool is not None
+            else ""
         )
-        pending = list(results)
-        deadline = start + TIMEOUT
-        thread.start()
-        while pending and time.monotonic() < deadline:
-            pending = [r for r in pending if not r.ready()]
-            if first_done is None and len(pending) < len(results):
-                first_done = len(pool)
-            if worker.process is None or worker.process.poll() is not None:
-                break
-            time.sleep(0.05)
+        return (
+            f"{self.label:28} {seconds} {self.succeeded}/{self.sent} ok, failed: {failed}, "
+            f"OOM kills {self.oom_kills}{guard}{ratio} [{self.log.name if self.log else ''}]"
+        )
+
+
+class Runner:
+    """Real parts for the runs: Redis, this process's memory cgroup, a work folder."""
+
+    def __init__(self, workdir: Path, redis: harness.RedisServer | None = None) -> None:
+        self.workdir = workdir
+        self.root = harness.own_memory_cgroup()
+        self.redis = redis or harness.RedisServer(workdir)
+        self.count = 0
+        self.parent_kib: int | None = None  # the main process's RSS, as a user reads it
+
+    def run(
+        self, workload: Workload, limit_mib: int, args: list[str], guard: bool,
+        acks_late: bool, label: str,
+    ) -> Outcome:  # fmt: skip
+        self.count += 1
+        group = harness.Cgroup(self.root, limit_mib * MIB)
+        env = harness.worker_env(
+            self.redis, {"HEAVY_APP_ACKS_LATE": "1"} if acks_late else {}, guard=guard
+        )
+        log = self.workdir / f"runtime-{self.count}.log"
+        worker = harness.Worker(args, env, log, cgroup=group).start()
+        seconds, results, main_cpu = None, [], None
+        try:
+            worker.wait_ready(90)
+            start = time.monotonic()
+            results = harness.send_tasks(
+                self.redis, worker.queue, workload.task, workload.tasks, workload.args
+            )
+            seconds = _wait(worker, results, start + TIMEOUT)
+            if seconds is not None:
+                seconds -= start
+            main_cpu = _cpu_seconds(worker.process.pid) if worker.process else None
+        except AssertionError:  # the worker died before it was ready
+            pass
+        finally:
+            worker.stop()
+            oom_kills = group.oom_kills()
+            group.close()
+        failed: dict[str, int] = {}
+        succeeded = 0
+        for r in results:
+            if r.ready() and r.successful():
+                succeeded += 1
+            else:
+                name = type(r.result).__name__ if r.ready() else "unfinished"
+                failed[name] = failed.get(name, 0) + 1
+        outcome = Outcome(label, seconds, succeeded, len(results), failed, oom_kills, main_cpu)
+        outcome.log = log
+        if guard:
+            _guard_figures(worker, outcome)
+        return outcome
+
+
+def _wait(worker: harness.Worker, results: list[Any], deadline: float) -> float | None:
+    """When the last result came in (monotonic), or None: the deadline, or the main
+    process died."""
+    pending = list(results)
+    while pending and time.monotonic() < deadline:
+        pending = [r for r in pending if not r.ready()]
         if not pending:
-            seconds = time.monotonic() - start
-    except AssertionError:
-        pass
-    finally:
-        stop.set()
-        main_cpu = _cpu_seconds(worker.process.pid) if worker.process else None
-        worker.stop()
-        oom_kills = group.oom_kills()
-        group.close()
-    failed: dict[str, int] = {}
-    succeeded = 0
-    for r in results:
-        if r.ready() and r.successful():
-            succeeded += 1
-        elif r.ready():
-            name = type(r.result).__name__
-            failed[name] = failed.get(name, 0) + 1
-        else:
-            failed["unfinished"] = failed.get("unfinished", 0) + 1
-    after_first = pool[first_done or 0 :] or pool
-    lines: dict[str, int] = {}
-    for match in re.finditer(r"celery-guard event=(\w+)(?:.*?action=(\w+))?", worker.log):
-        key = match.group(1) + (f":{match.group(2)}" if match.group(2) else "")
-        lines[key] = lines.get(key, 0) + 1
-    return Outcome(
-        label,
-        seconds,
-        succeeded,
-        len(results),
-        failed,
-        oom_kills,
-        min(after_first) if after_first else None,
-        max(after_first) if after_first else None,
-        lines,
-        log,
-        main_cpu,
-    )
+            return time.monotonic()
+        if worker.process is None or worker.process.poll() is not None:
+            return None
+        time.sleep(0.05)
+    return None if pending else time.monotonic()
 
 
 def _cpu_seconds(pid: int) -> float | None:
     """User and system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
-    import os
-
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
             fields = file.read().rsplit(b")", 1)[1].split()
@@ -178,84 +181,224 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def show(outcome: Outcome, best: float | None = None) -> str:
-    seconds = f"{outcome.seconds:6.1f} s" if outcome.seconds is not None else "   n/a  "
-    ratio = f" ratio {outcome.seconds / best:.2f}" if best and outcome.seconds else ""
-    failed = ", ".join(f"{k} {v}" for k, v in sorted(outcome.failed.items())) or "none"
-    guard = " ".join(f"{k}={v}" for k, v in sorted(outcome.guard_lines.items()))
-    return (
-        f"{outcome.label:34} {seconds} {outcome.succeeded}/{outcome.sent} ok, failed: {failed}, "
-        f"oom {outcome.oom_kills}, pool {outcome.smallest_pool}-{outcome.largest_pool}, "
-        f"main cpu {outcome.main_cpu}"
-        f"{ratio}  {guard}"
-    )
+def _guard_figures(worker: harness.Worker, outcome: Outcome) -> None:
+    startup = worker.events("startup")
+    sizes = [int(s["concurrency"]) for s in startup[:1]]
+    pressure = worker.events("pressure")
+    recycles = [r for r in worker.events("recycle") if r.get("reason") == "budget"]
+    sizes += [int(line["concurrency"]) for line in pressure + recycles]
+    outcome.smallest_pool = min(sizes) if sizes else None
+    outcome.stopped = sum(p["action"] == "terminate" for p in pressure)
+    outcome.recycles = len(recycles)
+    finals = [s for s in worker.events("summary") if s.get("final") == "true"]
+    outcome.summary = finals[-1] if finals else {}
+    outcome.holds = int(outcome.summary.get("holds") or 0)
+
+
+def parent_kib(runner: Runner) -> int:
+    """The main process's RSS in KiB, as a user tuning vanilla reads it: from the guard's
+    startup line (``parent_rss_mib``), once."""
+    if runner.parent_kib is None:
+        env = harness.worker_env(runner.redis)
+        runner.count += 1
+        worker = harness.Worker(["-c", "1"], env, runner.workdir / "parent.log").start()
+        try:
+            runner.parent_kib = int(float(worker.startup()["parent_rss_mib"]) * 1024)
+        finally:
+            worker.stop()
+    return runner.parent_kib
+
+
+@dataclass
+class Comparison:
+    workload: str
+    limit: int
+    grid: list[Outcome]
+    best: Outcome | None
+    fits: int  # the largest -c of the grid that ran clean
+    vanilla: list[Outcome]  # rounds of the best setting
+    guard: dict[str, list[Outcome]]  # acks -> rounds
+
+    @staticmethod
+    def median(outcomes: list[Outcome]) -> float | None:
+        times = [o.seconds for o in outcomes if o.clean and o.seconds is not None]
+        return statistics.median(times) if len(times) == len(outcomes) and times else None
+
+    def ratio(self, acks: str) -> float | None:
+        plain, guarded = self.median(self.vanilla), self.median(self.guard[acks])
+        return guarded / plain if plain and guarded else None
+
+
+def compare(
+    runner: Runner, workload: Workload, limit: int, rounds: int, quick: bool, say: Any = print
+) -> Comparison:
+    """The grid, the best of it, then rounds of the best and of the guard in turn."""
+    kib = parent_kib(runner)
+    points = workload.quick if quick else [
+        (c, n) for c in workload.concurrencies for n in workload.leaks
+    ]  # fmt: skip
+    grid = []
+    for c, leaks in points:
+        args = ["-c", str(c)]
+        label = f"vanilla -c {c}"
+        if leaks:
+            max_kib = kib + leaks * LEAK_MIB * 1024
+            args.append(f"--max-memory-per-child={max_kib}")
+            label += f" --max-memory-per-child={max_kib}"
+        outcome = runner.run(workload, limit, args, False, True, label)
+        say("  " + outcome.line())
+        grid.append(outcome)
+    clean = [o for o in grid if o.clean]
+    best = min(clean, key=lambda o: o.seconds or 0.0) if clean else None
+    fits = max((int(o.label.split()[2]) for o in clean), default=0)
+    vanilla: list[Outcome] = []
+    guard: dict[str, list[Outcome]] = {"early": [], "late": []}
+    for index in range(rounds):
+        if best is not None and (index or not quick):  # quick: the grid run is the round
+            args = best.label.split()[1:]
+            vanilla.append(runner.run(workload, limit, args, False, True, best.label))
+            say("  " + vanilla[-1].line())
+        elif best is not None:
+            vanilla.append(best)
+        for acks in ("early", "late"):
+            outcome = runner.run(
+                workload, limit, ["-c", str(REQUESTED)], True, acks == "late",
+                f"guard -c {REQUESTED} acks={acks}",
+            )  # fmt: skip
+            say("  " + outcome.line(best.seconds if best else None))
+            guard[acks].append(outcome)
+    return Comparison(workload.name, limit, grid, best, fits, vanilla, guard)
+
+
+def _cell(outcomes: list[Outcome]) -> str:
+    """Median seconds, and what went wrong in any round."""
+    times = [o.seconds for o in outcomes if o.seconds is not None]
+    text = f"{statistics.median(times):.1f} s" if len(times) == len(outcomes) and times else "n/a"
+    oom = sum(o.oom_kills for o in outcomes)
+    lost = sum(o.sent - o.succeeded for o in outcomes)
+    stopped = sum(o.stopped for o in outcomes)
+    if oom or lost or stopped:
+        text += f" ({oom} OOM kills, {lost} tasks not done, {stopped} stopped)"
+    return text
+
+
+def render(comparisons: list[Comparison], rounds: int) -> list[str]:
+    """The BENCHMARKS.md section: the grid's best, the rounds, the guard's figures."""
+    lines = [
+        "## Run time: against the best hand-tuned vanilla worker",
+        "",
+        f"`bench/runtime.py`. Leaky: {WORKLOADS['leaky'].tasks} tasks that each keep "
+        f"{LEAK_MIB} MiB for the life of their child; transient: "
+        f"{WORKLOADS['transient'].tasks} tasks that each use 60 MiB for 0.3 s. The example "
+        f"app (its default size), the guard asked for `-c {REQUESTED}` with default settings. "
+        "Vanilla Celery ran a grid of `-c` and `--max-memory-per-child` (the main process's "
+        "RSS plus room for 2, 4 or 6 leaks, or none); the best hand-tuned vanilla is the "
+        "fastest grid run that did every task with no OOM kill, and *fits* is the largest "
+        f"`-c` that ran clean. Then {rounds} rounds, in turn, of that setting and of the "
+        "guard with early and with late acks: median seconds from the first task sent to "
+        "the last result, and the ratio of the medians. Target: every task done, 0 OOM "
+        "kills, 0 running tasks stopped by the guard, the pool never below half of what "
+        "fits, and at most 1.1 times the best vanilla time.",
+        "",
+        "| workload | limit | best vanilla (grid) | fits | vanilla | guard, early acks "
+        "(ratio) | guard, late acks (ratio) | guard's smallest pool | recycles | holds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        best = c.best.label.removeprefix("vanilla ") if c.best else "none ran clean"
+        cells = []
+        for acks in ("early", "late"):
+            ratio = c.ratio(acks)
+            cells.append(f"{_cell(c.guard[acks])} ({ratio:.2f})" if ratio else _cell(c.guard[acks]))
+        guards = c.guard["early"] + c.guard["late"]
+        smallest = min((o.smallest_pool for o in guards if o.smallest_pool), default=None)
+        lines.append(
+            f"| {c.workload} | {c.limit} MiB | `{best}` | {c.fits} | {_cell(c.vanilla)} | "
+            f"{cells[0]} | {cells[1]} | {smallest} | "
+            f"{sum(o.recycles for o in guards) // max(len(guards), 1)} | "
+            f"{sum(o.holds for o in guards) // max(len(guards), 1)} |"
+        )
+    lines += [
+        "",
+        "How fast the guard acted, from its final summary lines (all guarded rounds):",
+        "",
+    ]
+    decisions = [float(o.summary["hold_decision_p50_us"]) for c in comparisons
+                 for acks in c.guard for o in c.guard[acks]
+                 if o.summary.get("hold_decision_p50_us")]  # fmt: skip
+    reactions = [float(o.summary["reaction_max_ms"]) for c in comparisons
+                 for acks in c.guard for o in c.guard[acks]
+                 if o.summary.get("reaction_max_ms")]  # fmt: skip
+    if decisions:
+        lines.append(
+            f"- a task that would not fit is held before it reaches a child: the decision took "
+            f"{statistics.median(decisions):.0f} us (median of the runs' medians; "
+            f"{min(decisions):.0f} to {max(decisions):.0f} us)"
+        )
+    else:
+        lines.append("- no task was held")
+    if reactions:
+        lines.append(
+            f"- from the working set passing the high-water mark to the safety net's action: "
+            f"at most {max(reactions):.0f} ms"
+        )
+    else:
+        lines.append(
+            "- the working set never passed the high-water mark, so the safety net never had to act"
+        )
+    return [*lines, ""]
+
+
+def targets(comparisons: list[Comparison]) -> list[str]:
+    """Each run-time target, met or missed, with what missed it."""
+    lines = []
+    for c in comparisons:
+        for acks in ("early", "late"):
+            runs = c.guard[acks]
+            ratio = c.ratio(acks)
+            clean = all(o.clean and not o.stopped for o in runs)
+            smallest = min((o.smallest_pool or 0 for o in runs), default=0)
+            ok = clean and ratio is not None and ratio <= 1.1 and 2 * smallest >= c.fits
+            shown = f"{ratio:.2f}" if ratio is not None else "n/a"
+            lines.append(
+                f"- {c.workload} at {c.limit} MiB, {acks} acks: every task, 0 OOM kills, none "
+                f"stopped ({'yes' if clean else 'no'}), smallest pool {smallest} of {c.fits} "
+                f"that fit, time ratio {shown} <= 1.1: {'met' if ok else '**missed**'}"
+            )
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS))
-    parser.add_argument("--limit", nargs="+", type=int, default=[768, 1024])
-    parser.add_argument("--acks", nargs="+", default=["early", "late"])
-    parser.add_argument("--grid", help="C1,C2,...:K1,K2,... (KiB; 0 = none)")
-    parser.add_argument("--no-vanilla", action="store_true")
-    parser.add_argument("--guard-env", nargs="*", default=[], help="NAME=VALUE for the guard")
-    parser.add_argument("--keep-logs", type=Path)
+    parser.add_argument("--quick", action="store_true", help="the short form, for CI")
+    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--limit", nargs="+", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--logs", type=Path, help="keep the workers' logs in this folder")
     options = parser.parse_args()
-    extra = dict(item.split("=", 1) for item in options.guard_env)
+    limits = options.limit or ([768] if options.quick else [768, 1024])
+    rounds = options.rounds or (1 if options.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = options.keep_logs or Path(tmp)
+        workdir = options.logs or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        root = harness.own_memory_cgroup()
-        redis = harness.RedisServer(Path(tmp))
+        runner = Runner(workdir)
         try:
             for name in options.workload:
-                workload = WORKLOADS[name]
-                grid = workload.grid
-                if options.grid:
-                    cs, ks = options.grid.split(":")
-                    grid = (tuple(map(int, cs.split(","))), tuple(map(int, ks.split(","))))
-                for limit in options.limit:
-                    print(f"== {name} at {limit} MiB", flush=True)
-                    best: Outcome | None = None
-                    if not options.no_vanilla:
-                        for c in grid[0]:
-                            for k in grid[1]:
-                                args = ["-c", str(c)] + (
-                                    [f"--max-memory-per-child={k}"] if k else []
-                                )
-                                label = f"vanilla -c {c}" + (f" K={k}" if k else "")
-                                out = run(
-                                    redis,
-                                    root,
-                                    workdir,
-                                    workload,
-                                    limit,
-                                    args,
-                                    False,
-                                    True,
-                                    label=label,
-                                )
-                                print("  " + show(out), flush=True)
-                                if out.clean and (best is None or out.seconds < best.seconds):  # type: ignore[operator]
-                                    best = out
-                        print(f"  best vanilla: {best.label if best else 'none'}", flush=True)
-                    for acks in options.acks:
-                        label = f"guard -c {REQUESTED} acks={acks}"
-                        out = run(
-                            redis,
-                            root,
-                            workdir,
-                            workload,
-                            limit,
-                            ["-c", str(REQUESTED)],
-                            True,
-                            acks == "late",
-                            extra,
-                            label=label,
+                for limit in limits:
+                    print(f"{name} at {limit} MiB", flush=True)
+                    c = compare(runner, WORKLOADS[name], limit, rounds, options.quick)
+                    for acks in ("early", "late"):
+                        ratio = c.ratio(acks)
+                        shown = f"{ratio:.2f}" if ratio is not None else "n/a"
+                        smallest = min((o.smallest_pool or 0 for o in c.guard[acks]), default=0)
+                        print(
+                            f"  {name} {limit} MiB acks={acks}: guard/best vanilla time "
+                            f"{shown} (best: {c.best.label if c.best else 'none'}; fits "
+                            f"{c.fits}; guard's smallest pool {smallest})",
+                            flush=True,
                         )
-                        print("  " + show(out, best.seconds if best else None), flush=True)
         finally:
-            redis.close()
+            runner.redis.close()
 
 
 if __name__ == "__main__":

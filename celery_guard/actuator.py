@@ -237,7 +237,7 @@ class PoolControl:
         recycle = False
         for listener in self.listeners:
             recycle = listener.task_ready(pid, task_id) or recycle
-        if recycle and self.recycle(pid):
+        if recycle and self.recycle(pid, task_ended=True):
             return pid
         return None
 
@@ -293,6 +293,11 @@ class PoolControl:
     def size(self) -> int:
         return int(self.w.pool.num_processes)
 
+    def pids(self) -> list[int]:
+        """The pool's children, as its hooks have seen them come and go (read from other
+        threads: ``dict.copy`` is one step for the interpreter, iterating is not)."""
+        return list(self.children.copy())
+
     def rss(self, pid: int) -> int | None:
         return read_rss(pid)
 
@@ -313,29 +318,44 @@ class PoolControl:
         self.w.pool.grow(count)
         self.pool.maintain_pool()
 
-    def recycle(self, pid: int) -> bool:
+    def recycle(self, pid: int, task_ended: bool = False) -> bool:
         """Replace an idle child: it exits (billiard's controlled termination) and the pool
-        forks a new one in its place."""
+        forks a new one in its place. ``task_ended``: called as its task's result came
+        in; else it must be idle in the pool's own eyes too (no job written to it)."""
         child = self._current(pid)
-        if child is None:
+        if child is None or (not task_ended and self._written_to(child)):
             return False
-        self.recycling.add(pid)
-        child.process.terminate_controlled()
+        self._leave(child)
         return True
 
     def retire(self, pid: int) -> bool:
         """Take an idle child out of the pool for good: the pool is one smaller."""
         child = self._current(pid)
-        if child is None or self.size <= 1:
+        if child is None or self.size <= 1 or self._written_to(child):
             return False
         pool = self.pool
         pool._processes -= 1
         if pool._putlock:
             pool._putlock.shrink()
-        self.recycling.add(pid)
-        child.process.terminate_controlled()
+        self._leave(child)
         pool.on_shrink(1)
         return True
+
+    def _written_to(self, child: Child) -> bool:
+        """Has the pool scheduled a job for this child that it has not accepted yet? The
+        fair scheduler marks a child busy when it picks it, before the write."""
+        busy = getattr(self.pool, "_busy_workers", None)
+        return busy is not None and getattr(child.process, "inqW_fd", None) in busy
+
+    def _leave(self, child: Child) -> None:
+        """Let a child exit between tasks: marked busy first, so that nothing more is
+        written to it, then told to terminate."""
+        self.recycling.add(child.pid)
+        busy = getattr(self.pool, "_busy_workers", None)
+        fd = getattr(child.process, "inqW_fd", None)
+        if busy is not None and fd is not None:
+            busy.add(fd)
+        child.process.terminate_controlled()
 
     def kill(self, pid: int, shrink: bool) -> bool:
         """SIGKILL a child (its task is lost: the last resort); ``shrink`` takes its slot

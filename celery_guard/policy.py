@@ -94,6 +94,19 @@ def expected_peak(ledger: Ledger, name: str) -> int:
     return ledger.tasks.worst_peak if peak is None else peak
 
 
+def overrun(ledger: Ledger, rss_now: Callable[[int], int | None]) -> int:
+    """Bytes running tasks have grown past their expected peak, read now: growth the
+    ledger did not foresee."""
+    total = 0
+    for child in ledger.children.values():
+        if child.task is None or child.leaving:
+            continue
+        now = rss_now(child.pid)
+        if now is not None:
+            total += max(now - child.task_rss - child.task_peak, 0)
+    return total
+
+
 def leaving(ledger: Ledger) -> int:
     """Bytes held by children on their way out (recycled, retired): the working set
     still counts them, and soon will not."""
@@ -236,11 +249,20 @@ class Safety:
         return interval
 
     def decide(self, view: View, ledger: Ledger, now: float) -> list[Action]:
+        """``over`` (every task held) once the working set, less what children on their
+        way out will free, passes the high mark. Past the high mark, stop running tasks
+        only when the hard mark is ahead: by what the admitted tasks are still expected to
+        add, or, when a task has grown past its expected peak (the ledger did not foresee
+        it), by the rate the working set rises."""
         marks, working_set = view.marks, view.working_set
-        ahead = self.project(working_set, now)
-        self.over = working_set >= marks.high
-        if self.over and ahead >= marks.hard:
-            return self._stop(view, ledger, ahead)
+        rising = self.project(working_set, now)
+        self.over = working_set - leaving(ledger) >= marks.high
+        if working_set >= marks.high:
+            ahead = working_set + to_come(ledger, view.rss_now)
+            if overrun(ledger, view.rss_now) > 0:
+                ahead = max(ahead, rising)
+            if ahead >= marks.hard:
+                return self._stop(view, ledger, ahead)
         if self.over:
             return self._shed(view, ledger, now, "high")
         return self._resize(view, ledger, now)
@@ -340,6 +362,7 @@ __all__ = [
     "expected_peak",
     "fits",
     "leaving",
+    "overrun",
     "recycle",
     "share",
     "target_size",

@@ -218,7 +218,7 @@ class Telemetry(bootsteps.StartStopStep):
             headroom=guard.measured.decision.headroom,
             parent_rss=guard.measured.parent.rss,
             cgroup=budget.own,
-            children=(lambda: _child_pids(w)) if forks else (lambda: []),
+            children=control.pids if control is not None else (lambda: []),
             concurrency=lambda: _pool_size(w),
             max_memory_kib=max_kib,
             known=(
@@ -495,13 +495,6 @@ class MemoryGuard(bootsteps.Step):
     label = "MemoryGuard"
     name = "celery_guard.MemoryGuard"
     requires = (Fit, Telemetry, Protection, Governor, Metrics)
-
-
-def _child_pids(w: Any) -> list[int]:
-    try:
-        return [p.pid for p in list(w.pool._pool._pool) if p.pid]
-    except AttributeError:
-        return []
 
 
 def _pool_size(w: Any) -> int:

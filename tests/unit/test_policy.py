@@ -181,6 +181,21 @@ def test_near_the_hard_mark_it_stops_the_largest_running_tasks_first() -> None:
     assert safety.over
 
 
+def test_growth_it_admitted_is_not_stopped_however_fast_it_rises() -> None:
+    """Past the high mark and rising fast, but every running task is within the peak it
+    was admitted with, and with what they may still add the hard mark is not reached:
+    nothing is stopped (the tasks were admitted to fit). Children on their way out hold
+    memory that will be freed: the working set less theirs is what holds new tasks."""
+    book = ledger((1, 20, "hog"), (2, 20, "hog"), (3, 20, None), peaks={"hog": 60})
+    book.children[3].leaving = True
+    book.take(Record(3, "t", 0, False, 100 * MIB, 300 * MIB, None))  # holds 120 MiB
+    safety = Safety()
+    safety.decide(view(700), book, now=0.0)
+    actions = safety.decide(view(910, rss={1: 250, 2: 240}), book, now=0.05)  # 4 GiB/s
+    assert actions == []
+    assert not safety.over  # 910 - 120 leaving < 900: tasks still go
+
+
 def test_it_always_leaves_one_child() -> None:
     book = ledger((1, 20, "hog"), peaks={"hog": 60})
     safety = Safety()
