@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import advice, cgroups, imports_cost, startup
+from . import advice, cgroups, imports_cost, startup, task_limits
 from .config import OPTIONS, ConfigError, Settings, error_fields, given_options, load_settings
 from .logline import format_event
 from .plan import FORKING_POOLS
@@ -156,8 +156,54 @@ def check(ctx: click.Context, **options: Any) -> None:
     )
     for item in advice.check_advice(facts):
         click.echo(format_event("advice", item.fields(), output))
+    _check_task_limits(app, settings, measured, forks, output)
     fits = not forks or requested <= measured.decision.fits
     ctx.exit(0 if fits else EX_CONFIG)
+
+
+def _check_task_limits(
+    app: Any, settings: Settings, measured: startup.Measured, forks: bool, output: str
+) -> None:
+    """One ``event=task_limit`` line per task that declares a memory limit, and advice
+    for a limit no child can ever reach: what one child can have is the budget less the
+    headroom and what the main process uses."""
+    try:
+        limits = task_limits.declared(
+            app.tasks, settings.task_memory_limit, settings.task_soft_memory_limit
+        )
+    except task_limits.LimitError as error:
+        bad = {"variable": f"{error.task}.{error.option}", "setting": error.option,
+               "source": "task", "value": str(error.value)[:200],
+               "accepted": error.accepted}  # fmt: skip
+        click.echo(format_event("config_error", bad, output), err=True)
+        raise SystemExit(EX_CONFIG) from None
+    room = measured.budget.limit - measured.decision.headroom - measured.in_use
+    for name, limit in sorted(limits.items()):
+        largest = max(x for x in (limit.hard, limit.soft) if x is not None)
+        fields: dict[str, Any] = {
+            "task": name,
+            "memory_limit_mib": mib(limit.hard) if limit.hard else None,
+            "soft_memory_limit_mib": mib(limit.soft) if limit.soft else None,
+            "child_room_mib": mib(max(room, 0)),
+            "reachable": largest <= room,
+        }
+        click.echo(format_event("task_limit", fields, output))
+        if largest > room:
+            item = advice.Advice(
+                "task_limit_above_budget",
+                f"{name} may grow to {mib(largest)} MiB before its limit stops it, more than "
+                f"one child can ever have here ({mib(max(room, 0))} MiB: the budget less the "
+                "headroom and the main process): the worker runs out first",
+                "a limit below what one child can have, or more memory",
+                {"task": name},
+            )
+            click.echo(format_event("advice", item.fields(), output))
+    if limits and not forks:
+        click.echo(format_event("advice", advice.Advice(
+            "task_memory_limit_ignored",
+            "tasks declare memory limits, and this pool runs tasks in the main process",
+            "the prefork pool", {},
+        ).fields(), output))  # fmt: skip
 
 
 @guard.command()

@@ -165,6 +165,8 @@ OPTIONS = (
     Option("recycle", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option("min_tasks_per_child", "4", "a whole number of at least 1", _positive_int),
     Option("max_memory_kills", "3", "a whole number of at least 1", _positive_int),
+    Option("task_memory_limit", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
+    Option("task_soft_memory_limit", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
     Option("brake_interval", "0.25", "seconds above 0 (0.25, 1, 2s)", _seconds),
     Option("low_water", "80%", FRACTION_FORMS, parse_fraction),
     Option("high_water", "90%", FRACTION_FORMS, parse_fraction),
@@ -194,6 +196,8 @@ class Settings:
     recycle: bool = True
     min_tasks_per_child: int = 4
     max_memory_kills: int = 3
+    task_memory_limit: int | None = None
+    task_soft_memory_limit: int | None = None
     brake_interval: float = 0.25
     low_water: float = 0.8
     high_water: float = 0.9

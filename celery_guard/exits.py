@@ -137,12 +137,14 @@ class MemoryFailures:
         if cause not in (GUARD, OOM):
             return None
         count = self.kills.add(lost.task_id)
-        kill = causes.kill_of(lost.pid)
-        why = kill.reason if cause == GUARD and kill else "the kernel's OOM killer stopped it"
+        kill = causes.kill_of(lost.pid) if cause == GUARD else None
+        why = kill.reason if kill else "the kernel's OOM killer stopped it"
         message = f"{lost.name}[{lost.task_id}]: {why} (memory kill {count} of this task)"
+        own_limit = kill is not None and kill.limit > 0  # it would only pass it again
         error, then = failure(
-            message, count, self.kills.max_kills, lost.acks_late, lost.reject_on_worker_lost
-        )
+            message, count, 1 if own_limit else self.kills.max_kills,
+            lost.acks_late, lost.reject_on_worker_lost,
+        )  # fmt: skip
         _remember(self.outcomes, lost.pid, Outcome(cause, then, count, lost.name, lost.task_id))
         return error
 

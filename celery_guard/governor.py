@@ -23,7 +23,7 @@ from .actuator import PoolControl
 from .config import Settings
 from .exits import ExitCauses, Kill
 from .footprint import StatmRss
-from .ledger import ChildState, Ledger, Record
+from .ledger import ChildState, Ledger, Record, TaskTable
 from .limit import LiveLimit
 from .logline import emit, logger
 from .sizes import mib
@@ -48,6 +48,7 @@ class Governor:
         exits: ExitCauses,
         drain: Callable[[], None] = lambda: None,
         count: Callable[[str], None] = lambda action: None,
+        limits: dict[str, int] | None = None,
     ) -> None:
         self.control = control
         self.settings = settings
@@ -59,7 +60,8 @@ class Governor:
         self.exits = exits
         self.drain = drain
         self.count = count
-        self.ledger = Ledger(estimate)
+        #: declared hard limits bound the peak of tasks not measured yet
+        self.ledger = Ledger(estimate, TaskTable(limits))
         self.safety = policy.Safety()
         self.records: deque[Record] = deque()  # from the sampler's thread
         self.main_rss = StatmRss()

@@ -69,6 +69,7 @@ class GuardCollector:
         with c.lock:
             pressure = dict(c.pressure)
             oom_kills, recycles = c.oom_kills, c.recycles
+            hits = {name: dict(counts) for name, counts in c.limit_hits.items()}
         actions = CounterMetricFamily(
             PREFIX + "pressure_actions",
             "Actions the guard took on memory (event=pressure lines), by action.",
@@ -77,6 +78,17 @@ class GuardCollector:
         for action, count in sorted(pressure.items()):
             actions.add_metric([c.hostname, action], count)
         yield actions
+        limits = CounterMetricFamily(
+            PREFIX + "task_memory_limit",
+            "Tasks that passed their own memory limit, by task name (at most 200 names, the "
+            "rest as other) and kind: soft, hard (raised in the task), kill (its child "
+            "stopped).",
+            labels=["worker", "task", "kind"],
+        )
+        for name, counts in sorted(hits.items()):
+            for kind, count in sorted(counts.items()):
+                limits.add_metric([c.hostname, name, kind], count)
+        yield limits
         for name, doc, value in (
             ("oom_kills", "Pool children the kernel's OOM killer stopped.", oom_kills),
             ("recycles", "Children replaced for worker_max_memory_per_child.", recycles),

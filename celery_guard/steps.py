@@ -11,6 +11,7 @@ pulls them in (``requires`` also means "after"):
   and (prefork on the event loop) the ``PoolControl`` that hears the pool.
 - ``Protection``: children's ``oom_score_adj``, ``gc.freeze`` before each fork, the
   worker memory limit of pools that do not fork.
+- ``TaskLimits``: memory limits per task (``memory_limit``, ``soft_memory_limit``).
 - ``Governor``: the run-time budget (prefork, a cgroup, the event loop, no autoscale).
 - ``Metrics``: the Prometheus endpoint, when a port is set.
 
@@ -20,6 +21,7 @@ They share one ``GuardState`` on the worker (``w.memory_guard``). Each has ``inf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -29,13 +31,15 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.components import Pool
 
-from . import advice, cgroups, history, startup, telemetry
+from . import advice, cgroups, history, startup, task_limits, telemetry, watchdog
 from .actuator import PoolControl
 from .config import ConfigError, Settings, error_fields, given_options, load_settings
+from .exits import Kill
 from .limit import LimitWatch, LiveLimit
 from .logline import emit, logger
 from .plan import FORKING_POOLS
 from .sizes import mib
+from .task_limits import TaskLimit
 
 EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
 #: The running worker's collector, for ``celery inspect guard_stats`` (one worker a process).
@@ -87,6 +91,10 @@ class GuardState:
     collector: telemetry.Collector | None = None
     control: PoolControl | None = None
     watches: list[Callable[[], None]] = field(default_factory=list)
+    #: The write end of the children's channel (Telemetry), for the watchdog's records.
+    channel: int | None = None
+    #: Tasks that declare memory limits (TaskLimits), by name.
+    task_limits: dict[str, TaskLimit] = field(default_factory=dict)
     #: Reads the children's records now (the sampler's drain, once it runs).
     drain: Callable[[], None] = lambda: None
     #: Called once the pool's hooks are in place (on the event loop's first tick).
@@ -201,6 +209,7 @@ class Telemetry(bootsteps.StartStopStep):
         settings, budget = guard.settings, guard.measured.budget
         max_kib = int(getattr(w, "max_memory_per_child", None) or 0)
         self.channel_read, channel_write = telemetry.open_channel()
+        guard.channel = channel_write
         probe = telemetry.ChildProbe(channel_write, w.hostname, settings, max_kib)
         signals.worker_process_init.connect(
             probe.on_child_start, weak=False, dispatch_uid="cg-init"
@@ -367,12 +376,137 @@ class Protection(bootsteps.StartStopStep):
         }
 
 
+class TaskLimits(bootsteps.StartStopStep):
+    """Memory limits per task (``memory_limit``, ``soft_memory_limit``): read and checked
+    before the pool forks, watched in each child while a limited task runs, enforced by
+    the main process when a task does not stop."""
+
+    label = "TaskLimits"
+    name = "celery_guard.steps.TaskLimits"
+    requires = (Telemetry,)
+    conditional = True
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        guard = state_of(w)
+        self.enabled = False
+        if guard is None or guard.collector is None:
+            return
+        settings = guard.settings
+        try:
+            limits = task_limits.declared(
+                w.app.tasks, settings.task_memory_limit, settings.task_soft_memory_limit
+            )
+        except task_limits.LimitError as error:
+            fields = {
+                "variable": f"{error.task}.{error.option}", "setting": error.option,
+                "source": "task", "value": str(error.value)[:200], "accepted": error.accepted,
+            }  # fmt: skip
+            emit(logging.CRITICAL, "config_error", fields, settings.log_format)
+            raise SystemExit(EX_CONFIG) from None
+        if not limits:
+            return
+        if guard.pool not in FORKING_POOLS:
+            fields = {"worker": w.hostname, "topic": "task_memory_limit_ignored",
+                      "reason": f"{len(limits)} tasks declare memory limits; {guard.pool} "
+                      "runs tasks in the main process, where one task's memory cannot be "
+                      "told from another's", "fix": "the prefork pool"}  # fmt: skip
+            emit(logging.WARNING, "advice", fields, settings.log_format)
+            return
+        self.enabled = True
+        guard.task_limits = limits
+        self.guard = guard
+        self.recycle_after: set[int] = set()  # children whose task passed its hard limit
+        for name, limit in limits.items():  # before the fork: every child's tracer sees it
+            watchdog.wrap(w.app.tasks[name], name, limit)
+        from celery import signals
+
+        signals.worker_process_init.connect(
+            self._start_watchdog, weak=False, dispatch_uid="cg-watchdog"
+        )
+        guard.collector.limit_listeners.append(self._on_hit)
+        guard.on_installed.append(self._listen)
+
+    def _start_watchdog(self, **_: Any) -> None:
+        guard = self.guard
+        channel = guard.channel
+
+        def send(record: str) -> None:
+            if channel is not None:
+                with contextlib.suppress(OSError):  # a full pipe drops the record
+                    os.write(channel, record.encode()[:4000])
+
+        watchdog.WATCHDOG.start(
+            send, telemetry.read_private, guard.collector.hostname if guard.collector else "",
+            guard.settings.log_format,
+        )  # fmt: skip
+
+    def _listen(self) -> None:
+        if self.guard.control is not None:
+            self.guard.control.listeners.append(self)
+
+    def _on_hit(self, hit: telemetry.LimitHit) -> None:
+        """From the sampler's thread: a task passed its own limit."""
+        guard = self.guard
+        if hit.kind == "hard":
+            self.recycle_after.add(hit.pid)
+        if hit.kind != "kill" or guard.control is None or guard.collector is None:
+            return
+        reason = (
+            f"passed its memory_limit of {mib(hit.limit)} MiB (held {mib(hit.held)} MiB) and "
+            "did not stop when MemoryLimitExceeded was raised in it"
+        )
+        guard.collector.exits.killing(hit.pid, Kill(reason, hit.limit))
+        stopped = guard.control.kill(hit.pid, shrink=False)  # a signal: from any thread
+        fields = {
+            "worker": guard.collector.hostname, "pid": hit.pid, "task": hit.name,
+            "task_id": hit.task_id, "kind": "hard", "limit_mib": mib(hit.limit),
+            "held_mib": mib(hit.held), "action": "killed" if stopped else "gone",
+        }  # fmt: skip
+        emit(logging.ERROR, "task_memory_limit", fields, guard.settings.log_format)
+
+    # -- PoolControl's listener: replace a child after its task passed its hard limit ---
+    def child_up(self, pid: int) -> None:
+        pass
+
+    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        self.recycle_after.discard(pid)
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        pass
+
+    def task_ready(self, pid: int, task_id: str) -> bool:
+        """Replace a child whose task passed its hard limit: the exception freed what the
+        task held, but what the child's allocator kept is not worth keeping."""
+        self.guard.drain()  # the child wrote its record before its result
+        if pid not in self.recycle_after:
+            return False
+        self.recycle_after.discard(pid)
+        if self.guard.collector is not None:
+            fields = {"worker": self.guard.collector.hostname, "pid": pid,
+                      "reason": "task_memory_limit", "task_id": task_id}  # fmt: skip
+            emit(logging.INFO, "recycle", fields, self.guard.settings.log_format)
+        return True
+
+    def info(self, w: Any) -> dict[str, Any]:
+        guard = state_of(w)
+        if guard is None or not guard.task_limits:
+            return {}
+        return {
+            "guard_task_limits": {
+                name: {"memory_limit_mib": mib(lim.hard) if lim.hard else None,
+                       "soft_memory_limit_mib": mib(lim.soft) if lim.soft else None}
+                for name, lim in guard.task_limits.items()
+            }
+        }  # fmt: skip
+
+
 class Governor(bootsteps.StartStopStep):
     """The run-time budget: admit, hold, recycle, grow and, as the last resort, stop."""
 
     label = "Governor"
     name = "celery_guard.steps.Governor"
-    requires = (Telemetry,)
+    requires = (Telemetry, TaskLimits)
     conditional = True
 
     def __init__(self, w: Any, **kwargs: Any) -> None:
@@ -425,6 +559,7 @@ class Governor(bootsteps.StartStopStep):
             exits=collector.exits,
             drain=guard.drain,
             count=collector.count_pressure,
+            limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},
         )
         collector.listeners.append(self.governor.take)
         collector.summary_extras.append(self.governor.figures)
@@ -494,7 +629,7 @@ class MemoryGuard(bootsteps.Step):
 
     label = "MemoryGuard"
     name = "celery_guard.MemoryGuard"
-    requires = (Fit, Telemetry, Protection, Governor, Metrics)
+    requires = (Fit, Telemetry, Protection, TaskLimits, Governor, Metrics)
 
 
 def _pool_size(w: Any) -> int:
@@ -513,6 +648,7 @@ __all__ = [
     "MemoryGuard",
     "Metrics",
     "Protection",
+    "TaskLimits",
     "Telemetry",
     "pool_name",
 ]

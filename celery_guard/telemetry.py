@@ -170,6 +170,42 @@ def parse_record(line: str) -> tuple[str, int, Record] | None:
     return parts[0], delta, record
 
 
+@dataclass(frozen=True)
+class LimitHit:
+    """A task passed a memory limit of its own (see ``watchdog``)."""
+
+    pid: int
+    kind: str  # soft | hard | kill (the child asks the main process to stop it)
+    limit: int  # bytes
+    held: int  # bytes the task added since it started
+    task_id: str
+    name: str
+
+
+LIMIT_KINDS = ("soft", "hard", "kill")
+
+
+def parse_limit_hit(line: str) -> LimitHit | None:
+    """``L PID KIND LIMIT HELD TASK_ID NAME``, checked as ``parse_record`` checks."""
+    parts = line.split(" ", 6)
+    if len(parts) != 7 or parts[0] != "L" or parts[2] not in LIMIT_KINDS:
+        return None
+    numbers = []
+    for text in (parts[1], parts[3], parts[4]):
+        if not (0 < len(text) <= 16 and text.isascii() and text.isdigit()):
+            return None
+        numbers.append(int(text))
+    pid, limit, held = numbers
+    task_id, name = parts[5], parts[6]
+    if not 0 < pid < PID_MAX or not 0 < limit < MAX_FIGURE or held >= MAX_FIGURE:
+        return None
+    if not (0 < len(task_id) <= MAX_NAME and task_id.isprintable() and " " not in task_id):
+        return None
+    if not (0 < len(name) <= MAX_NAME and name.isprintable()):
+        return None
+    return LimitHit(pid, parts[2], limit, held, task_id, name)
+
+
 @dataclass
 class TaskGrowth:
     events: int = 0
@@ -211,6 +247,9 @@ class Collector:
     known: Callable[[int], bool] = lambda pid: True
     #: Told every record, after the growth table (the governor's ledger).
     listeners: list[Callable[[Record], None]] = field(default_factory=list)
+    #: Tasks that passed their own memory limits, by task name and kind, and who is told.
+    limit_hits: dict[str, dict[str, int]] = field(default_factory=dict)
+    limit_listeners: list[Callable[[LimitHit], None]] = field(default_factory=list)
     exits: ExitCauses = field(default_factory=lambda: ExitCauses(None))
     failures: MemoryFailures | None = None  # set in __post_init__
     #: Other parts' figures (the governor's): added to every summary line, and to
@@ -242,6 +281,9 @@ class Collector:
     # -- records from the children -------------------------------------------------
     def take(self, lines: list[str]) -> None:
         for line in lines:
+            if line.startswith("L "):
+                self._take_limit_hit(line)
+                continue
             parsed = parse_record(line)
             if parsed is None or not self.known(parsed[2].pid):
                 self.dropped += 1
@@ -260,6 +302,20 @@ class Collector:
                     self.last_task[record.pid] = (name, record.rss + record.peak)
             for listener in self.listeners:
                 listener(record)
+
+    def _take_limit_hit(self, line: str) -> None:
+        hit = parse_limit_hit(line)
+        if hit is None or not self.known(hit.pid):
+            self.dropped += 1
+            return
+        with self.lock:
+            name = hit.name
+            if name not in self.limit_hits and len(self.limit_hits) >= MAX_TASK_NAMES:
+                name = "other"
+            counts = self.limit_hits.setdefault(name, {})
+            counts[hit.kind] = counts.get(hit.kind, 0) + 1
+        for listener in self.limit_listeners:
+            listener(hit)
 
     def count_pressure(self, action: str) -> None:
         with self.lock:
@@ -373,6 +429,19 @@ class Collector:
                 "recycles": self.recycles,
                 "oom_kills": self.oom_kills,
             }
+            if self.limit_hits:  # tasks that passed their own memory limits
+                totals = {
+                    k: sum(c.get(k, 0) for c in self.limit_hits.values()) for k in LIMIT_KINDS
+                }
+                fields["task_limit_soft"] = totals["soft"]
+                fields["task_limit_hard"] = totals["hard"]
+                fields["task_limit_top"] = ",".join(
+                    f"{name}:{c.get('soft', 0)}/{c.get('hard', 0)}"
+                    for name, c in sorted(
+                        self.limit_hits.items(),
+                        key=lambda item: -(item[1].get("hard", 0) + item[1].get("soft", 0)),
+                    )[:3]
+                )
         advice = recommend(
             limit_mib=fields["limit_mib"],
             headroom_mib=fields["headroom_mib"],
@@ -404,10 +473,15 @@ class Collector:
                 name: {"events": g.events, "total_mib": mib(g.total), "max_mib": mib(g.largest)}
                 for name, g in self.tasks.items()
             }
+            fields["task_memory_limits"] = {
+                name: {kind: counts.get(kind, 0) for kind in ("soft", "hard")}
+                for name, counts in self.limit_hits.items()
+            }
             fields["held"] = {  # what the guard keeps: bounded whatever the task count
                 "task_names": len(self.tasks),
                 "children": len(self.child_figures),
                 "last_tasks": len(self.last_task),
+                "limit_names": len(self.limit_hits),
                 "private_buckets": len(self.private.buckets()),
                 "peak_rss_buckets": len(self.peak_rss.buckets()),
             }

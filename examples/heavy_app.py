@@ -58,6 +58,15 @@ if _broker.startswith("filesystem://"):
         "control_folder": os.path.join(_data_dir, "control"),
     }
 
+if os.environ.get("HEAVY_APP_BAD_LIMIT") == "1":  # a typo in a task's limit
+
+    @app.task(name="heavy_app.typo", memory_limit="lots")
+    def typo() -> None:
+        return None
+
+
+if os.environ.get("HEAVY_APP_ANNOTATE") == "1":  # a memory limit set from outside the task
+    app.conf.task_annotations = {"heavy_app.hog": {"memory_limit": "100M"}}
 if os.environ.get("HEAVY_APP_REPORTS") == "1":
     app.conf.imports = ("heavy_reports",)  # a second task module, for `guard imports`
 if os.environ.get("HEAVY_APP_GUARD", "1") != "0":
@@ -113,6 +122,47 @@ def hog(mib: int, seconds: float = 1.0) -> int:
         block[offset] = 1
     time.sleep(seconds)
     return len(block)
+
+
+def _grow_in_steps(mib: int, step_mib: int, held: list[bytearray]) -> None:
+    for _ in range(mib // step_mib):
+        block = bytearray(step_mib * 1024 * 1024)
+        for offset in range(0, len(block), 4096):  # touch every page: make it resident
+            block[offset] = 1
+        held.append(block)
+        time.sleep(0.02)
+
+
+@app.task(memory_limit="160M", soft_memory_limit="96M")
+def limited(mib: int, step_mib: int = 8, on_soft: str = "raise") -> int:
+    """Grow by ``mib`` MiB in steps, within its own memory limits. At its soft limit it
+    lets the exception go (``raise``), stops and returns what it got through (``return``:
+    partial work), or goes on towards its hard limit (``continue``)."""
+    from celery_guard import SoftMemoryLimitExceeded
+
+    held: list[bytearray] = []
+    while len(held) * step_mib < mib:
+        try:
+            _grow_in_steps(step_mib, step_mib, held)
+        except SoftMemoryLimitExceeded:
+            if on_soft == "raise":
+                raise
+            if on_soft == "return":
+                break
+    return len(held) * step_mib
+
+
+@app.task(memory_limit="96M")
+def stubborn(mib: int) -> int:
+    """Grow and swallow every exception, its memory limit's included: only stopping its
+    child stops it."""
+    held: list[bytearray] = []
+    while len(held) * 8 < mib:
+        try:
+            _grow_in_steps(8, 8, held)
+        except Exception:  # noqa: BLE001 - the point of this task
+            continue
+    return len(held)
 
 
 @app.task

@@ -207,3 +207,30 @@ def test_the_gevent_example_runs_as_documented(redis: harness.RedisServer, tmp_p
         assert worker.events("pressure") == []
     finally:
         worker.stop()
+
+
+def test_check_lists_the_tasks_that_declare_memory_limits(redis: harness.RedisServer) -> None:
+    """The example app's ``limited`` (160M) and ``stubborn`` (96M) declare limits. With a
+    400M budget (the main process holds about 180 MiB of it, 40 MiB are headroom) one child
+    can have about 180 MiB: both limits can be reached. With 300M, about 90 MiB: neither
+    can, and the check says so."""
+    env = harness.worker_env(redis, {"CELERY_GUARD_MEMORY_LIMIT": "400M"})
+    done = harness.run_celery(["guard", "check", "-c", "1", *QUIET], env)
+    assert done.returncode == 0, done.stderr
+    limits = {line["task"]: line for line in lines(done.stdout, "task_limit")}
+    assert sorted(limits) == ["heavy_app.limited", "heavy_app.stubborn"]
+    assert limits["heavy_app.limited"]["memory_limit_mib"] == "160.0"
+    assert limits["heavy_app.limited"]["soft_memory_limit_mib"] == "96.0"
+    assert all(line["reachable"] == "true" for line in limits.values())
+    assert not [a for a in lines(done.stdout, "advice") if a["topic"] == "task_limit_above_budget"]
+
+    small = harness.worker_env(redis, {"CELERY_GUARD_MEMORY_LIMIT": "300M"})
+    done = harness.run_celery(["guard", "check", "-c", "1", *QUIET], small)
+    limits = {line["task"]: line for line in lines(done.stdout, "task_limit")}
+    room = float(limits["heavy_app.limited"]["child_room_mib"])
+    assert room < 96
+    assert all(line["reachable"] == "false" for line in limits.values())
+    flagged = [
+        a["task"] for a in lines(done.stdout, "advice") if a["topic"] == "task_limit_above_budget"
+    ]
+    assert sorted(flagged) == ["heavy_app.limited", "heavy_app.stubborn"]

@@ -737,6 +737,8 @@ GOOD: dict[str, list[str]] = {
     "recycle": ["1", "0", "no"],
     "min_tasks_per_child": ["1", "4", "10"],
     "max_memory_kills": ["1", "3"],
+    "task_memory_limit": ["", "512M"],
+    "task_soft_memory_limit": ["", "256M"],
     "brake_interval": ["0.25", "1", "2s"],
     "low_water": ["70%", "80%", "0.85", "90%"],
     "high_water": ["80%", "90%", "0.95", "85%"],

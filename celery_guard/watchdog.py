@@ -1,0 +1,184 @@
+"""Inside a pool child: follow each run of a task that declares a memory limit.
+
+The main process wraps the ``run`` of every limited task before the pool forks, so each
+child's tracer calls the wrapper, which arms the watchdog when the task starts and disarms
+it when the task returns. Tasks without a limit are not wrapped and pay nothing.
+
+While armed, a thread of the child reads the child's private memory (``smaps_rollup``,
+0.15 to 5 ms, off the task's thread) as often as the task's growth needs
+(``task_limits.next_check``) and compares what the task added since it started with its
+limits (``task_limits.decide``). To raise in the task it sends its own thread a signal
+of its own, ``WATCHDOG_SIGNAL`` (a real-time signal: Celery's soft time limit uses
+SIGUSR1, nothing in Celery or billiard uses real-time signals), whose handler raises the
+pending exception only while a run is armed. A signal interrupts a blocking system call;
+a task that holds the interpreter in C code for long is stopped by the cgroup-level
+safety net instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
+from .logline import emit
+from .sizes import mib
+from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, next_check
+
+WATCHDOG_SIGNAL = signal.SIGRTMIN + 2
+
+
+class Watchdog:
+    """One per child; ``WATCHDOG`` below is the child's."""
+
+    def __init__(self) -> None:
+        self.active = False  # only in a child, once started
+        self.run: Run | None = None
+        self.name = self.task_id = ""
+        self.pending: BaseException | None = None
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.send: Callable[[str], None] = lambda record: None
+        self.hostname = ""
+        self.log_format = "text"
+        self.read_private: Callable[[], int | None] = lambda: None
+        self.main = 0  # the thread the tasks run in
+
+    # -- in the child ----------------------------------------------------------------
+    def start(
+        self, send: Callable[[str], None], read_private: Callable[[], int | None],
+        hostname: str, log_format: str,
+    ) -> None:  # fmt: skip
+        """At ``worker_process_init``, in the child's main thread."""
+        self.send, self.read_private = send, read_private
+        self.hostname, self.log_format = hostname, log_format
+        self.main = threading.main_thread().ident or 0
+        signal.signal(WATCHDOG_SIGNAL, self._on_signal)
+        threading.Thread(target=self._loop, name="celery-guard-watchdog", daemon=True).start()
+        self.active = True
+
+    def arm(self, name: str, task_id: str, limit: TaskLimit) -> None:
+        with self.lock:
+            self.run, self.name, self.task_id, self.pending = Run(limit), name, task_id, None
+        self.wake.set()
+
+    def disarm(self) -> None:
+        with self.lock:
+            self.run, self.pending = None, None
+        self.wake.set()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, None
+            armed = self.run is not None
+        if pending is not None and armed:
+            raise pending
+
+    def _raise(self, error: BaseException) -> None:
+        with self.lock:
+            if self.run is None:
+                return
+            self.pending = error
+        signal.pthread_kill(self.main, WATCHDOG_SIGNAL)
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            run = self.run
+            if run is None:
+                continue
+            try:
+                self._follow(run)
+            except Exception:
+                logging.getLogger("celery_guard").warning(
+                    "celery-guard event=error stage=watchdog", exc_info=True
+                )
+
+    def _follow(self, run: Run) -> None:
+        start = self.read_private()
+        if start is None:
+            return
+        name, task_id = self.name, self.task_id
+        last_time, last_held = time.monotonic(), 0
+        delay = 0.02
+        while self.run is run:
+            self.wake.wait(delay)
+            self.wake.clear()
+            if self.run is not run:
+                return
+            now_private = self.read_private()
+            if now_private is None:
+                return
+            held, now = now_private - start, time.monotonic()
+            rate = max(held - last_held, 0) / max(now - last_time, 1e-6)
+            last_time, last_held = now, held
+            action = decide(run, held, now)
+            if action == SOFT:
+                run.soft_raised = True
+                self._report(SOFT, run.limit.soft or 0, held, name, task_id, "raised")
+                self._raise(SoftMemoryLimitExceeded(self._message(
+                    name, task_id, "soft_memory_limit", run.limit.soft or 0, held)))  # fmt: skip
+            elif action == HARD:
+                run.hard_raised_at = now
+                self._report(HARD, run.limit.hard or 0, held, name, task_id, "raised")
+                self._raise(MemoryLimitExceeded(self._message(
+                    name, task_id, "memory_limit", run.limit.hard or 0, held)))  # fmt: skip
+            elif action == KILL:
+                self._report(KILL, run.limit.hard or 0, held, name, task_id, "stop_requested")
+                run.hard_raised_at = now  # ask again after another grace period
+            delay = next_check(run, held, rate)
+
+    @staticmethod
+    def _message(name: str, task_id: str, option: str, limit: int, held: int) -> str:
+        return (
+            f"{name}[{task_id}] passed its {option} of {mib(limit)} MiB: it held "
+            f"{mib(held)} MiB more than when it started"
+        )
+
+    def _report(
+        self, kind: str, limit: int, held: int, name: str, task_id: str, action: str
+    ) -> None:
+        """One line in the child's log, and a record for the main process (which counts
+        it, recycles the child after a hard limit, and stops it when asked)."""
+        fields = {
+            "worker": self.hostname, "pid": os.getpid(), "task": name, "task_id": task_id,
+            "kind": kind, "limit_mib": mib(limit), "held_mib": mib(held), "action": action,
+        }  # fmt: skip
+        level = logging.WARNING if kind == SOFT else logging.ERROR
+        emit(level, "task_memory_limit", fields, self.log_format)
+        self.send(f"L {os.getpid()} {kind} {limit} {max(held, 0)} {task_id} {name}\n")
+
+
+#: This process's watchdog: started in each pool child, inert elsewhere.
+WATCHDOG = Watchdog()
+
+
+def wrap(task: Any, name: str, limit: TaskLimit) -> None:
+    """Make ``task.run`` arm the watchdog for its runs (in the main process, before the
+    pool forks, so that every child's tracer calls it). Elsewhere it only calls through."""
+    original = task.run
+    if getattr(original, "__celery_guard_limit__", None) is not None:
+        return  # wrapped already
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not WATCHDOG.active:
+            return original(*args, **kwargs)
+        task_id = getattr(getattr(task, "request", None), "id", None) or "?"
+        WATCHDOG.arm(name, task_id, limit)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            WATCHDOG.disarm()
+
+    run.__celery_guard_limit__ = limit  # type: ignore[attr-defined]
+    run.__wrapped__ = original  # type: ignore[attr-defined]
+    task.run = run
+
+
+__all__ = ["WATCHDOG", "WATCHDOG_SIGNAL", "Watchdog", "wrap"]

@@ -1,0 +1,176 @@
+"""Tests for celery_guard.task_limits (what a task declares, and what the watchdog does
+about a run) and the records the watchdog sends."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from celery_guard.exits import GUARD, ExitCauses, Kill, LostJob, MemoryFailures
+from celery_guard.task_limits import (
+    GRACE,
+    HARD,
+    KILL,
+    NONE,
+    SOFT,
+    LimitError,
+    Run,
+    TaskLimit,
+    decide,
+    declared,
+    next_check,
+    parse_limit,
+)
+from celery_guard.telemetry import LimitHit, parse_limit_hit
+
+MIB = 1024 * 1024
+
+
+def task(**options: Any) -> SimpleNamespace:
+    return SimpleNamespace(**options)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("512M", 512 * MIB), ("1.5G", 1536 * MIB), (4096, 4096), (" 64 MiB", 64 * MIB)],
+)
+def test_parse_limit(value: Any, expected: int | None) -> None:
+    assert parse_limit(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "lots", "-5M", 0, -1, True, 1.5, "0", [512], "1e9"])
+def test_parse_limit_refuses(value: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_limit(value)
+
+
+def test_declared_reads_the_options_of_each_task_and_the_defaults() -> None:
+    tasks = {
+        "app.both": task(memory_limit="512M", soft_memory_limit="400M"),
+        "app.hard": task(memory_limit=256 * MIB),
+        "app.soft": task(soft_memory_limit="64M"),
+        "app.none": task(),
+        "celery.chord_unlock": task(),  # Celery's own: no default for them
+    }
+    assert declared(tasks) == {
+        "app.both": TaskLimit(512 * MIB, 400 * MIB),
+        "app.hard": TaskLimit(256 * MIB, None),
+        "app.soft": TaskLimit(None, 64 * MIB),
+    }
+    with_defaults = declared(tasks, default_hard=1024 * MIB, default_soft=768 * MIB)
+    assert with_defaults["app.none"] == TaskLimit(1024 * MIB, 768 * MIB)
+    assert with_defaults["app.hard"] == TaskLimit(256 * MIB, None)  # its own wins, whole
+    assert "celery.chord_unlock" not in with_defaults
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"memory_limit": "huge"}, "memory_limit"),
+        ({"soft_memory_limit": -1}, "soft_memory_limit"),
+        ({"memory_limit": "100M", "soft_memory_limit": "100M"}, "soft_memory_limit"),
+        ({"memory_limit": "100M", "soft_memory_limit": "200M"}, "soft_memory_limit"),
+    ],
+)
+def test_a_bad_limit_names_the_task_and_the_option(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(LimitError) as error:
+        declared({"app.t": task(**options)})
+    assert (error.value.task, error.value.option) == ("app.t", option)
+    assert str(error.value).startswith(f"app.t.{option}=")
+
+
+LIMIT = TaskLimit(hard=100 * MIB, soft=60 * MIB)
+
+
+@pytest.mark.parametrize(
+    ("held", "soft_raised", "hard_at", "now", "expected"),
+    [
+        (10, False, None, 0.0, NONE),
+        (60, False, None, 0.0, SOFT),  # at the soft limit: raised once
+        (80, True, None, 0.0, NONE),  # ... and not again
+        (100, True, None, 0.0, HARD),  # at the hard limit: MemoryLimitExceeded in the task
+        (100, False, None, 0.0, HARD),  # straight past the soft one: the hard one only
+        (150, True, 5.0, 5.5, NONE),  # raised 0.5 s ago: it may be unwinding
+        (150, True, 5.0, 5.0 + GRACE, KILL),  # still over after the grace: stop the child
+        (50, True, 5.0, 9.0, NONE),  # it let go of the memory: nothing more to do
+    ],
+)
+def test_decide(held: int, soft_raised: bool, hard_at: float | None, now: float,
+                expected: str) -> None:  # fmt: skip
+    run = Run(LIMIT, soft_raised, hard_at)
+    assert decide(run, held * MIB, now) == expected
+
+
+def test_checks_come_sooner_as_a_task_nears_its_limit() -> None:
+    run = Run(LIMIT)
+    assert next_check(run, 0, 0.0) == 0.5  # not growing: the slowest
+    slow = next_check(run, 10 * MIB, 10 * MIB)  # 50 MiB to go at 10 MiB/s
+    fast = next_check(run, 10 * MIB, 1000 * MIB)
+    assert 0.02 <= fast < slow <= 0.5
+    assert next_check(Run(LIMIT, True, 1.0), 150 * MIB, 0.0) == 0.02  # past it: closely
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    hard=st.one_of(st.none(), st.integers(1, 1000)),
+    soft=st.one_of(st.none(), st.integers(1, 1000)),
+    steps=st.lists(st.tuples(st.integers(-100, 2000), st.floats(0.0, 3.0)), max_size=30),
+)
+def test_a_run_is_raised_in_at_most_once_per_limit_and_stopped_only_past_its_hard_limit(
+    hard: int | None, soft: int | None, steps: list[tuple[int, float]]
+) -> None:
+    run, now, seen = Run(TaskLimit(hard, soft)), 0.0, []
+    for held, dt in steps:
+        now += dt
+        action = decide(run, held, now)
+        if action == SOFT:
+            run.soft_raised = True
+        elif action == HARD:
+            run.hard_raised_at = now
+        elif action == KILL:
+            assert hard is not None and held >= hard
+            run.hard_raised_at = now
+        seen.append(action)
+        assert next_check(run, held, abs(held) * 1.0) > 0
+    assert seen.count(SOFT) <= (1 if soft is not None else 0)
+    assert seen.count(HARD) <= (1 if hard is not None else 0)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("L 12 hard 104857600 110100480 a-b-c app.big task",
+         LimitHit(12, "hard", 100 * MIB, 105 * MIB, "a-b-c", "app.big task")),
+        ("L 12 soft 1 0 id app.t", LimitHit(12, "soft", 1, 0, "id", "app.t")),
+        ("L 12 kill 1 2 id app.t", LimitHit(12, "kill", 1, 2, "id", "app.t")),
+        ("L 12 other 1 2 id app.t", None),  # an unknown kind
+        ("L 12 hard 0 2 id app.t", None),  # no limit of 0
+        ("L 12 hard 1 -2 id app.t", None),
+        ("L 0 hard 1 2 id app.t", None),
+        ("L 12 hard 99999999999999999 2 id app.t", None),  # beyond any machine
+        ("L 12 hard 1 2 id", None),  # no name
+        ("L 12 hard \u0661 2 id app.t", None),  # digits must be ASCII
+        ("L 12 hard 1 2 id app\x1b[31m", None),  # no escapes in a name that is logged
+        ("T 12 hard 1 2 id app.t", None),
+    ],
+)  # fmt: skip
+def test_parse_limit_hit(line: str, expected: LimitHit | None) -> None:
+    assert parse_limit_hit(line) == expected
+
+
+def test_a_task_stopped_for_its_own_limit_is_never_re_delivered() -> None:
+    """Late acks and task_reject_on_worker_lost would re-deliver a task killed for the
+    worker's memory (up to max_kills); one killed for its own limit would only pass it
+    again: it fails at once."""
+    causes = ExitCauses(oom_kills_seen=0)
+    failures = MemoryFailures(lambda pid, code: causes.cause(pid, code, 0), max_kills=3)
+    causes.killing(7, Kill("passed its memory_limit of 96 MiB", limit=96 * MIB))
+    error = failures.on_lost(LostJob(7, -9, "t1", "app.stubborn", True, True), causes)
+    assert type(error).__name__ == "MemoryLimitExceeded"
+    assert "memory_limit of 96 MiB" in str(error)
+    outcome = failures.outcome(7)
+    assert outcome is not None and (outcome.cause, outcome.then) == (GUARD, "fail")
