@@ -5,7 +5,10 @@ child's tracer calls the wrapper, which arms the watchdog when the task starts a
 it when the task returns. Tasks without a limit are not wrapped and pay nothing.
 
 While armed, a thread of the child reads the child's private memory (``smaps_rollup``,
-0.15 to 5 ms, off the task's thread) as often as the task's growth needs
+0.15 to 5 ms, off the task's thread) as often as the task's growth needs. What the
+thread reads first may come after the task allocated, so the task's anonymous resident
+memory at its start (``statm``, about 1.5 us, read as it starts) bounds what it added
+too: the larger of the two growths counts
 (``task_limits.next_check``) and compares what the task added since it started with its
 limits (``task_limits.decide``). To raise in the task it sends its own thread a signal
 of its own, ``WATCHDOG_SIGNAL`` (a real-time signal: Celery's soft time limit uses
@@ -18,6 +21,7 @@ safety net instead.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
 import threading
@@ -47,6 +51,8 @@ class Watchdog:
         self.hostname = ""
         self.log_format = "text"
         self.read_private: Callable[[], int | None] = lambda: None
+        self.read_anon: Callable[[], int] = lambda: 0
+        self.anon_at_start = 0
         self.main = 0  # the thread the tasks run in
 
     # -- in the child ----------------------------------------------------------------
@@ -56,6 +62,7 @@ class Watchdog:
     ) -> None:  # fmt: skip
         """At ``worker_process_init``, in the child's main thread."""
         self.send, self.read_private = send, read_private
+        self.read_anon = StatmAnon()
         self.hostname, self.log_format = hostname, log_format
         self.main = threading.main_thread().ident or 0
         signal.signal(WATCHDOG_SIGNAL, self._on_signal)
@@ -63,8 +70,10 @@ class Watchdog:
         self.active = True
 
     def arm(self, name: str, task_id: str, limit: TaskLimit) -> None:
+        anon = self.read_anon()  # here, as the task starts: the thread may see it later
         with self.lock:
             self.run, self.name, self.task_id, self.pending = Run(limit), name, task_id, None
+            self.anon_at_start = anon
         self.wake.set()
 
     def disarm(self) -> None:
@@ -101,7 +110,7 @@ class Watchdog:
                 )
 
     def _follow(self, run: Run) -> None:
-        start = self.read_private()
+        start, anon_start = self.read_private(), self.anon_at_start
         if start is None:
             return
         name, task_id = self.name, self.task_id
@@ -115,7 +124,8 @@ class Watchdog:
             now_private = self.read_private()
             if now_private is None:
                 return
-            held, now = now_private - start, time.monotonic()
+            held = max(now_private - start, self.read_anon() - anon_start)
+            now = time.monotonic()
             rate = max(held - last_held, 0) / max(now - last_time, 1e-6)
             last_time, last_held = now, held
             action = decide(run, held, now)
@@ -153,6 +163,18 @@ class Watchdog:
         level = logging.WARNING if kind == SOFT else logging.ERROR
         emit(level, "task_memory_limit", fields, self.log_format)
         self.send(f"L {os.getpid()} {kind} {limit} {max(held, 0)} {task_id} {name}\n")
+
+
+class StatmAnon:
+    """This process's anonymous resident memory (``statm``'s resident less shared)
+    through a descriptor kept open: cheap enough to read as every limited task starts."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __call__(self) -> int:
+        fields = os.pread(self.fd, 128, 0).split()
+        return (int(fields[1]) - int(fields[2])) * mmap.PAGESIZE
 
 
 #: This process's watchdog: started in each pool child, inert elsewhere.

@@ -85,7 +85,11 @@ def test_check_out_of_a_cgroup_limit_and_in_json(redis: harness.RedisServer) -> 
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert records[0]["event"] == "check"
     assert records[0]["requested"] == 4 and isinstance(records[0]["limit_mib"], float)
-    assert all(r["event"] == "advice" and r["reason"] and r["fix"] for r in records[1:])
+    assert {r["event"] for r in records[1:]} <= {"advice", "task_limit"}
+    assert all(r["reason"] and r["fix"] for r in records[1:] if r["event"] == "advice")
+    limits = [r for r in records if r["event"] == "task_limit"]
+    assert [r["task"] for r in limits] == ["heavy_app.limited", "heavy_app.stubborn"]
+    assert limits[0]["memory_limit_mib"] == 160.0 and limits[0]["reachable"] is True
     text = harness.run_celery(["guard", "check", "-c", "4"], env)
     assert set(lines(text.stdout, "check")[0]) == set(records[0])
 
