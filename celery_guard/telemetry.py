@@ -101,23 +101,25 @@ class ChildProbe:
         # lifetime peak, else the lifetime peak bounds it.
         exact = delta > 0
         task_peak = (peak if exact else self.last_peak) - self.last_rss
-        private = read_private() if self.tasks % PRIVATE_EVERY == 1 else None
+        grew = peak - self.logged_peak >= self.step
+        logged = self.mode == "all" or (self.mode == "growth" and grew)
+        # Private memory (0.15-5 ms) after the first task only (the main process takes the
+        # child's baseline from it), and on every PRIVATE_EVERY-th line logged.
+        first = self.tasks == 1
+        private = read_private() if first or (logged and self.tasks % PRIVATE_EVERY == 1) else None
         recycling = 0 < self.max_memory_kib < peak // 1024
         new_name = name not in self.names and len(self.names) < NAMES_REPORTED
         if new_name:
             self.names.add(name)
         self.last_peak, self.last_rss = peak, rss
-        if exact or new_name or recycling or private is not None or abs(rss - self.sent_rss) >= MIB:
+        if exact or new_name or recycling or first or abs(rss - self.sent_rss) >= MIB:
             self.sent_rss = rss
             self._send(
                 f"{'R' if recycling else 'T'} {self.pid} {delta} {int(exact)} {task_peak} "
                 f"{rss_delta} {rss} {-1 if private is None else private} "
                 f"{name[:MAX_NAME].replace(chr(10), '?')}\n"
             )
-        if self.mode == "off":
-            return
-        grew = peak - self.logged_peak >= self.step
-        if not grew and self.mode != "all":
+        if not logged:
             return
         if grew:
             self.logged_peak = peak

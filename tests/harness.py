@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,6 +352,16 @@ def send_tasks(
 
     client = Celery("client", broker=redis.url(0), backend=redis.url(1))
     return [client.send_task(f"{app}.{name}", args=args, queue=queue) for _ in range(count)]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 30) -> bool:
+    """Wait for ``check()`` to become true (an event, polled), at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
 
 
 def wait_for_results(results: list[Any], timeout: float, group: Cgroup | None = None) -> bool:

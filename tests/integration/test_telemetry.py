@@ -98,22 +98,23 @@ def test_recycle_after_max_memory_per_child_is_reported(
 
 
 @pytest.mark.parametrize(
-    "args,topic",
+    "args,topics",
     [
-        (["-c", "1", "--max-memory-per-child=10000"], "max_memory_per_child_below_parent"),
+        (["-c", "1", "--max-memory-per-child=10000"], ["max_memory_per_child_below_parent"]),
+        # threads also cannot honour the example app's per-task memory limits
         (["-P", "threads", "-c", "2", "--max-memory-per-child=900000"],
-         "max_memory_per_child_ignored"),
+         ["max_memory_per_child_ignored", "task_memory_limit_ignored"]),
     ],
     ids=["below-parent", "ignored-by-threads"],
 )  # fmt: skip
 def test_advice_on_max_memory_per_child(
-    redis: harness.RedisServer, make_worker: MakeWorker, args: list[str], topic: str
+    redis: harness.RedisServer, make_worker: MakeWorker, args: list[str], topics: list[str]
 ) -> None:
     worker = make_worker(args, harness.worker_env(redis, {**SMALL_APP, "HEAVY_APP_ACKS_LATE": "1"}))
     worker.wait_ready(60)
     advice = worker.events("advice")
-    assert [a["topic"] for a in advice] == [topic]
-    assert advice[0]["fix"]
+    assert sorted(a["topic"] for a in advice) == topics
+    assert all(a["fix"] for a in advice)
 
 
 def test_state_file_round_trip_and_corruption(
