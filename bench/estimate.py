@@ -40,7 +40,10 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 import harness  # noqa: E402
 from harness import MIB  # noqa: E402
 
-SHAPES = ("numpy", "dicts", "lists", "registry", "pandas", "cext")
+SHAPES = ("baseline", "numpy", "dicts", "lists", "registry", "pandas", "cext")
+#: ``baseline``: the dicts app with two entries, what a child costs with no app data
+#: (footprint.CHILD_BASE).
+MODULES = {"baseline": ("dicts", 1e-5)}
 LOW, HIGH = 2, 6
 TASKS_PER_CHILD = 3
 REQUESTED = 16
@@ -114,24 +117,43 @@ def smaps_kinds(pid: int) -> dict[str, int]:
 
 
 class Runner:
-    def __init__(self, workdir: Path, scale: float) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        scale: float,
+        extra: dict[str, str] | None = None,
+        redis: harness.RedisServer | None = None,
+        root: Path | None = None,
+    ) -> None:
         self.workdir = workdir
         self.scale = scale
-        self.root = harness.own_memory_cgroup()
-        self.redis = harness.RedisServer(workdir)
+        self.extra = extra or {}
+        self.root = root or harness.own_memory_cgroup()
+        self.own_redis = redis is None
+        self.redis = redis or harness.RedisServer(workdir)
         self.count = 0
 
     def close(self) -> None:
-        self.redis.close()
+        if self.own_redis:
+            self.redis.close()
+
+    def cost(self, shape: str, low: int = LOW, high: int = HIGH) -> tuple[float, float]:
+        """(the startup estimate, the measured cost of one child), in bytes: the growth
+        of the working set per added child, every child having run its tasks."""
+        first = self.sample(shape, low)
+        second = self.sample(shape, high)
+        slope = (second.working_set - first.working_set) / (high - low)
+        return float(second.startup["child_estimate_mib"]) * MIB, slope
 
     def worker(
         self, shape: str, concurrency: int, group: harness.Cgroup, guard: bool,
         extra: dict[str, str] | None = None,
     ) -> harness.Worker:  # fmt: skip
         self.count += 1
+        module, scale = MODULES.get(shape, (shape, self.scale))
         env = harness.worker_env(
             self.redis,
-            {"SHAPE_SCALE": str(self.scale), "HEAVY_APP_ACKS_LATE": "1", **(extra or {})},
+            {"SHAPE_SCALE": str(scale), "HEAVY_APP_ACKS_LATE": "1", **self.extra, **(extra or {})},
             guard=guard,
         )
         return harness.Worker(
@@ -139,7 +161,7 @@ class Runner:
             env,
             self.workdir / f"{shape}-{self.count}.log",
             cgroup=group,
-            app=f"shape_{shape}",
+            app=f"shape_{module}",
         ).start()
 
     def run_tasks(
@@ -153,8 +175,9 @@ class Runner:
             if children and all(runs[pid] >= TASKS_PER_CHILD for pid in children):
                 return True
             count = max(len(children), 1) * TASKS_PER_CHILD
+            module = MODULES.get(shape, (shape, 0))[0]
             results = harness.send_tasks(
-                self.redis, worker.queue, "use", count, app=f"shape_{shape}"
+                self.redis, worker.queue, "use", count, app=f"shape_{module}"
             )
             for result in results:
                 try:
@@ -270,8 +293,9 @@ def measure_all(
     limits: tuple[int, ...] = LIMITS,
     bisect: bool = True,
     detail: bool = False,
+    extra: dict[str, str] | None = None,
 ) -> list[Row]:
-    runner = Runner(workdir, scale)
+    runner = Runner(workdir, scale, extra)
     try:
         return [measure_shape(runner, shape, limits, bisect, detail) for shape in shapes]
     finally:
@@ -303,11 +327,13 @@ def main() -> None:
     parser.add_argument("--limit", nargs="*", type=int, default=list(LIMITS))
     parser.add_argument("--no-bisect", action="store_true")
     parser.add_argument("--detail", action="store_true")
+    parser.add_argument("--gc-freeze", choices=("0", "1"), default="1")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure_all(
             Path(tmp), tuple(options.shape), options.scale, tuple(options.limit),
             not options.no_bisect, options.detail,
+            {"CELERY_GUARD_GC_FREEZE": options.gc_freeze},
         )  # fmt: skip
     print("\n".join(render(rows, tuple(options.limit))))
     within = all(0.9 <= r.ratio <= 1.1 for r in rows)
