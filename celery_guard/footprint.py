@@ -64,7 +64,7 @@ class Estimate:
 #: interpreter's and Celery's objects its worker loop and the tracer write, its own heap,
 #: the private pages of shared libraries and its kernel structures (page tables apart).
 #: ``bench/estimate.py`` measures it (its ``baseline`` row: an app with no data) at 10.6
-#: MiB with Celery 5.7 and CPython 3.11, 0.2 MiB of it page tables.
+#: to 10.7 MiB with Celery 5.7 and CPython 3.11, 0.2 MiB of it page tables.
 CHILD_BASE = 10 * 1024 * 1024 + 400 * 1024
 
 
