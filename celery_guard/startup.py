@@ -6,12 +6,12 @@ run before a deploy), so that both print the same figures from the same arithmet
 
 from __future__ import annotations
 
-import gc
 import logging
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import cgroups, footprint, history
+from . import census, cgroups, footprint, history
 from .config import Settings
 from .logline import emit
 from .plan import Decision, decide
@@ -110,10 +110,12 @@ class Measured:
 
 def measure(settings: Settings, pool: str, requested: int, forked: bool = True) -> Measured:
     """Measure this process as the main process of a worker and decide the concurrency."""
-    gc.collect()  # what the pool does before each fork; measure the same heap
+    # No gc.collect() here: the census counts live data only, and a full collection of a
+    # large app is most of what measuring would cost (the pool collects before forking).
     budget = read_budget(settings)
-    parent = footprint.measure(allocators=footprint.read_allocators())
-    estimate = footprint.estimate_child(parent, forked=forked)
+    app = census.census(sys.modules, census.library_roots())
+    parent = footprint.measure(allocators=footprint.read_allocators(), app_objects=app.bytes)
+    estimate = footprint.estimate_child(parent, forked=forked, gc_freeze=settings.gc_freeze)
     remembered = remembered_cost(settings)
     if settings.child_memory is not None:
         child, child_source = settings.child_memory, settings.source("child_memory")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: a virtual environment in .venv, the package
-# with its test extra, Debian's redis-server when it is missing, then pytest.
+# with its test and shapes extras (the shapes: the example apps that
+# tests/integration/test_estimate.py starts), Debian's redis-server when it is missing,
+# then pytest.
 # Arguments go to pytest (for example: bash tests/run.sh -k json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +16,5 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -qq --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -qq --disable-pip-version-check -e '.[test,shapes]'
 exec .venv/bin/python -m pytest "$@"

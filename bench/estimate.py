@@ -1,0 +1,344 @@
+"""The child estimate against real children, on six shapes of app.
+
+Usage (root, cgroup v1, redis-server installed; ``pip install -e '.[test,bench,shapes]'``)::
+
+    .venv/bin/python bench/estimate.py [--shape numpy dicts ...] [--scale 1]
+        [--no-bisect] [--limit 768 1024] [--detail]
+
+For each shape (``examples/shape_*.py``) it starts the guarded worker at two
+concurrencies (``LOW`` and ``HIGH`` children) in a memory cgroup with no limit, sends
+``use`` tasks until every child has run at least ``TASKS_PER_CHILD`` of them, and reads
+the cgroup's working set (usage minus inactive file pages). The measured cost of one
+child is the growth of the working set per added child, ``(ws(HIGH) - ws(LOW)) / (HIGH -
+LOW)``; what the main process grows by after its measurement is the same at both and
+drops out. Next to it, the figure ``tests/integration/test_startup.py`` takes,
+``(ws(HIGH) - in_use) / HIGH``, which also spreads the main process's growth over its
+children. The estimate is the guard's startup line at ``HIGH``.
+
+Then, for each limit, the largest ``-c`` at which vanilla Celery runs the workload (every
+child runs its tasks; late acks) with no OOM kill, by bisection as ``bench/run.py`` does,
+and the concurrency the guard starts with when asked for ``-c 16``. ``--detail`` prints,
+per child, where its private memory is (by kind of mapping, from /proc/<pid>/smaps).
+
+``bench/run.py`` calls :func:`measure_all` and writes the rows into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+import harness  # noqa: E402
+from harness import MIB  # noqa: E402
+
+SHAPES = ("baseline", "numpy", "dicts", "lists", "registry", "pandas", "cext")
+#: ``baseline``: the dicts app with two entries, what a child costs with no app data
+#: (footprint.CHILD_BASE).
+MODULES = {"baseline": ("dicts", 1e-5)}
+LOW, HIGH = 2, 6
+TASKS_PER_CHILD = 3
+REQUESTED = 16
+LIMITS = (768, 1024)
+
+
+@dataclass
+class Sample:
+    """One worker of a shape at one concurrency, after every child ran its tasks."""
+
+    concurrency: int
+    working_set: int
+    startup: dict[str, str]
+    detail: dict[int, dict[str, int]] = field(default_factory=dict)  # pid -> kind -> bytes
+
+    @property
+    def in_use(self) -> int:
+        return int(float(self.startup["in_use_mib"]) * MIB)
+
+
+@dataclass
+class Row:
+    shape: str
+    estimate: float  # MiB
+    method: str
+    measured: float  # MiB per child: the slope
+    per_child_with_main: float  # MiB per child as test_startup measures it
+    parent_rss: float
+    starts: dict[int, int] = field(default_factory=dict)  # limit -> guard's start at -c 16
+    vanilla: dict[int, int] = field(default_factory=dict)  # limit -> vanilla's largest
+
+    @property
+    def ratio(self) -> float:
+        return self.estimate / self.measured
+
+
+def working_set(group: harness.Cgroup) -> int:
+    text = (group.path / "memory.stat").read_text()
+    stat = dict(line.split() for line in text.splitlines())
+    return group.usage() - int(stat["total_inactive_file"])
+
+
+def smaps_kinds(pid: int) -> dict[str, int]:
+    """A process's private dirty bytes by kind of mapping (analysis only)."""
+    kinds: dict[str, int] = defaultdict(int)
+    kind = "anon"
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):
+            parts = line.split(None, 5)
+            name = parts[5].strip() if len(parts) > 5 else ""
+            if name == "[heap]":
+                kind = "heap"
+            elif name.startswith("["):
+                kind = name.strip("[]")
+            elif name:
+                kind = "file"
+            else:
+                kind = "anon"
+        elif first == "Private_Dirty:":
+            kinds[kind] += int(line.split()[1]) * 1024
+    status = Path(f"/proc/{pid}/status").read_text()
+    for line in status.splitlines():
+        if line.startswith("VmPTE:"):
+            kinds["pte"] = int(line.split()[1]) * 1024
+    return dict(kinds)
+
+
+class Runner:
+    def __init__(
+        self,
+        workdir: Path,
+        scale: float,
+        extra: dict[str, str] | None = None,
+        redis: harness.RedisServer | None = None,
+        root: Path | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.scale = scale
+        self.extra = extra or {}
+        self.root = root or harness.own_memory_cgroup()
+        self.own_redis = redis is None
+        self.redis = redis or harness.RedisServer(workdir)
+        self.count = 0
+
+    def close(self) -> None:
+        if self.own_redis:
+            self.redis.close()
+
+    def cost(self, shape: str, low: int = LOW, high: int = HIGH) -> tuple[float, float]:
+        """(the startup estimate, the measured cost of one child), in bytes: the growth
+        of the working set per added child, every child having run its tasks."""
+        first = self.sample(shape, low)
+        second = self.sample(shape, high)
+        slope = (second.working_set - first.working_set) / (high - low)
+        return float(second.startup["child_estimate_mib"]) * MIB, slope
+
+    def worker(
+        self, shape: str, concurrency: int, group: harness.Cgroup, guard: bool,
+        extra: dict[str, str] | None = None,
+    ) -> harness.Worker:  # fmt: skip
+        self.count += 1
+        module, scale = MODULES.get(shape, (shape, self.scale))
+        env = harness.worker_env(
+            self.redis,
+            {"SHAPE_SCALE": str(scale), "HEAVY_APP_ACKS_LATE": "1", **self.extra, **(extra or {})},
+            guard=guard,
+        )
+        return harness.Worker(
+            ["-c", str(concurrency)],
+            env,
+            self.workdir / f"{shape}-{self.count}.log",
+            cgroup=group,
+            app=f"shape_{module}",
+        ).start()
+
+    def run_tasks(
+        self, worker: harness.Worker, shape: str, children: set[int], timeout: float = 240
+    ) -> bool:
+        """Send ``use`` tasks until each child in ``children`` ran TASKS_PER_CHILD of them;
+        False on a failed task, a dead worker or the timeout."""
+        runs: dict[int, int] = defaultdict(int)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if children and all(runs[pid] >= TASKS_PER_CHILD for pid in children):
+                return True
+            count = max(len(children), 1) * TASKS_PER_CHILD
+            module = MODULES.get(shape, (shape, 0))[0]
+            results = harness.send_tasks(
+                self.redis, worker.queue, "use", count, app=f"shape_{module}"
+            )
+            for result in results:
+                try:
+                    pid, _ = result.get(timeout=max(deadline - time.monotonic(), 1))
+                except Exception:  # noqa: BLE001 - a lost task or a killed child: failed
+                    return False
+                runs[pid] += 1
+        return False
+
+    def sample(self, shape: str, concurrency: int, detail: bool = False) -> Sample:
+        group = harness.Cgroup(self.root, None)
+        worker = self.worker(shape, concurrency, group, guard=True)
+        try:
+            startup = worker.startup()
+            worker.wait_ready(120)
+            main = worker.process.pid if worker.process else -1
+            children = set(_children(group, main, concurrency))
+            if not self.run_tasks(worker, shape, children):
+                raise RuntimeError(f"{shape} at -c {concurrency}: tasks did not complete")
+            time.sleep(1.0)
+            result = Sample(concurrency, working_set(group), startup)
+            if detail:
+                result.detail = {pid: smaps_kinds(pid) for pid in [main, *sorted(children)]}
+            return result
+        finally:
+            worker.stop()
+            group.close()
+
+    def runs_clean(self, shape: str, limit_mib: int, concurrency: int) -> bool:
+        """Vanilla Celery at ``concurrency``: every child runs its tasks, no OOM kill."""
+        group = harness.Cgroup(self.root, limit_mib * MIB)
+        worker = self.worker(shape, concurrency, group, guard=False)
+        try:
+            worker.wait_ready(120)
+            main = worker.process.pid if worker.process else -1
+            children = set(_children(group, main, concurrency))
+            return self.run_tasks(worker, shape, children, 180) and group.oom_kills() == 0
+        except (AssertionError, RuntimeError):
+            return False
+        finally:
+            worker.stop()
+            group.close()
+
+    def largest_vanilla(self, shape: str, limit_mib: int, high: int = 24) -> int:
+        low, top = 0, high + 1
+        while top - low > 1:
+            middle = (low + top) // 2
+            ok = self.runs_clean(shape, limit_mib, middle)
+            print(f"    vanilla c={middle}: {'ok' if ok else 'fails'}", flush=True)
+            low, top = (middle, top) if ok else (low, middle)
+        return low
+
+    def guard_starts(self, shape: str, limit_mib: int) -> int:
+        group = harness.Cgroup(self.root, limit_mib * MIB)
+        worker = self.worker(shape, REQUESTED, group, guard=True)
+        try:
+            return int(worker.startup()["concurrency"])
+        finally:
+            worker.stop()
+            group.close()
+
+
+def _children(group: harness.Cgroup, main: int, expected: int, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [pid for pid in group.pids() if pid != main]
+        if len(pids) >= expected or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
+
+
+def measure_shape(
+    runner: Runner, shape: str, limits: tuple[int, ...], bisect: bool, detail: bool
+) -> Row:
+    low = runner.sample(shape, LOW)
+    high = runner.sample(shape, HIGH, detail)
+    slope = (high.working_set - low.working_set) / (HIGH - LOW)
+    line = high.startup
+    row = Row(
+        shape,
+        float(line["child_estimate_mib"]),
+        line.get("child_estimate_method", ""),
+        slope / MIB,
+        (high.working_set - high.in_use) / HIGH / MIB,
+        float(line["parent_rss_mib"]),
+    )
+    print(
+        f"  {shape}: estimate {row.estimate:.1f} MiB ({row.method}), measured "
+        f"{row.measured:.1f} MiB (ratio {row.ratio:.2f}); with the main process's growth "
+        f"{row.per_child_with_main:.1f}; parent RSS {row.parent_rss:.1f}",
+        flush=True,
+    )
+    if detail:
+        for pid, kinds in high.detail.items():
+            text = " ".join(f"{k}={v / MIB:.1f}" for k, v in sorted(kinds.items()) if v)
+            print(f"    pid {pid}: {text}", flush=True)
+    for limit in limits:
+        row.starts[limit] = runner.guard_starts(shape, limit)
+        if bisect:
+            row.vanilla[limit] = runner.largest_vanilla(shape, limit)
+        print(
+            f"  {shape} at {limit} MiB: guard starts {row.starts[limit]}, vanilla largest "
+            f"{row.vanilla.get(limit, 'n/a')}",
+            flush=True,
+        )
+    return row
+
+
+def measure_all(
+    workdir: Path,
+    shapes: tuple[str, ...] = SHAPES,
+    scale: float = 1.0,
+    limits: tuple[int, ...] = LIMITS,
+    bisect: bool = True,
+    detail: bool = False,
+    extra: dict[str, str] | None = None,
+) -> list[Row]:
+    runner = Runner(workdir, scale, extra)
+    try:
+        return [measure_shape(runner, shape, limits, bisect, detail) for shape in shapes]
+    finally:
+        runner.close()
+
+
+def render(rows: list[Row], limits: tuple[int, ...] = LIMITS) -> list[str]:
+    """The rows for BENCHMARKS.md."""
+    head = " | ".join(f"start / vanilla largest, {limit} MiB" for limit in limits)
+    lines = [
+        f"| shape | estimate | method | measured per child | ratio | {head} |",
+        "|---|---|---|---|---|" + "---|" * len(limits),
+    ]
+    for r in rows:
+        starts = " | ".join(
+            f"{r.starts.get(limit, 'n/a')} / {r.vanilla.get(limit, 'n/a')}" for limit in limits
+        )
+        lines.append(
+            f"| {r.shape} | {r.estimate:.1f} MiB | {r.method} | {r.measured:.1f} MiB | "
+            f"{r.ratio:.2f} | {starts} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", nargs="+", default=list(SHAPES), choices=SHAPES)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--limit", nargs="*", type=int, default=list(LIMITS))
+    parser.add_argument("--no-bisect", action="store_true")
+    parser.add_argument("--detail", action="store_true")
+    parser.add_argument("--gc-freeze", choices=("0", "1"), default="1")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure_all(
+            Path(tmp), tuple(options.shape), options.scale, tuple(options.limit),
+            not options.no_bisect, options.detail,
+            {"CELERY_GUARD_GC_FREEZE": options.gc_freeze},
+        )  # fmt: skip
+    print("\n".join(render(rows, tuple(options.limit))))
+    within = all(0.9 <= r.ratio <= 1.1 for r in rows)
+    print(f"every estimate within +-10% of the measured cost: {'yes' if within else 'no'}")
+
+
+if __name__ == "__main__":
+    main()

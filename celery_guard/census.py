@@ -1,0 +1,409 @@
+"""How much of the main process's memory the app's tasks will write: a sampled census of
+the objects the app's own modules hold.
+
+A forked child copies a page when it first writes to it. Reading a Python object writes
+its reference count, so a task that reads the app's data copies every page that holds an
+object header it reaches. It does not copy what it only reads through a pointer: the items
+array of a large list, the hash table of a large dict, the payload of a NumPy array or of a
+large byte string. The interpreter's and the libraries' own objects (their functions,
+classes and tables) it mostly leaves alone; what Celery's worker loop touches of them is
+a separate, fixed part of the estimate.
+
+So the census walks what the *app's* modules hold (modules outside the standard library,
+Celery's stack and installed packages): their classes and functions (a task runs the
+app's code, which writes the code objects: the interpreter specialises bytecode in place),
+and the data their globals reach, counting for each object the bytes a reader writes.
+Large containers are sampled: ``sample`` evenly spaced items stand for all of them, so the
+cost is bounded whatever the size of the data.
+
+Everything here is a pure function of the objects and the module table it is given.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import random
+import sys
+import types
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Packages of Celery's stack and the guard itself: never the app's data.
+FRAMEWORK = frozenset(
+    {
+        "celery", "kombu", "billiard", "vine", "amqp", "click", "click_didyoumean",
+        "click_plugins", "click_repl", "redis", "celery_guard", "dateutil", "tzdata",
+        "tzlocal", "prompt_toolkit", "wcwidth", "psutil", "six", "packaging",
+        "importlib_metadata", "zipp", "typing_extensions", "pkg_resources",
+        "setuptools", "_distutils_hack", "prometheus_client", "gevent", "eventlet",
+        "greenlet",
+    }
+)  # fmt: skip
+
+#: pymalloc serves requests up to this size from its pools, in 16-byte steps.
+SMALL = 512
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: malloc's bookkeeping per chunk (glibc: size field, 16-byte alignment).
+CHUNK = 16
+
+#: libxml2's structures on 64-bit Linux (tree.h), each a glibc chunk: xmlNode (120 bytes)
+#: takes 128, xmlAttr (96) takes 112, and an attribute's value is a text node. Text of up
+#: to 7 bytes is kept inside its node (lxml parses with XML_PARSE_COMPACT); longer text is
+#: a chunk of its own.
+XML_ELEMENT = 128
+XML_ATTRIBUTE = 112 + XML_ELEMENT
+
+
+def _chunk(size: int) -> int:
+    """A glibc chunk for ``size`` bytes: 8 bytes of header, 16-byte steps, 32 at least."""
+    return max(32, -(-(size + 8) // 16) * 16)
+
+
+def _xml_text(text: str) -> int:
+    length = len(text.encode())
+    return XML_ELEMENT + (_chunk(length + 1) if length > 7 else 0)
+
+
+@dataclass(frozen=True)
+class Census:
+    """Bytes the app's tasks are expected to write in a child, and what was looked at."""
+
+    bytes: int
+    modules: int  # app modules found
+    visited: int  # objects looked at (sampling keeps this bounded)
+    opaque: int  # objects whose memory lives where the census cannot see (C types)
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def library_roots() -> tuple[str, ...]:
+    """Where installed code lives: the interpreter's prefixes and every site directory."""
+    import site
+    import sysconfig
+
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            roots.add(path)
+    try:
+        roots.update(site.getsitepackages())
+    except AttributeError:  # virtualenv's old site module
+        pass
+    roots.add(site.getusersitepackages())
+    return tuple(sorted(os.path.realpath(r) for r in roots if r))
+
+
+def is_app_module(name: str, module: object, roots: tuple[str, ...]) -> bool:
+    """A module of the app: not built in, not the standard library, not Celery's stack,
+    not installed under the interpreter's prefixes or a site directory. Modules made at
+    run time (no file) count as the app's."""
+    top = name.partition(".")[0]
+    if top in FRAMEWORK or top in getattr(sys, "stdlib_module_names", ()):
+        return False
+    if not isinstance(module, types.ModuleType):
+        return False
+    spec = getattr(module, "__spec__", None)
+    origin = getattr(spec, "origin", None)
+    if origin in ("built-in", "frozen"):
+        return False
+    path = getattr(module, "__file__", None) or (origin if isinstance(origin, str) else None)
+    if path is None:
+        return spec is None or getattr(spec, "loader", None) is not None
+    return not _under(os.path.realpath(path), roots)
+
+
+def app_modules(
+    modules: Mapping[str, object], roots: tuple[str, ...]
+) -> list[tuple[str, types.ModuleType]]:
+    """The app's modules among ``modules`` (``sys.modules``), in name order."""
+    found = []
+    for name, module in sorted(modules.items()):
+        if is_app_module(name, module, roots):
+            assert isinstance(module, types.ModuleType)
+            found.append((name, module))
+    return found
+
+
+def _small(size: int) -> int:
+    """What a pymalloc block of ``size`` bytes takes: rounded up to 16 bytes."""
+    return -(-size // 16) * 16
+
+
+def _size(obj: object) -> int:
+    """``sys.getsizeof`` for the interpreter's own types; a type's ``__basicsize__`` for
+    classes that define ``__sizeof__`` in Python (pandas' reports deep memory, slowly)."""
+    kind = type(obj)
+    if isinstance(getattr(kind, "__sizeof__", None), types.FunctionType):
+        return kind.__basicsize__ + (16 if gc.is_tracked(obj) else 0)
+    try:
+        return sys.getsizeof(obj)
+    except TypeError:
+        return kind.__basicsize__
+
+
+def written(obj: object) -> tuple[int, int]:
+    """What a reader of ``obj`` copies in a child: (its block, its side block).
+
+    Small objects live in pymalloc's pools, one pool per 16-byte size class, among the
+    other objects of that class the app built with them: the whole block counts. A larger
+    object is a malloc chunk of its own: its header page is written (the reference count),
+    the rest only where it is written too (a code object's bytecode, a class's slots).
+    The items array of a list and the table of a dict or set are allocated on their own
+    and only read: that side block is returned apart, to count only where its size class
+    shares pools with objects that are written.
+    """
+    size = _size(obj)
+    kind = type(obj)
+    if isinstance(obj, (list, dict, set, frozenset)):
+        head = kind.__basicsize__ + (16 if gc.is_tracked(obj) else 0)
+        side = size - head
+        return _small(head), (_small(side) if 0 < side <= SMALL else 0)
+    if _is_ndarray(obj):
+        own = obj.nbytes if obj.flags.owndata else 0  # type: ignore[attr-defined]
+        return _small(max(size - own, 0)), 0
+    if isinstance(obj, (types.CodeType, type)):
+        return size + CHUNK, 0  # specialised bytecode, type slots: written where executed
+    if size <= SMALL:
+        return _small(size), 0
+    return min(size + CHUNK, PAGE), 0
+
+
+def _is_ndarray(obj: object) -> bool:
+    kind = type(obj)
+    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
+
+
+def _is_lxml_element(obj: object) -> bool:
+    return type(obj).__module__ == "lxml.etree" and hasattr(obj, "iter")
+
+
+def _skipped_type(kind: type) -> bool:
+    """Instances that are Celery's own: the app object, tasks, settings."""
+    return kind.__module__.partition(".")[0] in FRAMEWORK
+
+
+def _distinct(ids: list[int], population: int) -> float:
+    """How many distinct objects ``population`` references hold, from the ids of a sample
+    drawn with replacement (or of all of them): equal pairs in the sample tell how often
+    one object repeats (a column of strings that repeat, the same default everywhere).
+    With ``d`` distinct objects, two draws are equal with probability ``1/d``."""
+    if not ids:
+        return 0.0
+    counts: dict[int, int] = {}
+    for key in ids:
+        counts[key] = counts.get(key, 0) + 1
+    if len(ids) >= population:
+        return float(len(counts))
+    pairs = sum(c * (c - 1) // 2 for c in counts.values())
+    drawn = len(ids) * (len(ids) - 1) / 2
+    return float(population) if pairs == 0 else min(drawn / pairs, float(population))
+
+
+#: References drawn from a large container to see how often its items repeat.
+DRAW = 16384
+
+
+def _draw(items: Sequence[object], sample: int) -> Iterator[tuple[object, float]]:
+    """Up to ``sample`` distinct items of ``items``, each with the weight it stands for:
+    the distinct objects of the whole, by :func:`_distinct`, shared among them."""
+    count = len(items)
+    if count <= sample:
+        for item in items:
+            yield item, 1.0
+        return
+    if count <= DRAW:
+        drawn = list(items)
+    else:  # with replacement, seeded by the size: the same draws on every run
+        rng = random.Random(count)
+        drawn = [items[int(rng.random() * count)] for _ in range(DRAW)]
+    distinct = _distinct([id(item) for item in drawn], count)
+    picked: dict[int, object] = {}
+    for item in drawn:
+        picked.setdefault(id(item), item)
+        if len(picked) == sample:
+            break
+    for item in picked.values():
+        yield item, distinct / len(picked)
+
+
+class _Strided(Sequence[object]):
+    """Every ``step``-th item of an iterable, as a sequence, without building the whole."""
+
+    def __init__(self, items: Iterable[object], count: int, sample: int) -> None:
+        step = max(count // sample, 1)
+        self.items = list(itertools.islice(items, 0, None, step))[:sample]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> object:  # type: ignore[override]
+        return self.items[index]
+
+
+def _xml_bytes(element: Any, sample: int) -> float:
+    """libxml2 memory of an lxml element and its subtree: a task that reads an element
+    makes a Python proxy for it and writes the proxy's address into the C node."""
+    count = len(element)
+    step = max(count / sample, 1.0)
+    picked = [element[int(i * step)] for i in range(min(sample, count))]
+    total = 0.0
+    for child in picked:
+        nodes = 0
+        for node in child.iter():
+            nodes += XML_ELEMENT
+            for value in node.attrib.values():
+                nodes += XML_ATTRIBUTE + _xml_text(value) - XML_ELEMENT
+            for text in (node.text, node.tail):
+                if isinstance(text, str):
+                    nodes += _xml_text(text)
+        total += nodes * (count / len(picked))
+    return total + XML_ELEMENT
+
+
+@dataclass
+class _Walk:
+    sample: int
+    budget: int
+    app_names: frozenset[str]
+    seen: set[int] = field(default_factory=set)
+    classes: set[int] = field(default_factory=set)  # size classes of written blocks
+    side: dict[int, float] = field(default_factory=dict)  # size class -> side-block bytes
+    visited: int = 0
+    opaque: int = 0
+
+    def children(self, obj: Any) -> Iterator[tuple[object, float]]:
+        """What a reader of ``obj`` reaches, each with the weight it stands for."""
+        if isinstance(obj, dict):
+            if len(obj) <= self.sample:
+                for key, value in obj.items():
+                    yield key, 1.0
+                    yield value, 1.0
+                return
+            keys = _Strided(obj.keys(), len(obj), self.sample)
+            values = _Strided(obj.values(), len(obj), DRAW)
+            for key, weight in _draw(keys, self.sample):
+                yield key, weight * len(obj) / len(keys)
+            yield from self._drawn(values, len(obj))
+        elif isinstance(obj, (list, tuple)):
+            yield from _draw(obj, self.sample)
+        elif isinstance(obj, (set, frozenset)):
+            yield from self._drawn(_Strided(obj, len(obj), DRAW), len(obj))
+        elif _is_ndarray(obj):
+            if obj.dtype.hasobject:
+                yield from _draw(obj.reshape(-1), self.sample)
+        elif isinstance(obj, type):
+            for item in vars(obj).values():
+                yield item, 1.0
+        elif isinstance(obj, types.FunctionType):
+            code = obj.__code__
+            for item in (code, *code.co_consts, obj.__defaults__, obj.__kwdefaults__):
+                yield item, 1.0
+        elif isinstance(obj, types.CodeType):
+            for item in obj.co_consts:
+                if isinstance(item, types.CodeType):
+                    yield item, 1.0
+        else:
+            state = getattr(obj, "__dict__", None)
+            if isinstance(state, dict) and type(obj).__module__ in self.app_names:
+                # The app's own objects are read through their attributes, not through
+                # the bookkeeping a base class keeps in its slots (pydantic's).
+                yield state, 1.0
+                return
+            # A library's objects hold their data in slots and C fields: the garbage
+            # collector sees them.
+            for item in gc.get_referents(obj):
+                yield item, 1.0
+
+    def _drawn(self, items: Sequence[object], population: int) -> Iterator[tuple[object, float]]:
+        """Items strided out of an unordered container, standing for ``population``."""
+        for item, weight in _draw(items, self.sample):
+            yield item, weight * population / max(len(items), 1)
+
+    def follow(self, obj: object, code: bool) -> bool:
+        """Whether ``obj`` is the app's data (or, where ``code``, the app's own code)."""
+        if isinstance(obj, (types.ModuleType, types.BuiltinFunctionType)):
+            return False
+        if isinstance(obj, (type, types.FunctionType)):
+            # Counted once, from the module that defines it; a container of classes
+            # (a registry) refers to code counted there.
+            return code and getattr(obj, "__module__", None) in self.app_names
+        if isinstance(obj, (types.MethodType, types.MethodWrapperType)):
+            return False
+        return type(obj).__module__.partition(".")[0] not in FRAMEWORK
+
+    def size(self, root: object, code: bool) -> float:
+        """Blocks a reader of ``root`` writes, itself and what it reaches, by sampling."""
+        total = 0.0
+        stack: list[tuple[object, float, bool]] = [(root, 1.0, code)]
+        while stack and self.visited < self.budget:
+            obj, weight, own = stack.pop()
+            key = id(obj)
+            if key in self.seen or not self.follow(obj, own):
+                continue
+            self.seen.add(key)
+            self.visited += 1
+            if _is_lxml_element(obj):
+                self.opaque += 1
+                total += weight * _xml_bytes(obj, self.sample)
+                continue
+            block, side = written(obj)
+            total += weight * block
+            if block <= SMALL:
+                self.classes.add(block)
+            if side:
+                self.side[side] = self.side.get(side, 0.0) + weight * side
+            in_class = isinstance(obj, type)
+            for child, share in self.children(obj):
+                # A class's own methods and nested classes are part of it.
+                nested = in_class and isinstance(child, (type, types.FunctionType))
+                stack.append((child, weight * share, nested))
+        return total
+
+    def sides(self) -> float:
+        """Side blocks in the size classes of written blocks: their pages are written."""
+        return sum(b for size, b in self.side.items() if size in self.classes)
+
+
+def census(
+    modules: Mapping[str, object],
+    roots: tuple[str, ...],
+    sample: int = 32,
+    budget: int = 60_000,
+) -> Census:
+    """What the app's tasks will write, from the app's modules in ``modules``.
+
+    First the data the app's modules hold (their globals other than classes, functions and
+    modules), small containers whole and large ones by ``sample`` evenly spaced items,
+    smallest first, so that a large container sampled later meets what is already counted.
+    Then the app's code: the classes and functions each module defines, counted where they
+    are defined (a registry of classes refers to code counted there), ``2 * sample`` of
+    them standing for all. ``budget`` caps the objects looked at.
+    """
+    found = app_modules(modules, roots)
+    walk = _Walk(sample, budget, frozenset(name for name, _ in found))
+    data: list[tuple[int, object]] = []
+    code: list[object] = []
+    for name, module in found:
+        for key, value in list(vars(module).items()):
+            if key.startswith("__") and key.endswith("__"):
+                continue
+            if isinstance(value, (type, types.FunctionType)):
+                if getattr(value, "__module__", None) == name:
+                    code.append(value)
+            elif not isinstance(value, types.ModuleType):
+                length = len(value) if isinstance(value, (dict, list, tuple, set)) else 0
+                data.append((length, value))
+    data.sort(key=lambda pair: pair[0])
+    total = sum(walk.size(value, code=False) for _, value in data)
+    step = max(len(code) / (2 * sample), 1.0)
+    picked = [code[int(i * step)] for i in range(min(len(code), 2 * sample))]
+    weight = len(code) / max(len(picked), 1)
+    total += weight * sum(walk.size(value, code=True) for value in picked)
+    total += walk.sides()
+    return Census(int(total), len(found), walk.visited, walk.opaque)

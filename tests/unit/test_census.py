@@ -1,0 +1,253 @@
+"""Tests for celery_guard.census: which modules are the app's, what a reader of an object
+writes, how repeats are told from a sample, and the census of modules built here.
+
+The modules are real ``types.ModuleType`` objects made in the test, with the file paths
+the table gives; ``roots`` stands for where installed code lives. Expected figures are
+computed from ``sys.getsizeof`` of the very objects, so they hold on any 64-bit CPython.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import pytest
+
+from celery_guard import census
+from celery_guard.census import (
+    PAGE,
+    XML_ATTRIBUTE,
+    XML_ELEMENT,
+    _chunk,
+    _distinct,
+    _xml_text,
+    app_modules,
+    is_app_module,
+    written,
+)
+
+ROOTS = ("/usr/lib/python3.11", "/srv/venv/lib/python3.11/site-packages")
+
+
+def module(name: str, path: str | None = None, origin: str | None = None, **values: Any) -> Any:
+    made = types.ModuleType(name)
+    if path is not None:
+        made.__file__ = path
+    if origin is not None:
+        made.__spec__ = types.SimpleNamespace(origin=origin, loader=object())  # type: ignore[assignment]
+    made.__dict__.update(values)
+    return made
+
+
+# id, name, file, spec origin, expected
+APP_MODULES = [
+    ("project-source", "proj.tasks", "/srv/app/proj/tasks.py", None, True),
+    ("cwd-module", "heavy_app", "/work/examples/heavy_app.py", None, True),
+    ("generated-no-file", "generated.models", None, None, True),
+    ("site-packages", "numpy.core", "/srv/venv/lib/python3.11/site-packages/numpy/core.py",
+     None, False),
+    ("stdlib-by-path", "mylib", "/usr/lib/python3.11/mylib.py", None, False),
+    ("stdlib-by-name", "json.decoder", "/elsewhere/json/decoder.py", None, False),
+    ("celery", "celery.app.base", "/srv/app/celery/app/base.py", None, False),
+    ("the-guard", "celery_guard.census", "/work/celery_guard/census.py", None, False),
+    ("kombu", "kombu", "/srv/app/kombu/__init__.py", None, False),
+    ("built-in", "_testbuiltin", None, "built-in", False),
+    ("frozen", "_frozen_thing", None, "frozen", False),
+    ("prefix-is-not-a-parent", "proj", "/usr/lib/python3.11-app/proj.py", None, True),
+]  # fmt: skip
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="stdlib_module_names is 3.10+")
+@pytest.mark.parametrize(
+    "name,path,origin,expected", [a[1:] for a in APP_MODULES], ids=[a[0] for a in APP_MODULES]
+)
+def test_is_app_module(name: str, path: str | None, origin: str | None, expected: bool) -> None:
+    """The app's modules: not installed, not the standard library, not Celery's stack."""
+    assert is_app_module(name, module(name, path, origin), ROOTS) is expected
+
+
+def test_is_app_module_needs_a_module() -> None:
+    """A placeholder in sys.modules (None after a failed import) is nobody's data."""
+    assert not is_app_module("proj.missing", None, ROOTS)
+
+
+def test_app_modules_in_name_order() -> None:
+    modules = {
+        "zeta": module("zeta", "/srv/app/zeta.py"),
+        "numpy": module("numpy", "/srv/venv/lib/python3.11/site-packages/numpy/__init__.py"),
+        "alpha": module("alpha", "/srv/app/alpha.py"),
+    }
+    assert [name for name, _ in app_modules(modules, ROOTS)] == ["alpha", "zeta"]
+
+
+def _small(size: int) -> int:
+    return -(-size // 16) * 16
+
+
+LIST_HEAD = _small(list.__basicsize__ + 16)
+DICT_HEAD = _small(dict.__basicsize__ + 16)
+
+# id, object, expected (block, side block)
+WRITTEN: list[tuple[str, Any, tuple[int, int]]] = [
+    ("small-int", 10**10, (_small(sys.getsizeof(10**10)), 0)),
+    ("float", 1.5, (_small(sys.getsizeof(1.5)), 0)),
+    ("short-str", "name-1", (_small(sys.getsizeof("name-1")), 0)),
+    ("tuple", (1, "a", 2.0), (_small(sys.getsizeof((1, "a", 2.0))), 0)),
+    ("medium-str-one-chunk", "x" * 1000, (sys.getsizeof("x" * 1000) + 16, 0)),
+    ("large-bytes-header-page-only", b"x" * (1 << 20), (PAGE, 0)),
+    ("small-list-items-apart", [1, 2, 3], (LIST_HEAD, _small(sys.getsizeof([1, 2, 3]) - 56))),
+    ("large-list-items-read-only", list(range(1000)), (LIST_HEAD, 0)),
+    ("large-dict-table-read-only", {i: [i] for i in range(1000)}, (DICT_HEAD, 0)),
+]
+
+
+@pytest.mark.parametrize("obj,expected", [w[1:] for w in WRITTEN], ids=[w[0] for w in WRITTEN])
+def test_written(obj: Any, expected: tuple[int, int]) -> None:
+    """Small blocks whole, larger chunks their header page, containers' storage apart."""
+    assert written(obj) == expected
+
+
+def test_written_class_and_code_count_whole() -> None:
+    """The interpreter writes a class's slots and a function's bytecode where they run."""
+
+    class Local:
+        def method(self) -> int:
+            return 1
+
+    assert written(Local) == (sys.getsizeof(Local) + 16, 0)
+    code = Local.method.__code__
+    assert written(code) == (sys.getsizeof(code) + 16, 0)
+
+
+def test_written_ndarray_header_only() -> None:
+    """A NumPy array's payload is read, never written: only its header counts."""
+    numpy = pytest.importorskip("numpy")
+    array = numpy.zeros(1 << 20)
+    block, side = written(array)
+    assert side == 0 and block == _small(sys.getsizeof(array) - array.nbytes)
+    assert block < 256
+
+
+# id, sampled ids, population, expected distinct objects
+DISTINCT = [
+    ("empty", [], 10, 0.0),
+    ("whole-population", [1, 2, 2, 3], 4, 3.0),
+    ("no-repeat-in-sample", [1, 2, 3, 4], 1000, 1000.0),
+    # 4 drawn, 6 pairs, 1 equal: 6 / 1
+    ("one-pair", [1, 1, 2, 3], 1000, 6.0),
+    ("all-the-same", [7] * 10, 10**6, 1.0),
+    ("never-above-population", [1, 1, *range(2, 200)], 300, 300.0),
+]
+
+
+@pytest.mark.parametrize(
+    "ids,population,expected", [d[1:] for d in DISTINCT], ids=[d[0] for d in DISTINCT]
+)
+def test_distinct(ids: list[int], population: int, expected: float) -> None:
+    assert _distinct(ids, population) == pytest.approx(expected)
+
+
+def test_distinct_recovers_repeats() -> None:
+    """A million references to 200k objects (each five times), drawn as the census
+    draws: the estimate is within 20% of 200k."""
+    objects = [object() for _ in range(200_000)]
+    refs = [objects[i % len(objects)] for i in range(1_000_000)]
+    drawn = list(census._draw(refs, 32))
+    total = sum(weight for _, weight in drawn)
+    assert 160_000 <= total <= 240_000
+    assert len(drawn) == 32
+
+
+# id, size, expected glibc chunk
+CHUNKS = [("tiny", 1, 32), ("24-fits-32", 24, 32), ("25", 25, 48), ("120", 120, 128)]
+
+
+@pytest.mark.parametrize("size,expected", [c[1:] for c in CHUNKS], ids=[c[0] for c in CHUNKS])
+def test_chunk(size: int, expected: int) -> None:
+    assert _chunk(size) == expected
+
+
+def test_xml_text_compact_below_eight_bytes() -> None:
+    assert _xml_text("t3") == XML_ELEMENT
+    assert _xml_text("product 12") == XML_ELEMENT + _chunk(11)
+
+
+def test_xml_tree_estimate() -> None:
+    """An lxml tree: elements, attributes and text by libxml2's structure sizes."""
+    etree = pytest.importorskip("lxml.etree")
+    items = "".join(f'<item id="{i}"><name>product {i:05d}</name></item>' for i in range(100))
+    root = etree.fromstring(f"<catalog>{items}</catalog>")
+    per_item = XML_ELEMENT + XML_ATTRIBUTE + XML_ELEMENT + _xml_text("product 00001")
+    walk = census._Walk(32, 1000, frozenset())
+    assert walk.size(root, code=False) == pytest.approx(100 * per_item + XML_ELEMENT)
+    assert walk.opaque == 1
+
+
+def _tuples(count: int) -> dict[str, tuple[int, str, float]]:
+    return {f"key-{i:06d}": (i + 10**6, f"name-{i:06d}", i + 0.5) for i in range(count)}
+
+
+def _exact(catalog: dict[str, tuple[int, str, float]]) -> int:
+    """What a reader of every entry writes: the dict's header, each key, tuple and item."""
+    total = DICT_HEAD
+    for key, value in catalog.items():
+        total += _small(sys.getsizeof(key)) + _small(sys.getsizeof(value))
+        total += sum(_small(sys.getsizeof(item)) for item in value)
+    return total
+
+
+@pytest.mark.parametrize("count", [10, 5000, 50_000])
+def test_census_of_a_catalogue(count: int) -> None:
+    """Small catalogues are walked whole (exact), large ones sampled (within 5%)."""
+    catalog = _tuples(count)
+    modules = {"proj.data": module("proj.data", "/srv/app/proj/data.py", CATALOG=catalog)}
+    result = census.census(modules, ROOTS)
+    exact = _exact(catalog)
+    assert result.modules == 1
+    if count <= 32:
+        assert result.bytes == exact
+    else:
+        assert abs(result.bytes - exact) <= 0.05 * exact
+        assert result.visited < 200  # sampled, whatever the size
+
+
+def test_census_skips_installed_and_framework_data() -> None:
+    """Data held by an installed package or by Celery is not the app's."""
+    catalog = _tuples(1000)
+    modules = {
+        "lib": module("lib", "/srv/venv/lib/python3.11/site-packages/lib.py", DATA=catalog),
+        "celery.cache": module("celery.cache", "/srv/app/celery/cache.py", DATA=catalog),
+    }
+    assert census.census(modules, ROOTS).bytes == 0
+
+
+def test_census_counts_shared_data_once() -> None:
+    """Two modules holding the same catalogue: it is counted once."""
+    catalog = _tuples(10)
+    one = {"a": module("a", "/srv/app/a.py", CATALOG=catalog)}
+    two = {**one, "b": module("b", "/srv/app/b.py", ALIAS=catalog)}
+    assert census.census(two, ROOTS).bytes == census.census(one, ROOTS).bytes
+
+
+def test_census_counts_classes_where_defined() -> None:
+    """A registry of classes in another module adds itself, not the classes again."""
+    made = module("proj.models", "/srv/app/proj/models.py")
+    classes = {}
+    for i in range(10):
+        cls = type(f"Model{i}", (), {"__module__": "proj.models", "field": f"f{i}"})
+        setattr(made, cls.__name__, cls)
+        classes[cls.__name__] = cls
+    alone = census.census({"proj.models": made}, ROOTS).bytes
+    registry = module("proj.registry", "/srv/app/proj/registry.py", REGISTRY=classes)
+    both = census.census({"proj.models": made, "proj.registry": registry}, ROOTS).bytes
+    assert alone >= 10 * sys.getsizeof(classes["Model0"])
+    # The registry's header, table and keys, not the classes again.
+    assert 0 < both - alone < sys.getsizeof(classes["Model0"])
+
+
+def test_census_of_this_process_is_bounded() -> None:
+    """The census of the test process itself looks at a bounded number of objects."""
+    result = census.census(sys.modules, census.library_roots())
+    assert result.visited <= 60_000
+    assert result.bytes >= 0
