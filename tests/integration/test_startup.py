@@ -201,7 +201,7 @@ def test_autoscale_max_is_lowered(
     startup = worker.startup()
     assert startup["action"] == "scaled" and startup["requested"] == "16"
     new_max = int(startup["concurrency"])
-    assert 2 <= new_max < REALLY_FIT_IN_1G
+    assert 2 <= new_max <= REALLY_FIT_IN_1G
     assert startup["autoscale_min"] == "2"
     worker.wait_ready(60)
     results = harness.send_tasks(redis, worker.queue, "walk", 40)
