@@ -31,7 +31,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.components import Pool
 
-from . import advice, cgroups, history, startup, task_limits, telemetry, watchdog
+from . import advice, cgroups, history, plan, startup, task_limits, telemetry, watchdog
 from .actuator import PoolControl
 from .config import ConfigError, Settings, error_fields, given_options, load_settings
 from .exits import Kill
@@ -95,6 +95,9 @@ class GuardState:
     channel: int | None = None
     #: Tasks that declare memory limits (TaskLimits), by name.
     task_limits: dict[str, TaskLimit] = field(default_factory=dict)
+    #: The worker's event loop, once registered; the governor, once it runs.
+    hub: Any = None
+    governed: bool = False
     #: Reads the children's records now (the sampler's drain, once it runs).
     drain: Callable[[], None] = lambda: None
     #: Called once the pool's hooks are in place (on the event loop's first tick).
@@ -236,6 +239,8 @@ class Telemetry(bootsteps.StartStopStep):
                 else (lambda pid: pid == own)
             ),
         )
+        collector.estimate = guard.measured.child
+        collector.on_calibrated.append(lambda measured: self._calibrated(w, guard, measured))
         ACTIVE["collector"] = collector
         if budget.own is not None and budget.source.startswith("cgroup"):
             # Only a limit read from the cgroup can change under the worker's feet.
@@ -257,8 +262,57 @@ class Telemetry(bootsteps.StartStopStep):
         """Install the pool's hooks once AsynPool has installed its own: steps register in
         reverse order, so the Pool registers after this step; wait for the first tick."""
         guard = state_of(w)
+        if guard is not None:
+            guard.hub = hub
         if guard is not None and guard.control is not None:
             hub.call_soon(self._install, guard)
+
+    def _calibrated(self, w: Any, guard: GuardState, measured: int) -> None:
+        """The first child's real cost (from the sampler's thread): keep it for the next
+        start, and where no governor sizes the pool, size it again at once."""
+        path = guard.settings.state_file
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                history.save(path, measured, 1)
+        if guard.governed or guard.hub is None or guard.settings.mode in ("warn", "off"):
+            return
+        guard.hub.call_soon(self._resize, w, guard, measured)
+
+    def _resize(self, w: Any, guard: GuardState, measured: int) -> None:
+        """On the event loop: the concurrency that fits at the measured cost, as the
+        startup decision would have made it; the autoscaler's max, or the pool itself."""
+        m = guard.measured
+        if m is None or guard.governed:
+            return
+        fits = plan.largest_fit(m.budget.limit, m.decision.headroom, m.in_use, measured)
+        target = max(min(guard.requested, fits), guard.settings.min_concurrency)
+        autoscaler = getattr(w, "autoscaler", None)
+        if w.autoscale and autoscaler is not None:
+            before = autoscaler.max_concurrency
+            if target != before:
+                autoscaler.update(max=target)
+                self._log_resize(w, guard, "autoscale_max", before, target, measured)
+            return
+        control = guard.control
+        if control is None or not control.installed:
+            return
+        before = control.size
+        if target > before:
+            control.grow(target - before)
+        elif target < before:
+            for pid in control.pids()[: before - target]:  # idle ones; busy ones refuse
+                control.retire(pid)
+        if control.size != before:
+            self._log_resize(w, guard, "pool", before, control.size, measured)
+
+    @staticmethod
+    def _log_resize(
+        w: Any, guard: GuardState, what: str, before: int, after: int, measured: int
+    ) -> None:
+        fields = {"worker": w.hostname, "level": "calibration", "action": "resize",
+                  "what": what, "before": before, "concurrency": after,
+                  "child_cost_mib": mib(measured)}  # fmt: skip
+        emit(logging.WARNING, "pressure", fields, guard.settings.log_format)
 
     def _install(self, guard: GuardState) -> None:
         control, collector = guard.control, guard.collector
@@ -562,6 +616,7 @@ class Governor(bootsteps.StartStopStep):
             limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},
         )
         collector.listeners.append(self.governor.take)
+        guard.governed = True
         collector.summary_extras.append(self.governor.figures)
         collector.stats_sections["governor"] = self.governor.info
         self.governor.start(hub)

@@ -257,6 +257,11 @@ class Collector:
     #: Other parts' figures (the governor's): added to every summary line, and to
     #: ``guard_stats`` under their name.
     summary_extras: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
+    #: The startup estimate of one child's cost, and what the first child measured: its
+    #: private memory after its first task, less what that task kept (``event=calibration``).
+    estimate: int = 0
+    calibration: int | None = None
+    on_calibrated: list[Callable[[int], None]] = field(default_factory=list)
     stats_sections: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     dropped: int = 0  # records refused
 
@@ -302,8 +307,29 @@ class Collector:
                     growth.largest = max(growth.largest, delta)
                 if kind == "R" and (record.pid in self.last_task or len(self.last_task) < 4096):
                     self.last_task[record.pid] = (name, record.rss + record.peak)
+            if record.private is not None and self.calibration is None:
+                self._calibrate(record)
             for listener in self.listeners:
                 listener(record)
+
+    def _calibrate(self, record: Record) -> None:
+        """The first child's real cost, known after its first task: how good the startup
+        estimate was, in one line, and to whoever acts on it."""
+        measured = max(record.private or 0, 0) - max(record.retained, 0)
+        if measured <= 0:
+            return
+        self.calibration = measured
+        fields = {
+            "worker": self.hostname,
+            "pid": record.pid,
+            "task": record.name,
+            "estimated_mib": mib(self.estimate),
+            "measured_mib": mib(measured),
+            "ratio": round(self.estimate / measured, 3),
+        }
+        emit(logging.INFO, "calibration", fields, self.settings.log_format)
+        for callback in self.on_calibrated:
+            callback(measured)
 
     def _take_limit_hit(self, line: str) -> None:
         hit = parse_limit_hit(line)
@@ -430,6 +456,7 @@ class Collector:
                 "top_tasks": ",".join(f"{n}:{mib(g.total)}" for n, g in top if g.total),
                 "recycles": self.recycles,
                 "oom_kills": self.oom_kills,
+                "child_cost_measured_mib": _mib_or_none(self.calibration),
             }
             if self.limit_hits:  # tasks that passed their own memory limits
                 totals = {
