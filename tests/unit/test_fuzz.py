@@ -830,7 +830,7 @@ def test_one_value_names_its_own_variable(option: Option, text: str, source: str
 
 
 #: The water marks alone, each from one source or none: the combination check.
-MARK = st.sampled_from(["10%", "50%", "70%", "80%", "0.8", "85%", "90%", "0.9", "97%", "99.5%"])
+MARK = st.sampled_from(["55%", "50%", "70%", "80%", "0.8", "85%", "90%", "0.9", "97%", "99.5%"])
 
 
 @QUICK
