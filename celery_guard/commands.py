@@ -186,7 +186,16 @@ def _import_like_a_worker(app: Any, pool: str | None) -> Any:
     import celery.apps.worker
     import celery.worker.consumer  # noqa: F401
 
-    pool_cls = concurrency.get_implementation(pool or app.conf.worker_pool)
+    name = pool or app.conf.worker_pool
+    try:
+        pool_cls = concurrency.get_implementation(name)
+    except (ImportError, AttributeError, ValueError) as error:  # an unknown or missing pool
+        where = "--pool" if pool else "worker_pool in app.conf"
+        names = ", ".join(concurrency.get_available_pool_names())
+        raise click.UsageError(
+            f"{where} is {name!r}: cannot load it ({type(error).__name__}: {error});"
+            f" expected one of {names}, or module:Class"
+        ) from None
     try:
         app.connection_for_read().transport  # noqa: B018 - imports the client library
     except Exception:  # noqa: BLE001 - an unknown transport is the worker's to report

@@ -152,3 +152,13 @@ def test_autoscale_written_min_first_checks_the_max() -> None:
     """``--autoscale 2,10``: Celery starts up to 10; the check took 2 and passed."""
     result = _check("--autoscale", "2,10", "--guard-memory-limit", "64G")
     assert parse_line(result.output.splitlines()[0])["requested"] == "10"
+
+
+@pytest.mark.parametrize("pool", ["bogus", "os:nothere", ":"])
+def test_a_pool_that_cannot_be_loaded_is_a_usage_error(pool: str) -> None:
+    """-P bogus raised ModuleNotFoundError out of the check: a traceback."""
+    _assert_usage_error(_check("-P", pool), "--pool")
+
+
+def test_a_bad_worker_pool_setting_is_a_usage_error() -> None:
+    _assert_usage_error(_check(app=_app(worker_pool="bogus")), "worker_pool")
