@@ -21,6 +21,8 @@ from .logreader import Report, build_report, number, read_records
 #: Rows of the peak histogram, and the widest bar.
 HISTOGRAM_ROWS = 10
 BAR_WIDTH = 40
+#: Characters of the longest line read: a record of ours is a few KiB.
+MAX_LINE = 1 << 20
 #: Exit statuses.
 OK, NO_RECORDS, USAGE = 0, 1, 2
 
@@ -61,16 +63,33 @@ def _parser(stdout: TextIO) -> _Parser:
     return parser
 
 
+def _bounded(file: TextIO) -> Iterator[str]:
+    """The file's lines, but a line longer than MAX_LINE (a task that logged a payload) is
+    skipped piece by piece instead of being held whole: no record of ours is that long."""
+    skipping = False
+    while True:
+        line = file.readline(MAX_LINE)
+        if not line:
+            return
+        ends = line.endswith("\n")
+        if skipping:
+            skipping = not ends
+        elif not ends and len(line) >= MAX_LINE:
+            skipping = True
+        else:
+            yield line
+
+
 def _lines(names: list[str], stdin: TextIO) -> Iterator[str]:
     """The lines of every file in turn; OSError and UnicodeError become UsageError."""
     for name in names or ["-"]:
         try:
             if name == "-":
-                yield from stdin
+                yield from _bounded(stdin)
                 continue
             opener: Any = gzip.open if name.endswith(".gz") else open
             with opener(name, "rt", encoding="utf-8", errors="replace") as file:
-                yield from file
+                yield from _bounded(file)
         except (OSError, UnicodeError, EOFError) as error:
             shown = "stdin" if name == "-" else name
             reason = getattr(error, "strerror", None) or str(error) or type(error).__name__

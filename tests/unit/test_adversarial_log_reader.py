@@ -15,6 +15,8 @@ import io
 import json
 import math
 import re
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -340,3 +342,31 @@ def test_render_prints_no_setting_from_figures_below_zero(changes: dict[str, Any
     report.add({**SUMMARY, "event": "summary", **changes})
     for line in cli.render(report):
         assert not re.fullmatch(r"(worker_max_memory_per_child = |--concurrency )-?\d+.*", line)
+
+
+def test_a_line_of_50_mib_is_skipped_in_bounded_memory(tmp_path: Path) -> None:
+    """A task that logged a 50 MiB payload: the line was read and held whole (twice, as
+    bytes and text); now it is skipped in pieces and the records around it are read."""
+    log = tmp_path / "worker.log"
+    with open(log, "w") as file:
+        file.write(STARTUP + "\n")
+        file.write(MAIN + PREFIX + "event=child note=" + "x" * (50 << 20) + "\n")
+        file.write(MAIN + _summary() + "\n")
+    out = io.StringIO()
+    tracemalloc.start()
+    try:
+        status = cli.main(["recommend", str(log)], stdin=io.StringIO(), stdout=out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 0 and "--concurrency 7" in out.getvalue()
+    assert "2 celery-guard lines" in out.getvalue()  # the long line is not one of them
+    assert peak < 16 << 20, peak
+
+
+@pytest.mark.parametrize("size", [cli.MAX_LINE - 1, cli.MAX_LINE, cli.MAX_LINE + 1])
+def test_lines_at_the_bound(size: int) -> None:
+    """Lines up to MAX_LINE characters (newline included) are read whole; longer skipped."""
+    long = "x" * (size - 1) + "\n"
+    lines = list(cli._bounded(io.StringIO("a\n" + long + "b\nc")))
+    assert lines == (["a\n", long, "b\n", "c"] if size <= cli.MAX_LINE else ["a\n", "b\n", "c"])
