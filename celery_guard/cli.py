@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn, TextIO
 
 from . import stats
-from .logreader import Report, build_report, number, read_records
+from .logreader import MAX_WORKERS, Report, build_report, number, read_records
 
 #: Rows of the peak histogram, and the widest bar.
 HISTOGRAM_ROWS = 10
@@ -268,6 +268,11 @@ def render(report: Report) -> list[str]:
     for worker in sorted(report.summaries):
         lines += worker_section(worker, report.summaries[worker], report.recycles.get(worker, 0))
         lines.append("")
+    if report.unlisted:
+        lines.append(
+            f"# {report.unlisted} summary and recycle lines of workers beyond the first"
+            f" {MAX_WORKERS} are not shown"
+        )
     return lines
 
 

@@ -199,12 +199,21 @@ class TaskGrowth:
         return self.total_mib / self.events if self.events else 0.0
 
 
+#: Distinct task names and workers a report keeps. Child lines come from pool children,
+#: where any task's code runs, so names can be invented without end: past MAX_TASKS they
+#: fold into one OTHER_TASKS row, and past MAX_WORKERS new workers are only counted.
+MAX_TASKS = 10_000
+MAX_WORKERS = 1_000
+OTHER_TASKS = "(other tasks)"
+
+
 @dataclass
 class Report:
     """What a set of log lines says, as bounded aggregates.
 
     ``peaks`` counts the peak RSS (MiB) of every child line; ``summaries`` keeps the last
-    summary of each worker; ``events`` counts records by event name.
+    summary of each worker; ``events`` counts records by event name; ``unlisted`` counts
+    the summary and recycle records of workers beyond MAX_WORKERS.
     """
 
     records: int = 0
@@ -213,6 +222,7 @@ class Report:
     peaks: ExpHistogram = field(default_factory=peak_histogram)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     recycles: dict[str, int] = field(default_factory=dict)
+    unlisted: int = 0
 
     def add(self, record: dict[str, Any]) -> None:
         """Fold one record into the aggregates."""
@@ -223,9 +233,15 @@ class Report:
         worker = record.get("worker")
         if event == "child":
             self._add_child(record)
-        elif event == "summary" and isinstance(worker, str) and worker:
+            return
+        if event not in ("summary", "recycle") or not isinstance(worker, str) or not worker:
+            return
+        known = worker in self.summaries or worker in self.recycles
+        if not known and len(self.summaries.keys() | self.recycles.keys()) >= MAX_WORKERS:
+            self.unlisted += 1
+        elif event == "summary":
             self.summaries[worker] = dict(record)
-        elif event == "recycle" and isinstance(worker, str) and worker:
+        else:
             self.recycles[worker] = self.recycles.get(worker, 0) + 1
 
     def _add_child(self, record: dict[str, Any]) -> None:
@@ -234,6 +250,8 @@ class Report:
             self.peaks.add(peak)
         task, delta = record.get("task"), number(record.get("delta_mib"))
         if isinstance(task, str) and task and delta is not None and delta > 0:
+            if task not in self.tasks and len(self.tasks) >= MAX_TASKS:
+                task = OTHER_TASKS
             growth = self.tasks.get(task)
             if growth is None:
                 growth = self.tasks[task] = TaskGrowth(task)

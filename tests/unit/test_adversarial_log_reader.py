@@ -31,7 +31,10 @@ from celery_guard.logreader import (
     MAX_COUNT,
     MAX_MIB,
     MAX_NAME,
+    MAX_TASKS,
+    MAX_WORKERS,
     NAME_KEYS,
+    OTHER_TASKS,
     SIGNED_MIB_KEYS,
     Report,
     build_report,
@@ -370,3 +373,21 @@ def test_lines_at_the_bound(size: int) -> None:
     long = "x" * (size - 1) + "\n"
     lines = list(cli._bounded(io.StringIO("a\n" + long + "b\nc")))
     assert lines == (["a\n", long, "b\n", "c"] if size <= cli.MAX_LINE else ["a\n", "b\n", "c"])
+
+
+def test_invented_task_names_fold_into_one_row() -> None:
+    """Child lines come from any task's process: a million invented names kept a million
+    rows (the report promised bounded memory)."""
+    records = (
+        {"event": "child", "task": f"t{i}", "delta_mib": 1.0} for i in range(MAX_TASKS + 500)
+    )
+    report = build_report(records)
+    assert len(report.tasks) == MAX_TASKS + 1
+    assert report.tasks[OTHER_TASKS].events == 500
+
+
+def test_invented_workers_are_counted_not_kept() -> None:
+    records = ({**SUMMARY, "event": "summary", "worker": f"w{i}"} for i in range(MAX_WORKERS + 7))
+    report = build_report(records)
+    assert len(report.summaries) == MAX_WORKERS and report.unlisted == 7
+    assert cli.render(report)[-1].startswith("# 7 summary and recycle lines of workers beyond")
