@@ -60,15 +60,23 @@ MAIN_PROCESS = "MainProcess"
 #: Keys whose values are names printed as rows and headings: one printable line.
 NAME_KEYS = frozenset({"worker", "task", "last_task"})
 MAX_NAME = 256
-#: MiB figures: a machine has at most 8 EiB. Most are sizes; these two are changes.
+#: The MiB figures the report reads and prints: numbers (or empty) from 0 to 8 EiB, more
+#: than a machine has; a delta may be below 0. Other keys, and keys added later, are
+#: kept as they are and never used as figures.
+MIB_KEYS = frozenset(
+    {
+        "limit_mib", "headroom_mib", "parent_rss_mib", "usage_mib", "working_set_mib",
+        "private_p50_mib", "private_p95_mib", "private_max_mib", "peak_rss_p50_mib",
+        "peak_rss_p95_mib", "peak_rss_max_mib", "peak_rss_mib", "delta_mib",
+    }
+)  # fmt: skip
 MAX_MIB = float(1 << 43)
-SIGNED_MIB_KEYS = frozenset({"delta_mib", "rss_delta_mib"})
-#: Counts and settings the report prints: whole numbers from 0.
+SIGNED_MIB_KEYS = frozenset({"delta_mib"})
+#: Counts and settings the report reads and prints: whole numbers from 0.
 COUNT_KEYS = frozenset(
     {
-        "requested", "concurrency", "fits", "children", "samples", "recycles", "oom_kills",
-        "tasks", "pid", "recommended_concurrency", "recommended_max_memory_per_child_kib",
-        "max_memory_per_child_kib", "autoscale_min",
+        "concurrency", "children", "samples", "recycles", "recommended_concurrency",
+        "recommended_max_memory_per_child_kib",
     }
 )  # fmt: skip
 MAX_COUNT = 1 << 53
@@ -100,18 +108,13 @@ def _valid_value(key: str, value: Any) -> bool:
         return True
     if key in NAME_KEYS:
         return isinstance(value, str) and 0 < len(value) <= MAX_NAME and value.isprintable()
-    figures = key in COUNT_KEYS or key.endswith("_mib")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return not figures  # text, flags: shown escaped, never used as figures
-    figure = number(value)
-    if figure is None:
-        return False  # NaN, infinity, an int beyond any float
     if key in COUNT_KEYS:
         return type(value) is int and 0 <= value <= MAX_COUNT
-    if key.endswith("_mib"):
+    if key in MIB_KEYS:
+        figure = number(value)  # None for text, flags, NaN, infinity, ints beyond floats
         low = -MAX_MIB if key in SIGNED_MIB_KEYS else 0.0
-        return low <= figure <= MAX_MIB
-    return True
+        return figure is not None and low <= figure <= MAX_MIB
+    return True  # text and other keys: shown escaped, never used as figures
 
 
 def _record(fields: Any) -> dict[str, Any] | None:
