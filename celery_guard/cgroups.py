@@ -23,6 +23,7 @@ __all__ = [
     "Limit",
     "Usage",
     "find_memory_cgroup",
+    "parse_proc_cgroup",
     "physical_memory",
     "read_limit",
     "read_oom_group",
@@ -35,8 +36,16 @@ V1_UNLIMITED = frozenset({9223372036854771712, 9223372036854710272})
 #: Anything this large is a sentinel, not a limit someone wrote (no machine has 4 EiB).
 _HUGE = 1 << 62
 
-# mountinfo octal escapes (\040 space, \011 tab, \012 newline, \134 backslash).
-_OCTAL = re.compile(r"\\([0-7]{3})")
+# mountinfo octal escapes (\040 space, \011 tab, \012 newline, \134 backslash): one byte.
+_OCTAL = re.compile(r"\\([0-3][0-7]{2})")
+#: Where a record of /proc/<pid>/cgroup starts: ``hierarchy-ID:controllers:``, at the start
+#: of the file or of a line. The path after it is not escaped (a newline in a directory
+#: name is a newline in the file), so a record ends only where the next one starts.
+_CGROUP_RECORD = re.compile(r"(?:\A|\n)([0-9]+):([A-Za-z0-9_.,=-]*):")
+#: Digits in a figure: 2**64 has 20; more is garbage (and int() refuses 4300+).
+_MAX_DIGITS = 20
+#: MemTotal below this is garbage: no machine runs a Celery worker in less.
+_MIN_PHYSICAL = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,9 +111,10 @@ def _oserror(exc: BaseException) -> str:
 
 
 def _read(path: str, display: str) -> tuple[str | None, str]:
-    """Read a whole text file; (None, reason) instead of raising."""
+    """Read a whole text file; (None, reason) instead of raising. No newline translation:
+    a carriage return in a cgroup's name is part of the name, not a line end."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             return f.read(), ""
     except FileNotFoundError:
         return None, f"missing {display}"
@@ -117,7 +127,7 @@ def _parse_int(text: str, display: str) -> tuple[int | None, str]:
     s = text.strip()
     if not s:
         return None, f"empty {display}"
-    if s.isascii() and s.isdigit():
+    if s.isascii() and s.isdigit() and len(s) <= _MAX_DIGITS:
         return int(s), ""
     return None, f"garbage in {display}: {s[:40]!r}"
 
@@ -154,6 +164,24 @@ def _unescape(field: str) -> str:
 
 # ---------------------------------------------------------------------------
 # locating the cgroup
+
+
+def parse_proc_cgroup(text: str) -> list[tuple[str, str, str]]:
+    """(hierarchy ID, controllers, path) for each record of /proc/<pid>/cgroup.
+
+    The kernel prints the path as it is: a newline in a directory name is a newline in
+    the file. So records are split where ``N:controllers:`` starts a line, not at every
+    newline, and only the file's own last newline is dropped. (A name holding a newline
+    followed by such a text is ambiguous; it is read as a new record.)
+    """
+    if text.endswith("\n"):
+        text = text[:-1]
+    starts = list(_CGROUP_RECORD.finditer(text))
+    records = []
+    for i, match in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+        records.append((match.group(1), match.group(2), text[match.end() : end]))
+    return records
 
 
 def _parse_mountinfo(text: str) -> list[_Mount]:
@@ -227,11 +255,7 @@ def find_memory_cgroup(root: str = "/", pid: str = "self") -> Found:
 
     v1_path: str | None = None
     v2_path: str | None = None
-    for line in text.split("\n"):
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
+    for hierarchy, controllers, path in parse_proc_cgroup(text):
         if hierarchy == "0" and controllers == "":
             v2_path = path
         elif v1_path is None and "memory" in controllers.split(","):
@@ -290,6 +314,8 @@ def physical_memory(root: str = "/") -> tuple[int | None, str]:
             value = line[len("MemTotal:") :].strip()
             if value.endswith(" kB"):
                 kib, why = _parse_int(value[:-3], f"MemTotal in {name}")
+                if kib is not None and kib * 1024 < _MIN_PHYSICAL:
+                    return None, f"implausible MemTotal in {name}: {kib} kB"
                 if kib is not None:
                     return kib * 1024, ""
                 return None, why

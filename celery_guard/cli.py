@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from typing import Any, NoReturn, TextIO
 
 from . import stats
-from .logreader import Report, build_report, number, read_records
+from .logreader import MAX_WORKERS, Report, build_report, number, read_records
 
 #: Rows of the peak histogram, and the widest bar.
 HISTOGRAM_ROWS = 10
 BAR_WIDTH = 40
+#: Characters of the longest line read: a record of ours is a few KiB.
+MAX_LINE = 1 << 20
 #: Exit statuses.
 OK, NO_RECORDS, USAGE = 0, 1, 2
 
@@ -61,16 +63,33 @@ def _parser(stdout: TextIO) -> _Parser:
     return parser
 
 
+def _bounded(file: TextIO) -> Iterator[str]:
+    """The file's lines, but a line longer than MAX_LINE (a task that logged a payload) is
+    skipped piece by piece instead of being held whole: no record of ours is that long."""
+    skipping = False
+    while True:
+        line = file.readline(MAX_LINE)
+        if not line:
+            return
+        ends = line.endswith("\n")
+        if skipping:
+            skipping = not ends
+        elif not ends and len(line) >= MAX_LINE:
+            skipping = True
+        else:
+            yield line
+
+
 def _lines(names: list[str], stdin: TextIO) -> Iterator[str]:
     """The lines of every file in turn; OSError and UnicodeError become UsageError."""
     for name in names or ["-"]:
         try:
             if name == "-":
-                yield from stdin
+                yield from _bounded(stdin)
                 continue
             opener: Any = gzip.open if name.endswith(".gz") else open
             with opener(name, "rt", encoding="utf-8", errors="replace") as file:
-                yield from file
+                yield from _bounded(file)
         except (OSError, UnicodeError, EOFError) as error:
             shown = "stdin" if name == "-" else name
             reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
@@ -91,12 +110,22 @@ def _count(weight: float) -> str:
     return str(int(weight)) if weight == int(weight) else f"{weight:.1f}"
 
 
+def _safe(text: str, limit: int = 200) -> str:
+    """Text from a log as one printable line: control characters (a newline, a terminal
+    escape) are shown escaped, so a value can neither split the output nor drive the
+    terminal, and a long value is cut."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 def _fmt(value: Any, unit: str = "") -> str:
     if isinstance(value, bool) or value is None:
         return "-" if value is None else str(value).lower()
     if isinstance(value, float):
         return f"{value:.1f}{unit}"
-    return f"{value}{unit}"
+    if isinstance(value, int):
+        return f"{value}{unit}"
+    return _safe(str(value)) + unit
 
 
 # -- the three parts of the output --------------------------------------------------------
@@ -105,14 +134,15 @@ def task_table(report: Report) -> list[str]:
     rows = report.task_rows()
     if not rows:
         return ["no child line with peak growth: no task table"]
-    width = max(len("task"), *(len(row.task) for row in rows))
+    names = [_safe(row.task) for row in rows]
+    width = max(len("task"), *(len(name) for name in names))
     lines = [
         "children's peak RSS growth by task, largest total first:",
         f"{'task':<{width}}  {'events':>6}  {'total MiB':>9}  {'mean MiB':>8}  {'max MiB':>7}",
     ]
-    for row in rows:
+    for name, row in zip(names, rows):
         lines.append(
-            f"{row.task:<{width}}  {row.events:>6}  {row.total_mib:>9.1f}"
+            f"{name:<{width}}  {row.events:>6}  {row.total_mib:>9.1f}"
             f"  {row.mean_mib:>8.1f}  {row.max_mib:>7.1f}"
         )
     return lines
@@ -145,24 +175,30 @@ def peak_histogram(report: Report) -> list[str]:
 
 
 def _summary_inputs(summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The keyword arguments of ``stats.recommend`` from a summary; None if incomplete."""
+    """The keyword arguments of ``stats.recommend`` from a summary; None if incomplete or
+    out of range (a figure below zero, a concurrency below one): settings are printed
+    from these, and a negative one must never be."""
     inputs: dict[str, Any] = {}
     for key in ("limit_mib", "headroom_mib", "parent_rss_mib", "concurrency"):
         value = number(summary.get(key))
-        if value is None:
+        if value is None or value < 0:
             return None
         inputs[key] = value
-    if inputs["concurrency"] != int(inputs["concurrency"]):
+    if inputs["concurrency"] != int(inputs["concurrency"]) or inputs["concurrency"] < 1:
         return None
     inputs["concurrency"] = int(inputs["concurrency"])
     for key in ("private_p50_mib", "private_p95_mib", "peak_rss_p50_mib", "peak_rss_p95_mib"):
-        inputs[key] = number(summary.get(key))
+        value = number(summary.get(key))
+        if value is not None and value < 0:
+            return None
+        inputs[key] = value
     return inputs
 
 
 def worker_section(worker: str, summary: dict[str, Any], recycle_lines: int) -> list[str]:
     """One worker's figures and the settings its summary recommends, recomputed."""
     final = "final summary" if summary.get("final") is True else "last periodic summary"
+    worker = _safe(worker)
     lines = [
         f"worker {worker} ({final}):",
         f"  limit {_fmt(summary.get('limit_mib'), ' MiB')},"
@@ -182,7 +218,7 @@ def worker_section(worker: str, summary: dict[str, Any], recycle_lines: int) -> 
         figures = "/".join(_fmt(summary.get(f"{key}_{p}_mib")) for p in ("p50", "p95", "max"))
         lines.append(f"  {label} p50/p95/max: {figures} MiB")
     if summary.get("top_tasks"):
-        lines.append(f"  top tasks (MiB of peak growth): {summary['top_tasks']}")
+        lines.append(f"  top tasks (MiB of peak growth): {_fmt(summary['top_tasks'])}")
     lines.append("")
     inputs = _summary_inputs(summary)
     if inputs is None:
@@ -190,16 +226,17 @@ def worker_section(worker: str, summary: dict[str, Any], recycle_lines: int) -> 
         return lines
     advice = stats.recommend(**inputs)
     lines.append(f"# worker {worker}: from the summary of {_fmt(summary.get('samples'))} samples")
-    if advice.max_memory_per_child_kib is None:
+    kib, concurrency = advice.max_memory_per_child_kib, advice.concurrency
+    if kib is None or kib < 1:  # 0 would mean no limit to billiard
         lines.append("# worker_max_memory_per_child: none (no child sample in the summary)")
     else:
-        lines.append(f"worker_max_memory_per_child = {advice.max_memory_per_child_kib}  # KiB")
-    if advice.concurrency is None:
+        lines.append(f"worker_max_memory_per_child = {kib}  # KiB")
+    if concurrency is None or concurrency < 1:  # 0 would mean the host's CPU count
         lines.append("# --concurrency: none (no child sample in the summary)")
     else:
-        lines.append(f"--concurrency {advice.concurrency}")
+        lines.append(f"--concurrency {concurrency}")
     if advice.note:
-        lines.append(f"# note: {advice.note}")
+        lines.append(f"# note: {_safe(advice.note, 1000)}")
     lines.extend(_differences(worker, summary, advice))
     return lines
 
@@ -231,6 +268,11 @@ def render(report: Report) -> list[str]:
     for worker in sorted(report.summaries):
         lines += worker_section(worker, report.summaries[worker], report.recycles.get(worker, 0))
         lines.append("")
+    if report.unlisted:
+        lines.append(
+            f"# {report.unlisted} summary and recycle lines of workers beyond the first"
+            f" {MAX_WORKERS} are not shown"
+        )
     return lines
 
 

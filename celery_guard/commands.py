@@ -45,6 +45,93 @@ def _format_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+#: The largest pool size ``check`` takes: beyond it a figure is a typo, not a pool.
+MAX_CONCURRENCY = 100_000
+#: KiB: 8 EiB, more memory than a machine has.
+MAX_KIB = 1 << 43
+
+
+class Whole(click.ParamType):
+    """A whole number of ASCII digits from ``low`` to ``high``: click's INT would take
+    ``-5``, Arabic-Indic digits and ``1_0``; a bad value is click's usage error (exit 2)."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = _whole(value, self.low, self.high)
+        if number is None:
+            self.fail(f"{value!r}: expected a whole number from {self.low} to {self.high}")
+        return number
+
+
+class Concurrency(click.ParamType):
+    """``-c`` as Celery takes it: a whole number (0: the setting, else the CPU count) or
+    ``auto``."""
+
+    name = "concurrency"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        number = _whole(value, 0, MAX_CONCURRENCY)
+        if number is None:
+            self.fail(f"{value!r}: expected auto or a whole number from 0 to {MAX_CONCURRENCY}")
+        return number
+
+
+class Autoscale(click.ParamType):
+    """``--autoscale MAX,MIN`` (or ``MAX``) as Celery takes it: the larger is the maximum."""
+
+    name = "MAX,MIN"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        numbers = [n for n in (_whole(part, 0, MAX_CONCURRENCY) for part in parts) if n is not None]
+        if len(parts) > 2 or len(numbers) != len(parts) or max(numbers) < 1:
+            self.fail(
+                f"{value!r}: expected MAX,MIN or MAX, whole numbers from 0 to"
+                f" {MAX_CONCURRENCY}, MAX at least 1"
+            )
+        return max(numbers), min(numbers) if len(numbers) == 2 else 0
+
+
+def _whole(value: Any, low: int, high: int) -> int | None:
+    """An int, or ASCII digits, from ``low`` to ``high``; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip()
+        if not text.isascii() or not text.isdigit() or len(text) > 20:
+            return None
+        number = int(text)
+    return number if low <= number <= high else None
+
+
+def _conf_whole(conf: Any, setting: str, low: int, high: int) -> int | None:
+    """A Celery setting ``check`` uses, from app.conf: None when unset; a bad value is
+    click's usage error (exit 2), as ``celery worker`` gives for its own options."""
+    value = conf.get(setting)
+    if value is None or value == "":
+        return None
+    number = _whole(value, low, high)
+    if number is None:
+        raise click.UsageError(
+            f"{setting} in app.conf is {value!r}: expected a whole number from {low} to {high}"
+        )
+    return number
+
+
 @click.group(name="guard")
 def guard() -> None:
     """celery-guard: will this app's worker fit in its memory budget?"""
@@ -59,7 +146,7 @@ def _settings(options: dict[str, Any], conf: Any, output: str) -> Settings:
 
 
 def _requested(
-    concurrency: str | None, autoscale: str | None, conf: Any, forks: bool
+    concurrency: int | str | None, autoscale: tuple[int, int] | None, conf: Any, forks: bool
 ) -> tuple[int, bool]:
     """(the concurrency the worker would start with, whether it came from the host's CPU
     count), by Celery's own rules: ``--autoscale`` max, ``-c``, ``worker_concurrency``,
@@ -67,9 +154,13 @@ def _requested(
     from billiard import cpu_count
 
     if autoscale:
-        return int(str(autoscale).split(",")[0]), False
-    value = concurrency if concurrency not in (None, "", "0") else conf.get("worker_concurrency")
-    if isinstance(value, str) and value.strip().lower() == "auto":
+        return autoscale[0], False
+    value: int | str | None = concurrency or None  # 0: the setting, as in Celery
+    if value is None:
+        setting = conf.get("worker_concurrency")
+        auto = isinstance(setting, str) and setting.strip().lower() == "auto"
+        value = "auto" if auto else _conf_whole(conf, "worker_concurrency", 0, MAX_CONCURRENCY)
+    if value == "auto":
         budget = _cpu_budget(forks)
         return (budget if budget is not None else cpu_count()), False
     if value:
@@ -95,7 +186,16 @@ def _import_like_a_worker(app: Any, pool: str | None) -> Any:
     import celery.apps.worker
     import celery.worker.consumer  # noqa: F401
 
-    pool_cls = concurrency.get_implementation(pool or app.conf.worker_pool)
+    name = pool or app.conf.worker_pool
+    try:
+        pool_cls = concurrency.get_implementation(name)
+    except (ImportError, AttributeError, ValueError) as error:  # an unknown or missing pool
+        where = "--pool" if pool else "worker_pool in app.conf"
+        names = ", ".join(concurrency.get_available_pool_names())
+        raise click.UsageError(
+            f"{where} is {name!r}: cannot load it ({type(error).__name__}: {error});"
+            f" expected one of {names}, or module:Class"
+        ) from None
     try:
         app.connection_for_read().transport  # noqa: B018 - imports the client library
     except Exception:  # noqa: BLE001 - an unknown transport is the worker's to report
@@ -104,11 +204,24 @@ def _import_like_a_worker(app: Any, pool: str | None) -> Any:
 
 
 @guard.command(context_settings=WORKER_LIKE)
-@click.option("-c", "--concurrency", default=None, help="as for celery worker: a number or auto")
+@click.option(
+    "-c",
+    "--concurrency",
+    type=Concurrency(),
+    default=None,
+    help="as for celery worker: a number or auto",
+)
 @click.option("-P", "--pool", default=None, help="as for celery worker (default: worker_pool)")
-@click.option("--autoscale", default=None, help="as for celery worker: MAX,MIN")
-@click.option("--max-memory-per-child", type=int, default=None, help="KiB, as for celery worker")
-@click.option("--prefetch-multiplier", type=int, default=None, help="as for celery worker")
+@click.option("--autoscale", type=Autoscale(), default=None, help="as for celery worker: MAX,MIN")
+@click.option(
+    "--max-memory-per-child", type=Whole(0, MAX_KIB), default=None, help="KiB, as for celery worker"
+)
+@click.option(
+    "--prefetch-multiplier",
+    type=Whole(0, MAX_CONCURRENCY),
+    default=None,
+    help="as for celery worker",
+)
 @click.option("--without-gossip", is_flag=True, help="as for celery worker")
 @click.option("--without-mingle", is_flag=True, help="as for celery worker")
 @click.option("--without-heartbeat", is_flag=True, help="as for celery worker")
@@ -140,16 +253,16 @@ def check(ctx: click.Context, **options: Any) -> None:
         settings,
         pool=pool,
         parent_rss=measured.parent.rss,
-        max_memory_per_child_kib=int(
-            options["max_memory_per_child"] or conf.get("worker_max_memory_per_child") or 0
-        ),
+        max_memory_per_child_kib=options["max_memory_per_child"]
+        or _conf_whole(conf, "worker_max_memory_per_child", 0, MAX_KIB)
+        or 0,
         oom_group=bool(own is not None and cgroups.read_oom_group(own)),
         concurrency_from_host_cpus=from_host,
         host_cpus=cpu_count(),
         cpu_budget=_cpu_budget(),
-        prefetch_multiplier=int(
-            options["prefetch_multiplier"] or conf.get("worker_prefetch_multiplier") or 1
-        ),
+        prefetch_multiplier=options["prefetch_multiplier"]
+        or _conf_whole(conf, "worker_prefetch_multiplier", 0, MAX_CONCURRENCY)
+        or 1,
         left_on=tuple(
             name for name in ("gossip", "mingle", "heartbeat") if not options[f"without_{name}"]
         ),
@@ -207,7 +320,7 @@ def _check_task_limits(
 
 
 @guard.command()
-@click.option("--top", type=int, default=0, help="only the N largest (0: all)")
+@click.option("--top", type=Whole(0, 1 << 31), default=0, help="only the N largest (0: all)")
 @_format_option
 @click.pass_context
 def imports(ctx: click.Context, top: int, output: str) -> None:

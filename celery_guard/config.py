@@ -7,13 +7,15 @@ anything, with one line that says what to fix, instead of a budget quietly ignor
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable
 
-from .sizes import FRACTION_FORMS, SIZE_FORMS, parse_fraction, parse_size
+from .sizes import SIZE_FORMS, parse_fraction, parse_size
 
 MODES = ("scale", "refuse", "warn", "off")
 LOG_FORMATS = ("text", "json")
@@ -35,9 +37,54 @@ class ConfigError(Exception):
         self.source = source
 
 
+#: The blanks stripped around a value: ASCII only. A no-break space or an ideographic one is
+#: not what the documentation shows, so it makes the value wrong rather than invisible.
+_BLANKS = " \t\r\n\f\v"
+#: A number as the documentation writes it: ASCII digits, an optional point, no sign, no
+#: exponent, no ``_``; int() and float() would also take ``\u0663``, ``1_0`` and ``1e3``.
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+#: Digits beyond these are a typo, and int() refuses more than 4300 of them anyway.
+_MAX_DIGITS = 30
+
+#: Seconds between two checks, samples or summaries: 10 ms is the floor below which a
+#: timer loop only burns the CPU the tasks want; a day is the ceiling above which it never
+#: runs in a worker's life, which is a typo, not a choice.
+INTERVAL_RANGE = (0.01, 86400.0)
+#: The water marks, fractions of the limit: below one half the brake would pause a pool
+#: that fits (0% pauses consumption for good); above 99.5% there is no room left to act
+#: before the OOM killer does.
+WATER_RANGE = (0.5, 0.995)
+#: The part of the limit kept free at startup: more than half is a fraction written the
+#: wrong way round (0.9 for 10%).
+HEADROOM_RANGE = (0.0, 0.5)
+#: ``CELERY_GUARD_MIN_CONCURRENCY``: prefork children or green threads, none at all is not
+#: a pool, and more than 10000 is beyond what one worker runs.
+MIN_CONCURRENCY_RANGE = (1, 10000)
+#: The smallest budget (``memory_limit``, ``max_worker_memory``): a Python interpreter with
+#: Celery imported does not fit in less, so a smaller figure is bytes meant as MiB.
+MIN_BUDGET = 16 * 1024 * 1024
+#: min_tasks_per_child and max_memory_kills: a pool sized for up to this many runs
+TASKS_PER_CHILD_RANGE = (1, 1000)
+MEMORY_KILLS_RANGE = (1, 100)
+#: The smallest per-child figure (``child_memory``, ``child_log_step``): one page.
+MIN_PAGE = 4096
+#: Longer paths are refused by the kernel (PATH_MAX).
+MAX_PATH = 4096
+#: Longest value an ``event=config_error`` line shows; the rest is cut.
+SHOWN = 200
+
+
+def _ascii(text: str) -> str:
+    """The value without surrounding ASCII blanks; refused if anything else is not ASCII."""
+    value = text.strip(_BLANKS)
+    if not value.isascii() or not value.isprintable():
+        raise ValueError(text)
+    return value
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        value = text.strip().lower()
+        value = _ascii(text).lower()
         if value not in choices:
             raise ValueError(text)
         return value
@@ -45,70 +92,143 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _auto_or_size(text: str) -> int | None:
-    return None if text.strip().lower() == "auto" else parse_size(text)
+def _decimal(text: str) -> Decimal:
+    """An ASCII decimal, exactly: comparing a Decimal with the bounds cannot overflow to
+    inf the way float("1" + "0" * 400) does."""
+    if not _DECIMAL.fullmatch(text) or len(text) > _MAX_DIGITS:
+        raise ValueError(text)
+    return Decimal(text)
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """A whole number of ASCII digits from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        value = _ascii(text)
+        if not value.isdigit() or len(value) > _MAX_DIGITS or not low <= int(value) <= high:
+            raise ValueError(text)
+        return int(value)
+
+    return parse
+
+
+def _size(minimum: int) -> Callable[[str], int]:
+    """A size (see sizes.py) of at least ``minimum`` bytes."""
+
+    def parse(text: str) -> int:
+        value = parse_size(_ascii(text))
+        if value < minimum:
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    def parse_auto(text: str) -> int | None:
+        return None if _ascii(text).lower() == "auto" else parse(text)
+
+    return parse_auto
+
+
+def _empty_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    def parse_empty(text: str) -> int | None:
+        return parse(text) if _ascii(text) else None
+
+    return parse_empty
+
+
+def _fraction(low: float, high: float) -> Callable[[str], float]:
+    """A percentage or a fraction (see sizes.py) from ``low`` to ``high``."""
+
+    def parse(text: str) -> float:
+        value = parse_fraction(_ascii(text))
+        if not low <= value <= high:
+            raise ValueError(text)
+        return value
+
+    return parse
 
 
 def _seconds(text: str) -> float:
-    value = text.strip().lower().removesuffix("s")
-    if not value.replace(".", "", 1).isdigit() or not value.isascii() or float(value) <= 0:
+    """Seconds within INTERVAL_RANGE, with an optional ``s``."""
+    value = _decimal(_ascii(text).lower().removesuffix("s"))
+    low, high = INTERVAL_RANGE
+    if not Decimal(repr(low)) <= value <= Decimal(repr(high)):
         raise ValueError(text)
     return float(value)
 
 
 def _oom_score_adj(text: str) -> int | None:
-    value = text.strip().lower()
+    value = _ascii(text).lower()
     if value == "off":
         return None
     number = value[1:] if value[:1] in "+-" else value
-    if not number.isascii() or not number.isdigit() or not -1000 <= int(value) <= 1000:
+    if not number.isdigit() or len(number) > _MAX_DIGITS or not -1000 <= int(value) <= 1000:
         raise ValueError(text)
     return int(value)
 
 
 def _flag(text: str) -> bool:
-    value = text.strip().lower()
+    value = _ascii(text).lower()
     if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
         raise ValueError(text)
     return value in ("1", "true", "yes", "on")
 
 
-def _size_or_none(text: str) -> int | None:
-    return parse_size(text) if text.strip() else None
-
-
 def _path_or_none(text: str) -> str | None:
-    return text.strip() or None
+    """Any path the kernel could open (not ASCII only: paths are bytes); NUL never is."""
+    value = text.strip(_BLANKS)
+    if "\0" in value or len(value) > MAX_PATH:
+        raise ValueError(text)
+    return value or None
 
 
 def _port_or_none(text: str) -> int | None:
-    value = text.strip()
-    if not value:
-        return None
-    if not value.isascii() or not value.isdigit() or int(value) > 65535:
-        raise ValueError(text)
-    return int(value)
+    return _empty_or(_whole(0, 65535))(text)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def valid_hostname(name: str) -> bool:
+    """RFC 1123 host name: dot-separated labels of 1 to 63 letters, digits and hyphens, not
+    starting or ending with a hyphen, at most 253 characters (one trailing dot allowed).
+    The last label is not all digits (RFC 3696): ``1.2.3`` would be read as an IP address."""
+    name = name[:-1] if name.endswith(".") else name
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    return all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
 
 
 def _address(text: str) -> str:
-    value = text.strip()
-    if not value or " " in value:
-        raise ValueError(text)
+    """An IP address literal or a valid host name: anything else would fail only when the
+    metrics endpoint binds, inside the running worker (idna raises UnicodeError on a label
+    of 64 characters or an empty one)."""
+    value = _ascii(text)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not valid_hostname(value):
+            raise ValueError(text) from None
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = text.strip()
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(text)
-    return int(value)
-
-
 def _as_text(raw: Any) -> str:
-    """app.conf may hold numbers; write floats out in full (1e-05 -> 0.00001)."""
+    """app.conf may hold numbers; write floats out in full (1e-05 -> 0.00001).
+
+    Raises ValueError for what cannot be shown as text (an int of over 4300 digits, an
+    object whose ``str`` fails): the value is bad, and must not be a traceback.
+    """
     if isinstance(raw, float) and math.isfinite(raw):
         return format(Decimal(repr(raw)), "f")
-    return str(raw)
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw.bit_length() > 256:
+        raise ValueError(f"an integer of {raw.bit_length()} bits")
+    try:
+        return str(raw)
+    except Exception as error:  # any object may sit in app.conf
+        raise ValueError(f"a {type(raw).__name__} that cannot be shown") from error
 
 
 def error_fields(error: ConfigError) -> dict[str, Any]:
@@ -118,7 +238,7 @@ def error_fields(error: ConfigError) -> dict[str, Any]:
         "setting": error.setting,
         **({"option": error.flag} if error.flag else {}),
         "source": error.source,
-        "value": error.value,
+        "value": error.value if len(error.value) <= SHOWN else error.value[:SHOWN] + "...",
         "accepted": error.accepted,
     }
 
@@ -144,35 +264,75 @@ class Option:
         return "--guard-" + self.name.replace("_", "-")
 
 
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def _range_forms(low: float, high: float, examples: str) -> str:
+    return (
+        f"a percentage from {_percent(low)} to {_percent(high)}"
+        f" or a fraction from {low:g} to {high:g} ({examples})"
+    )
+
+
+_SECONDS = f"seconds from {INTERVAL_RANGE[0]:g} to {INTERVAL_RANGE[1]:g}"
+_BUDGET = f"a size of at least {MIN_BUDGET >> 20}M: {SIZE_FORMS}"
+_PAGE = f"a size of at least {MIN_PAGE >> 10}K: {SIZE_FORMS}"
+_WATER = _fraction(*WATER_RANGE)
+
 OPTIONS = (
     Option("mode", "scale", " | ".join(MODES), _choice(MODES)),
-    Option("memory_limit", "auto", f"auto, or {SIZE_FORMS}", _auto_or_size),
-    Option("headroom", "10%", FRACTION_FORMS, parse_fraction),
-    Option("child_memory", "auto", f"auto, or {SIZE_FORMS}", _auto_or_size),
-    Option("min_concurrency", "1", "a whole number of at least 1", _positive_int),
+    Option("memory_limit", "auto", f"auto, or {_BUDGET}", _auto_or(_size(MIN_BUDGET))),
+    Option(
+        "headroom", "10%", _range_forms(*HEADROOM_RANGE, "10%, 0.1"), _fraction(*HEADROOM_RANGE)
+    ),
+    Option("child_memory", "auto", f"auto, or {_PAGE}", _auto_or(_size(MIN_PAGE))),
+    Option(
+        "min_concurrency",
+        "1",
+        "a whole number from {} to {}".format(*MIN_CONCURRENCY_RANGE),
+        _whole(*MIN_CONCURRENCY_RANGE),
+    ),
     Option("log_format", "text", " | ".join(LOG_FORMATS), _choice(LOG_FORMATS)),
     Option("child_log", "growth", " | ".join(CHILD_LOGS), _choice(CHILD_LOGS)),
-    Option("child_log_step", "16M", SIZE_FORMS, parse_size),
-    Option("sample_interval", "10", "seconds above 0 (10, 2.5, 10s)", _seconds),
-    Option("summary_interval", "300", "seconds above 0 (300, 60s)", _seconds),
+    Option("child_log_step", "16M", _PAGE, _size(MIN_PAGE)),
+    Option("sample_interval", "10", f"{_SECONDS} (10, 2.5, 10s)", _seconds),
+    Option("summary_interval", "300", f"{_SECONDS} (300, 60s)", _seconds),
     Option("state_file", "", "a file path, or empty for none", _path_or_none),
     Option(
         "child_oom_score_adj", "500", "off, or a whole number from -1000 to 1000", _oom_score_adj
     ),
     Option("gc_freeze", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
-    Option("max_worker_memory", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
+    Option("max_worker_memory", "", f"empty for none, or {_BUDGET}", _empty_or(_size(MIN_BUDGET))),
     Option("brake", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option("recycle", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
-    Option("min_tasks_per_child", "4", "a whole number of at least 1", _positive_int),
-    Option("max_memory_kills", "3", "a whole number of at least 1", _positive_int),
-    Option("task_memory_limit", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
-    Option("task_soft_memory_limit", "", f"empty for none, or {SIZE_FORMS}", _size_or_none),
-    Option("brake_interval", "0.25", "seconds above 0 (0.25, 1, 2s)", _seconds),
-    Option("low_water", "80%", FRACTION_FORMS, parse_fraction),
-    Option("high_water", "90%", FRACTION_FORMS, parse_fraction),
-    Option("hard_water", "97%", FRACTION_FORMS, parse_fraction),
-    Option("metrics_port", "", "empty for none, or a port, 0 for any free", _port_or_none),
-    Option("metrics_address", "127.0.0.1", "an address to bind (127.0.0.1, ::, 0.0.0.0)", _address),
+    Option(
+        "min_tasks_per_child",
+        "4",
+        "a whole number from {} to {}".format(*TASKS_PER_CHILD_RANGE),
+        _whole(*TASKS_PER_CHILD_RANGE),
+    ),
+    Option(
+        "max_memory_kills",
+        "3",
+        "a whole number from {} to {}".format(*MEMORY_KILLS_RANGE),
+        _whole(*MEMORY_KILLS_RANGE),
+    ),
+    Option("task_memory_limit", "", f"empty for none, or {_PAGE}", _empty_or(_size(MIN_PAGE))),
+    Option("task_soft_memory_limit", "", f"empty for none, or {_PAGE}", _empty_or(_size(MIN_PAGE))),
+    Option("brake_interval", "0.25", f"{_SECONDS} (0.25, 1, 2s)", _seconds),
+    Option("low_water", "80%", _range_forms(*WATER_RANGE, "80%, 0.8"), _WATER),
+    Option("high_water", "90%", _range_forms(*WATER_RANGE, "90%, 0.9"), _WATER),
+    Option("hard_water", "97%", _range_forms(*WATER_RANGE, "97%, 0.97"), _WATER),
+    Option(
+        "metrics_port", "", "empty for none, or a port up to 65535, 0 for any free", _port_or_none
+    ),
+    Option(
+        "metrics_address",
+        "127.0.0.1",
+        "an IP address or a host name (127.0.0.1, ::, 0.0.0.0, localhost)",
+        _address,
+    ),
 )
 
 
@@ -239,11 +399,17 @@ def load_settings(
             source = "config"
         if raw is None:
             raw, source = option.default, "default"
-        text = _as_text(raw)
+        flag = option.flag if source == "option" else ""
+        try:
+            text = _as_text(raw)
+        except ValueError as error:
+            shown = f"<{error}>"
+            raise ConfigError(
+                option.variable, option.setting, shown, option.accepted, source, flag
+            ) from None
         try:
             values[option.name] = option.parse(text)
         except ValueError:
-            flag = option.flag if source == "option" else ""
             raise ConfigError(
                 option.variable, option.setting, text, option.accepted, source, flag
             ) from None

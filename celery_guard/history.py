@@ -3,39 +3,160 @@
 JSON, never pickle: the file may outlive the code that wrote it, and reading it must
 never run anything. Written atomically with mode 0600; a file that cannot be read or
 parsed is ignored (the caller logs why) and the estimate is measured afresh.
+
+The file is read at every worker start, before the pool forks, so reading it must never
+raise and never block: only a regular file is opened (a FIFO would block ``open``, a
+device such as /dev/zero never ends), with O_NONBLOCK in case it is swapped for one
+between the check and the open, and at most MAX_BYTES are read. A cost that no machine
+can have (above physical memory, below one page) would fix the pool's size for good, so
+it is refused as well.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
+from . import cgroups
+
 VERSION = 1
+#: The file is about 150 bytes; anything larger was not written by ``save``.
+MAX_BYTES = 64 * 1024
+#: Digits of a JSON integer: more are not a byte count (and int() refuses 4300+).
+_MAX_DIGITS = 30
+#: The ceiling when physical memory cannot be read: 1 PiB.
+_NO_MACHINE_HAS = 1 << 50
+NO_FILE = "no state file yet"
 
 
-def load(path: str) -> tuple[int | None, str]:
-    """(child cost in bytes, "") or (None, why it was not used)."""
+def _page_size() -> int:
     try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
+        return int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError):
+        return 4096
+
+
+def _physical() -> int:
+    found, _ = cgroups.physical_memory()
+    return found or _NO_MACHINE_HAS
+
+
+def _read(path: str) -> tuple[bytes | None, str]:
+    """The file's bytes, or (None, why not), from a regular file only, without blocking."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None, "unreadable: not a regular file"
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        return None, "no state file yet"
-    except (OSError, ValueError) as error:
-        return None, f"unreadable: {error}"
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        return None, "unknown format"
-    cost = data.get("child_cost_bytes")
-    if not isinstance(cost, int) or isinstance(cost, bool) or cost <= 0:
-        return None, "no valid child_cost_bytes"
-    return cost, ""
+        return None, NO_FILE
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        return None, f"unreadable: {getattr(error, 'strerror', None) or error}"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # swapped since the check
+            return None, "unreadable: not a regular file"
+        if info.st_size > MAX_BYTES:
+            return None, f"unreadable: larger than {MAX_BYTES} bytes"
+        chunks, size = [], 0
+        while size <= MAX_BYTES:
+            chunk = os.read(fd, MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_BYTES:  # grew since the fstat
+            return None, f"unreadable: larger than {MAX_BYTES} bytes"
+        return b"".join(chunks), ""
+    except OSError as error:
+        return None, f"unreadable: {error.strerror or error}"
+    finally:
+        os.close(fd)
 
 
-def save(path: str, child_cost: int, samples: int, extra: dict[str, Any] | None = None) -> None:
-    """Replace the file atomically: a crash leaves the old file or the new, never half."""
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise ValueError("a number too long for a byte count")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _decode(data: bytes) -> tuple[Any, str]:
+    """The JSON value, or (None, why not); nesting too deep is a RecursionError."""
+    try:
+        return json.loads(
+            data.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant
+        ), ""
+    except UnicodeDecodeError:
+        return None, "unreadable: not UTF-8 text"
+    except (ValueError, RecursionError) as error:
+        return None, f"unreadable: not JSON ({type(error).__name__}: {str(error)[:80]})"
+
+
+def load(path: str, physical: int | None = None, page: int | None = None) -> tuple[int | None, str]:
+    """(child cost in bytes, "") or (None, why it was not used). Never raises, never blocks.
+
+    ``physical`` and ``page`` bound a plausible cost (default: this machine's).
+    """
+    try:
+        data, why = _read(path)
+        if data is None:
+            return None, why
+        record, why = _decode(data)
+        if why:
+            return None, why
+        if not isinstance(record, dict):
+            return None, "unknown format"
+        version = record.get("version")
+        if type(version) is not int or version != VERSION:  # true == 1 in Python
+            return None, "unknown format"
+        cost = record.get("child_cost_bytes")
+        if type(cost) is not int or cost <= 0:
+            return None, "no valid child_cost_bytes"
+        low = page if page is not None else _page_size()
+        high = physical if physical is not None else _physical()
+        if not low <= cost <= high:
+            return None, f"implausible child_cost_bytes {cost}: not from {low} to {high}"
+        return cost, ""
+    except Exception as error:  # noqa: BLE001 - a state file must never stop a worker
+        return None, f"unreadable: {type(error).__name__}"
+
+
+def _sync_directory(directory: str, fsync: Callable[[int], None]) -> None:
+    """Make the rename durable: without it a crash may bring back the old file or none.
+    File systems that cannot sync a directory say EINVAL; the rename is done anyway."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def save(
+    path: str,
+    child_cost: int,
+    samples: int,
+    extra: dict[str, Any] | None = None,
+    fsync: Callable[[int], None] = os.fsync,
+) -> None:
+    """Replace the file atomically: a crash leaves the old file or the new, never half.
+
+    Raises OSError when it cannot, ValueError for a NaN in ``extra`` (``fsync`` is for
+    tests that check what is synced).
+    """
     record = {
         "version": VERSION,
         "child_cost_bytes": int(child_cost),
@@ -47,11 +168,12 @@ def save(path: str, child_cost: int, samples: int, extra: dict[str, Any] | None 
     fd, tmp = tempfile.mkstemp(prefix=".celery-guard-", dir=directory)  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(record, file, indent=1)
+            json.dump(record, file, indent=1, allow_nan=False)  # what load would refuse
             file.flush()
-            os.fsync(file.fileno())
+            fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _sync_directory(directory, fsync)

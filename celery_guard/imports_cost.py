@@ -13,12 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 PATH_VARIABLE = "CELERY_GUARD_PROBE_PATH"  # the caller's sys.path, as JSON
 TIMEOUT = 120  # seconds for one module's import
+MAX_RESULT = 4096  # bytes: the figures are about 40
 
 
 @dataclass(frozen=True)
@@ -66,19 +68,75 @@ def measure_all(modules: dict[str, int], base: str | None, python: str) -> list[
 
 
 def _probe(python: str, base: str, module: str, tasks: int, env: dict[str, str]) -> Cost:
-    command = [python, "-m", "celery_guard.imports_cost", base, module]
+    """Run the probe; its figures come back on a pipe of their own, not on stdout, which
+    belongs to the module (one that prints, even at exit, must not hide them). stderr
+    goes to a file: a process the module started may keep a pipe open after the probe
+    exits, and waiting for its end would wait for that process."""
+    read_end, write_end = os.pipe()
     try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return Cost(module, tasks, None, None, f"import took over {TIMEOUT} s")
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        with tempfile.TemporaryFile() as stderr:
+            command = [python, "-m", "celery_guard.imports_cost", base, module, str(write_end)]
+            try:
+                child = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    env=env,
+                    pass_fds=(write_end,),
+                )
+            except OSError as error:
+                return Cost(module, tasks, None, None, f"cannot run {python}: {error.strerror}")
+            os.close(write_end)
+            write_end = -1
+            try:
+                child.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                return Cost(module, tasks, None, None, f"import took over {TIMEOUT} s")
+            result = _read_result(read_end)
+            stderr.seek(max(stderr.seek(0, os.SEEK_END) - MAX_RESULT, 0))
+            tail = stderr.read().decode("utf-8", "replace")
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    figures = _figures(result)
+    if figures is None:  # written last: without it the import failed, whatever the status
+        last = (tail.strip().splitlines() or [f"exit status {child.returncode}, no result"])[-1]
         return Cost(module, tasks, None, None, last[:200])
-    figures = json.loads(lines[-1])
     return Cost(module, tasks, figures["child"], figures["rss"])
+
+
+def _read_result(fd: int) -> bytes:
+    """What the probe wrote on its pipe, without waiting: it has exited, and a process
+    the module forked may still hold the write end."""
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    while sum(map(len, chunks)) <= MAX_RESULT:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _figures(result: bytes) -> dict[str, int] | None:
+    """{"child": bytes, "rss": bytes} from the probe's result, or None if it is not that."""
+    try:
+        figures = json.loads(result.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(figures, dict):
+        return None
+    values = [figures.get("child"), figures.get("rss")]
+    if not all(type(value) is int and value >= 0 for value in values):
+        return None
+    return {"child": figures["child"], "rss": figures["rss"]}
 
 
 def _measure() -> tuple[int, int]:
@@ -107,11 +165,16 @@ def probe(base: str, module: str) -> dict[str, int]:
 
 
 def main(argv: Iterable[str]) -> int:
-    base, module = list(argv)
+    """The probe: ``BASE MODULE FD``, the figures written as JSON to the pipe ``FD``."""
+    base, module, fd = list(argv)
+    result = int(fd)
+    os.set_inheritable(result, False)  # not for what the module starts
     path = os.environ.get(PATH_VARIABLE)
     if path:
         sys.path[:] = json.loads(path)
-    print(json.dumps(probe(base, module)))
+    figures = json.dumps(probe(base, module)).encode()
+    with os.fdopen(result, "wb") as channel:
+        channel.write(figures)
     return 0
 
 

@@ -117,8 +117,9 @@ class MetricsServer:
 
 
 def serve(source: GuardCollector, address: str, port: int, log_format: str) -> MetricsServer | None:
-    """Start serving; on failure (no prometheus_client, the port taken) one ERROR line,
-    and the worker goes on without metrics."""
+    """Start serving; on any failure (no prometheus_client,
+    the port taken, an address the resolver or idna refuses) one ERROR line, and the
+    worker goes on without metrics: metrics are never worth the worker."""
     fields: dict[str, Any] = {"address": address, "port": port}
     try:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -130,8 +131,9 @@ def serve(source: GuardCollector, address: str, port: int, log_format: str) -> M
         reason = "prometheus_client is not installed: pip install 'celery-guard[prometheus]'"
         emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason}, log_format)
         return None
-    except OSError as error:
-        reason = f"{type(error).__name__}: {error.strerror or error}"
+    except Exception as error:  # noqa: BLE001 - OSError, gaierror, UnicodeError, ...
+        detail = getattr(error, "strerror", None) or str(error) or "no detail"
+        reason = f"{type(error).__name__}: {detail}"
         emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason}, log_format)
         return None
     bound = server.server_address[1]

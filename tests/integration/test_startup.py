@@ -130,6 +130,12 @@ BAD_VALUES = [
     ("CELERY_GUARD_MIN_CONCURRENCY", "0"),
     ("CELERY_GUARD_MIN_CONCURRENCY", "two"),
     ("CELERY_GUARD_LOG_FORMAT", "xml"),
+    # issue 13: out of range, non-ASCII, an address idna refuses at bind
+    ("CELERY_GUARD_LOW_WATER", "0%"),
+    ("CELERY_GUARD_SAMPLE_INTERVAL", "0.0000000001"),
+    ("CELERY_GUARD_MIN_CONCURRENCY", "\u0663"),
+    ("CELERY_GUARD_METRICS_ADDRESS", "a" * 64),
+    ("CELERY_GUARD_METRICS_ADDRESS", "x..y"),
 ]
 
 

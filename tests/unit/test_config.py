@@ -17,36 +17,38 @@ from celery_guard.config import ConfigError, Settings, load_settings
 
 MIB = 1 << 20
 
-SIZE_ACCEPTED = (
-    "auto, or bytes (536870912), or a number with K, M, G, T, KB, MiB, GiB... (512M, 1.5GiB)"
-)
+SIZE_FORMS = "bytes (536870912), or a number with K, M, G, T, KB, MiB, GiB... (512M, 1.5GiB)"
+BUDGET = "a size of at least 16M: " + SIZE_FORMS
+PAGE = "a size of at least 4K: " + SIZE_FORMS
+SECONDS = "seconds from 0.01 to 86400"
+WATER = "a percentage from 50% to 99.5% or a fraction from 0.5 to 0.995"
 ACCEPTED = {
     "mode": "scale | refuse | warn | off",
-    "memory_limit": SIZE_ACCEPTED,
-    "headroom": "a percentage (10%) or a fraction below 1 (0.1)",
-    "child_memory": SIZE_ACCEPTED,
-    "min_concurrency": "a whole number of at least 1",
+    "memory_limit": "auto, or " + BUDGET,
+    "headroom": "a percentage from 0% to 50% or a fraction from 0 to 0.5 (10%, 0.1)",
+    "child_memory": "auto, or " + PAGE,
+    "min_concurrency": "a whole number from 1 to 10000",
     "log_format": "text | json",
     "child_log": "growth | all | off",
-    "child_log_step": SIZE_ACCEPTED.removeprefix("auto, or "),
-    "sample_interval": "seconds above 0 (10, 2.5, 10s)",
-    "summary_interval": "seconds above 0 (300, 60s)",
+    "child_log_step": PAGE,
+    "sample_interval": SECONDS + " (10, 2.5, 10s)",
+    "summary_interval": SECONDS + " (300, 60s)",
     "state_file": "a file path, or empty for none",
     "child_oom_score_adj": "off, or a whole number from -1000 to 1000",
     "gc_freeze": "1 or 0 (true/false, yes/no, on/off)",
-    "max_worker_memory": "empty for none, or " + SIZE_ACCEPTED.removeprefix("auto, or "),
+    "max_worker_memory": "empty for none, or " + BUDGET,
     "brake": "1 or 0 (true/false, yes/no, on/off)",
     "recycle": "1 or 0 (true/false, yes/no, on/off)",
-    "min_tasks_per_child": "a whole number of at least 1",
-    "max_memory_kills": "a whole number of at least 1",
-    "task_memory_limit": "empty for none, or " + SIZE_ACCEPTED.removeprefix("auto, or "),
-    "task_soft_memory_limit": "empty for none, or " + SIZE_ACCEPTED.removeprefix("auto, or "),
-    "brake_interval": "seconds above 0 (0.25, 1, 2s)",
-    "low_water": "a percentage (10%) or a fraction below 1 (0.1)",
-    "high_water": "a percentage (10%) or a fraction below 1 (0.1)",
-    "hard_water": "a percentage (10%) or a fraction below 1 (0.1)",
-    "metrics_port": "empty for none, or a port, 0 for any free",
-    "metrics_address": "an address to bind (127.0.0.1, ::, 0.0.0.0)",
+    "min_tasks_per_child": "a whole number from 1 to 1000",
+    "max_memory_kills": "a whole number from 1 to 100",
+    "task_memory_limit": "empty for none, or " + PAGE,
+    "task_soft_memory_limit": "empty for none, or " + PAGE,
+    "brake_interval": SECONDS + " (0.25, 1, 2s)",
+    "low_water": WATER + " (80%, 0.8)",
+    "high_water": WATER + " (90%, 0.9)",
+    "hard_water": WATER + " (97%, 0.97)",
+    "metrics_port": "empty for none, or a port up to 65535, 0 for any free",
+    "metrics_address": "an IP address or a host name (127.0.0.1, ::, 0.0.0.0, localhost)",
 }
 DEFAULT_SOURCES = {name: "default" for name in ACCEPTED}
 
