@@ -74,12 +74,17 @@ def parse_kib_fields(text: str) -> dict[str, int]:
     for line in text.splitlines():
         name, _, rest = line.partition(":")
         parts = rest.split()
-        if len(parts) == 2 and parts[1] == "kB" and parts[0].isascii() and parts[0].isdigit():
-            fields[name.strip()] = int(parts[0]) * 1024
+        digits = parts[0] if len(parts) == 2 and parts[1] == "kB" else ""
+        # at most 20 digits: a figure no machine has is garbage, and int() refuses 4300+
+        if digits.isascii() and digits.isdigit() and len(digits) <= 20:
+            fields[name.strip()] = int(digits) * 1024
     return fields
 
 
-_ALLOCATED = re.compile(rb"^# bytes in allocated blocks\s*=\s*([0-9][0-9,]*)\s*$", re.MULTILINE)
+#: at most 27 digits and commas: a figure no machine has is garbage, and int() refuses 4300+
+_ALLOCATED = re.compile(
+    rb"^# bytes in allocated blocks\s*=\s*([0-9][0-9,]{0,26})\s*$", re.MULTILINE
+)
 
 
 def parse_pymalloc_stats(text: bytes) -> int | None:

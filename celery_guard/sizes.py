@@ -24,7 +24,6 @@ _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+) ?([kmgt]?)(?:i?b)?", re.IGNO
 _FRACTION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(%?)")
 
 SIZE_FORMS = "bytes (536870912), or a number with K, M, G, T, KB, MiB, GiB... (512M, 1.5GiB)"
-FRACTION_FORMS = "a percentage (10%) or a fraction below 1 (0.1)"
 
 
 def parse_size(text: str) -> int:

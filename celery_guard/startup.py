@@ -61,12 +61,13 @@ def read_budget(settings: Settings, root: str = "/") -> Budget:
     return Budget(limit.bytes, limit.source, limit.reason, in_use, level, own, physical)
 
 
-def remembered_cost(settings: Settings) -> int | None:
-    """The per-child cost the state file kept from an earlier run, if it is to be used."""
+def remembered_cost(settings: Settings, physical: int | None = None) -> int | None:
+    """The per-child cost the state file kept from an earlier run, if it is to be used;
+    ``physical`` bounds a plausible cost (the budget's physical memory, read once)."""
     path = settings.state_file
     if path is None or settings.child_memory is not None:
         return None
-    cost, why = history.load(path)
+    cost, why = history.load(path, physical=physical)
     if cost is None and why != "no state file yet":
         fields = {"action": "ignored", "path": path, "reason": why}
         emit(logging.WARNING, "history", fields, settings.log_format)
@@ -116,7 +117,7 @@ def measure(settings: Settings, pool: str, requested: int, forked: bool = True) 
     app = census.census(sys.modules, census.library_roots())
     parent = footprint.measure(allocators=footprint.read_allocators(), app_objects=app.bytes)
     estimate = footprint.estimate_child(parent, forked=forked, gc_freeze=settings.gc_freeze)
-    remembered = remembered_cost(settings)
+    remembered = remembered_cost(settings, budget.physical)
     if settings.child_memory is not None:
         child, child_source = settings.child_memory, settings.source("child_memory")
     elif remembered is not None:

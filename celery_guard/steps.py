@@ -345,7 +345,7 @@ class Telemetry(bootsteps.StartStopStep):
             return
         try:
             history.save(path, int(cost * 1024 * 1024), fields["samples"])
-        except OSError as error:
+        except (OSError, ValueError, OverflowError) as error:  # a full disk, a figure not saved
             emit(
                 logging.WARNING,
                 "history",

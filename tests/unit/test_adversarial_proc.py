@@ -28,6 +28,7 @@ from celery_guard.cgroups import (
     read_oom_kills,
     read_usage,
 )
+from celery_guard.footprint import parse_kib_fields, parse_pymalloc_stats
 
 FILES = settings(max_examples=150, deadline=None, database=None)
 MIB = 1 << 20
@@ -303,3 +304,31 @@ def test_a_large_proc_cgroup_is_read(tmp_path: Path) -> None:
 def test_a_truncated_mountinfo_line_is_skipped() -> None:
     text = MOUNT.format(root="/", point="/sys/fs/cgroup") + "31 24 0:27 / /sys/fs/bp"
     assert [m.mountpoint for m in _parse_mountinfo(text)] == ["/sys/fs/cgroup"]
+
+
+# --- the process's own /proc files and pymalloc's statistics (footprint) --------------------
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Rss: " + "9" * 5000 + " kB\nPss: 12 kB\n",  # int() refuses 4300+ digits
+        "Rss: \u0661\u0662 kB\nPss: 12 kB\n",  # digits, but not ASCII ones
+        "Rss: 12 MB\nPss: 12 kB\n",  # not the unit the kernel writes
+        "Rss:\nPss: 12 kB\n",
+    ],
+)
+def test_kib_fields_skip_a_figure_no_machine_has(text: str) -> None:
+    """The sibling of the cgroup files' fix: a field that cannot be a figure is skipped
+    (as if absent), never a ValueError out of the startup measurement."""
+    assert parse_kib_fields(text) == {"Pss": 12 * 1024}
+
+
+def test_pymalloc_statistics_of_thousands_of_digits_are_unknown() -> None:
+    assert parse_pymalloc_stats(b"# bytes in allocated blocks = " + b"9" * 5000) is None
+    assert parse_pymalloc_stats(b"# bytes in allocated blocks = 1,234") == 1234
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text(max_size=300))
+def test_kib_fields_never_raise(text: str) -> None:
+    for value in parse_kib_fields(text).values():
+        assert 0 <= value < 10**24
