@@ -514,6 +514,7 @@ class Collector:
                 "private_buckets": len(self.private.buckets()),
                 "peak_rss_buckets": len(self.peak_rss.buckets()),
             }
+            fields["records_dropped"] = self.dropped  # refused: not a record of a child
         for name, section in self.stats_sections.items():
             fields[name] = section()
         return fields

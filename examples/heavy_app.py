@@ -58,6 +58,14 @@ if _broker.startswith("filesystem://"):
         "control_folder": os.path.join(_data_dir, "control"),
     }
 
+if os.environ.get("HEAVY_APP_OPEN_FILES"):  # an app that holds many descriptors at import
+    import resource
+
+    _wanted = int(os.environ["HEAVY_APP_OPEN_FILES"])
+    _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(_soft, _wanted + 256), _hard))
+    OPEN_FILES = [os.open(os.devnull, os.O_RDONLY) for _ in range(_wanted)]
+
 if os.environ.get("HEAVY_APP_BAD_LIMIT") == "1":  # a typo in a task's limit
 
     @app.task(name="heavy_app.typo", memory_limit="lots")
@@ -163,6 +171,27 @@ def stubborn(mib: int) -> int:
         except Exception:  # noqa: BLE001 - the point of this task
             continue
     return len(held)
+
+
+@app.task
+def forge() -> int:
+    """Write garbage to the guard's pipe, as anything a task forks could: records with
+    huge numbers, unknown pids, binary, a line cut short. Returns the bytes written."""
+    written = 0
+    for receiver in signals.task_postrun.receivers:  # the guard's probe is one of them
+        probe = getattr(receiver[1], "__self__", None)
+        channel = getattr(probe, "channel", None)
+        if channel is None:
+            continue
+        for line in (
+            b"T 1 " + b"9" * 3900 + b" 1 1 1 1 -1 heavy_app.forged\n",
+            b"T 424242 1 1 1 1 1 -1 heavy_app.forged\n",
+            b"L 1 hard 1 2 id heavy_app.forged\n",
+            bytes(range(256)) + b"\n",
+            b"T 1 1 1 1 1 1 -1 heavy_app.cut-",  # no end of line
+        ):
+            written += os.write(channel, line)
+    return written
 
 
 @app.task

@@ -172,3 +172,83 @@ def test_children_that_exit_while_being_measured(
     (final,) = [s for s in worker.events("summary") if s["final"] == "true"]
     assert int(final["samples"]) > 0 and final["oom_kills"] == "0"
     no_guard_errors(worker)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_app_holding_2000_descriptors_still_has_its_records_read(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    """The app opens 2,000 descriptors at import, so the guard's pipe gets one above 2,000
+    (select() refuses those): the children's records are read all the same (the first
+    child's calibration line needs one), and the idle main process does not spin."""
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST, "HEAVY_APP_OPEN_FILES": "2000"})
+    worker = make_worker(["-c", "2"], env)
+    worker.wait_ready(60)
+    assert harness.wait_for_results(harness.send_tasks(redis, worker.queue, "leak", 4, (8,)), 60)
+    worker.wait_for(r"celery-guard event=calibration ", 30)
+    assert worker.process is not None
+    before = _cpu_seconds(worker.process.pid)
+    time.sleep(2.0)  # measuring idle CPU over a span: the span is the measurement
+    assert _cpu_seconds(worker.process.pid) - before < 0.5
+    no_guard_errors(worker)
+
+
+def test_a_child_that_writes_garbage_to_the_pipe_changes_nothing(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    """A task writes hostile records to the guard's pipe (a 3,900-digit number, a pid of no
+    child, binary, a line cut short): they are refused and counted, the summaries and
+    guard_stats go on, and real records still count."""
+    worker = make_worker(["-c", "2"], harness.worker_env(redis, {**SMALL_APP, **FAST}))
+    worker.wait_ready(60)
+    (forged,) = harness.send_tasks(redis, worker.queue, "forge", 1)
+    assert forged.get(timeout=60) > 0
+    assert harness.wait_for_results(harness.send_tasks(redis, worker.queue, "leak", 2, (8,)), 60)
+    stats = harness.guard_stats(worker, harness.worker_env(redis, SMALL_APP))
+    assert stats["records_dropped"] >= 4
+    assert "heavy_app.forged" not in stats["tasks"] and "heavy_app.leak" in stats["tasks"]
+    worker.stop()
+    assert [s["final"] for s in worker.events("summary")] == ["true"]
+    no_guard_errors(worker)
+
+
+@pytest.mark.cgroup
+def test_two_children_oom_killed_at_once_are_both_named(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """Two tasks that each need more than the cgroup, started together, the governor off:
+    the kernel kills both children, close together. Each is one event=oom line naming its
+    own task (each rise of the counter explains one SIGKILL), and the worker lives on."""
+    group = make_cgroup(400 * MIB)
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST, "CELERY_GUARD_BRAKE": "0"})
+    worker = make_worker(["-c", "2"], env, group)
+    worker.wait_ready(60)
+    hogs = harness.send_tasks(redis, worker.queue, "hog", 2, (500, 2.0))
+    assert harness.eventually(lambda: len(worker.events("oom")) >= 2, 60), worker.events("oom")
+    named = sorted(line["task_id"] for line in worker.events("oom"))
+    assert named == sorted(h.id for h in hogs)
+    assert group.oom_kills() == 2
+    (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
+    assert after.get(timeout=60) == 5
+
+
+def test_a_state_file_replaced_by_a_fifo_is_refused_without_blocking(
+    redis: harness.RedisServer, make_worker: MakeWorker, tmp_path: Path
+) -> None:
+    """Opening a FIFO blocks until a writer comes: the state file is opened without
+    blocking, refused as not a regular file (one event=history line), and the worker
+    starts with the measured estimate."""
+    fifo = tmp_path / "state.json"
+    os.mkfifo(fifo)
+    env = harness.worker_env(redis, {**SMALL_APP, "CELERY_GUARD_STATE_FILE": str(fifo)})
+    worker = make_worker(["-c", "1"], env)
+    assert worker.startup()["child_estimate_source"] == "measured"
+    (history,) = worker.events("history")
+    assert history["action"] == "ignored" and "not a regular file" in history["reason"]
+    worker.wait_ready(60)
+    (result,) = harness.send_tasks(redis, worker.queue, "add", 1, (1, 1))
+    assert result.get(timeout=60) == 2
