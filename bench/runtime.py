@@ -74,6 +74,7 @@ class Outcome:
     failed: dict[str, int]  # exception class name (or "unfinished") -> tasks
     oom_kills: int
     main_cpu: float | None = None  # CPU seconds of the main process
+    peak_usage: float | None = None  # MiB: the cgroup's own record of its highest usage
     #: the guard's figures: smallest pool after startup, its stops, recycles, holds, and
     #: the reaction times of its final summary
     smallest_pool: int | None = None
@@ -94,21 +95,28 @@ class Outcome:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items())) or "none"
         guard = (
             f", smallest pool {self.smallest_pool}, stopped {self.stopped}, recycles "
-            f"{self.recycles}, holds {self.holds}"
+            f"{self.recycles}, holds {self.holds}, working set at most "
+            f"{self.summary.get('working_set_max_mib') or '?'} MiB"
             if self.smallest_pool is not None
             else ""
         )
+        peak = f", peak usage {self.peak_usage:.0f} MiB" if self.peak_usage else ""
         return (
             f"{self.label:28} {seconds} {self.succeeded}/{self.sent} ok, failed: {failed}, "
-            f"OOM kills {self.oom_kills}{guard}{ratio} [{self.log.name if self.log else ''}]"
+            f"OOM kills {self.oom_kills}{peak}{guard}{ratio} "
+            f"[{self.log.name if self.log else ''}]"
         )
 
 
 class Runner:
     """Real parts for the runs: Redis, this process's memory cgroup, a work folder."""
 
-    def __init__(self, workdir: Path, redis: harness.RedisServer | None = None) -> None:
+    def __init__(
+        self, workdir: Path, redis: harness.RedisServer | None = None,
+        guard_env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.workdir = workdir
+        self.guard_env = guard_env or {}  # settings of the guarded runs
         self.root = harness.own_memory_cgroup()
         self.redis = redis or harness.RedisServer(workdir)
         self.count = 0
@@ -120,9 +128,8 @@ class Runner:
     ) -> Outcome:  # fmt: skip
         self.count += 1
         group = harness.Cgroup(self.root, limit_mib * MIB)
-        env = harness.worker_env(
-            self.redis, {"HEAVY_APP_ACKS_LATE": "1"} if acks_late else {}, guard=guard
-        )
+        extra = {"HEAVY_APP_ACKS_LATE": "1"} if acks_late else {}
+        env = harness.worker_env(self.redis, {**extra, **(self.guard_env if guard else {})}, guard)
         log = self.workdir / f"runtime-{self.count}.log"
         worker = harness.Worker(args, env, log, cgroup=group).start()
         seconds, results, main_cpu = None, [], None
@@ -141,6 +148,7 @@ class Runner:
         finally:
             worker.stop()
             oom_kills = group.oom_kills()
+            peak_usage = group.max_usage() / MIB
             group.close()
         failed: dict[str, int] = {}
         succeeded = 0
@@ -152,6 +160,7 @@ class Runner:
                 failed[name] = failed.get(name, 0) + 1
         outcome = Outcome(label, seconds, succeeded, len(results), failed, oom_kills, main_cpu)
         outcome.log = log
+        outcome.peak_usage = peak_usage
         if guard:
             _guard_figures(worker, outcome)
         return outcome
@@ -375,13 +384,14 @@ def main() -> None:
     parser.add_argument("--limit", nargs="+", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--logs", type=Path, help="keep the workers' logs in this folder")
+    parser.add_argument("--guard-env", nargs="*", default=[], help="NAME=VALUE for the guard")
     options = parser.parse_args()
     limits = options.limit or ([768] if options.quick else [768, 1024])
     rounds = options.rounds or (1 if options.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = options.logs or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        runner = Runner(workdir)
+        runner = Runner(workdir, guard_env=dict(a.split("=", 1) for a in options.guard_env))
         try:
             for name in options.workload:
                 for limit in limits:

@@ -321,9 +321,9 @@ OPTIONS = (
     Option("task_memory_limit", "", f"empty for none, or {_PAGE}", _empty_or(_size(MIN_PAGE))),
     Option("task_soft_memory_limit", "", f"empty for none, or {_PAGE}", _empty_or(_size(MIN_PAGE))),
     Option("brake_interval", "0.25", f"{_SECONDS} (0.25, 1, 2s)", _seconds),
-    Option("low_water", "80%", _range_forms(*WATER_RANGE, "80%, 0.8"), _WATER),
-    Option("high_water", "90%", _range_forms(*WATER_RANGE, "90%, 0.9"), _WATER),
-    Option("hard_water", "97%", _range_forms(*WATER_RANGE, "97%, 0.97"), _WATER),
+    Option("low_water", "85%", _range_forms(*WATER_RANGE, "85%, 0.85"), _WATER),
+    Option("high_water", "95%", _range_forms(*WATER_RANGE, "95%, 0.95"), _WATER),
+    Option("hard_water", "98%", _range_forms(*WATER_RANGE, "98%, 0.98"), _WATER),
     Option(
         "metrics_port", "", "empty for none, or a port up to 65535, 0 for any free", _port_or_none
     ),
@@ -359,9 +359,9 @@ class Settings:
     task_memory_limit: int | None = None
     task_soft_memory_limit: int | None = None
     brake_interval: float = 0.25
-    low_water: float = 0.8
-    high_water: float = 0.9
-    hard_water: float = 0.97
+    low_water: float = 0.85
+    high_water: float = 0.95
+    hard_water: float = 0.98
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     #: where each value came from: "option", "env", "config" or "default", by name

@@ -74,6 +74,7 @@ class Governor:
         #: Seconds the gate took to decide a hold (before the task reached a child).
         self.hold_decisions: deque[float] = deque(maxlen=256)
         self.holds = 0  # tasks held, one count per decision
+        self.working_set_max = 0  # the largest working set a check read
         self.figures_lock = threading.Lock()  # the summary reads them from its thread
 
     # -- wiring ----------------------------------------------------------------------
@@ -191,6 +192,7 @@ class Governor:
             self._absorb()
             now = time.monotonic()
             view = self.view(now, fresh=0.0)
+            self.working_set_max = max(self.working_set_max, view.working_set)
             if view.working_set >= view.marks.high and self.crossed is None:
                 self.crossed = now
             elif view.working_set < view.marks.high:
@@ -284,6 +286,7 @@ class Governor:
             else None,
             "reaction_p50_ms": round(statistics.median(reactions) * 1000, 1) if reactions else None,
             "reaction_max_ms": round(max(reactions) * 1000, 1) if reactions else None,
+            "working_set_max_mib": mib(self.working_set_max),
         }
 
     def info(self) -> dict[str, Any]:

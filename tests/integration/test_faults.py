@@ -80,7 +80,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
 
     stat = dict(line.split() for line in (group.path / "memory.stat").read_text().splitlines())
     working_set = group.usage() - int(stat["total_inactive_file"])
-    lowered_mib = working_set // 0.93 // MIB  # high (90%) below the working set
+    lowered_mib = working_set // 0.97 // MIB  # high (95%) below the working set
     (group.path / "memory.limit_in_bytes").write_text(str(int(lowered_mib * MIB)))
     lowered = worker.wait_for(rf"celery-guard event=limit .*new_mib={lowered_mib}", 10)
     assert "old_mib=1024.0" in lowered.group(0)
