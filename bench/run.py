@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(HERE)]
 
+import estimate  # noqa: E402
 import harness  # noqa: E402
 import overhead  # noqa: E402
 import runtime  # noqa: E402
@@ -374,6 +375,7 @@ def targets(
     gc: tuple[float, float],
     hook_us: float,
     comparisons: list[runtime.Comparison],
+    shapes: list[estimate.Row],
 ) -> list[str]:
     """Each target, met or missed, from the figures above."""
 
@@ -395,6 +397,21 @@ def targets(
         if not survived:
             lines.append(f"  - why: {WHY_KILLED.get(r['workload'], 'see the log')}")
     lines += runtime.targets(comparisons)
+    for shape in shapes:
+        if shape.shape == "baseline":
+            continue
+        within = 0.9 <= shape.ratio <= 1.1
+        lines.append(
+            f"- {shape.shape}: estimate within 10% of the measured cost "
+            f"(ratio {shape.ratio:.2f}): {mark(within)}"
+        )
+        for limit, started in sorted(shape.starts.items()):
+            largest = min(shape.vanilla.get(limit) or 0, REQUESTED)
+            share = started / largest if largest else 0.0
+            lines.append(
+                f"  - at {limit} MiB it starts {started} of vanilla's {largest} ({share:.2f}), "
+                f">= 0.85: {mark(share >= 0.85)}"
+            )
     worst = max(guarded / plain for _, plain, guarded, _ in overhead_rows)
     lines.append(f"- per-task overhead <= 1.02 (worst {worst:.3f}): {mark(worst <= 1.02)}")
     if worst > 1.02:
@@ -515,6 +532,11 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
         for limit in ((768,) if bench.quick else (768, 1024))
     ]
 
+    print("estimate, by shape", flush=True)
+    shapes = estimate.measure_all(
+        bench.workdir, limits=(768,) if bench.quick else estimate.LIMITS, bisect=True
+    )
+
     print("overhead", flush=True)
     overhead_rows = []
     for concurrency in (1, 2):
@@ -537,7 +559,7 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
     plain_gc = gc_freeze_charge(bench, freeze=False)
     frozen_gc = gc_freeze_charge(bench, freeze=True)
     return render(rows, overhead_rows, hook_us, (first_ms, median_ms), (plain_gc, frozen_gc),
-                  usage_plot, plots, base, default, comparisons, rounds)  # fmt: skip
+                  usage_plot, plots, base, default, comparisons, rounds, shapes)  # fmt: skip
 
 
 def render(
@@ -552,6 +574,7 @@ def render(
     default: int,
     comparisons: list[runtime.Comparison],
     rounds: int,
+    shapes: list[estimate.Row],
 ) -> str:
     lines = [
         "# Benchmarks",
@@ -613,6 +636,21 @@ def render(
         ]
         lines.append(f"| {r['workload']} | {r['limit']} MiB | " + " | ".join(cells) + " |")
     lines += ["", *runtime.render(comparisons, rounds)]
+    lines += [
+        "## The child estimate, by shape of app",
+        "",
+        "`bench/estimate.py`: six shapes of app (`examples/shape_*.py`) and a baseline with no "
+        "data. Measured: the growth of the cgroup's working set per added child, between a "
+        f"guarded worker at {estimate.LOW} and at {estimate.HIGH} children, after every child "
+        f"ran {estimate.TASKS_PER_CHILD} tasks that use the app's data. The estimate and its "
+        "method are the guard's startup line. Start: the concurrency the guard starts with "
+        f"when asked for `-c {estimate.REQUESTED}`; vanilla largest by bisection. Targets: the "
+        "estimate within 10% of the measured cost, never more than 10% low; the start at "
+        "least 0.85 of vanilla's largest.",
+        "",
+        *estimate.render(shapes, tuple(sorted({k for r in shapes for k in r.starts}))),
+        "",
+    ]
     lines += ["## Overhead", ""]
     lines.append(
         f"No-op tasks, {TASKS} per round after a warm-up, median of {ROUNDS} rounds, guarded "
@@ -647,7 +685,7 @@ def render(
         f"({(1 - frozen_gc / plain_gc) * 100:.0f}% less). Target: >= 30% less.",
         "",
     ]
-    lines += targets(rows, overhead_rows, startup_ms, gc, hook_us, comparisons)
+    lines += targets(rows, overhead_rows, startup_ms, gc, hook_us, comparisons, shapes)
     if usage_plot is not None:
         path, limit = usage_plot
         lines += [
