@@ -16,7 +16,7 @@ import click
 
 from . import advice, cgroups, imports_cost, startup, task_limits
 from .config import OPTIONS, ConfigError, Settings, error_fields, given_options, load_settings
-from .logline import format_event
+from .logline import format_event, use_format
 from .plan import FORKING_POOLS
 from .sizes import mib
 from .steps import EX_CONFIG, pool_name
@@ -237,6 +237,7 @@ def check(ctx: click.Context, **options: Any) -> None:
     """
     app = ctx.obj.app
     output = options["output"]
+    use_format(output)  # a line the measurement logs (a state file refused) too
     settings = _settings(options, app.conf, output)
     pool = pool_name(_import_like_a_worker(app, options["pool"]))
     forks = pool in FORKING_POOLS

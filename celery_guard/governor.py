@@ -257,7 +257,7 @@ class Governor:
             "concurrency": self.control.size,
             **extra,
         }
-        emit(logging.WARNING, "pressure", fields, self.settings.log_format)
+        emit(logging.WARNING, "pressure", fields)
 
     def _log_recycle(self, child: ChildState, view: policy.View) -> None:
         self.count("recycle")
@@ -272,7 +272,7 @@ class Governor:
             "tasks": child.tasks,
             "concurrency": view.size,
         }
-        emit(logging.INFO, "recycle", fields, self.settings.log_format)
+        emit(logging.INFO, "recycle", fields)
 
     def figures(self) -> dict[str, Any]:
         """What the summary line adds from the governor: how often it held tasks, and how

@@ -62,7 +62,7 @@ class LimitWatch:
             "limit_source": found.source if found.bytes else "physical",
             "limit_detail": found.reason,
         }
-        emit(logging.WARNING, "limit", fields, self.live.settings.log_format)
+        emit(logging.WARNING, "limit", fields)
         self.live.set(new)
 
 

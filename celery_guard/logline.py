@@ -1,7 +1,11 @@
 """One line per event: ``celery-guard key=value ...`` (logfmt) or one JSON object.
 
 Log pipelines parse these lines, so the format is the contract: keys keep their meaning,
-numbers stay numbers, and a value with spaces or quotes is quoted.
+numbers stay numbers, and a value with spaces or quotes is quoted. The message's format
+is chosen once per process (``use_format``, from ``CELERY_GUARD_LOG_FORMAT``), and every
+record also carries its fields as one attribute, ``record.celery_guard`` (``event``
+first): a JSON formatter (python-json-logger, structlog's stdlib bridge, a shipper's)
+emits them as fields of their own, whatever the message's format.
 """
 
 from __future__ import annotations
@@ -12,6 +16,24 @@ from collections.abc import Mapping
 from typing import Any
 
 logger = logging.getLogger("celery_guard")
+
+#: The LogRecord attribute that holds a guard line's fields, ``event`` first.
+RECORD_ATTRIBUTE = "celery_guard"
+#: The message format of this process: ``text`` (logfmt) or ``json``.
+_format = "text"
+
+
+def use_format(log_format: str) -> None:
+    """Choose the message format once, for the process and the children it forks."""
+    global _format
+    _format = "json" if log_format == "json" else "text"
+
+
+def format_from_env(env: Mapping[str, str]) -> str:
+    """The format to use before the settings are parsed (to report that they do not)."""
+    value = env.get("CELERY_GUARD_LOG_FORMAT", "text").strip().lower()
+    return value if value in ("text", "json") else "text"
+
 
 PREFIX = "celery-guard "
 _DECODER = json.JSONDecoder()
@@ -62,5 +84,7 @@ def parse_line(line: str) -> dict[str, str]:
     return fields
 
 
-def emit(level: int, event: str, fields: Mapping[str, Any], log_format: str = "text") -> None:
-    logger.log(level, format_event(event, fields, log_format))
+def emit(level: int, event: str, fields: Mapping[str, Any]) -> None:
+    """Log one guard line: the message in this process's format, the fields as data."""
+    data = {"event": event, **fields}
+    logger.log(level, format_event(event, fields, _format), extra={RECORD_ATTRIBUTE: data})

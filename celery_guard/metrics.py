@@ -116,7 +116,7 @@ class MetricsServer:
         self.server.server_close()
 
 
-def serve(source: GuardCollector, address: str, port: int, log_format: str) -> MetricsServer | None:
+def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | None:
     """Start serving; on any failure (no prometheus_client,
     the port taken, an address the resolver or idna refuses) one ERROR line, and the
     worker goes on without metrics: metrics are never worth the worker."""
@@ -129,19 +129,18 @@ def serve(source: GuardCollector, address: str, port: int, log_format: str) -> M
         server, thread = start_http_server(port, addr=address, registry=registry)
     except ImportError:
         reason = "prometheus_client is not installed: pip install 'celery-guard[prometheus]'"
-        emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason}, log_format)
+        emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason})
         return None
     except Exception as error:  # noqa: BLE001 - OSError, gaierror, UnicodeError, ...
         detail = getattr(error, "strerror", None) or str(error) or "no detail"
         reason = f"{type(error).__name__}: {detail}"
-        emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason}, log_format)
+        emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason})
         return None
     bound = server.server_address[1]
     emit(
         logging.INFO,
         "metrics",
         {"address": address, "port": bound, "action": "serving"},
-        log_format,
     )
     return MetricsServer(server, thread)
 

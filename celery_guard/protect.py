@@ -35,7 +35,6 @@ class ChildOomScore:
 
     def __init__(self, settings: Settings) -> None:
         self.value = settings.child_oom_score_adj
-        self.log_format = settings.log_format
 
     def __call__(self, **_: object) -> None:
         if self.value is None:
@@ -43,7 +42,7 @@ class ChildOomScore:
         why = set_oom_score_adj(self.value)
         if why:
             fields = {"pid": os.getpid(), "oom_score_adj": self.value, "reason": why}
-            emit(logging.WARNING, "oom_score_adj_failed", fields, self.log_format)
+            emit(logging.WARNING, "oom_score_adj_failed", fields)
 
 
 class FreezeBeforeFirstFork:
@@ -88,7 +87,6 @@ class WorkerMemoryLimit:
         self.limit = limit
         self.hostname = hostname
         self.collector = collector
-        self.log_format = settings.log_format
         self.tripped = False
         self.rss = StatmRss()
 
@@ -114,7 +112,7 @@ class WorkerMemoryLimit:
             "task": ",".join(active_task_names(state.active_requests)) or None,
             "exit_status": EX_TEMPFAIL,
         }
-        emit(logging.WARNING, "pressure", fields, self.log_format)
+        emit(logging.WARNING, "pressure", fields)
         if self.collector is not None:
             self.collector.count_pressure("warm_shutdown")
 

@@ -70,7 +70,7 @@ def remembered_cost(settings: Settings, physical: int | None = None) -> int | No
     cost, why = history.load(path, physical=physical)
     if cost is None and why != "no state file yet":
         fields = {"action": "ignored", "path": path, "reason": why}
-        emit(logging.WARNING, "history", fields, settings.log_format)
+        emit(logging.WARNING, "history", fields)
     return cost
 
 

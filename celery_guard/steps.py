@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from .actuator import PoolControl
 from .config import ConfigError, Settings, error_fields, given_options, load_settings
 from .exits import Kill
 from .limit import LimitWatch, LiveLimit
-from .logline import emit, logger
+from .logline import emit, format_from_env, logger, use_format
 from .plan import FORKING_POOLS
 from .sizes import mib
 from .task_limits import TaskLimit
@@ -70,11 +70,6 @@ def pool_name(pool_cls: Any) -> str:
     if isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool):
         return "prefork"
     return pool_cls.__name__
-
-
-def _log_format(env: Mapping[str, str]) -> str:
-    value = env.get("CELERY_GUARD_LOG_FORMAT", "text").strip().lower()
-    return value if value in ("text", "json") else "text"
 
 
 @dataclass
@@ -125,8 +120,10 @@ class Fit(bootsteps.StartStopStep):
         try:  # worker options come with the kwargs when install() added them
             settings = load_settings(os.environ, w.app.conf, given_options(kwargs))
         except ConfigError as error:
-            emit(logging.CRITICAL, "config_error", error_fields(error), _log_format(os.environ))
+            use_format(format_from_env(os.environ))
+            emit(logging.CRITICAL, "config_error", error_fields(error))
             raise SystemExit(EX_CONFIG) from None
+        use_format(settings.log_format)
         autoscale = list(w.autoscale) if w.autoscale else None
         requested = int(autoscale[0] if autoscale else w.concurrency)
         guard = w.memory_guard = GuardState(settings, pool_name(w.pool_cls), requested)
@@ -153,10 +150,10 @@ class Fit(bootsteps.StartStopStep):
                 "concurrency": requested, "action": "kept",
                 "error": f"{type(error).__name__}: {error}",
             }  # fmt: skip
-            emit(logging.ERROR, "startup", fields, settings.log_format)
+            emit(logging.ERROR, "startup", fields)
             return None
         decision = measured.decision
-        emit(_LEVELS[decision.action], "startup", fields, settings.log_format)
+        emit(_LEVELS[decision.action], "startup", fields)
         if decision.action == "refused":
             raise SystemExit(EX_CONFIG)
         if decision.concurrency != requested:
@@ -181,7 +178,7 @@ class Fit(bootsteps.StartStopStep):
         )
         for item in advice.worker_advice(facts):
             fields = {"worker": w.hostname, **item.fields()}
-            emit(logging.WARNING, "advice", fields, guard.settings.log_format)
+            emit(logging.WARNING, "advice", fields)
 
     def info(self, w: Any) -> dict[str, Any]:
         guard = state_of(w)
@@ -312,7 +309,7 @@ class Telemetry(bootsteps.StartStopStep):
         fields = {"worker": w.hostname, "level": "calibration", "action": "resize",
                   "what": what, "before": before, "concurrency": after,
                   "child_cost_mib": mib(measured)}  # fmt: skip
-        emit(logging.WARNING, "pressure", fields, guard.settings.log_format)
+        emit(logging.WARNING, "pressure", fields)
 
     def _install(self, guard: GuardState) -> None:
         control, collector = guard.control, guard.collector
@@ -350,7 +347,6 @@ class Telemetry(bootsteps.StartStopStep):
                 logging.WARNING,
                 "history",
                 {"action": "not_saved", "path": path, "reason": str(error)},
-                guard.settings.log_format,
             )
 
     def info(self, w: Any) -> dict[str, Any]:
@@ -456,7 +452,7 @@ class TaskLimits(bootsteps.StartStopStep):
                 "variable": f"{error.task}.{error.option}", "setting": error.option,
                 "source": "task", "value": str(error.value)[:200], "accepted": error.accepted,
             }  # fmt: skip
-            emit(logging.CRITICAL, "config_error", fields, settings.log_format)
+            emit(logging.CRITICAL, "config_error", fields)
             raise SystemExit(EX_CONFIG) from None
         if not limits:
             return
@@ -465,7 +461,7 @@ class TaskLimits(bootsteps.StartStopStep):
                       "reason": f"{len(limits)} tasks declare memory limits; {guard.pool} "
                       "runs tasks in the main process, where one task's memory cannot be "
                       "told from another's", "fix": "the prefork pool"}  # fmt: skip
-            emit(logging.WARNING, "advice", fields, settings.log_format)
+            emit(logging.WARNING, "advice", fields)
             return
         self.enabled = True
         guard.task_limits = limits
@@ -492,7 +488,6 @@ class TaskLimits(bootsteps.StartStopStep):
 
         watchdog.WATCHDOG.start(
             send, telemetry.read_private, guard.collector.hostname if guard.collector else "",
-            guard.settings.log_format,
         )  # fmt: skip
 
     def _listen(self) -> None:
@@ -517,7 +512,7 @@ class TaskLimits(bootsteps.StartStopStep):
             "task_id": hit.task_id, "kind": "hard", "limit_mib": mib(hit.limit),
             "held_mib": mib(hit.held), "action": "killed" if stopped else "gone",
         }  # fmt: skip
-        emit(logging.ERROR, "task_memory_limit", fields, guard.settings.log_format)
+        emit(logging.ERROR, "task_memory_limit", fields)
 
     # -- PoolControl's listener: replace a child after its task passed its hard limit ---
     def child_up(self, pid: int) -> None:
@@ -539,7 +534,7 @@ class TaskLimits(bootsteps.StartStopStep):
         if self.guard.collector is not None:
             fields = {"worker": self.guard.collector.hostname, "pid": pid,
                       "reason": "task_memory_limit", "task_id": task_id}  # fmt: skip
-            emit(logging.INFO, "recycle", fields, self.guard.settings.log_format)
+            emit(logging.INFO, "recycle", fields)
         return True
 
     def info(self, w: Any) -> dict[str, Any]:
@@ -660,7 +655,7 @@ class Metrics(bootsteps.StartStopStep):
 
         settings = guard.settings
         source = metrics.GuardCollector(guard.collector, guard.requested)
-        self.server = metrics.serve(source, settings.metrics_address, port, settings.log_format)
+        self.server = metrics.serve(source, settings.metrics_address, port)
         if self.server is not None:  # children forked from now on close their copy
             signals.worker_process_init.connect(
                 self.server.close_in_child, weak=False, dispatch_uid="cg-metrics"

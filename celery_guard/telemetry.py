@@ -70,7 +70,6 @@ class ChildProbe:
         self.hostname = hostname
         self.mode = settings.child_log
         self.step = settings.child_log_step
-        self.log_format = settings.log_format
         self.max_memory_kib = max_memory_kib
         self.pid = -1
 
@@ -130,7 +129,7 @@ class ChildProbe:
         }  # fmt: skip
         if private is not None:
             fields["private_mib"] = mib(private)
-        emit(logging.INFO, "child", fields, self.log_format)
+        emit(logging.INFO, "child", fields)
 
     def _send(self, record: str) -> None:
         if self.channel is None:
@@ -327,7 +326,7 @@ class Collector:
             "measured_mib": mib(measured),
             "ratio": round(self.estimate / measured, 3),
         }
-        emit(logging.INFO, "calibration", fields, self.settings.log_format)
+        emit(logging.INFO, "calibration", fields)
         for callback in self.on_calibrated:
             callback(measured)
 
@@ -406,7 +405,6 @@ class Collector:
                 "exitcode": exitcode, "peak_rss_mib": mib(peak), "last_task": name,
                 "max_memory_per_child_kib": self.max_memory_kib,
             },
-            self.settings.log_format,
         )  # fmt: skip
 
     def _on_oom(self, pid: int, task: tuple[str, str] | None, outcome: Outcome | None) -> None:
@@ -429,7 +427,7 @@ class Collector:
         }
         if outcome is not None:  # what becomes of the task (see exits.MemoryFailures)
             fields.update(then=outcome.then, memory_kills=outcome.kills)
-        emit(logging.ERROR, "oom", fields, self.settings.log_format)
+        emit(logging.ERROR, "oom", fields)
 
     def summary_fields(self, final: bool = False) -> dict[str, Any]:
         with self.lock:
@@ -491,7 +489,7 @@ class Collector:
 
     def log_summary(self, final: bool = False) -> dict[str, Any]:
         fields = self.summary_fields(final)
-        emit(logging.INFO, "summary", fields, self.settings.log_format)
+        emit(logging.INFO, "summary", fields)
         return fields
 
     def stats(self) -> dict[str, Any]:
@@ -575,7 +573,6 @@ class Sampler(threading.Thread):
             "error",
             {"stage": "channel", "error": f"{type(error).__name__}: {error}",
              "effect": "children's records are no longer read; sampling goes on"},
-            self.collector.settings.log_format,
         )  # fmt: skip
 
     def drain(self) -> None:

@@ -49,7 +49,6 @@ class Watchdog:
         self.lock = threading.Lock()
         self.send: Callable[[str], None] = lambda record: None
         self.hostname = ""
-        self.log_format = "text"
         self.read_private: Callable[[], int | None] = lambda: None
         self.read_anon: Callable[[], int] = lambda: 0
         self.anon_at_start = 0
@@ -58,12 +57,12 @@ class Watchdog:
     # -- in the child ----------------------------------------------------------------
     def start(
         self, send: Callable[[str], None], read_private: Callable[[], int | None],
-        hostname: str, log_format: str,
+        hostname: str,
     ) -> None:  # fmt: skip
         """At ``worker_process_init``, in the child's main thread."""
         self.send, self.read_private = send, read_private
         self.read_anon = StatmAnon()
-        self.hostname, self.log_format = hostname, log_format
+        self.hostname = hostname
         self.main = threading.main_thread().ident or 0
         signal.signal(WATCHDOG_SIGNAL, self._on_signal)
         threading.Thread(target=self._loop, name="celery-guard-watchdog", daemon=True).start()
@@ -161,7 +160,7 @@ class Watchdog:
             "kind": kind, "limit_mib": mib(limit), "held_mib": mib(held), "action": action,
         }  # fmt: skip
         level = logging.WARNING if kind == SOFT else logging.ERROR
-        emit(level, "task_memory_limit", fields, self.log_format)
+        emit(level, "task_memory_limit", fields)
         self.send(f"L {os.getpid()} {kind} {limit} {max(held, 0)} {task_id} {name}\n")
 
 

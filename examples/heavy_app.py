@@ -85,6 +85,16 @@ if os.environ.get("HEAVY_APP_GUARD", "1") != "0":
     celery_guard.install(app)
 
 
+if os.environ.get("HEAVY_APP_JSON_LOGS") == "1":  # a JSON log pipeline's formatter
+
+    @signals.after_setup_logger.connect
+    def _json_logs(logger: logging.Logger, **_: object) -> None:
+        from pythonjsonlogger.json import JsonFormatter
+
+        for handler in logger.handlers:
+            handler.setFormatter(JsonFormatter("%(levelname)s %(name)s %(message)s"))
+
+
 @signals.worker_process_init.connect
 def _child_started(**_: object) -> None:
     """One line per forked pool child, so a reader (or a test) can count forks."""

@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from celery_guard.logline import PREFIX, emit, format_event, parse_line
+from celery_guard.logline import (
+    PREFIX,
+    RECORD_ATTRIBUTE,
+    emit,
+    format_event,
+    format_from_env,
+    parse_line,
+    use_format,
+)
 
 STARTUP: dict[str, Any] = {
     "mode": "scale",
@@ -186,3 +194,39 @@ def test_emit_logs_one_line_on_celery_guard_logger(caplog: pytest.LogCaptureFixt
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
         ("celery_guard", logging.WARNING, "celery-guard event=startup mode=warn action=warned")
     ]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_every_line_carries_its_fields_as_one_record_attribute(
+    caplog: pytest.LogCaptureFixture, log_format: str
+) -> None:
+    """``record.celery_guard`` holds the fields (event first) as values, in either format,
+    for a JSON formatter to emit as fields of their own; the message is the contract's."""
+    use_format(log_format)
+    try:
+        with caplog.at_level(logging.INFO, logger="celery_guard"):
+            emit(logging.INFO, "summary", {"usage_mib": 512.5, "final": True, "note": None})
+    finally:
+        use_format("text")
+    (record,) = caplog.records
+    assert getattr(record, RECORD_ATTRIBUTE) == {
+        "event": "summary", "usage_mib": 512.5, "final": True, "note": None,
+    }  # fmt: skip
+    message = record.getMessage()
+    if log_format == "json":
+        assert json.loads(message) == getattr(record, RECORD_ATTRIBUTE)
+    else:
+        assert message == "celery-guard event=summary usage_mib=512.5 final=true note="
+
+
+def test_the_format_is_chosen_once_for_the_process(caplog: pytest.LogCaptureFixture) -> None:
+    use_format("json")
+    try:
+        with caplog.at_level(logging.INFO, logger="celery_guard"):
+            emit(logging.INFO, "limit", {"new_mib": 1.0})
+    finally:
+        use_format("text")
+    assert caplog.records[0].getMessage() == '{"event":"limit","new_mib":1.0}'
+    assert format_from_env({"CELERY_GUARD_LOG_FORMAT": " JSON "}) == "json"
+    assert format_from_env({"CELERY_GUARD_LOG_FORMAT": "xml"}) == "text"
+    assert format_from_env({}) == "text"

@@ -46,7 +46,7 @@ def test_an_address_that_cannot_be_bound_is_one_error_line(
     address: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="celery_guard")
-    assert metrics.serve(Empty(), address, 0, "text") is None  # type: ignore[arg-type]
+    assert metrics.serve(Empty(), address, 0) is None  # type: ignore[arg-type]
     (record,) = _metrics_lines(caplog)
     assert record.levelno == logging.ERROR
     fields = parse_line(record.getMessage())
@@ -60,15 +60,15 @@ def test_a_port_in_use_is_one_error_line(caplog: pytest.LogCaptureFixture) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        served = metrics.serve(Empty(), "127.0.0.1", port, "json")  # type: ignore[arg-type]
+        served = metrics.serve(Empty(), "127.0.0.1", port)  # type: ignore[arg-type]
     assert served is None
     (record,) = _metrics_lines(caplog)
-    assert record.levelno == logging.ERROR and '"action":"off"' in record.getMessage()
+    assert record.levelno == logging.ERROR and "action=off" in record.getMessage()
 
 
 def test_a_good_address_serves(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="celery_guard")
-    server = metrics.serve(Empty(), "127.0.0.1", 0, "text")  # type: ignore[arg-type]
+    server = metrics.serve(Empty(), "127.0.0.1", 0)  # type: ignore[arg-type]
     assert server is not None
     try:
         fields = parse_line(_metrics_lines(caplog)[0].getMessage())
