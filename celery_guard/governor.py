@@ -49,6 +49,7 @@ class Governor:
         drain: Callable[[], None] = lambda: None,
         count: Callable[[str], None] = lambda action: None,
         limits: dict[str, int] | None = None,
+        count_task: Callable[[str, str | None], None] = lambda kind, name: None,
     ) -> None:
         self.control = control
         self.settings = settings
@@ -60,6 +61,7 @@ class Governor:
         self.exits = exits
         self.drain = drain
         self.count = count
+        self.count_task = count_task  # by task name: holds, recycles, memory kills
         #: declared hard limits bound the peak of tasks not measured yet
         self.ledger = Ledger(estimate, TaskTable(limits))
         self.safety = policy.Safety()
@@ -135,14 +137,16 @@ class Governor:
         outgrown its share. The held tasks are released after (PoolControl)."""
         self.drain()  # the child wrote its record before it sent the result
         self._absorb()
-        self.ledger.task_finished(pid)
         child = self.ledger.children.get(pid)
+        last = child.task if child is not None else None
+        self.ledger.task_finished(pid)
         if child is None or not self.settings.recycle or self.stopped:
             return False
         view = self.view(time.monotonic())
         if not policy.recycle(view, self.ledger, child):
             return False
         child.leaving = True
+        self.count_task("recycle", last)
         self._log_recycle(child, view)
         return True
 
@@ -172,6 +176,7 @@ class Governor:
         if verdict.reason == "no_child":
             return False
         self.holds += 1
+        self.count_task("hold", request.name)
         if not self.holding:  # one line when holding starts, not one per task held
             self.holding = True
             with self.figures_lock:
@@ -225,6 +230,8 @@ class Governor:
             )
             self.exits.killing(child.pid, Kill(reason))
             done = self.control.kill(child.pid, shrink=True)
+            if done:
+                self.count_task("memory_kill", child.task)
         elif action.action == "shed":
             done = self.control.recycle(child.pid)
         else:  # retire

@@ -13,29 +13,52 @@ from typing import Any
 
 from . import cgroups
 from .logline import emit
-from .telemetry import Collector, read_private
+from .telemetry import PEAK_BUCKETS, Collector, read_private
 
 PREFIX = "celery_guard_"
+#: The port the documentation and the examples use: outside Prometheus' allocated range
+#: (9100-9999, which is full), clear of celery-exporter (9808) and Flower (5555).
+CONVENTIONAL_PORT = 10315
+#: Upper bounds (bytes) of the buckets of the children's private memory.
+CHILD_BUCKETS = tuple(mib << 20 for mib in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+
+
+def cumulative(counts: list[int], bounds: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Prometheus buckets (``le`` upper bounds, cumulative, ``+Inf`` last) from the counts
+    of each bucket and the one above the last bound."""
+    buckets, total = [], 0
+    for bound, count in zip(bounds, counts):
+        total += count
+        buckets.append((str(float(bound)), total))
+    buckets.append(("+Inf", total + sum(counts[len(bounds) :])))
+    return buckets
 
 
 class GuardCollector:
-    """A ``prometheus_client`` custom collector over the guard's live figures."""
+    """A ``prometheus_client`` custom collector over the guard's live figures.
+
+    Labels follow celery-exporter's: ``hostname`` is the worker's node name. No label is
+    unbounded: the children's private memory is one histogram (not a series per pid) and
+    task names are the collector's bounded table (200 names, then ``other``)."""
 
     def __init__(self, collector: Collector, requested: int) -> None:
         self.collector = collector
         self.requested = requested
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         c = self.collector
-        labels = ["worker"]
-        worker = [c.hostname]
+        host = [c.hostname]
 
         def gauge(name: str, doc: str, value: float | None) -> Iterator[Any]:
             if value is not None:
-                family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
-                family.add_metric(worker, value)
+                family = GaugeMetricFamily(PREFIX + name, doc, labels=["hostname"])
+                family.add_metric(host, value)
                 yield family
 
         yield from gauge("limit_bytes", "The memory limit the pool is fitted to.", c.limit)
@@ -55,47 +78,90 @@ class GuardCollector:
             "requested_concurrency", "The concurrency the worker was started with.",
             self.requested,
         )  # fmt: skip
-        private = GaugeMetricFamily(
-            PREFIX + "child_private_bytes",
-            "Memory only this child holds (USS), read when scraped.",
-            labels=["worker", "pid"],
+        summary = c.summary_fields()
+        yield from gauge(
+            "recommended_concurrency", "The children the measured per-child cost allows.",
+            summary.get("recommended_concurrency"),
+        )  # fmt: skip
+        limit_mib = summary.get("recommended_memory_limit_mib")
+        yield from gauge(
+            "recommended_memory_limit_bytes",
+            "The memory limit that would run the requested concurrency, as measured.",
+            limit_mib * 1024 * 1024 if limit_mib is not None else None,
         )
-        for pid in pids:
-            value = read_private(pid)
-            if value is not None:  # None: it exited between the listing and the read
-                private.add_metric([c.hostname, str(pid)], value)
-        yield private
+        yield self._children_private(HistogramMetricFamily, pids)
 
         with c.lock:
             pressure = dict(c.pressure)
             oom_kills, recycles = c.oom_kills, c.recycles
             hits = {name: dict(counts) for name, counts in c.limit_hits.items()}
+            events = {name: dict(counts) for name, counts in c.task_events.items()}
+            peaks = {name: (list(g.peaks), g.peaks_sum) for name, g in c.tasks.items()}
         actions = CounterMetricFamily(
             PREFIX + "pressure_actions",
             "Actions the guard took on memory (event=pressure lines), by action.",
-            labels=["worker", "action"],
+            labels=["hostname", "action"],
         )
         for action, count in sorted(pressure.items()):
             actions.add_metric([c.hostname, action], count)
         yield actions
-        limits = CounterMetricFamily(
-            PREFIX + "task_memory_limit",
-            "Tasks that passed their own memory limit, by task name (at most 200 names, the "
-            "rest as other) and kind: soft, hard (raised in the task), kill (its child "
-            "stopped).",
-            labels=["worker", "task", "kind"],
-        )
-        for name, counts in sorted(hits.items()):
-            for kind, count in sorted(counts.items()):
-                limits.add_metric([c.hostname, name, kind], count)
-        yield limits
         for name, doc, value in (
             ("oom_kills", "Pool children the kernel's OOM killer stopped.", oom_kills),
             ("recycles", "Children replaced for worker_max_memory_per_child.", recycles),
         ):
-            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
-            family.add_metric(worker, value)
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["hostname"])
+            family.add_metric(host, value)
             yield family
+        growth = HistogramMetricFamily(
+            PREFIX + "task_peak_growth_bytes",
+            "How far one run of a task raised its child's memory at its peak, by task name.",
+            labels=["hostname", "task"],
+        )
+        for name, (runs, total) in sorted(peaks.items()):
+            if sum(runs):
+                growth.add_metric([c.hostname, name], cumulative(runs, PEAK_BUCKETS), total)
+        yield growth
+        for kind, doc in (
+            ("recycle", "Children recycled for their memory after a run of the task."),
+            ("hold", "Times a task was held because its peak would not fit."),
+            ("memory_kill", "Runs of the task stopped by the guard as the last resort."),
+            ("oom_kill", "Runs of the task stopped by the kernel's OOM killer."),
+        ):
+            family = CounterMetricFamily(
+                PREFIX + "task_" + kind + "s", doc, labels=["hostname", "task"]
+            )
+            for name, by_kind in sorted(events.items()):
+                if by_kind.get(kind):
+                    family.add_metric([c.hostname, name], by_kind[kind])
+            yield family
+        limits = CounterMetricFamily(
+            PREFIX + "task_memory_limit",
+            "Tasks that passed their own memory limit, by task name and kind: soft, hard "
+            "(raised in the task), kill (its child stopped).",
+            labels=["hostname", "task", "kind"],
+        )
+        for name, hit in sorted(hits.items()):
+            for kind, count in sorted(hit.items()):
+                limits.add_metric([c.hostname, name, kind], count)
+        yield limits
+
+    def _children_private(self, family_class: Any, pids: list[int]) -> Any:
+        """The children's private memory now (USS, read when scraped), as one histogram."""
+        counts, total = [0] * (len(CHILD_BUCKETS) + 1), 0
+        for pid in pids:
+            value = read_private(pid)
+            if value is None:  # it exited between the listing and the read
+                continue
+            index = next((i for i, b in enumerate(CHILD_BUCKETS) if value <= b), -1)
+            counts[index] += 1
+            total += value
+        family = family_class(
+            PREFIX + "child_private_bytes",
+            "The pool children's private memory (USS), read when scraped.",
+            labels=["hostname"],
+        )
+        family.add_metric([self.collector.hostname], cumulative(counts, CHILD_BUCKETS), total)
+        return family
 
 
 class MetricsServer:
@@ -145,4 +211,4 @@ def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | No
     return MetricsServer(server, thread)
 
 
-__all__ = ["GuardCollector", "MetricsServer", "serve"]
+__all__ = ["CONVENTIONAL_PORT", "GuardCollector", "MetricsServer", "cumulative", "serve"]

@@ -232,6 +232,18 @@ def _kib(mib: float) -> int | None:
     return math.floor(kib) if math.isfinite(kib) else None
 
 
+def container_limit(
+    *, parent: float, requested: int, child_peak: float, headroom_fraction: float
+) -> float | None:
+    """The memory limit that would run the *requested* concurrency, as Kubernetes' VPA
+    recommends requests from what it measured: the main process, every child at its peak
+    cost (its private memory and the largest peak of a task), and the headroom, which is a
+    fraction of the limit itself. Units are the caller's; None when it cannot be told."""
+    if not 0 <= headroom_fraction < 1 or child_peak <= 0 or parent <= 0 or requested < 1:
+        return None
+    return (parent + requested * child_peak) / (1 - headroom_fraction)
+
+
 def recommend(
     *,
     limit_mib: float,

@@ -237,6 +237,7 @@ class Telemetry(bootsteps.StartStopStep):
             ),
         )
         collector.estimate = guard.measured.child
+        collector.requested = guard.requested
         collector.on_calibrated.append(lambda measured: self._calibrated(w, guard, measured))
         ACTIVE["collector"] = collector
         if budget.own is not None and budget.source.startswith("cgroup"):
@@ -608,6 +609,7 @@ class Governor(bootsteps.StartStopStep):
             exits=collector.exits,
             drain=guard.drain,
             count=collector.count_pressure,
+            count_task=collector.count_task,
             limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},
         )
         collector.listeners.append(self.governor.take)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import os
 import resource
@@ -30,7 +31,7 @@ from .ledger import Record
 from .limit import LiveLimit
 from .logline import emit, logger
 from .sizes import mib
-from .stats import ExpHistogram, recommend
+from .stats import ExpHistogram, container_limit, recommend
 
 PAGE = mmap.PAGESIZE
 #: The child reads its private memory (smaps_rollup, 0.1-5 ms) on every Nth task only.
@@ -207,11 +208,25 @@ def parse_limit_hit(line: str) -> LimitHit | None:
     return LimitHit(pid, parts[2], limit, held, task_id, name)
 
 
+#: Upper bounds (bytes) of the per-task peak histogram's buckets; the last is open.
+PEAK_BUCKETS = tuple(mib << 20 for mib in (1, 4, 16, 64, 256, 1024))
+#: What happens to tasks that the guard counts by task name.
+TASK_EVENTS = ("recycle", "hold", "memory_kill", "oom_kill")
+
+
 @dataclass
 class TaskGrowth:
     events: int = 0
     total: int = 0
     largest: int = 0
+    #: runs whose own peak (exact) fell in each of PEAK_BUCKETS, then above them
+    peaks: list[int] = field(default_factory=lambda: [0] * (len(PEAK_BUCKETS) + 1))
+    peaks_sum: int = 0
+
+    def observe_peak(self, peak: int) -> None:
+        index = next((i for i, bound in enumerate(PEAK_BUCKETS) if peak <= bound), -1)
+        self.peaks[index] += 1
+        self.peaks_sum += peak
 
 
 @dataclass
@@ -250,6 +265,8 @@ class Collector:
     listeners: list[Callable[[Record], None]] = field(default_factory=list)
     #: Tasks that passed their own memory limits, by task name and kind, and who is told.
     limit_hits: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: TASK_EVENTS by task name (recycles after it, holds of it, its memory kills...).
+    task_events: dict[str, dict[str, int]] = field(default_factory=dict)
     limit_listeners: list[Callable[[LimitHit], None]] = field(default_factory=list)
     exits: ExitCauses = field(default_factory=lambda: ExitCauses(None))
     failures: MemoryFailures | None = None  # set in __post_init__
@@ -260,6 +277,10 @@ class Collector:
     #: private memory after its first task, less what that task kept (``event=calibration``).
     estimate: int = 0
     calibration: int | None = None
+    #: The concurrency asked for, and the largest peak one run of a task reached (bytes):
+    #: for the container limit that would run it (``recommended_memory_limit_mib``).
+    requested: int = 0
+    peak_max: int = 0
     on_calibrated: list[Callable[[int], None]] = field(default_factory=list)
     stats_sections: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     dropped: int = 0  # records refused
@@ -304,6 +325,9 @@ class Collector:
                     growth.events += 1
                     growth.total += delta
                     growth.largest = max(growth.largest, delta)
+                if record.exact:
+                    growth.observe_peak(record.peak)
+                    self.peak_max = max(self.peak_max, record.peak)
                 if kind == "R" and (record.pid in self.last_task or len(self.last_task) < 4096):
                     self.last_task[record.pid] = (name, record.rss + record.peak)
             if record.private is not None and self.calibration is None:
@@ -348,6 +372,16 @@ class Collector:
         with self.lock:
             self.pressure[action] = self.pressure.get(action, 0) + 1
 
+    def count_task(self, kind: str, name: str | None) -> None:
+        """One more ``kind`` (TASK_EVENTS) for the task ``name``: bounded at
+        MAX_TASK_NAMES names, the rest counted as ``other``."""
+        name = name or "?"
+        with self.lock:
+            if name not in self.task_events and len(self.task_events) >= MAX_TASK_NAMES:
+                name = "other"
+            counts = self.task_events.setdefault(name, {})
+            counts[kind] = counts.get(kind, 0) + 1
+
     # -- sampling -------------------------------------------------------------------
     def sample(self) -> None:
         if self.cgroup is not None:
@@ -388,6 +422,7 @@ class Collector:
             cause = self.exit_cause(pid, exitcode)
             outcome = self.failures.outcome(pid) if self.failures else None
         if cause == OOM:
+            self.count_task("oom_kill", task[0] if task else None)
             self._on_oom(pid, task, outcome)
         with self.lock:
             last = self.last_task.pop(pid, None)  # whatever the exit: the dict stays bounded
@@ -397,6 +432,7 @@ class Collector:
             figures = self.child_figures.get(pid)
             name, peak = last or ("?", figures.peak if figures else 0)
             self.recycles += 1
+        self.count_task("recycle", name)
         emit(
             logging.WARNING,
             "recycle",
@@ -481,11 +517,27 @@ class Collector:
         )
         fields["recommended_max_memory_per_child_kib"] = advice.max_memory_per_child_kib
         fields["recommended_concurrency"] = advice.concurrency
+        fields["recommended_memory_limit_mib"] = self._container_limit(fields)
         if advice.note:
             fields["recommendation_note"] = advice.note
         for extra in self.summary_extras:
             fields.update(extra())
         return fields
+
+    def _container_limit(self, fields: dict[str, Any]) -> float | None:
+        """The limit that would run the requested concurrency: every child at its p95
+        private memory and the largest task peak seen, the main process, the headroom."""
+        private = fields.get("private_p95_mib") or (
+            mib(self.calibration) if self.calibration else None
+        )
+        if private is None or not self.requested:
+            return None
+        limit = container_limit(
+            parent=fields["parent_rss_mib"], requested=self.requested,
+            child_peak=private + mib(self.peak_max),
+            headroom_fraction=self.settings.headroom,
+        )  # fmt: skip
+        return None if limit is None else float(math.ceil(limit))
 
     def log_summary(self, final: bool = False) -> dict[str, Any]:
         fields = self.summary_fields(final)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from collections.abc import Callable
 
@@ -73,19 +72,30 @@ def test_metrics_are_served_by_the_main_process_only(
     assert value(samples, "celery_guard_working_set_bytes") <= value(
         samples, "celery_guard_usage_bytes"
     )
-    children = {int(labels["pid"]) for labels, _ in samples["celery_guard_child_private_bytes"]}
+    # every label is the worker's node name (celery-exporter's `hostname`); children are
+    # one histogram, not a series per pid
+    node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+    assert {labels["hostname"] for series in samples.values() for labels, _ in series} == {node}
+    assert value(samples, "celery_guard_child_private_bytes_count") == 2
+    assert value(samples, "celery_guard_child_private_bytes_sum") > 0
+    assert not any("pid" in labels for series in samples.values() for labels, _ in series)
     started = {int(pid) for pid in re.findall(r"pool child started pid=(\d+)", worker.log)}
-    assert children == started
     assert value(samples, "celery_guard_recycles_total") == 0
 
     results = harness.send_tasks(redis, worker.queue, "leak", 4, (32,))
     assert harness.wait_for_results(results, 60, group)
-    deadline = time.monotonic() + 20
-    while len(worker.events("recycle")) < 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert harness.eventually(lambda: len(worker.events("recycle")) >= 4, 20)
     samples = scrape(port)
     assert value(samples, "celery_guard_recycles_total") == len(worker.events("recycle")) == 4
     assert value(samples, "celery_guard_oom_kills_total") == 0
+    by_task = {labels["task"]: n for labels, n in samples["celery_guard_task_recycles_total"]}
+    assert by_task == {"heavy_app.leak": 4.0}
+    peaks = {
+        labels["le"]: n
+        for labels, n in samples["celery_guard_task_peak_growth_bytes_bucket"]
+        if labels["task"] == "heavy_app.leak"
+    }
+    assert peaks[str(float(64 * MIB))] == peaks["+Inf"] >= 4  # each run grew about 32 MiB
 
     assert worker.process is not None
     assert listening(worker.process.pid, port) == ["127.0.0.1"]
@@ -112,3 +122,43 @@ def test_a_taken_port_is_one_error_line_and_the_worker_runs_on(
         assert line["action"] == "off" and "Address already in use" in line["reason"]
         results = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
         assert harness.wait_for_results(results, 30)
+
+
+def served_names(port: int) -> set[str]:
+    """Every sample name the endpoint can serve, from its families' names and types (a
+    counter with no sample yet still names ``<family>_total``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {
+        family.name + suffix
+        for family in text_string_to_metric_families(text)
+        for suffix in suffixes.get(family.type, ("",))
+    }
+
+
+def test_the_dashboard_and_the_alerts_name_only_metrics_the_worker_serves(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    """examples/grafana-dashboard.json and examples/prometheus-alerts.yml: every
+    ``celery_guard_*`` name in them is served by a worker that ran a few tasks."""
+    env = harness.worker_env(
+        redis,
+        {**SMALL_APP, "CELERY_GUARD_METRICS_PORT": "0", "CELERY_GUARD_SAMPLE_INTERVAL": "0.3"},
+    )
+    worker = make_worker(["-c", "2"], env)
+    worker.wait_ready(60)
+    assert harness.wait_for_results(harness.send_tasks(redis, worker.queue, "leak", 2, (8,)), 60)
+    port = int(worker.events("metrics")[0]["port"])
+    assert harness.eventually(
+        lambda: "celery_guard_recommended_memory_limit_bytes" in served_names(port), 30
+    )
+    served = served_names(port)
+    named: set[str] = set()
+    for name in ("grafana-dashboard.json", "prometheus-alerts.yml"):
+        text = (harness.EXAMPLES / name).read_text()
+        named |= set(re.findall(r"\bcelery_guard_[a-z_]+", text))
+    assert len(named) >= 15
+    assert named - served == set()
