@@ -2,7 +2,8 @@
 
 Registered as a ``celery.commands`` entry point. ``check`` is the startup decision as a
 dry run (exit 78 when the requested concurrency does not fit, to gate a deploy);
-``imports`` measures what each task module costs in every child.
+``imports`` measures what each task module costs in every child; ``report`` is the fleet
+view, every worker's figures asked through the remote control.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from . import advice, cgroups, imports_cost, startup, task_limits
+from . import advice, cgroups, fleet, imports_cost, startup, task_limits
 from .config import OPTIONS, ConfigError, Settings, error_fields, given_options, load_settings
 from .logline import format_event, use_format
 from .plan import FORKING_POOLS
@@ -347,4 +348,37 @@ def imports(ctx: click.Context, top: int, output: str) -> None:
         click.echo(format_event("imports", fields, output))
 
 
-__all__ = ["check", "guard", "imports"]
+@guard.command()
+@click.option("--timeout", type=float, default=5.0, show_default=True,
+              help="seconds to wait for the workers' replies")  # fmt: skip
+@click.option("-d", "--destination", multiple=True, help="only these workers (node names)")
+@_format_option
+@click.pass_context
+def report(ctx: click.Context, timeout: float, destination: tuple[str, ...], output: str) -> None:
+    """Every worker's figures and recommendations, asked through Celery's remote control.
+
+    One table per worker (its queues, pool, children's memory, OOM kills, recycles,
+    holds, and the recommended concurrency, worker_max_memory_per_child and container
+    memory limit) and one per queue. --format json prints one object. Exit status 1 when
+    no worker answered.
+    """
+    app = ctx.obj.app
+    where = list(destination) or None
+    replies = app.control.broadcast(
+        "guard_stats", reply=True, timeout=timeout, destination=where
+    )  # fmt: skip
+    stats = {node: reply for answer in replies or [] for node, reply in answer.items()}
+    if not stats:
+        click.echo("no worker answered guard_stats (is celery_guard in the app?)", err=True)
+        ctx.exit(1)
+    active = app.control.inspect(timeout=timeout, destination=where).active_queues() or {}
+    queues = {
+        node: [q.get("name", "?") for q in found if isinstance(q, dict)]
+        for node, found in active.items()
+        if isinstance(found, list)
+    }
+    workers = fleet.worker_rows(stats, queues)
+    click.echo(fleet.render(workers, fleet.queue_rows(workers), output))
+
+
+__all__ = ["check", "guard", "imports", "report"]

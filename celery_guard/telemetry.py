@@ -479,6 +479,7 @@ class Collector:
                 "usage_mib": _mib_or_none(self.usage),
                 "working_set_mib": _mib_or_none(self.working_set),
                 "concurrency": self.concurrency(),
+                "requested": self.requested or None,
                 "children": len(self.children()),
                 "samples": self.samples,
                 "private_p50_mib": _mib_or_none(private[50]),

@@ -238,3 +238,35 @@ def test_check_lists_the_tasks_that_declare_memory_limits(redis: harness.RedisSe
         a["task"] for a in lines(done.stdout, "advice") if a["topic"] == "task_limit_above_budget"
     ]
     assert sorted(flagged) == ["heavy_app.limited", "heavy_app.stubborn"]
+
+
+def test_report_asks_every_worker_through_the_remote_control(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    """Two workers on two queues: one table row each, with their queues and the
+    recommendations, and one row per queue."""
+    env = harness.worker_env(redis, {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1",
+                                     "CELERY_GUARD_SAMPLE_INTERVAL": "0.3"})  # fmt: skip
+    one = make_worker(["-c", "1"], env)
+    two = make_worker(["-c", "2"], env)
+    nodes = {}
+    for worker in (one, two):
+        worker.wait_ready(60)
+        nodes[worker.queue] = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+        assert harness.wait_for_results(
+            harness.send_tasks(redis, worker.queue, "add", 2, (1, 1)), 60
+        )
+    done = harness.run_celery(["guard", "report", "--format", "json", "--timeout", "5"], env)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    workers = {w["hostname"]: w for w in data["workers"]}
+    assert set(nodes.values()) <= set(workers)
+    for queue, node in nodes.items():
+        assert queue in workers[node]["queues"]
+        assert workers[node]["limit_mib"] > 0 and workers[node]["requested"] >= 1
+    queues = {q["queue"]: q for q in data["queues"]}
+    assert queues[one.queue]["workers"] == [nodes[one.queue]]
+    assert queues[two.queue]["concurrency"] == 2
+    text = harness.run_celery(["guard", "report"], env)
+    assert text.returncode == 0 and nodes[one.queue] in text.stdout
+    assert text.stdout.splitlines()[1].startswith("worker")

@@ -1,0 +1,178 @@
+"""The fleet view: every worker's figures, as ``celery inspect guard_stats`` returns them,
+in one table per worker and one per queue, with the recommendations (pure).
+
+``celery -A proj guard report`` asks every worker through Celery's remote control (the
+broker the fleet already has) and prints these tables.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+def _number(value: Any) -> float | None:
+    """A figure from a reply, or None: replies come from other processes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    hostname: str
+    queues: tuple[str, ...]
+    concurrency: int | None  # the pool's size now
+    requested: int | None
+    limit_mib: float | None
+    private_p95_mib: float | None  # a child's private memory, p95 of its samples
+    oom_kills: int | None
+    recycles: int | None
+    holds: int | None
+    recommended_concurrency: int | None
+    recommended_max_memory_per_child_kib: int | None
+    recommended_memory_limit_mib: float | None  # the limit that runs `requested`
+    error: str = ""  # a worker without the guard's figures says why
+
+
+def _int(value: Any) -> int | None:
+    number = _number(value)
+    return None if number is None else int(number)
+
+
+def worker_rows(stats: Mapping[str, Any], queues: Mapping[str, list[str]]) -> list[WorkerRow]:
+    """One row per worker that answered, sorted by name."""
+    rows = []
+    for hostname in sorted(stats):
+        reply: Mapping[str, Any] = stats[hostname] if isinstance(stats[hostname], Mapping) else {}
+        found = reply.get("governor")
+        governor: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+        rows.append(
+            WorkerRow(
+                hostname=hostname,
+                queues=tuple(sorted(queues.get(hostname, []))),
+                concurrency=_int(reply.get("concurrency")),
+                requested=_int(reply.get("requested")),
+                limit_mib=_number(reply.get("limit_mib")),
+                private_p95_mib=_number(reply.get("private_p95_mib")),
+                oom_kills=_int(reply.get("oom_kills")),
+                recycles=_int(reply.get("recycles")),
+                holds=_int(reply.get("holds", governor.get("holds"))),
+                recommended_concurrency=_int(reply.get("recommended_concurrency")),
+                recommended_max_memory_per_child_kib=_int(
+                    reply.get("recommended_max_memory_per_child_kib")
+                ),
+                recommended_memory_limit_mib=_number(reply.get("recommended_memory_limit_mib")),
+                error=str(reply.get("error", ""))[:200],
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    queue: str
+    workers: tuple[str, ...]
+    concurrency: int  # children serving the queue now, summed over its workers
+    recommended_concurrency: int | None  # summed: what its workers' memory allows
+    #: the largest of its workers': one value to set on every worker of the queue
+    recommended_max_memory_per_child_kib: int | None
+    recommended_memory_limit_mib: float | None
+
+
+def queue_rows(rows: list[WorkerRow]) -> list[QueueRow]:
+    """One row per queue, from the workers that consume it."""
+    by_queue: dict[str, list[WorkerRow]] = {}
+    for row in rows:
+        for queue in row.queues or ("(no queue reported)",):
+            by_queue.setdefault(queue, []).append(row)
+    result = []
+    for queue in sorted(by_queue):
+        members = by_queue[queue]
+        recommended = [r.recommended_concurrency for r in members]
+        per_child = [
+            r.recommended_max_memory_per_child_kib
+            for r in members
+            if r.recommended_max_memory_per_child_kib is not None
+        ]
+        limits = [r.recommended_memory_limit_mib for r in members]
+        result.append(
+            QueueRow(
+                queue=queue,
+                workers=tuple(r.hostname for r in members),
+                concurrency=sum(r.concurrency or 0 for r in members),
+                recommended_concurrency=(
+                    sum(x for x in recommended if x is not None)
+                    if all(x is not None for x in recommended)
+                    else None
+                ),
+                recommended_max_memory_per_child_kib=max(per_child) if per_child else None,
+                recommended_memory_limit_mib=(
+                    max(x for x in limits if x is not None)
+                    if any(x is not None for x in limits)
+                    else None
+                ),
+            )
+        )
+    return result
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, tuple):
+        return ",".join(value) or "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _escaped(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode()
+
+
+def table(rows: list[Any], columns: list[tuple[str, str]]) -> str:
+    """Aligned text columns: ``columns`` is [(attribute, heading)]; names are printed as
+    they are, so a name with a control character is shown escaped."""
+    cells = [[heading for _, heading in columns]]
+    for row in rows:
+        cells.append(
+            [_cell(getattr(row, name)).encode("unicode_escape").decode() for name, _ in columns]
+        )
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells
+    )
+
+
+WORKER_COLUMNS = [
+    ("hostname", "worker"), ("queues", "queues"), ("concurrency", "concurrency"),
+    ("requested", "requested"), ("limit_mib", "limit MiB"),
+    ("private_p95_mib", "child p95 MiB"), ("oom_kills", "OOM kills"),
+    ("recycles", "recycles"), ("holds", "holds"),
+    ("recommended_concurrency", "rec. concurrency"),
+    ("recommended_max_memory_per_child_kib", "rec. max_memory_per_child KiB"),
+    ("recommended_memory_limit_mib", "rec. memory limit MiB"), ("error", "error"),
+]  # fmt: skip
+QUEUE_COLUMNS = [
+    ("queue", "queue"), ("workers", "workers"), ("concurrency", "concurrency"),
+    ("recommended_concurrency", "rec. concurrency"),
+    ("recommended_max_memory_per_child_kib", "rec. max_memory_per_child KiB"),
+    ("recommended_memory_limit_mib", "rec. memory limit MiB"),
+]  # fmt: skip
+
+
+def render(workers: list[WorkerRow], queues: list[QueueRow], output: str) -> str:
+    if output == "json":
+        return json.dumps(
+            {"workers": [asdict(w) for w in workers], "queues": [asdict(q) for q in queues]},
+            separators=(",", ":"),
+        )
+    return (
+        "workers\n" + table(workers, WORKER_COLUMNS) + "\n\nqueues\n" + table(queues, QUEUE_COLUMNS)
+    )
+
+
+__all__ = ["QueueRow", "WorkerRow", "queue_rows", "render", "table", "worker_rows"]
