@@ -20,6 +20,7 @@ from .sizes import SIZE_FORMS, parse_fraction, parse_size
 MODES = ("scale", "refuse", "warn", "off")
 LOG_FORMATS = ("text", "json")
 CHILD_LOGS = ("growth", "all", "off")
+GOVERNOR_MODES = ("on", "observe", "off")
 
 
 class ConfigError(Exception):
@@ -305,6 +306,7 @@ OPTIONS = (
     Option("gc_freeze", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option("max_worker_memory", "", f"empty for none, or {_BUDGET}", _empty_or(_size(MIN_BUDGET))),
     Option("brake", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
+    Option("governor", "on", " | ".join(GOVERNOR_MODES), _choice(GOVERNOR_MODES)),
     Option("recycle", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option(
         "min_tasks_per_child",
@@ -353,6 +355,7 @@ class Settings:
     gc_freeze: bool = True
     max_worker_memory: int | None = None
     brake: bool = True
+    governor: str = "on"
     recycle: bool = True
     min_tasks_per_child: int = 4
     max_memory_kills: int = 3

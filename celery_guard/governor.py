@@ -70,6 +70,9 @@ class Governor:
         self.reading: tuple[float, int] | None = None  # (when, working set)
         self.holding = False
         self.stopped = False
+        #: observe: decide and log as usual, act on nothing (CELERY_GUARD_GOVERNOR=observe)
+        self.observing = settings.governor == "observe"
+        self.observed: dict[tuple[str, int], float] = {}  # (action, pid) -> last logged
         #: Seconds from the working set passing the high mark to the safety net's action.
         self.reactions: deque[float] = deque(maxlen=256)
         self.crossed: float | None = None  # when the working set passed the high mark
@@ -145,9 +148,11 @@ class Governor:
         view = self.view(time.monotonic())
         if not policy.recycle(view, self.ledger, child):
             return False
-        child.leaving = True
         self.count_task("recycle", last)
         self._log_recycle(child, view)
+        if self.observing:
+            return False
+        child.leaving = True
         return True
 
     # -- the gate ---------------------------------------------------------------------
@@ -162,6 +167,10 @@ class Governor:
         self.ledger.forget_stale(now)
         view = self.view(now)
         verdict = policy.admit(view, self.ledger, request.name, self.safety.over)
+        if self.observing and not verdict.admit:
+            if verdict.reason not in ("learning", "no_child"):
+                self._held(request, verdict, view, began)
+            verdict = policy.Admission(True, "observed", verdict.peak, verdict.projected)
         if verdict.admit:
             self.ledger.task_handed(request.id, request.name, verdict.peak, now)
             if self.holding:
@@ -175,6 +184,12 @@ class Governor:
             return None
         if verdict.reason == "no_child":
             return False
+        self._held(request, verdict, view, began)
+        return False
+
+    def _held(
+        self, request: Any, verdict: policy.Admission, view: policy.View, began: float
+    ) -> None:
         self.holds += 1
         self.count_task("hold", request.name)
         if not self.holding:  # one line when holding starts, not one per task held
@@ -186,7 +201,6 @@ class Governor:
                 peak_mib=mib(verdict.peak), projected_mib=mib(verdict.projected),
                 held=len(self.control.held),
             )  # fmt: skip
-        return False
 
     # -- the clock --------------------------------------------------------------------
     def tick(self) -> None:
@@ -212,6 +226,9 @@ class Governor:
         self.hub.call_later(delay, self.tick)
 
     def _carry_out(self, action: policy.Action, view: policy.View) -> None:
+        if self.observing:
+            self._observe(action, view)
+            return
         child = action.child
         if action.action == "grow":
             self.control.grow(action.count)
@@ -246,6 +263,29 @@ class Governor:
         name = {"kill": "terminate", "shed": "retire"}.get(action.action, action.action)
         self._pressure(name, action.level, view.working_set, **extra)
 
+    def _observe(self, action: policy.Action, view: policy.View) -> None:
+        """What the action would be, logged (once per action and child in OBSERVE_EVERY
+        seconds: the condition that makes it lasts while nothing is done about it)."""
+        now, key = time.monotonic(), (action.action, action.pid)
+        if now - self.observed.get(key, -self.OBSERVE_EVERY) < self.OBSERVE_EVERY:
+            return
+        self.observed[key] = now
+        if len(self.observed) > 1024:
+            self.observed = {k: t for k, t in self.observed.items() if now - t < 60}
+        extra: dict[str, Any] = {}
+        child = action.child
+        if child is not None:
+            extra = {"pid": child.pid, "private_mib": mib(child.private)}
+            if action.action == "kill":
+                extra.update(task=child.task, task_id=child.task_id)
+        elif action.action == "grow":
+            extra = {"added": action.count, "target": policy.target_size(view, self.ledger)}
+        name = {"kill": "terminate", "shed": "retire"}.get(action.action, action.action)
+        self._pressure(name, action.level, view.working_set, **extra)
+
+    #: seconds between two lines of one observed action about one child
+    OBSERVE_EVERY = 5.0
+
     def _note_reaction(self) -> None:
         if self.crossed is not None:
             with self.figures_lock:
@@ -264,6 +304,8 @@ class Governor:
             "concurrency": self.control.size,
             **extra,
         }
+        if self.observing:
+            fields["observe"] = True  # decided and logged; not done
         emit(logging.WARNING, "pressure", fields)
 
     def _log_recycle(self, child: ChildState, view: policy.View) -> None:
@@ -279,6 +321,8 @@ class Governor:
             "tasks": child.tasks,
             "concurrency": view.size,
         }
+        if self.observing:
+            fields["observe"] = True
         emit(logging.INFO, "recycle", fields)
 
     def figures(self) -> dict[str, Any]:

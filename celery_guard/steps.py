@@ -575,6 +575,7 @@ class Governor(bootsteps.StartStopStep):
         measured = guard.measured
         return bool(
             guard.settings.brake
+            and guard.settings.governor != "off"
             and guard.control is not None
             and measured is not None
             and measured.budget.cgroup is not None

@@ -124,3 +124,32 @@ def test_a_task_that_cannot_fit_fails_with_memory_limit_exceeded(
     assert worker.process is not None and worker.process.poll() is None  # it lives on
     (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
     assert after.get(timeout=60) == 5
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("governor", ["observe", "on"])
+def test_an_observing_governor_logs_what_it_would_do_and_does_nothing(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, governor: str
+) -> None:
+    """A budget of 768M (CELERY_GUARD_MEMORY_LIMIT) in a 2 GiB cgroup, 4 children, leaky
+    tasks: on, the governor recycles children; observing, it logs the same decisions with
+    observe=true and no child is replaced, nothing held (an operator's dry run)."""
+    group = make_cgroup(2048 * MIB)
+    env = harness.worker_env(
+        redis, {**FAST, "CELERY_GUARD_MEMORY_LIMIT": "768M", "CELERY_GUARD_GOVERNOR": governor}
+    )
+    worker = make_worker(["-c", "4"], env, group)
+    worker.wait_ready(60)
+    results = harness.send_tasks(redis, worker.queue, "leak", 48, (24,))
+    assert harness.wait_for_results(results, 120, group)
+    worker.stop()
+    recycles = [r for r in worker.events("recycle") if r.get("reason") == "budget"]
+    assert recycles  # decided either way
+    lines = recycles + worker.events("pressure")
+    if governor == "observe":
+        assert all(line.get("observe") == "true" for line in lines)
+        assert worker.forks() == 4  # no child replaced
+    else:
+        assert not any(line.get("observe") for line in lines)
+        assert worker.forks() > 4
+    assert group.oom_kills() == 0
