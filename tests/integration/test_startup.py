@@ -72,8 +72,14 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     assert group.oom_kills() == 0
 
     # The estimate against reality: what each child added once all of them had walked
-    # the whole catalogue (every child ran tasks: 32 tasks over 7 children).
-    real_per_child = (_working_set(group) - float(startup["in_use_mib"]) * MIB) / concurrency
+    # the whole catalogue. The children counted are the ones alive now (the guard may
+    # have grown the pool once the first child was measured, and shrunk it again), and
+    # each of them ran tasks.
+    assert worker.process is not None
+    children = {pid for pid in group.pids() if pid != worker.process.pid}
+    ran = set(re.findall(r"ForkPoolWorker-(\d+)\] Task heavy_app.walk\S* succeeded", worker.log))
+    assert len(ran) == worker.forks()  # every child started ran tasks, the live ones too
+    real_per_child = (_working_set(group) - float(startup["in_use_mib"]) * MIB) / len(children)
     estimate = float(startup["child_estimate_mib"]) * MIB
     assert 0.95 * real_per_child <= estimate <= 1.2 * real_per_child, (
         f"estimate {estimate / MIB:.1f} MiB, real {real_per_child / MIB:.1f} MiB per child"
