@@ -8,6 +8,7 @@ view, every worker's figures asked through the remote control.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 import click
 
-from . import advice, cgroups, fleet, imports_cost, startup, task_limits
+from . import advice, cgroups, fleet, imports_cost, startup, stats, task_limits
 from .config import OPTIONS, ConfigError, Settings, error_fields, given_options, load_settings
 from .logline import format_event, use_format
 from .plan import FORKING_POOLS
@@ -244,7 +245,9 @@ def check(ctx: click.Context, **options: Any) -> None:
     forks = pool in FORKING_POOLS
     requested, from_host = _requested(options["concurrency"], options["autoscale"], app.conf, forks)
     measured = startup.measure(settings, pool, requested)
-    click.echo(format_event("check", measured.fields(), output))
+    fields = measured.fields()
+    fields["recommended_memory_limit_mib"] = _container_limit(measured, requested, forks)
+    click.echo(format_event("check", fields, output))
 
     conf = app.conf
     own = measured.budget.own
@@ -274,6 +277,18 @@ def check(ctx: click.Context, **options: Any) -> None:
     _check_task_limits(app, settings, measured, forks, output)
     fits = not forks or requested <= measured.decision.fits
     ctx.exit(0 if fits else EX_CONFIG)
+
+
+def _container_limit(measured: startup.Measured, requested: int, forks: bool) -> float | None:
+    """The memory limit that would run the requested concurrency, from the estimate (the
+    worker's summary gives it again from what its children really used)."""
+    children = requested if forks else 0
+    limit = stats.container_limit(
+        parent=mib(measured.parent.rss), requested=max(children, 1),
+        child_peak=mib(measured.child) if children else 0.0,
+        headroom_fraction=measured.settings.headroom,
+    )  # fmt: skip
+    return None if limit is None else float(math.ceil(limit))
 
 
 def _check_task_limits(

@@ -76,6 +76,29 @@ def test_check_gates_a_deploy_and_agrees_with_the_worker(
     assert lines(fits.stdout, "check")[0]["action"] == "kept"
 
 
+@pytest.mark.cgroup
+def test_check_recommends_the_container_limit_that_runs_the_requested_concurrency(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup
+) -> None:
+    """In 1 GiB, -c 16 does not fit and the check names the limit that would hold it; in
+    a cgroup of that limit the same check keeps 16 (exit 0), and the limit is the least
+    that does: in 16 MiB less, 16 does not fit."""
+    env = harness.worker_env(redis, {"HEAVY_APP_ACKS_LATE": "1"})
+    small = harness.run_celery(["guard", "check", "-c", "16", *QUIET], env, [make_cgroup(GIB).path])
+    assert small.returncode == 78, small.stderr
+    recommended = float(lines(small.stdout, "check")[0]["recommended_memory_limit_mib"])
+    assert recommended > 1024
+
+    sized = make_cgroup(int(recommended) * MIB)
+    done = harness.run_celery(["guard", "check", "-c", "16", *QUIET], env, [sized.path])
+    assert done.returncode == 0, done.stdout + done.stderr
+    (check,) = lines(done.stdout, "check")
+    assert (check["action"], check["concurrency"]) == ("kept", "16")
+    below = make_cgroup((int(recommended) - 16) * MIB)
+    short = harness.run_celery(["guard", "check", "-c", "16", *QUIET], env, [below.path])
+    assert short.returncode == 78, short.stdout + short.stderr
+
+
 def test_check_out_of_a_cgroup_limit_and_in_json(redis: harness.RedisServer) -> None:
     """No memory limit above this process: physical memory is the budget (24 GiB here,
     -c 4 fits); --format json prints one object a line, the same keys."""

@@ -212,3 +212,33 @@ def test_recommended_max_memory_recycles_leakers_not_healthy_children(
     assert all(r["last_task"] == "heavy_app.leak" for r in worker.events("recycle"))
     assert group.oom_kills() == 0
     assert group.max_usage() < 1024 * MIB
+
+
+@pytest.mark.cgroup
+def test_recommended_memory_limit_runs_the_requested_concurrency(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """-c 16 in 1 GiB: the guard runs fewer, and its summary names the container limit
+    that would run 16 from what its children really used. In a cgroup of that size the
+    guarded worker keeps all 16 and runs the same workload with no OOM kill and no task
+    stopped; in four fifths of it, it starts fewer (the limit is what 16 need, no more)."""
+    worker = make_worker(["-c", "16"], harness.worker_env(redis, FAST), make_cgroup(1024 * MIB))
+    assert int(worker.startup()["concurrency"]) < 16
+    worker.wait_ready(60)
+    _run(redis, worker, "walk", 32)
+    recommended = float(_final_summary(worker)["recommended_memory_limit_mib"])
+
+    enough = make_cgroup(int(recommended) * MIB)
+    sized = make_worker(["-c", "16"], harness.worker_env(redis, FAST), enough)
+    assert (sized.startup()["action"], sized.startup()["concurrency"]) == ("kept", "16")
+    sized.wait_ready(60)
+    results = harness.send_tasks(redis, sized.queue, "walk", 48)
+    assert harness.wait_for_results(results, 180, enough)
+    sized.stop()
+    assert enough.oom_kills() == 0
+    assert [p for p in sized.events("pressure") if p["action"] == "terminate"] == []
+
+    short = make_worker(
+        ["-c", "16"], harness.worker_env(redis), make_cgroup(int(recommended * 0.8) * MIB)
+    )
+    assert int(short.startup()["concurrency"]) < 16
