@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The version without importing the package (and Celery with it).
@@ -18,7 +19,7 @@ _VERSION = re.search(
 
 project = "celery-guard"
 author = "the celery-guard maintainers"
-copyright = "the celery-guard maintainers"  # noqa: A001 - Sphinx's name for it
+copyright = "the celery-guard maintainers"
 version = release = _VERSION.group(1) if _VERSION else "unknown"
 
 extensions = ["myst_parser"]
@@ -36,9 +37,9 @@ html_title = f"celery-guard {release}"
 _BENCHMARKS_LINK = re.compile(r"\]\(\.\./BENCHMARKS\.md(#[^)]*)?\)")
 
 
-def _benchmarks_link(app, docname, source):  # noqa: ANN001 - Sphinx's event signature
+def _benchmarks_link(app: Any, docname: str, source: list[str]) -> None:
     source[0] = _BENCHMARKS_LINK.sub(lambda m: f"](benchmarks.md{m.group(1) or ''})", source[0])
 
 
-def setup(app):  # noqa: ANN001
+def setup(app: Any) -> None:
     app.connect("source-read", _benchmarks_link)
