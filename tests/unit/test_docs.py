@@ -1,5 +1,7 @@
-"""The README and the examples name only settings, options, events and advice topics that
-exist: a renamed variable must not leave a recipe that silently does nothing."""
+"""The README, the documentation pages and the examples name only settings and options that
+exist (a renamed variable must not leave a recipe that silently does nothing); the
+configuration page has a row for every setting, and the log reference a section for every
+event the code emits."""
 
 from __future__ import annotations
 
@@ -11,12 +13,17 @@ import pytest
 from celery_guard.config import OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "examples").glob("*[!~]"))]
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+DOCS = [
+    ROOT / "README.md",
+    *PAGES,
+    *sorted(path for path in (ROOT / "examples").glob("*[!~]") if path.is_file()),
+]
 VARIABLES = {option.variable for option in OPTIONS}
 FLAGS = {option.flag for option in OPTIONS}
 
 
-@pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
 def test_every_variable_and_option_named_exists(path: Path) -> None:
     text = path.read_text()
     named = set(re.findall(r"CELERY_GUARD_[A-Z_]*[A-Z]", text))
@@ -26,10 +33,47 @@ def test_every_variable_and_option_named_exists(path: Path) -> None:
     assert flags <= FLAGS, sorted(flags - FLAGS)
 
 
-def test_the_readme_documents_every_setting() -> None:
-    """Every variable, its app.conf key and its worker option in the reference table."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_pages_are_there() -> None:
+    names = {page.stem for page in PAGES}
+    assert {"index", "configuration", "logs", "architecture"} <= names, sorted(names)
+
+
+def test_the_configuration_page_documents_every_setting() -> None:
+    """Every variable, its app.conf key and its worker option in one row of the table."""
+    rows = (ROOT / "docs" / "configuration.md").read_text().splitlines()
     for option in OPTIONS:
-        rows = readme.splitlines()
-        row = next((line for line in rows if line.startswith(f"| `{option.variable}`")), "")
-        assert f"`{option.setting}`" in row and f"`{option.flag}`" in row, option.name
+        row = next((line for line in rows if line.startswith(f"| `{option.variable}` |")), "")
+        assert row, f"no row for {option.variable}"
+        assert f"| `{option.setting}` |" in row, (option.variable, option.setting)
+        assert f"| `{option.flag}` |" in row, (option.variable, option.flag)
+
+
+#: How the code names an event: ``emit(level, "name", ...)``, ``format_event("name", ...)``,
+#: or a traceback line logged as ``"celery-guard event=name ..."``.
+EMITTED = re.compile(
+    r"""\bemit\(\s*[^,()]+?,\s*"(\w+)"|\bformat_event\(\s*"(\w+)"|"celery-guard event=(\w+)"""
+)
+#: Every call of the two functions, to check that each names its event as a literal.
+CALLS = re.compile(r"(?<!def )\b(?:emit|format_event)\(")
+
+
+def emitted_events() -> set[str]:
+    events: set[str] = set()
+    for path in sorted((ROOT / "celery_guard").glob("*.py")):
+        if path.name == "logline.py":  # where emit and format_event are defined
+            continue
+        text = path.read_text()
+        found = [next(g for g in match.groups() if g) for match in EMITTED.finditer(text)]
+        calls = len(CALLS.findall(text))
+        literal = sum(1 for match in EMITTED.finditer(text) if not match.group(3))
+        # An event named by a variable cannot be checked here: make it a literal.
+        assert calls == literal, (path.name, calls, literal)
+        events.update(found)
+    return events
+
+
+def test_the_log_reference_has_a_section_for_every_event() -> None:
+    events = emitted_events()
+    assert {"startup", "summary", "pressure", "config_error", "check", "error"} <= events
+    headings = set(re.findall(r"^## `event=(\w+)`$", (ROOT / "docs" / "logs.md").read_text(), re.M))
+    assert events <= headings, sorted(events - headings)
