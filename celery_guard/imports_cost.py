@@ -59,12 +59,24 @@ def task_modules(app: Any) -> dict[str, int]:
 def measure_all(modules: dict[str, int], base: str | None, python: str) -> list[Cost]:
     """Each task module over Celery and ``base``; ``base`` itself over Celery alone."""
     order = ([base] if base else []) + sorted(m for m in modules if m != base)
-    env = {**os.environ, PATH_VARIABLE: json.dumps(sys.path)}
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:  # removed under us: Celery then adds nothing either
+        cwd = None
+    env = {**os.environ, PATH_VARIABLE: json.dumps(probe_path(sys.path, cwd))}
     costs = []
     for module in order:
         below = "" if module == base else (base or "")
         costs.append(_probe(python, below, module, modules.get(module, 0), env))
     return costs
+
+
+def probe_path(path: list[str], cwd: str | None) -> list[str]:
+    """The import path the worker's main process had while it imported the app: ``celery
+    -A`` puts the current directory first for that import only (``cwd_in_path``), so by
+    the time a command runs it is gone from ``sys.path``; a probe without it could not
+    import an app defined next to where the command was started."""
+    return path if not cwd or cwd in path else [cwd, *path]
 
 
 def _probe(python: str, base: str, module: str, tasks: int, env: dict[str, str]) -> Cost:

@@ -4,6 +4,8 @@ user runs them: the ``celery`` command on the example app, in and out of real cg
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,6 +184,22 @@ def test_imports_measures_each_task_module_largest_first(redis: harness.RedisSer
     )
     costs = {r["module"]: r["child_mib"] for r in map(json.loads, small.stdout.splitlines())}
     assert costs["heavy_app"] < app_cost / 3
+
+
+def test_imports_runs_as_the_readme_shows_without_pythonpath(redis: harness.RedisServer) -> None:
+    """`celery -A heavy_app guard imports` in examples/, with nothing on PYTHONPATH but
+    this package: the app is found where `celery -A` found it (the current directory)."""
+    env = {**harness.worker_env(redis), "PYTHONPATH": str(harness.ROOT)}
+    celery = Path(sys.executable).parent / "celery"  # the command, not python -m celery,
+    # whose sys.path[0] is the current directory anyway
+    done = subprocess.run(
+        [str(celery), "-A", "heavy_app", "guard", "imports"],
+        cwd=harness.EXAMPLES, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = lines(done.stdout, "imports")
+    assert row["module"] == "heavy_app" and "error" not in row, row
+    assert float(row["child_mib"]) > 0
 
 
 @pytest.mark.cgroup

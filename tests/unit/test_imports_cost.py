@@ -137,3 +137,25 @@ def test_the_probe_writes_only_to_its_pipe(capfd: pytest.CaptureFixture[str]) ->
         os.close(read_end)
     assert figures is not None
     assert capfd.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("path", "cwd", "expected"),
+    [
+        # `celery -A app` run where app.py is: Celery put the directory first for the
+        # app's import and took it out again; the probe gets it back, first
+        (
+            ["/venv/bin", "/usr/lib/python3.11"],
+            "/srv/proj",
+            ["/srv/proj", "/venv/bin", "/usr/lib/python3.11"],
+        ),
+        # already on the path (PYTHONPATH=., or `python -m celery`): left where it is
+        (["/srv/other", "/srv/proj"], "/srv/proj", ["/srv/other", "/srv/proj"]),
+        # the directory was removed: Celery adds nothing then, nor does the probe
+        (["/venv/bin"], None, ["/venv/bin"]),
+    ],
+)
+def test_probe_path_is_the_path_the_app_was_imported_with(
+    path: list[str], cwd: str | None, expected: list[str]
+) -> None:
+    assert imports_cost.probe_path(path, cwd) == expected
