@@ -61,6 +61,7 @@ GOOD = {
     "gc_freeze": "yes",
     "max_worker_memory": "512M",
     "brake": "0",
+    "governor": "observe",
     "recycle": "no",
     "min_tasks_per_child": "4",
     "max_memory_kills": "3",

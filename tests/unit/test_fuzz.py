@@ -744,6 +744,7 @@ GOOD: dict[str, list[str]] = {
     "gc_freeze": ["1", "0", "true", "no", "ON"],
     "max_worker_memory": ["", "2G"],
     "brake": ["1", "0", "yes", "off"],
+    "governor": ["on", "observe", "off", " Observe "],
     "recycle": ["1", "0", "no"],
     "min_tasks_per_child": ["1", "4", "10"],
     "max_memory_kills": ["1", "3"],
