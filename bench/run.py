@@ -310,7 +310,7 @@ def plot_usage(runs: dict[str, Run], limit_mib: int, path: Path, title: str) -> 
     figure, axes = plt.subplots(figsize=(8, 4))
     for label, run in runs.items():
         if run.usage:
-            xs, ys = zip(*run.usage)
+            xs, ys = zip(*run.usage, strict=True)
             axes.plot(xs, ys, label=label)
     axes.axhline(limit_mib, color="red", linestyle="--", label=f"limit {limit_mib} MiB")
     axes.set_xlabel("seconds since the worker started")

@@ -140,7 +140,7 @@ def task_table(report: Report) -> list[str]:
         "children's peak RSS growth by task, largest total first:",
         f"{'task':<{width}}  {'events':>6}  {'total MiB':>9}  {'mean MiB':>8}  {'max MiB':>7}",
     ]
-    for name, row in zip(names, rows):
+    for name, row in zip(names, rows, strict=True):
         lines.append(
             f"{name:<{width}}  {row.events:>6}  {row.total_mib:>9.1f}"
             f"  {row.mean_mib:>8.1f}  {row.max_mib:>7.1f}"

@@ -173,7 +173,7 @@ def _requested(
 def _cpu_budget(cpu_bound: bool = True) -> int | None:
     """What Celery's ``-c auto`` would start (Celery 5.7+), else None."""
     try:
-        from celery.utils.sysinfo import cpu_budget
+        from celery.utils.sysinfo import cpu_budget  # type: ignore[attr-defined]  # Celery 5.7+, not in celery-types
     except ImportError:
         return None
     return int(cpu_budget(use_cgroup_quota=cpu_bound).count)

@@ -27,7 +27,7 @@ def cumulative(counts: list[int], bounds: tuple[int, ...]) -> list[tuple[str, in
     """Prometheus buckets (``le`` upper bounds, cumulative, ``+Inf`` last) from the counts
     of each bucket and the one above the last bound."""
     buckets, total = [], 0
-    for bound, count in zip(bounds, counts):
+    for bound, count in zip(bounds, counts, strict=False):
         total += count
         buckets.append((str(float(bound)), total))
     buckets.append(("+Inf", total + sum(counts[len(bounds) :])))

@@ -100,7 +100,7 @@ class WorkerMemoryLimit:
 
         # The stop flag first: nothing that follows (a log line, a set other threads
         # change) can leave the watch tripped and the worker running.
-        state.should_stop = EX_TEMPFAIL
+        state.should_stop = EX_TEMPFAIL  # type: ignore[assignment]  # celery-types: None; an exit code
         self.tripped = True
         fields = {
             "worker": self.hostname,

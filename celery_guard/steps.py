@@ -62,7 +62,7 @@ def pool_name(pool_cls: Any) -> str:
     if isinstance(pool_cls, str):
         return pool_cls
     path = f"{pool_cls.__module__}:{pool_cls.__name__}"
-    for name, alias_path in concurrency.ALIASES.items():
+    for name, alias_path in concurrency.ALIASES.items():  # type: ignore[attr-defined]  # not in celery-types
         if alias_path == path:
             return "prefork" if name == "processes" else name
     from celery.concurrency.prefork import TaskPool
@@ -180,7 +180,7 @@ class Fit(bootsteps.StartStopStep):
             fields = {"worker": w.hostname, **item.fields()}
             emit(logging.WARNING, "advice", fields)
 
-    def info(self, w: Any) -> dict[str, Any]:
+    def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         guard = state_of(w)
         if guard is None or guard.measured is None:
             return {}
@@ -323,8 +323,8 @@ class Telemetry(bootsteps.StartStopStep):
         for callback in guard.on_installed:
             callback()
 
-    def stop(self, w: Any) -> None:
-        guard = state_of(w)
+    def stop(self, parent: Any) -> None:  # named as in StartStopStep: terminate is an alias
+        guard = state_of(parent)
         if self.sampler is None or guard is None or guard.collector is None:
             return
         self.sampler.stop()
@@ -350,7 +350,7 @@ class Telemetry(bootsteps.StartStopStep):
                 {"action": "not_saved", "path": path, "reason": str(error)},
             )
 
-    def info(self, w: Any) -> dict[str, Any]:
+    def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         guard = state_of(w)
         if guard is None or guard.collector is None:
             return {}
@@ -413,7 +413,7 @@ class Protection(bootsteps.StartStopStep):
             )
             guard.watches.append(watch.check)
 
-    def info(self, w: Any) -> dict[str, Any]:
+    def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         guard = state_of(w)
         if guard is None:
             return {}
@@ -538,7 +538,7 @@ class TaskLimits(bootsteps.StartStopStep):
             emit(logging.INFO, "recycle", fields)
         return True
 
-    def info(self, w: Any) -> dict[str, Any]:
+    def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         guard = state_of(w)
         if guard is None or not guard.task_limits:
             return {}
@@ -619,13 +619,13 @@ class Governor(bootsteps.StartStopStep):
         collector.stats_sections["governor"] = self.governor.info
         self.governor.start(hub)
 
-    def stop(self, w: Any) -> None:
+    def stop(self, parent: Any) -> None:
         if self.governor is not None:
             self.governor.stop()
 
     terminate = shutdown = stop
 
-    def info(self, w: Any) -> dict[str, Any]:
+    def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         if self.governor is None:
             return {}
         return {"guard_governor": self.governor.info()}
@@ -664,14 +664,14 @@ class Metrics(bootsteps.StartStopStep):
                 self.server.close_in_child, weak=False, dispatch_uid="cg-metrics"
             )
 
-    def stop(self, w: Any) -> None:
+    def stop(self, parent: Any) -> None:
         if self.server is not None:
             self.server.stop()
             self.server = None
 
     terminate = shutdown = stop
 
-    def info(self, w: Any) -> dict[str, Any]:
+    def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         if self.server is None:
             return {}
         return {"guard_metrics": {"port": getattr(self.server, "port", None)}}

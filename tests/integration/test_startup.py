@@ -104,6 +104,37 @@ def test_bisection_figure_holds_here(
 
 
 @pytest.mark.cgroup
+def test_smoke_fitted_in_a_cgroup_runs_tasks_and_stops_cleanly(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """The short end-to-end check, a few seconds (.ci/oldest-celery also runs it on the
+    oldest Celery supported): -c 8 of a small app at 96 MiB a child in a 512 MiB cgroup.
+    The pool is fitted before it forks, the children run tasks and report them through
+    the guard's pipe, guard_stats answers through the remote control, and a warm shutdown
+    logs the final summary, with no OOM kill and no error from the guard."""
+    group = make_cgroup(512 * MIB)
+    env = harness.worker_env(redis, {**SMALL_APP, "CELERY_GUARD_CHILD_MEMORY": "96M"})
+    worker = make_worker(["-c", "8"], env, group)
+    startup = worker.startup()
+    assert startup["limit_source"] == "cgroup-v1" and float(startup["limit_mib"]) == 512.0
+    assert startup["action"] == "scaled" and startup["requested"] == "8"
+    concurrency = int(startup["concurrency"])
+    assert 1 <= concurrency < 8
+    worker.wait_ready(60)
+    assert f".> concurrency: {concurrency} (prefork)" in worker.log
+    assert worker.forks() >= concurrency
+    results = harness.send_tasks(redis, worker.queue, "leak", 4, (8,))
+    assert harness.wait_for_results(results, 60, group), worker.log
+    stats = harness.guard_stats(worker, env)
+    assert stats["children"] >= 1 and "heavy_app.leak" in stats["tasks"]
+    worker.stop()
+    assert [s["final"] for s in worker.events("summary")] == ["true"], worker.log
+    assert group.oom_kills() == 0
+    log = worker.log
+    assert "celery-guard event=error" not in log and "Traceback" not in log, log
+
+
+@pytest.mark.cgroup
 def test_refuse_exits_78_before_forking(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:

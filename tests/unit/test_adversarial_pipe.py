@@ -10,6 +10,7 @@ disarmed by a race), 9 (task names with spaces) and 12 (a signal to a reused pid
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -215,7 +216,7 @@ def test_a_step_that_keeps_failing_waits_longer_each_time() -> None:
     for _ in range(6):
         now = sampler._step("summary", now, 1.0, broken)
         runs.append(now)
-    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0] * 8  # backing off
     assert len(calls) == 6
 

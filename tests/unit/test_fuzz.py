@@ -290,7 +290,7 @@ def test_v2_limit_is_the_smallest_figure_from_the_leaf_up_to_the_mount(
         limit = read_limit(Cgroup(2, str(dirs[-1]), str(dirs[0])), physical)
     found = [
         (value, directory)
-        for directory, pair in zip(reversed(dirs), reversed(levels))
+        for directory, pair in zip(reversed(dirs), reversed(levels), strict=True)
         for value in pair
         if isinstance(value, int)
     ]
@@ -333,7 +333,11 @@ def test_v1_limit_is_the_smaller_figure_charged_where_it_was_set(
         found.append((own, dirs[-1]))
     if hierarchical is not None:
         where = next(
-            (d for d, v in zip(reversed(dirs), reversed(figures)) if v == hierarchical),
+            (
+                d
+                for d, v in zip(reversed(dirs), reversed(figures), strict=True)
+                if v == hierarchical
+            ),
             dirs[-1],
         )
         found.append((hierarchical, where))
@@ -1285,7 +1289,7 @@ def test_every_sample_falls_inside_its_bucket(
     hist = ExpHistogram(*layout)
     indexes = [hist.bucket(value) for value in sorted(samples)]
     assert indexes == sorted(indexes)
-    for value, index in zip(sorted(samples), indexes):
+    for value, index in zip(sorted(samples), indexes, strict=True):
         assert 0 <= index < hist.max_buckets
         assert hist.lower(index) <= value < hist.upper(index)
 
