@@ -227,16 +227,23 @@ def worker_section(worker: str, summary: dict[str, Any], recycle_lines: int) -> 
     advice = stats.recommend(**inputs)
     lines.append(f"# worker {worker}: from the summary of {_fmt(summary.get('samples'))} samples")
     kib, concurrency = advice.max_memory_per_child_kib, advice.concurrency
+    # One pair, concurrency first: the recycle value is computed for that many children.
+    if concurrency is None or concurrency < 1:  # 0 would mean the host's CPU count
+        lines.append("# --concurrency: none (no child sample in the summary): keep yours")
+    else:
+        lines.append(f"--concurrency {concurrency}")
     if kib is None or kib < 1:  # 0 would mean no limit to billiard
         lines.append("# worker_max_memory_per_child: none (no child sample in the summary)")
     else:
         lines.append(f"worker_max_memory_per_child = {kib}  # KiB")
-    if concurrency is None or concurrency < 1:  # 0 would mean the host's CPU count
-        lines.append("# --concurrency: none (no child sample in the summary)")
-    else:
-        lines.append(f"--concurrency {concurrency}")
     if advice.note:
         lines.append(f"# note: {_safe(advice.note, 1000)}")
+    fewer, healthy = advice.alternative_concurrency, advice.alternative_max_memory_per_child_kib
+    if fewer is not None and healthy is not None:
+        lines.append(
+            f"# alternative, recycling none of the healthy children: --concurrency {fewer}"
+            f" with worker_max_memory_per_child = {healthy}  # KiB"
+        )
     lines.extend(_differences(worker, summary, advice))
     return lines
 
@@ -250,6 +257,8 @@ def _differences(worker: str, summary: dict[str, Any], advice: stats.Recommendat
     if not any(key in summary for key in printed):
         return []  # a summary from before recommendations were logged
     printed["recommendation_note"] = advice.note or None
+    printed["alternative_concurrency"] = advice.alternative_concurrency
+    printed["alternative_max_memory_per_child_kib"] = advice.alternative_max_memory_per_child_kib
     return [
         f"warning: worker {worker}: recomputed {key}={_fmt(value)}, but the summary printed"
         f" {_fmt(summary.get(key))} (a bug in celery-guard)"

@@ -76,7 +76,8 @@ SIGNED_MIB_KEYS = frozenset({"delta_mib"})
 COUNT_KEYS = frozenset(
     {
         "concurrency", "children", "samples", "recycles", "recommended_concurrency",
-        "recommended_max_memory_per_child_kib",
+        "recommended_max_memory_per_child_kib", "alternative_concurrency",
+        "alternative_max_memory_per_child_kib",
     }
 )  # fmt: skip
 MAX_COUNT = 1 << 53

@@ -215,6 +215,9 @@ class Recommendation:
     max_memory_per_child_kib: int | None
     concurrency: int | None
     note: str  # "" when nothing to say; otherwise one sentence
+    #: fewer children, each allowed its healthy peak: none of them recycled
+    alternative_concurrency: int | None = None
+    alternative_max_memory_per_child_kib: int | None = None
 
 
 #: billiard recycles a child above worker_max_memory_per_child: set it above the peaks
@@ -256,31 +259,31 @@ def recommend(
     peak_rss_p95_mib: float | None,
     margin: float = MARGIN,
 ) -> Recommendation:
-    """``worker_max_memory_per_child`` (KiB) and ``--concurrency`` from a summary's figures.
+    """``--concurrency`` and ``worker_max_memory_per_child`` (KiB) that go together, from
+    a summary's figures, and an alternative when the pair recycles healthy children.
 
     A child costs the cgroup its private memory, so the concurrency is how many p95
-    private footprints fit the budget. billiard, though, compares the limit with the
-    child's peak RSS (ru_maxrss), which also counts the pages it shares with the main
-    process: the limit goes a margin above the healthy peaks, unless that is more than
-    the current concurrency can afford, in which case it is capped and the note says so.
-    Never raises; a missing figure gives None.
+    private footprints fit the budget: the most work the limit allows. billiard compares
+    the recycle value with the child's peak RSS (ru_maxrss), which also counts the pages
+    it shares with the main process, so the value goes a margin above the healthy peaks,
+    unless that is more than each of *those* children can afford (the shared pages plus
+    its share of the budget): then it is that share, children that peak above it are
+    recycled, and the alternative is the concurrency at which none of the healthy ones
+    would be, with the healthy value. Without private figures the pair keeps the current
+    concurrency. Never raises; a missing figure gives None.
 
-    Worked example: limit 1024, headroom 102.4, main process 180, concurrency 7, private
-    p50 90 / p95 98, peak RSS p50 270 / p95 280 (MiB)::
+    Worked example: limit 1024, headroom 102.4, main process 180, private p50 90 / p95
+    98, peak RSS p50 270 / p95 280 (MiB)::
 
-        budget   = 1024 - 102.4 - 180         = 741.6
-        children = floor(741.6 / 98)          = 7
-        healthy  = 280 * 1.15                 = 322.0
-        shared   = 270 - 90                   = 180
-        cap      = 180 + 741.6 / 7            = 285.94...
-        322.0 > 285.94: capped, int(285.94... * 1024) = 292805 KiB
-
-    The private budget still fits 7 children, so the note does not ask to lower the
-    concurrency to 7: it says children peaking above 285.9 MiB are recycled, and that
-    floor(741.6 / (322.0 - 180)) = 5 children would avoid it.
+        budget   = 1024 - 102.4 - 180          = 741.6
+        children = floor(741.6 / 98)           = 7
+        healthy  = 280 * 1.15                  = 322.0
+        shared   = 270 - 90                    = 180
+        share    = 180 + 741.6 / 7             = 285.94...
+        322.0 > 285.94: --concurrency 7, int(285.94... * 1024) = 292805 KiB
+        alternative: floor(741.6 / (322.0 - 180)) = 5 children, 322.0 * 1024 = 329728 KiB
     """
     budget = limit_mib - headroom_mib - parent_rss_mib
-    current = max(int(concurrency), 1)
     if budget <= 0:
         return Recommendation(
             None,
@@ -294,25 +297,18 @@ def recommend(
         children = max(1, math.floor(per_child)) if math.isfinite(per_child) else None
     if private_p50_mib is None or peak_rss_p50_mib is None or peak_rss_p95_mib is None:
         return Recommendation(None, children, "")
+    pool = children or max(int(concurrency), 1)
     healthy = peak_rss_p95_mib * (1 + margin)
     shared = max(peak_rss_p50_mib - private_p50_mib, 0.0)
-    cap = shared + budget / current
-    if healthy <= cap:
+    share = shared + budget / pool
+    if healthy <= share:
         return Recommendation(_kib(healthy), children, "")
-    crossing = (
-        f"healthy peaks ({healthy:.1f} MiB with margin) exceed what {current} children"
-        f" can afford ({cap:.1f} MiB each)"
-    )
-    if children is not None and children < current:
-        return Recommendation(
-            _kib(cap), children, f"{crossing}: lower the concurrency to {children}"
-        )
-    # healthy > cap = shared + budget / current, so healthy - shared > 0.
+    # healthy > share = shared + budget / pool, so healthy - shared > 0.
     ratio = budget / (healthy - shared)
-    fits = max(1, math.floor(ratio)) if math.isfinite(ratio) else 1
-    return Recommendation(
-        _kib(cap),
-        children,
-        f"{crossing}: children that peak above that are recycled, and {fits} children"
-        " would avoid it",
+    fewer = max(1, math.floor(ratio)) if math.isfinite(ratio) else 1
+    note = (
+        f"at {pool} children each can afford {share:.1f} MiB of peak RSS, less than the"
+        f" healthy peaks with margin ({healthy:.1f} MiB): children that peak above it are"
+        f" recycled; {fewer} children would recycle none of the healthy ones"
     )
+    return Recommendation(_kib(share), children, note, fewer, _kib(healthy))

@@ -521,6 +521,11 @@ class Collector:
         fields["recommended_memory_limit_mib"] = self._container_limit(fields)
         if advice.note:
             fields["recommendation_note"] = advice.note
+        if advice.alternative_concurrency is not None:
+            fields["alternative_concurrency"] = advice.alternative_concurrency
+            fields["alternative_max_memory_per_child_kib"] = (
+                advice.alternative_max_memory_per_child_kib
+            )
         for extra in self.summary_extras:
             fields.update(extra())
         return fields

@@ -21,26 +21,41 @@ JSON = str(LOGS / "json_worker.log")
 NONE = str(LOGS / "no_guard.log")
 REPO = Path(__file__).resolve().parents[2]
 
+# Worked out by hand as in tests/unit/test_stats.py: host-a's budget 1663.2 MiB holds 11
+# children of 150 MiB; each can afford 170 + 1663.2 / 11 = 321.2 MiB (328908.8 KiB) of
+# peak RSS, below the healthy 300 * 1.15 = 345; floor(1663.2 / (345 - 170)) = 9 children
+# recycle none. host-b (budget 721.6): 6 children of 110 MiB at 180 + 721.6 / 6 = 300.27
+# MiB (307473.07 KiB), or floor(721.6 / 165) = 4 at 345. host-c: the docstring's example.
 HOST_A = [
     "# worker celery@host-a: from the summary of 96 samples",
-    "worker_max_memory_per_child = 353280  # KiB",
     "--concurrency 11",
+    "worker_max_memory_per_child = 328908  # KiB",
+    "# note: at 11 children each can afford 321.2 MiB of peak RSS, less than the healthy"
+    " peaks with margin (345.0 MiB): children that peak above it are recycled; 9 children"
+    " would recycle none of the healthy ones",
+    "# alternative, recycling none of the healthy children: --concurrency 9 with"
+    " worker_max_memory_per_child = 353280  # KiB",
     "",
 ]
 HOST_B = [
     "# worker celery@host-b: from the summary of 64 samples",
-    "worker_max_memory_per_child = 276684  # KiB",
     "--concurrency 6",
-    "# note: healthy peaks (345.0 MiB with margin) exceed what 8 children can afford"
-    " (270.2 MiB each): lower the concurrency to 6",
+    "worker_max_memory_per_child = 307473  # KiB",
+    "# note: at 6 children each can afford 300.3 MiB of peak RSS, less than the healthy"
+    " peaks with margin (345.0 MiB): children that peak above it are recycled; 4 children"
+    " would recycle none of the healthy ones",
+    "# alternative, recycling none of the healthy children: --concurrency 4 with"
+    " worker_max_memory_per_child = 353280  # KiB",
 ]
 HOST_C = [
     "# worker celery@host-c: from the summary of 48 samples",
-    "worker_max_memory_per_child = 292805  # KiB",
     "--concurrency 7",
-    "# note: healthy peaks (322.0 MiB with margin) exceed what 7 children can afford"
-    " (285.9 MiB each): children that peak above that are recycled,"
-    " and 5 children would avoid it",
+    "worker_max_memory_per_child = 292805  # KiB",
+    "# note: at 7 children each can afford 285.9 MiB of peak RSS, less than the healthy"
+    " peaks with margin (322.0 MiB): children that peak above it are recycled; 5 children"
+    " would recycle none of the healthy ones",
+    "# alternative, recycling none of the healthy children: --concurrency 5 with"
+    " worker_max_memory_per_child = 329728  # KiB",
 ]
 TABLE_HEAD = "task              events  total MiB  mean MiB  max MiB"
 
@@ -184,9 +199,10 @@ SUMMARY = (
 )
 WORKED = {"samples": 48, "p50": "90.0", "p95": "98.0", "peak50": "270.0", "peak95": "280.0"}
 NOTE = (
-    ' recommendation_note="healthy peaks (322.0 MiB with margin) exceed what 7 children can'
-    " afford (285.9 MiB each): children that peak above that are recycled, and 5 children"
-    ' would avoid it"'
+    ' recommendation_note="at 7 children each can afford 285.9 MiB of peak RSS, less than the'
+    " healthy peaks with margin (322.0 MiB): children that peak above it are recycled;"
+    ' 5 children would recycle none of the healthy ones"'
+    " alternative_concurrency=5 alternative_max_memory_per_child_kib=329728"
 )
 EMPTY = {"samples": 0, "p50": "", "p95": "", "peak50": "", "peak95": ""}
 
@@ -219,7 +235,7 @@ SUMMARY_CASES: list[tuple[str, str, list[str], list[str]]] = [
     (
         "note-missing",
         SUMMARY.format(**WORKED, kib=292805, conc=7, note=""),
-        ["warning: worker w@x: recomputed recommendation_note=healthy peaks"],
+        ["warning: worker w@x: recomputed recommendation_note=at 7 children each"],
         [],
     ),
     (
@@ -228,7 +244,7 @@ SUMMARY_CASES: list[tuple[str, str, list[str], list[str]]] = [
         [
             "# worker w@x: from the summary of 0 samples",
             "# worker_max_memory_per_child: none (no child sample in the summary)",
-            "# --concurrency: none (no child sample in the summary)",
+            "# --concurrency: none (no child sample in the summary): keep yours",
             "no child line: no histogram of children's peak RSS",
             "no child line with peak growth: no task table",
         ],

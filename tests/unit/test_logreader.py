@@ -258,13 +258,15 @@ def test_build_report_on_fixture_logs(names: tuple[str, ...], expected: dict[str
 
 # id, worker, key, expected value in its last summary (text and JSON read alike)
 SUMMARY_FIELDS = [
-    ("text-kib", "celery@host-a", "recommended_max_memory_per_child_kib", 353280),
+    ("text-kib", "celery@host-a", "recommended_max_memory_per_child_kib", 328908),
     ("text-concurrency", "celery@host-b", "recommended_concurrency", 6),
     ("text-float", "celery@host-b", "private_p95_mib", 110.0),
     ("text-note", "celery@host-b", "recommendation_note",
-     "healthy peaks (345.0 MiB with margin) exceed what 8 children can afford (270.2 MiB each):"
-     " lower the concurrency to 6"),
-    ("text-no-note", "celery@host-a", "recommendation_note", None),
+     "at 6 children each can afford 300.3 MiB of peak RSS, less than the healthy peaks with"
+     " margin (345.0 MiB): children that peak above it are recycled; 4 children would recycle"
+     " none of the healthy ones"),
+    ("text-alternative", "celery@host-a", "alternative_concurrency", 9),
+    ("text-absent", "celery@host-a", "child_cost_measured_mib", None),
     ("json-kib", "celery@host-c", "recommended_max_memory_per_child_kib", 292805),
     ("json-float", "celery@host-c", "headroom_mib", 102.4),
     ("json-top-tasks", "celery@host-c", "top_tasks",

@@ -11,6 +11,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from celery_guard.stats import MARGIN, ExpHistogram, Recommendation, recommend
 
@@ -289,7 +291,7 @@ FITS = {
     "private_p50_mib": 120.0,
     "private_p95_mib": 150.0,
     "peak_rss_p50_mib": 290.0,
-    "peak_rss_p95_mib": 300.0,
+    "peak_rss_p95_mib": 270.0,
 }
 CROSSING = {
     "limit_mib": 1024.0,
@@ -317,42 +319,46 @@ NO_SAMPLES = {
     "peak_rss_p50_mib": None,
     "peak_rss_p95_mib": None,
 }
-CROSSING_NOTE = (
-    "healthy peaks (345.0 MiB with margin) exceed what 8 children can afford (270.2 MiB each): "
-)
 
-# id, figures, expected (max_memory_per_child_kib, concurrency, note)
+
+def crossing_note(pool: int, share: str, healthy: str, fewer: int) -> str:
+    return (
+        f"at {pool} children each can afford {share} MiB of peak RSS, less than the healthy"
+        f" peaks with margin ({healthy} MiB): children that peak above it are recycled;"
+        f" {fewer} children would recycle none of the healthy ones"
+    )
+
+
+# id, figures, expected (max_memory_per_child_kib, concurrency, note, alternative
+# concurrency, alternative max_memory_per_child_kib), worked out by hand. The pair is
+# computed for the recommended concurrency, not the current one.
 RECOMMENDATIONS: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = [
-    # budget 1663.2: 11 children of 150; healthy 300*1.15 = 345 <= cap 170 + 1663.2/8 = 377.9
-    ("fits", FITS, (345 * 1024, 11, "")),
-    # budget 721.6: 6 children of 110; healthy 345 > cap 180 + 721.6/8 = 270.2
-    ("crossing", CROSSING, (276684, 6, CROSSING_NOTE + "lower the concurrency to 6")),
-    # the docstring's worked example: 7 still fit by private memory, 5 avoid recycling
+    # budget 2048 - 204.8 - 180 = 1663.2: floor(1663.2 / 150) = 11 children; healthy
+    # 270 * 1.15 = 310.5 <= share 170 + 1663.2 / 11 = 321.2; 310.5 * 1024 = 317952
+    ("fits", FITS, (317952, 11, "")),
+    # budget 721.6: floor(721.6 / 110) = 6 children; healthy 345 > share 180 + 721.6 / 6
+    # = 300.27 (307473.07 KiB); floor(721.6 / (345 - 180)) = 4 children at 345 * 1024
+    (
+        "crossing",
+        CROSSING,
+        (307473, 6, crossing_note(6, "300.3", "345.0", 4), 4, 353280),
+    ),
+    # the docstring's worked example: 7 children at 285.94 MiB (292805.49 KiB), or 5 at
+    # 322 MiB (329728 KiB)
     (
         "worked-example",
         WORKED,
-        (
-            292805,
-            7,
-            "healthy peaks (322.0 MiB with margin) exceed what 7 children can afford"
-            " (285.9 MiB each): children that peak above that are recycled,"
-            " and 5 children would avoid it",
-        ),
+        (292805, 7, crossing_note(7, "285.9", "322.0", 5), 5, 329728),
     ),
-    # floor(721.6 / (345 - 180)) = 4
+    # no private p95: the current 8 children, share 180 + 721.6 / 8 = 270.2 (276684.8)
     (
         "crossing-without-private-p95",
         {**CROSSING, "private_p95_mib": None},
-        (
-            276684,
-            None,
-            CROSSING_NOTE + "children that peak above that are recycled,"
-            " and 4 children would avoid it",
-        ),
+        (276684, None, crossing_note(8, "270.2", "345.0", 4), 4, 353280),
     ),
-    # budget 800, cap 100 + 800/8 = 200 = healthy 200 * (1 + 0)
+    # budget 800, 8 children of 100, share 100 + 800 / 8 = 200 = healthy 200 * (1 + 0)
     (
-        "margin-0-equals-cap",
+        "margin-0-equals-share",
         {
             "limit_mib": 1000.0,
             "headroom_mib": 100.0,
@@ -366,7 +372,8 @@ RECOMMENDATIONS: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = [
         },
         (204800, 8, ""),
     ),
-    # peak p50 below private p50: nothing counted as shared; cap 741.6/7 = 105.9
+    # peak p50 below private p50: nothing counted as shared; floor(741.6 / 130) = 5
+    # children, share 741.6 / 5 = 148.3 >= healthy 100 * 1.15 = 115 (117760 KiB)
     (
         "shared-never-negative",
         {
@@ -376,17 +383,20 @@ RECOMMENDATIONS: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = [
             "peak_rss_p50_mib": 100.0,
             "peak_rss_p95_mib": 100.0,
         },
-        (
-            108485,
-            5,
-            "healthy peaks (115.0 MiB with margin) exceed what 7 children can afford"
-            " (105.9 MiB each): lower the concurrency to 5",
-        ),
+        (117760, 5, ""),
     ),
-    ("one-child-at-least", {**FITS, "private_p95_mib": 4000.0}, (353280, 1, "")),
-    ("concurrency-0-counts-as-1", {**FITS, "concurrency": 0}, (353280, 11, "")),
-    ("no-private-p95", {**FITS, "private_p95_mib": None}, (353280, None, "")),
-    ("private-p95-zero", {**FITS, "private_p95_mib": 0.0}, (353280, None, "")),
+    # one child at least: share 170 + 1663.2 >= 310.5
+    ("one-child-at-least", {**FITS, "private_p95_mib": 4000.0}, (317952, 1, "")),
+    # the current concurrency only matters without a private p95
+    ("concurrency-0-with-private-p95", {**FITS, "concurrency": 0}, (317952, 11, "")),
+    ("no-private-p95", {**FITS, "private_p95_mib": None}, (317952, None, "")),
+    ("private-p95-zero", {**FITS, "private_p95_mib": 0.0}, (317952, None, "")),
+    # 0 children counts as 1: share 180 + 721.6 = 901.6 >= 345 (353280 KiB)
+    (
+        "concurrency-0-counts-as-1",
+        {**CROSSING, "private_p95_mib": None, "concurrency": 0},
+        (353280, None, ""),
+    ),
     ("no-private-p50", {**FITS, "private_p50_mib": None}, (None, 11, "")),
     ("no-peak-p50", {**FITS, "peak_rss_p50_mib": None}, (None, 11, "")),
     ("no-peak-p95", {**FITS, "peak_rss_p95_mib": None}, (None, 11, "")),
@@ -425,3 +435,59 @@ def test_margin_default() -> None:
     """The default margin is the one the rows above assume (300 * 1.15 = 345)."""
     assert MARGIN == 0.15
     assert recommend(**FITS) == recommend(**FITS, margin=0.15)
+
+
+mib_figure = st.floats(min_value=1.0, max_value=100_000.0, allow_nan=False)
+
+
+@given(
+    limit=st.floats(min_value=64.0, max_value=1_000_000.0),
+    parent=mib_figure,
+    private_p50=mib_figure,
+    private_spread=st.floats(min_value=0.0, max_value=1000.0),
+    peak_p50=mib_figure,
+    peak_spread=st.floats(min_value=0.0, max_value=1000.0),
+    concurrency=st.integers(min_value=1, max_value=64),
+)
+def test_the_pair_fits_together_and_the_alternative_recycles_no_healthy_child(
+    limit: float,
+    parent: float,
+    private_p50: float,
+    private_spread: float,
+    peak_p50: float,
+    peak_spread: float,
+    concurrency: int,
+) -> None:
+    """The recommended concurrency's children, each at the recommended recycle value (in
+    peak RSS, less the pages shared with the main process), fit the budget; so do the
+    alternative's children at the healthy peaks, and the alternative is fewer children
+    (the pair does the most work)."""
+    figures = {
+        "limit_mib": limit, "headroom_mib": limit / 10, "parent_rss_mib": parent,
+        "concurrency": concurrency, "private_p50_mib": private_p50,
+        "private_p95_mib": private_p50 + private_spread, "peak_rss_p50_mib": peak_p50,
+        "peak_rss_p95_mib": peak_p50 + peak_spread,
+    }  # fmt: skip
+    budget = limit - limit / 10 - parent
+    advice = recommend(**figures)
+    if budget <= 0:
+        assert advice.max_memory_per_child_kib is None
+        return
+    assert advice.concurrency is not None and advice.max_memory_per_child_kib is not None
+    shared = max(peak_p50 - private_p50, 0.0)
+    slack = 1e-6 * budget + 1 / 1024  # whole KiB, rounded down
+    assert advice.concurrency * (advice.max_memory_per_child_kib / 1024 - shared) <= budget + slack
+    if advice.concurrency > 1:  # one child always, whatever it costs
+        assert advice.concurrency * (private_p50 + private_spread) <= budget + slack
+    healthy_kib = math.floor(round((peak_p50 + peak_spread) * (1 + MARGIN) * 1024, 6))
+    if advice.alternative_concurrency is None:
+        assert advice.max_memory_per_child_kib == healthy_kib
+        assert advice.note == ""
+        return
+    assert advice.alternative_max_memory_per_child_kib == healthy_kib
+    assert advice.max_memory_per_child_kib < healthy_kib
+    fewer = advice.alternative_concurrency
+    if advice.concurrency > 1:
+        assert fewer < advice.concurrency
+    if fewer > 1:
+        assert fewer * (healthy_kib / 1024 - shared) <= budget + slack
