@@ -396,3 +396,17 @@ def runs_walk_workload(
         return False
     finally:
         worker.stop()
+
+
+def allocate_in(group: Cgroup, mib: int, timeout: float = 60) -> int:
+    """A process that is no pool child (a sidecar in the same container) joins ``group``
+    with ``oom_score_adj`` 1000 and touches ``mib`` MiB; its exit status (-9 when the
+    kernel's OOM killer took it)."""
+    code = (
+        "import sys\nblock = bytearray(int(sys.argv[1]) * 1048576)\n"
+        "for offset in range(0, len(block), 4096):\n    block[offset] = 1\n"
+    )
+    procs = group.path / "cgroup.procs"
+    setup = f'echo $$ > "{procs}" && echo 1000 > /proc/$$/oom_score_adj && exec "$@"'
+    command = ["sh", "-c", setup, "sh", sys.executable, "-c", code, str(mib)]
+    return subprocess.run(command, timeout=timeout).returncode
