@@ -112,7 +112,9 @@ def test_check_out_of_a_cgroup_limit_and_in_json(redis: harness.RedisServer) -> 
     assert records[0]["event"] == "check"
     assert records[0]["requested"] == 4 and isinstance(records[0]["limit_mib"], float)
     assert {r["event"] for r in records[1:]} <= {"advice", "task_limit"}
-    assert all(r["reason"] and r["fix"] for r in records[1:] if r["event"] == "advice")
+    advice = [r for r in records[1:] if r["event"] == "advice"]
+    assert advice, done.stdout  # early acks, prefetch 4...: Celery's defaults are advised on
+    assert all(r["reason"] and r["fix"] for r in advice)
     limits = [r for r in records if r["event"] == "task_limit"]
     assert [r["task"] for r in limits] == ["heavy_app.limited", "heavy_app.stubborn"]
     assert limits[0]["memory_limit_mib"] == 160.0 and limits[0]["reachable"] is True
@@ -135,6 +137,8 @@ def test_check_advice_with_reasons_and_fixes(redis: harness.RedisServer) -> None
     quiet = harness.run_celery(
         ["guard", "check", "-c", "2", *QUIET], {**env, "HEAVY_APP_ACKS_LATE": "1"}
     )
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert len(lines(quiet.stdout, "check")) == 1  # it ran and said what it checked
     assert lines(quiet.stdout, "advice") == []
 
 
@@ -160,6 +164,8 @@ def test_check_advises_against_host_cpus_under_a_cpu_quota(
     )
     assert advice["fix"].startswith("-c auto")
     given = harness.run_celery(["guard", "check", "-c", "2", *QUIET], env, [quota])
+    assert given.returncode == 0, given.stdout + given.stderr
+    assert len(lines(given.stdout, "check")) == 1
     assert lines(given.stdout, "advice") == []
 
 
@@ -277,7 +283,9 @@ def test_check_lists_the_tasks_that_declare_memory_limits(redis: harness.RedisSe
 
     small = harness.worker_env(redis, {"CELERY_GUARD_MEMORY_LIMIT": "300M"})
     done = harness.run_celery(["guard", "check", "-c", "1", *QUIET], small)
+    assert done.returncode == 0, done.stdout + done.stderr
     limits = {line["task"]: line for line in lines(done.stdout, "task_limit")}
+    assert sorted(limits) == ["heavy_app.limited", "heavy_app.stubborn"]
     room = float(limits["heavy_app.limited"]["child_room_mib"])
     assert room < 96
     assert all(line["reachable"] == "false" for line in limits.values())
