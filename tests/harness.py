@@ -396,3 +396,34 @@ def runs_walk_workload(
         return False
     finally:
         worker.stop()
+
+
+def allocate_in(group: Cgroup, mib: int, timeout: float = 60) -> int:
+    """A process that is no pool child (a sidecar in the same container) joins ``group``
+    with ``oom_score_adj`` 1000 and touches ``mib`` MiB; its exit status (-9 when the
+    kernel's OOM killer took it)."""
+    code = (
+        "import sys\nblock = bytearray(int(sys.argv[1]) * 1048576)\n"
+        "for offset in range(0, len(block), 4096):\n    block[offset] = 1\n"
+    )
+    procs = group.path / "cgroup.procs"
+    setup = f'echo $$ > "{procs}" && echo 1000 > /proc/$$/oom_score_adj && exec "$@"'
+    command = ["sh", "-c", setup, "sh", sys.executable, "-c", code, str(mib)]
+    return subprocess.run(command, timeout=timeout).returncode
+
+
+def running_on(redis: RedisServer, worker: Worker, task_id: str, timeout: float = 30) -> int:
+    """Wait until a pool child has accepted the task (``celery inspect active`` lists it
+    with its ``worker_pid``); that child's pid."""
+    from celery import Celery
+
+    node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+    client = Celery("client", broker=redis.url(0), backend=redis.url(1))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = client.control.inspect(destination=[node], timeout=1).active() or {}
+        for request in replies.get(node, []):
+            if request.get("id") == task_id and request.get("worker_pid"):
+                return int(request["worker_pid"])
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} was not running within {timeout} s:\n{worker.log}")

@@ -252,3 +252,40 @@ def test_a_state_file_replaced_by_a_fifo_is_refused_without_blocking(
     worker.wait_ready(60)
     (result,) = harness.send_tasks(redis, worker.queue, "add", 1, (1, 1))
     assert result.get(timeout=60) == 2
+
+
+@pytest.mark.cgroup
+def test_a_child_the_guard_stops_is_not_taken_for_an_oom_kill(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """In one cgroup the kernel's OOM killer takes a process that is no pool child (a
+    sidecar: a rise of the counter no child's exit will match) and then a pool child
+    running ``hog``; then the guard itself stops the child running ``stubborn`` (past its
+    own memory limit, it swallows MemoryLimitExceeded). The guard's SIGKILL comes while
+    an unmatched rise is still there: only knowing its own kills keeps it from being
+    counted as the kernel's. One event=oom line, naming ``hog``; the stubborn child's
+    task fails for its own limit, not for an OOM kill."""
+    group = make_cgroup(GIB)
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST, "CELERY_GUARD_BRAKE": "0"})
+    worker = make_worker(["-c", "2"], env, group)
+    worker.wait_ready(60)
+    assert harness.allocate_in(group, 1200) == -signal.SIGKILL
+    assert group.oom_kills() == 1
+    (hog,) = harness.send_tasks(redis, worker.queue, "hog", 1, (1200,))
+    worker.wait_for(rf"event=oom .*task_id={hog.id}", 60)
+    assert group.oom_kills() == 2
+    (stubborn,) = harness.send_tasks(redis, worker.queue, "stubborn", 1, (600,))
+    with pytest.raises(Exception) as failed:
+        stubborn.get(timeout=120)
+    assert type(failed.value).__name__ == "MemoryLimitExceeded"
+    assert "did not stop" in str(failed.value)  # the guard's reason, not the kernel's
+    (killed,) = [line for line in worker.events("task_memory_limit") if line["action"] == "killed"]
+    assert killed["task_id"] == stubborn.id
+    worker.wait_for(rf"pid:{killed['pid']} exited with 'signal 9 \(SIGKILL\)'", 30)
+    (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
+    assert after.get(timeout=60) == 5  # every exit has been handled by now
+    (oom,) = worker.events("oom")
+    assert oom["task"] == "heavy_app.hog" and oom["task_id"] == hog.id
+    assert oom["pid"] != killed["pid"]
+    assert group.oom_kills() == 2
+    assert "celery-guard event=error" not in worker.log

@@ -189,8 +189,10 @@ def test_recommended_max_memory_recycles_leakers_not_healthy_children(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
     """The done-when of the telemetry: run a healthy mix, take the summary's
-    recommendation, restart with it. Healthy children are never recycled; children that
-    leak are recycled before the cgroup runs out, with no OOM kill."""
+    recommendation, restart with it and the run-time governor off, so that Celery's
+    recycling at that value is all that acts. Healthy children are never recycled;
+    children that leak are recycled before the cgroup runs out, with no OOM kill. The
+    control run, the same workload without --max-memory-per-child, is OOM-killed."""
     env = harness.worker_env(redis, FAST)
     group = make_cgroup(1024 * MIB)
     learn = make_worker(["-c", "4"], env, group)
@@ -201,17 +203,28 @@ def test_recommended_max_memory_recycles_leakers_not_healthy_children(
     assert "recommendation_note" not in summary
     recommended = int(summary["recommended_max_memory_per_child_kib"])
 
+    alone = harness.worker_env(redis, {**FAST, "CELERY_GUARD_GOVERNOR": "off"})
     group = make_cgroup(1024 * MIB)
-    worker = make_worker(["-c", "4", f"--max-memory-per-child={recommended}"], env, group)
+    worker = make_worker(["-c", "4", f"--max-memory-per-child={recommended}"], alone, group)
     worker.wait_ready(60)
     _run(redis, worker, "walk", 12)
     _run(redis, worker, "noop", 20)
     assert worker.events("recycle") == []  # healthy children stay
-    _run(redis, worker, "leak", 40, 16)  # 640 MiB kept in all: more than the budget
-    assert worker.events("recycle"), "no leaking child was recycled"
-    assert all(r["last_task"] == "heavy_app.leak" for r in worker.events("recycle"))
+    _run(redis, worker, "leak", 60, 16)  # 960 MiB kept in all: more than the cgroup
+    recycles = worker.events("recycle")
+    assert recycles, "no leaking child was recycled"
+    assert {r["last_task"] for r in recycles} == {"heavy_app.leak"}
+    assert {r["reason"] for r in recycles} == {"max_memory_per_child"}
+    assert worker.events("pressure") == []  # the governor did nothing
     assert group.oom_kills() == 0
-    assert group.max_usage() < 1024 * MIB
+
+    control_group = make_cgroup(1024 * MIB)
+    control = make_worker(["-c", "4"], alone, control_group)
+    control.wait_ready(60)
+    _run(redis, control, "walk", 12)
+    leaks = harness.send_tasks(redis, control.queue, "leak", 60, (16,))
+    assert not harness.wait_for_results(leaks, 120, control_group)
+    assert control_group.oom_kills() > 0, control.log[-3000:]
 
 
 @pytest.mark.cgroup

@@ -1,0 +1,70 @@
+"""Bounds and idempotence: per-task tables stop growing at MAX_TASK_NAMES names (the rest
+is counted as ``other``), and ``install`` called twice changes nothing the second time."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+import celery_guard
+from celery_guard import telemetry
+from celery_guard.config import OPTIONS, load_settings
+from celery_guard.limit import LiveLimit
+from celery_guard.steps import MemoryGuard
+
+MIB = 1024 * 1024
+
+
+def collector() -> telemetry.Collector:
+    config = load_settings({}, {})
+    return telemetry.Collector(
+        hostname="w@h",
+        settings=config,
+        live=LiveLimit(1024 * MIB, config),
+        headroom=0,
+        parent_rss=100 * MIB,
+        cgroup=None,
+        children=lambda: [],
+        concurrency=lambda: 2,
+        known=lambda pid: pid == 101,
+    )
+
+
+def record(name: str, delta: int = MIB) -> str:
+    return f"T 101 {delta} 1 {delta} {delta} {200 * MIB} -1 {name}"
+
+
+def test_the_task_name_after_the_200th_is_counted_as_other() -> None:
+    """A worker that runs endless distinct task names (generated, or a name per tenant)
+    must not grow its tables without end: 200 names are kept, the 201st and later are
+    summed under ``other``, and a name already kept goes on counting as itself."""
+    assert telemetry.MAX_TASK_NAMES == 200
+    c = collector()
+    c.take([record(f"app.t{i}") for i in range(200)])
+    assert len(c.tasks) == 200 and "other" not in c.tasks
+    c.take([record("app.t200", 2 * MIB), record("app.t201", 3 * MIB), record("app.t0")])
+    assert len(c.tasks) == 201
+    assert c.tasks["other"].events == 2 and c.tasks["other"].total == 5 * MIB
+    assert "app.t200" not in c.tasks and "app.t201" not in c.tasks
+    assert c.tasks["app.t0"].events == 2  # a kept name is still itself
+
+
+def test_task_events_are_bounded_the_same_way() -> None:
+    c = collector()
+    for i in range(201):
+        c.count_task("recycle", f"app.t{i}")
+    c.count_task("recycle", "app.t0")
+    assert len(c.task_events) == 201
+    assert c.task_events["other"] == {"recycle": 1}
+    assert c.task_events["app.t0"] == {"recycle": 2}
+
+
+def test_install_twice_adds_one_step_and_one_set_of_options() -> None:
+    """Two modules that both call ``install(app)`` (an app and a plugin): one MemoryGuard
+    step, one ``--guard-*`` option per setting, no click error for a duplicate flag."""
+    app = Celery("twice", set_as_current=False)
+    assert celery_guard.install(app) is app
+    assert celery_guard.install(app) is app
+    assert [step for step in app.steps["worker"] if step is MemoryGuard] == [MemoryGuard]
+    names = [param.name for param in app.user_options["worker"]]
+    guard = sorted(name for name in names if name and name.startswith("guard_"))
+    assert guard == sorted("guard_" + option.name for option in OPTIONS)
