@@ -281,12 +281,14 @@ def check(ctx: click.Context, **options: Any) -> None:
 
 def _container_limit(measured: startup.Measured, requested: int, forks: bool) -> float | None:
     """The memory limit that would run the requested concurrency, from the estimate (the
-    worker's summary gives it again from what its children really used)."""
-    children = requested if forks else 0
+    worker's summary gives it again from what its children really used); a pool that
+    does not fork needs room for the main process alone."""
+    headroom = measured.settings.headroom
+    if not forks:
+        return float(math.ceil(mib(measured.parent.rss) / (1 - headroom)))
     limit = stats.container_limit(
-        parent=mib(measured.parent.rss), requested=max(children, 1),
-        child_peak=mib(measured.child) if children else 0.0,
-        headroom_fraction=measured.settings.headroom,
+        parent=mib(measured.parent.rss), requested=requested,
+        child_peak=mib(measured.child), headroom_fraction=headroom,
     )  # fmt: skip
     return None if limit is None else float(math.ceil(limit))
 

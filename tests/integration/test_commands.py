@@ -169,6 +169,54 @@ def test_check_advises_against_host_cpus_under_a_cpu_quota(
     assert lines(given.stdout, "advice") == []
 
 
+def test_check_reads_c_auto_as_celery_does(
+    redis: harness.RedisServer, cpu_quota: Callable[[float], Path]
+) -> None:
+    """-c auto under a 1-CPU quota: Celery starts one child (its CPU budget reads the
+    quota), so the check weighs one, fits, and gives no advice about host CPUs."""
+    env = harness.worker_env(redis, {"HEAVY_APP_ACKS_LATE": "1"})
+    done = harness.run_celery(["guard", "check", "-c", "auto", *QUIET], env, [cpu_quota(1.0)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    (check,) = lines(done.stdout, "check")
+    assert (check["requested"], check["concurrency"]) == ("1", "1")
+    assert lines(done.stdout, "advice") == []
+
+
+def test_check_weighs_the_autoscale_max(redis: harness.RedisServer) -> None:
+    """--autoscale MAX,MIN: the check weighs MAX, the most children the autoscaler may
+    start; in 1 GiB, 16 do not fit (exit 78, lowered), 4 do (exit 0)."""
+    env = harness.worker_env(redis, {"HEAVY_APP_ACKS_LATE": "1", "CELERY_GUARD_MEMORY_LIMIT": "1G"})
+    many = harness.run_celery(["guard", "check", "--autoscale", "16,2", *QUIET], env)
+    assert many.returncode == 78, many.stdout + many.stderr
+    (check,) = lines(many.stdout, "check")
+    assert (check["requested"], check["action"]) == ("16", "scaled")
+    assert int(check["concurrency"]) < 16
+    few = harness.run_celery(["guard", "check", "--autoscale", "4,2", *QUIET], env)
+    assert few.returncode == 0, few.stdout + few.stderr
+    (check,) = lines(few.stdout, "check")
+    assert (check["requested"], check["concurrency"], check["action"]) == ("4", "4", "kept")
+
+
+def test_check_of_a_pool_that_does_not_fork(redis: harness.RedisServer) -> None:
+    """-P threads -c 8 in 256 MiB: eight forked children would not fit, but threads are
+    not forked: exit 0, and the container limit is the main process's with the headroom
+    (no child in it)."""
+    env = harness.worker_env(
+        redis, {"HEAVY_APP_ACKS_LATE": "1", "CELERY_GUARD_MEMORY_LIMIT": "256M"}
+    )
+    done = harness.run_celery(["guard", "check", "-P", "threads", "-c", "8", *QUIET], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (check,) = lines(done.stdout, "check")
+    assert (check["pool"], check["requested"]) == ("threads", "8")
+    assert int(check["fits"]) < 8
+    parent = float(check["parent_rss_mib"])
+    assert (
+        parent
+        < float(check["recommended_memory_limit_mib"])
+        < parent + float(check["child_estimate_mib"])
+    )
+
+
 def test_check_with_a_bad_setting_exits_78_with_one_line(redis: harness.RedisServer) -> None:
     env = harness.worker_env(redis, {"CELERY_GUARD_HEADROOM": "lots"})
     done = harness.run_celery(["guard", "check"], env)
