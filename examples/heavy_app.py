@@ -2,7 +2,8 @@
 
 At import it builds what real apps carry in every process: a catalogue of many small
 Python objects (ORM rows, vocabularies, registries) and a large read-only buffer (a model,
-a lookup table). The parent holds about 150 MiB; every forked child starts as a copy.
+a lookup table). The startup line's ``parent_rss_mib`` says what the parent holds; every
+forked child starts as a copy.
 
 Settings come from the environment so tests and the demo share one app:
 ``HEAVY_APP_BROKER`` (default ``filesystem://``), ``HEAVY_APP_BACKEND``,
