@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import harness
 import psutil
@@ -162,3 +164,26 @@ def test_the_dashboard_and_the_alerts_name_only_metrics_the_worker_serves(
         named |= set(re.findall(r"\bcelery_guard_[a-z_]+", text))
     assert len(named) >= 15
     assert named - served == set()
+
+
+def test_without_prometheus_client_the_worker_runs_and_says_so(
+    redis: harness.RedisServer, make_worker: MakeWorker, tmp_path: Path
+) -> None:
+    """Metrics asked for where prometheus_client cannot be imported (a package of that
+    name on the path that raises ImportError, as a missing one does): one ERROR line that
+    names the extra to install, and the worker runs its tasks as without metrics."""
+    shim = tmp_path / "shim" / "prometheus_client"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named prometheus_client')\n")
+    env = harness.worker_env(redis, {**SMALL_APP, "CELERY_GUARD_METRICS_PORT": "0"})
+    env["PYTHONPATH"] = os.pathsep.join([str(shim.parent), env["PYTHONPATH"]])
+    worker = make_worker(["-c", "1"], env)
+    worker.wait_ready(60)
+    (line,) = worker.events("metrics")
+    assert line["action"] == "off"
+    assert "pip install 'celery-guard[prometheus]'" in line["reason"]
+    assert "ERROR/MainProcess] celery-guard event=metrics" in worker.log
+    results = harness.send_tasks(redis, worker.queue, "add", 2, (1, 2))
+    assert harness.wait_for_results(results, 60)
+    worker.stop()
+    assert worker.process is not None and worker.process.returncode == 0

@@ -255,3 +255,24 @@ def test_recommended_memory_limit_runs_the_requested_concurrency(
         ["-c", "16"], harness.worker_env(redis), make_cgroup(int(recommended * 0.8) * MIB)
     )
     assert int(short.startup()["concurrency"]) < 16
+
+
+def test_periodic_summaries_between_the_final_one(
+    redis: harness.RedisServer, make_worker: MakeWorker
+) -> None:
+    """CELERY_GUARD_SUMMARY_INTERVAL=1: a summary (final=false) every second while the
+    worker runs, the figures of the tasks so far in it, and one final=true at shutdown."""
+    env = harness.worker_env(
+        redis,
+        {**SMALL_APP, "CELERY_GUARD_SAMPLE_INTERVAL": "0.3", "CELERY_GUARD_SUMMARY_INTERVAL": "1"},
+    )
+    worker = make_worker(["-c", "2"], env)
+    worker.wait_ready(60)
+    _run(redis, worker, "leak", 4, 8)
+    worker.wait_for(r"event=summary .*final=false .*samples=[1-9]", 30)
+    summaries = worker.events("summary")
+    worker.stop()
+    assert [s["final"] for s in summaries] == ["false"] * len(summaries)
+    assert int(summaries[-1]["samples"]) >= 1
+    finals = [s for s in worker.events("summary") if s["final"] == "true"]
+    assert len(finals) == 1
