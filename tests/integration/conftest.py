@@ -1,4 +1,5 @@
-"""Shared fixtures: real Redis, real memory cgroups, real workers (see tests/harness.py)."""
+"""The integration tests' fixtures: real Redis, real memory cgroups, real workers (see
+tests/integration/harness.py)."""
 
 from __future__ import annotations
 
