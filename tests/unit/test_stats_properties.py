@@ -17,9 +17,7 @@ from hypothesis import strategies as st
 from strategies import JSON_ANY, QUICK, _mostly
 
 from celery_guard import cli
-from celery_guard.logreader import (
-    peak_histogram,
-)
+from celery_guard.logreader import peak_histogram
 from celery_guard.stats import ExpHistogram, Recommendation, recommend
 
 LAYOUT = st.one_of(
