@@ -1,12 +1,14 @@
 """Property tests (hypothesis) of celery_guard.stats: every sample falls in its bucket,
 percentiles are on the safe side of the nearest rank, histograms merge and round-trip
-through JSON, and recommend never raises."""
+through JSON; recommend never raises, keeps the bounds its settings promise and moves the
+right way when a figure does (its worked figures are the table in test_stats.py)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
@@ -149,6 +151,10 @@ def test_recommend_from_histograms(
     peaks: list[int],
     margin: float,
 ) -> None:
+    """What the settings promise, not how they are computed: the concurrency is the most
+    children whose p95 private memory fits the budget (one at least, so one more never
+    fits); the recycling limit is the healthy peaks with the margin, to the KiB, when the
+    current children can afford them, and else the most they can afford, to the KiB."""
     private_hist = _histogram((1.0, 1.01, 1200), private)
     peak_hist = peak_histogram()
     for value in peaks:
@@ -167,22 +173,129 @@ def test_recommend_from_histograms(
         margin=margin,
     )
     assert isinstance(advice, Recommendation) and isinstance(advice.note, str)
-    budget = limit - headroom - parent
+    budget = limit - headroom - parent  # MiB left for the children
     if budget <= 0:
         assert (advice.max_memory_per_child_kib, advice.concurrency) == (None, 1)
         return
+    children = advice.concurrency
     if p95 is None or p95 <= 0:
-        assert advice.concurrency is None
-    else:
-        assert advice.concurrency == max(1, math.floor(budget / p95))
+        assert children is None
+    else:  # to a relative 1e-12: budget / p95 is a float division
+        assert type(children) is int and children >= 1
+        assert children == 1 or children * p95 <= budget * (1 + 1e-12)
+        assert (children + 1) * p95 > budget * (1 - 1e-12)
     if p50 is None or peak50 is None or peak95 is None:
         assert advice.max_memory_per_child_kib is None and advice.note == ""
         return
     kib = advice.max_memory_per_child_kib
-    healthy = math.floor(round(peak95 * (1 + margin) * 1024, 6))
-    assert type(kib) is int and 0 <= kib <= healthy  # never above the healthy peaks
+    assert type(kib) is int and kib >= 0
+    current = max(concurrency, 1)
+    healthy = peak95 * (1 + margin)  # MiB: the healthy peaks with the margin
+    shared = max(peak50 - p50, 0)  # MiB of a child's peak RSS that is not its own
+
+    def taken(peak_mib: float) -> float:
+        """The budget the current children take, each peaking at peak_mib."""
+        return current * (peak_mib - shared)
+
+    slack = current * 1e-6  # a byte a child, for float rounding: far below a KiB
     if advice.note == "":
-        assert kib == healthy
+        assert taken(healthy) <= budget + slack
+        assert healthy * 1024 - 1 < kib <= healthy * 1024 + 1e-5
+        return
+    assert taken(healthy) > budget - slack  # the healthy peaks are beyond the budget
+    # the most the current children can afford: the limit fits, one KiB more does not
+    assert taken(kib / 1024) <= budget + slack
+    assert taken((kib + 1) / 1024) > budget - slack
+    lower = re.search(r": lower the concurrency to (\d+)$", advice.note)
+    avoid = re.search(r", and (\d+) children would avoid it$", advice.note)
+    assert (lower is None) != (avoid is None), advice.note
+    if lower is not None:
+        assert children is not None and int(lower[1]) == children < current
+    else:  # the most children that fit the budget at the healthy peaks (one at least)
+        assert avoid is not None
+        fits, each = int(avoid[1]), healthy - shared
+        assert fits >= 1 and (fits == 1 or fits * each <= budget * (1 + 1e-12))
+        assert (fits + 1) * each > budget * (1 - 1e-12)
+
+
+#: A summary's figures in MiB, as ``recommend`` takes them.
+ROOM = st.floats(0, 1e6)
+SIZE = st.floats(1e-3, 1e5)
+
+
+@QUICK
+@given(
+    limit=ROOM,
+    overhead=st.floats(0, 1e5),
+    concurrency=st.integers(1, 64),
+    sizes=st.lists(SIZE, min_size=4, max_size=4),
+    margin=st.floats(0, 1),
+    more=st.floats(0, 1e5),
+)
+def test_recommend_more_memory_per_child_never_raises_the_concurrency(
+    limit: float, overhead: float, concurrency: int, sizes: list[float], margin: float, more: float
+) -> None:
+    """Monotonicity: children that cost more never get more of them, and more room never
+    fewer."""
+    p50, p95, peak50, peak95 = sizes
+    figures: dict[str, Any] = {
+        "limit_mib": limit,
+        "headroom_mib": overhead,
+        "parent_rss_mib": 0.0,
+        "concurrency": concurrency,
+        "private_p50_mib": p50,
+        "private_p95_mib": p95,
+        "peak_rss_p50_mib": peak50,
+        "peak_rss_p95_mib": peak95,
+        "margin": margin,
+    }
+    now = recommend(**figures).concurrency
+    costlier = recommend(**{**figures, "private_p95_mib": p95 + more}).concurrency
+    roomier = recommend(**{**figures, "limit_mib": limit + more}).concurrency
+    assert now is not None and costlier is not None and roomier is not None
+    assert costlier <= now <= roomier
+
+
+@QUICK
+@given(
+    limit=ROOM,
+    overhead=st.floats(0, 1e5),
+    concurrency=st.integers(1, 64),
+    sizes=st.lists(SIZE, min_size=4, max_size=4),
+    margin=st.floats(0, 1),
+    more=st.floats(0, 1e5),
+)
+def test_recommend_recycling_limit_follows_the_room_and_the_peaks(
+    limit: float, overhead: float, concurrency: int, sizes: list[float], margin: float, more: float
+) -> None:
+    """Monotonicity of worker_max_memory_per_child: more room, higher peaks or more
+    memory shared with the main process never lower it; more children never raise it."""
+    p50, p95, peak50, peak95 = sizes
+    figures: dict[str, Any] = {
+        "limit_mib": limit,
+        "headroom_mib": overhead,
+        "parent_rss_mib": 0.0,
+        "concurrency": concurrency,
+        "private_p50_mib": p50,
+        "private_p95_mib": p95,
+        "peak_rss_p50_mib": peak50,
+        "peak_rss_p95_mib": peak95,
+        "margin": margin,
+    }
+
+    def kib(**change: Any) -> int:
+        value = recommend(**{**figures, **change}).max_memory_per_child_kib
+        assert value is not None
+        return value
+
+    if limit - overhead <= 0:  # no room for children: no limit to compare
+        assert recommend(**figures).max_memory_per_child_kib is None
+        return
+    now = kib()
+    assert kib(limit_mib=limit + more) >= now
+    assert kib(peak_rss_p95_mib=peak95 + more) >= now
+    assert kib(peak_rss_p50_mib=peak50 + more) >= now
+    assert kib(concurrency=concurrency + 1) <= now
 
 
 @QUICK
