@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import FILE, FILES, HUGE, LEVELS, NUMBER_TEXT, QUICK, Odd, _levels, _put
 
@@ -29,6 +29,7 @@ from celery_guard.cgroups import (
     read_oom_kills,
     read_usage,
 )
+from celery_guard.sizes import MIB
 
 
 def _within(path: str, cgroup: Cgroup) -> bool:
@@ -104,14 +105,10 @@ LIMIT_FIGURE = st.one_of(
 )
 
 
-def _expected_limit(found: list[tuple[int, Path]], physical: int | None) -> tuple[int | None, str]:
-    """The smallest figure, first found among equals, unless it is no limit at all."""
-    if not found:
-        return None, ""
-    value, directory = min(found, key=lambda item: item[0])
-    if value in V1_UNLIMITED or value >= HUGE or (physical is not None and value >= physical):
-        return None, ""
-    return value, str(directory)
+def _is_a_limit(figure: int, physical: int | None) -> bool:
+    """A figure someone set, not a sentinel (V1_UNLIMITED, 2**62 and up) nor memory the
+    machine does not have (at or above physical memory)."""
+    return figure not in V1_UNLIMITED and figure < HUGE and (physical is None or figure < physical)
 
 
 @FILES
@@ -122,6 +119,10 @@ def _expected_limit(found: list[tuple[int, Path]], physical: int | None) -> tupl
 def test_v2_limit_is_the_smallest_figure_from_the_leaf_up_to_the_mount(
     levels: list[tuple[int | str | None, int | str | None]], physical: int | None
 ) -> None:
+    """No memory.max or memory.high from the leaf up to the mount is below the limit, and
+    the limit is one of them, charged to the nearest level that sets it (memory.max
+    before memory.high there); no figure that is a limit, no limit. The levels in the
+    opposite order give the same figure."""
     files = [
         {
             name: str(value).encode() + b"\n"
@@ -133,36 +134,62 @@ def test_v2_limit_is_the_smallest_figure_from_the_leaf_up_to_the_mount(
     with tempfile.TemporaryDirectory() as tmp:
         dirs = _levels(Path(tmp), files)
         limit = read_limit(Cgroup(2, str(dirs[-1]), str(dirs[0])), physical)
-    found = [
-        (value, directory)
-        for directory, pair in zip(reversed(dirs), reversed(levels), strict=True)
-        for value in pair
-        if isinstance(value, int)
-    ]
-    assert (limit.bytes, limit.path) == _expected_limit(found, physical), limit
+        (Path(tmp) / "reversed").mkdir()
+        flipped = _levels(Path(tmp) / "reversed", files[::-1])
+        reversed_limit = read_limit(Cgroup(2, str(flipped[-1]), str(flipped[0])), physical)
     assert limit.reason
+    assert reversed_limit.bytes == limit.bytes  # order independence
+    figures = [value for pair in levels for value in pair if isinstance(value, int)]
+    if not any(_is_a_limit(figure, physical) for figure in figures):
+        assert (limit.bytes, limit.path) == (None, ""), limit
+        return
+    assert limit.bytes in figures and all(limit.bytes <= figure for figure in figures), limit
+    level = dirs.index(Path(limit.path))
+    assert limit.bytes in levels[level]  # set there ...
+    assert not any(limit.bytes in pair for pair in levels[level + 1 :])  # ... nearest the leaf
+    assert limit.reason.startswith("memory.high") == (levels[level][0] != limit.bytes), limit
+
+
+def _says(directory: Path, figure: int) -> bool:
+    """Whether the level's own memory.limit_in_bytes is that figure."""
+    own = directory / "memory.limit_in_bytes"
+    return own.is_file() and own.read_text().strip() == str(figure)
+
+
+#: Two figures drawn often, so that levels tie: the same limit set at two levels.
+TIES = st.sampled_from([256 * MIB, 512 * MIB])
 
 
 @FILES
 @given(
-    own=st.one_of(st.none(), st.integers(0, 2**40), st.sampled_from(sorted(V1_UNLIMITED))),
-    hierarchical=st.one_of(st.none(), st.integers(0, 2**40), st.sampled_from(sorted(V1_UNLIMITED))),
-    ancestors=st.lists(st.one_of(st.none(), st.integers(0, 2**40)), max_size=3),
-    setter=st.integers(-1, 3),
+    own=st.one_of(st.none(), TIES, st.integers(0, 2**40), st.sampled_from(sorted(V1_UNLIMITED))),
+    hierarchical=st.one_of(
+        st.none(), TIES, st.integers(0, 2**40), st.sampled_from(sorted(V1_UNLIMITED))
+    ),
+    ancestors=st.lists(st.one_of(st.none(), TIES, st.integers(0, 2**40)), max_size=3),
+    setters=st.sets(st.integers(0, 3), max_size=3),
     physical=st.one_of(st.none(), st.integers(1, 2**41)),
 )
+# two ancestors say the hierarchical figure (rare at random): the nearer one is charged
+@example(own=512 * MIB, hierarchical=256 * MIB, ancestors=[7, 9], setters={0, 1}, physical=None)
 def test_v1_limit_is_the_smaller_figure_charged_where_it_was_set(
     own: int | None,
     hierarchical: int | None,
     ancestors: list[int | None],
-    setter: int,
+    setters: set[int],
     physical: int | None,
 ) -> None:
     """memory.limit_in_bytes of the leaf vs hierarchical_memory_limit in its memory.stat;
-    the latter is charged to the nearest level whose own limit file says that figure."""
+    the latter is charged to the nearest level whose own limit file says that figure.
+
+    Read back from the tree: neither figure is below the limit, which is one of them; the
+    level it is charged to says it in its own file and no level nearer the leaf does (the
+    leaf when none does); the leaf's own file, when it says the figure, is the one the
+    reason names. No figure that is a limit, no limit."""
     above = list(ancestors)
-    if hierarchical is not None and 0 <= setter < len(above):
-        above[setter] = hierarchical  # the ancestor that set it
+    for setter in setters:
+        if hierarchical is not None and setter < len(above):
+            above[setter] = hierarchical  # an ancestor that set it (none, one or several)
     figures = [*above, own]  # mount first
     files: list[dict[str, bytes | Odd]] = [
         {} if value is None else {"memory.limit_in_bytes": f"{value}\n".encode()}
@@ -173,21 +200,73 @@ def test_v1_limit_is_the_smaller_figure_charged_where_it_was_set(
     with tempfile.TemporaryDirectory() as tmp:
         dirs = _levels(Path(tmp), files)
         limit = read_limit(Cgroup(1, str(dirs[-1]), str(dirs[0])), physical)
-    found: list[tuple[int, Path]] = []
-    if own is not None:
-        found.append((own, dirs[-1]))
-    if hierarchical is not None:
-        where = next(
-            (
-                d
-                for d, v in zip(reversed(dirs), reversed(figures), strict=True)
-                if v == hierarchical
-            ),
-            dirs[-1],
-        )
-        found.append((hierarchical, where))
-    assert (limit.bytes, limit.path) == _expected_limit(found, physical), limit
-    assert limit.reason
+        assert limit.reason
+        given_figures = [figure for figure in (own, hierarchical) if figure is not None]
+        if not any(_is_a_limit(figure, physical) for figure in given_figures):
+            assert (limit.bytes, limit.path) == (None, ""), limit
+            return
+        assert limit.bytes in given_figures, limit
+        assert all(limit.bytes <= figure for figure in given_figures), limit
+        level = dirs.index(Path(limit.path))
+        assert not any(_says(directory, limit.bytes) for directory in dirs[level + 1 :])
+        assert _says(dirs[level], limit.bytes) or (
+            level == len(dirs) - 1 and not any(_says(directory, limit.bytes) for directory in dirs)
+        ), limit
+        name = "memory.limit_in_bytes" if own == limit.bytes else "hierarchical_memory_limit"
+        assert limit.reason.startswith(f"{name} in "), limit
+
+
+V1_SENTINEL = 9223372036854771712  # what an unlimited v1 cgroup's files say (64-bit, 4 KiB pages)
+
+
+#: (id, memory.limit_in_bytes of mount, l1, leaf l2 (None: no file), hierarchical_memory_limit,
+#:  physical, expected (bytes, level charged: 0 mount .. 2 leaf, reason)), each by hand:
+V1_CASES = [
+    # min(512M, 256M) = 256M from memory.stat; /l1 is the nearest level saying 256M
+    ("an-ancestor-set-it", [None, 256 * MIB, 512 * MIB], 256 * MIB, None,
+     (256 * MIB, 1, "hierarchical_memory_limit in /l1")),
+    # both figures 256M: the leaf's own file, the first read, names it
+    ("a-tie-is-the-leafs-own", [None, None, 256 * MIB], 256 * MIB, None,
+     (256 * MIB, 2, "memory.limit_in_bytes in /l1/l2")),
+    # mount and /l1 both say 256M: /l1 is nearer the leaf
+    ("the-nearest-of-two", [256 * MIB, 256 * MIB, 512 * MIB], 256 * MIB, None,
+     (256 * MIB, 1, "hierarchical_memory_limit in /l1")),
+    # no level says 128M (set above the mount, out of this tree's sight): the leaf
+    ("no-level-says-it", [None, None, 512 * MIB], 128 * MIB, None,
+     (128 * MIB, 2, "hierarchical_memory_limit in /l1/l2")),
+    # 2**63 - 4096 in both: unlimited
+    ("sentinels", [None, None, V1_SENTINEL], V1_SENTINEL, None,
+     (None, None, f"unlimited ({V1_SENTINEL} in memory.limit_in_bytes in /l1/l2)")),
+    # 1024M with 1024M of physical memory: not a limit (1024M - 1 is, below)
+    ("at-physical-memory", [None, None, 1024 * MIB], V1_SENTINEL, 1024 * MIB,
+     (None, None, f"no limit: {1024 * MIB} >= physical memory {1024 * MIB}"
+      " (memory.limit_in_bytes in /l1/l2)")),
+    ("a-byte-below-physical-memory", [None, None, 1024 * MIB - 1], V1_SENTINEL, 1024 * MIB,
+     (1024 * MIB - 1, 2, "memory.limit_in_bytes in /l1/l2")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("own", "hierarchical", "physical", "expected"),
+    [case[1:] for case in V1_CASES],
+    ids=[case[0] for case in V1_CASES],
+)
+def test_v1_limit_table(
+    own: list[int | None],
+    hierarchical: int,
+    physical: int | None,
+    expected: tuple[int | None, int | None, str],
+) -> None:
+    files: list[dict[str, bytes | Odd]] = [
+        {} if value is None else {"memory.limit_in_bytes": f"{value}\n".encode()} for value in own
+    ]
+    files[-1]["memory.stat"] = f"cache 0\nhierarchical_memory_limit {hierarchical}\n".encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = _levels(Path(tmp), files)
+        limit = read_limit(Cgroup(1, str(dirs[-1]), str(dirs[0])), physical)
+    figure, level, reason = expected
+    path = "" if level is None else str(dirs[level])
+    assert (limit.bytes, limit.path, limit.reason) == (figure, path, reason)
 
 
 @FILES
