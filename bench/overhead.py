@@ -26,7 +26,7 @@ import timeit
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "tests"), str(HERE.parent)]
+sys.path[:0] = [str(HERE.parent / "tests" / "integration"), str(HERE.parent)]
 
 import harness  # noqa: E402
 

@@ -40,7 +40,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(HERE)]
+sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT), str(HERE)]
 
 import estimate  # noqa: E402
 import harness  # noqa: E402

@@ -26,7 +26,7 @@ from typing import Any
 from celery_guard import cgroups
 from celery_guard.logline import parse_line
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 MIB = 1024 * 1024
 

@@ -1,7 +1,11 @@
-"""Shared fixtures: real Redis, real memory cgroups, real workers (see tests/harness.py)."""
+"""The integration tests' fixtures: real Redis, real memory cgroups, real workers (see
+tests/integration/harness.py). A part that is missing skips the test with the reason;
+``GUARD_TESTS_STRICT=1`` turns the skip into a failure. A test marked ``cgroup`` needs a
+writable cgroup-v1 memory controller, whether or not it asks for a cgroup fixture."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +23,25 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+@functools.cache
+def _memory_cgroup() -> Path | harness.Unavailable:
+    """This process's cgroup-v1 memory directory, or why there is none; looked for once."""
+    try:
+        return harness.own_memory_cgroup()
+    except harness.Unavailable as error:
+        return error
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``cgroup`` skips (or fails, strict) where no writable cgroup-v1 memory
+    controller exists, before any of its fixtures starts."""
+    if item.get_closest_marker("cgroup") is not None:
+        found = _memory_cgroup()
+        if isinstance(found, harness.Unavailable):
+            _unavailable(str(found))
+
+
 @pytest.fixture(scope="session")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.RedisServer]:
     try:
@@ -31,11 +54,11 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.RedisSer
 
 @pytest.fixture(scope="session")
 def cgroup_root() -> Path:
-    try:
-        return harness.own_memory_cgroup()
-    except harness.Unavailable as error:
-        _unavailable(str(error))
-        raise
+    found = _memory_cgroup()
+    if isinstance(found, harness.Unavailable):
+        _unavailable(str(found))
+        raise found
+    return found
 
 
 @pytest.fixture
