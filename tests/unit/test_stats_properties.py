@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
@@ -189,33 +188,35 @@ def test_recommend_from_histograms(
         return
     kib = advice.max_memory_per_child_kib
     assert type(kib) is int and kib >= 0
-    current = max(concurrency, 1)
+    # the pair: the recycle value is for the recommended children (the current ones
+    # when there is no private p95 to count them by)
+    pool = children if children is not None else max(concurrency, 1)
     healthy = peak95 * (1 + margin)  # MiB: the healthy peaks with the margin
     shared = max(peak50 - p50, 0)  # MiB of a child's peak RSS that is not its own
 
-    def taken(peak_mib: float) -> float:
-        """The budget the current children take, each peaking at peak_mib."""
-        return current * (peak_mib - shared)
+    def taken(peak_mib: float, count: int = pool) -> float:
+        """The budget ``count`` children take, each peaking at peak_mib."""
+        return count * (peak_mib - shared)
 
-    slack = current * 1e-6  # a byte a child, for float rounding: far below a KiB
+    slack = pool * 1e-6  # a byte a child, for float rounding: far below a KiB
     if advice.note == "":
+        assert advice.alternative_concurrency is None
         assert taken(healthy) <= budget + slack
         assert healthy * 1024 - 1 < kib <= healthy * 1024 + 1e-5
         return
     assert taken(healthy) > budget - slack  # the healthy peaks are beyond the budget
-    # the most the current children can afford: the limit fits, one KiB more does not
+    # the most the recommended children can afford: the limit fits, one KiB more does not
     assert taken(kib / 1024) <= budget + slack
     assert taken((kib + 1) / 1024) > budget - slack
-    lower = re.search(r": lower the concurrency to (\d+)$", advice.note)
-    avoid = re.search(r", and (\d+) children would avoid it$", advice.note)
-    assert (lower is None) != (avoid is None), advice.note
-    if lower is not None:
-        assert children is not None and int(lower[1]) == children < current
-    else:  # the most children that fit the budget at the healthy peaks (one at least)
-        assert avoid is not None
-        fits, each = int(avoid[1]), healthy - shared
-        assert fits >= 1 and (fits == 1 or fits * each <= budget * (1 + 1e-12))
-        assert (fits + 1) * each > budget * (1 - 1e-12)
+    # the alternative: the most children that fit the budget at the healthy peaks (one at
+    # least), each allowed them
+    fewer, allowed = advice.alternative_concurrency, advice.alternative_max_memory_per_child_kib
+    assert fewer is not None and allowed is not None
+    assert healthy * 1024 - 1 < allowed <= healthy * 1024 + 1e-5
+    each = healthy - shared
+    assert fewer >= 1 and (fewer == 1 or fewer * each <= budget * (1 + 1e-12))
+    assert (fewer + 1) * each > budget * (1 - 1e-12)
+    assert f"{fewer} children would recycle none of the healthy ones" in advice.note
 
 
 #: A summary's figures in MiB, as ``recommend`` takes them.
@@ -268,8 +269,9 @@ def test_recommend_more_memory_per_child_never_raises_the_concurrency(
 def test_recommend_recycling_limit_follows_the_room_and_the_peaks(
     limit: float, overhead: float, concurrency: int, sizes: list[float], margin: float, more: float
 ) -> None:
-    """Monotonicity of worker_max_memory_per_child: more room, higher peaks or more
-    memory shared with the main process never lower it; more children never raise it."""
+    """Monotonicity of worker_max_memory_per_child: more room at the same recommended
+    concurrency, higher peaks or more memory shared with the main process never lower
+    it; more current children never raise it."""
     p50, p95, peak50, peak95 = sizes
     figures: dict[str, Any] = {
         "limit_mib": limit,
@@ -292,10 +294,15 @@ def test_recommend_recycling_limit_follows_the_room_and_the_peaks(
         assert recommend(**figures).max_memory_per_child_kib is None
         return
     now = kib()
-    assert kib(limit_mib=limit + more) >= now
+    # more room: more children, or as many and each allowed no less
+    roomier = recommend(**{**figures, "limit_mib": limit + more})
+    if roomier.concurrency == recommend(**figures).concurrency:
+        assert kib(limit_mib=limit + more) >= now
     assert kib(peak_rss_p95_mib=peak95 + more) >= now
     assert kib(peak_rss_p50_mib=peak50 + more) >= now
-    assert kib(concurrency=concurrency + 1) <= now
+    # the current concurrency counts only without a private p95: more never raises it
+    assert kib(concurrency=concurrency + 1) == now
+    assert kib(concurrency=concurrency + 1, private_p95_mib=None) <= kib(private_p95_mib=None)
 
 
 @QUICK
