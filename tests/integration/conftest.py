@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import harness
-
-
-def _unavailable(reason: str) -> None:
-    if harness.STRICT:
-        pytest.fail(f"{reason} (GUARD_TESTS_STRICT=1: real parts are required here)")
-    pytest.skip(reason)
+from needs import unavailable as _unavailable
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import harness
+import needs
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -43,7 +44,7 @@ SHAPES = [
 def test_estimate_within_ten_percent(
     shape: str, redis: harness.RedisServer, cgroup_root: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip({"numpy": "numpy", "pandas": "pandas", "cext": "lxml"}.get(shape, "os"))
+    needs.module({"numpy": "numpy", "pandas": "pandas", "cext": "lxml"}.get(shape, "os"))
     runner = estimate.Runner(tmp_path, SCALE, redis=redis, root=cgroup_root)
     guess, measured = runner.cost(shape, low=1, high=3)
     assert 0.9 * measured <= guess <= 1.1 * measured, (

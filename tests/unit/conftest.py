@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+HERE = Path(__file__).resolve().parent
+for directory in (str(HERE), str(HERE.parent)):  # strategies; needs (tests/needs.py)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)

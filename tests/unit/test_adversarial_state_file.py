@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -206,10 +207,12 @@ def _no_read_override() -> list[str]:
     caps = "-dac_override,-dac_read_search"
     prefix = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]
     if shutil.which("setpriv") is None:
-        pytest.skip("root reads a file of mode 000, and there is no setpriv to stop it")
+        needs.unavailable("root reads a file of mode 000, and there is no setpriv to stop it")
     tried = subprocess.run([*prefix, "true"], capture_output=True, text=True, check=False)
     if tried.returncode != 0:
-        pytest.skip(f"root reads a file of mode 000, and setpriv failed: {tried.stderr.strip()}")
+        needs.unavailable(
+            f"root reads a file of mode 000, and setpriv failed: {tried.stderr.strip()}"
+        )
     return prefix
 
 

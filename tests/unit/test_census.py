@@ -12,6 +12,7 @@ import sys
 import types
 from typing import Any
 
+import needs
 import pytest
 
 from celery_guard import census
@@ -58,7 +59,6 @@ APP_MODULES = [
 ]  # fmt: skip
 
 
-@pytest.mark.skipif(sys.version_info < (3, 10), reason="stdlib_module_names is 3.10+")
 @pytest.mark.parametrize(
     "name,path,origin,expected", [a[1:] for a in APP_MODULES], ids=[a[0] for a in APP_MODULES]
 )
@@ -122,7 +122,7 @@ def test_written_class_and_code_count_whole() -> None:
 
 def test_written_ndarray_header_only() -> None:
     """A NumPy array's payload is read, never written: only its header counts."""
-    numpy = pytest.importorskip("numpy")
+    numpy = needs.module("numpy")
     array = numpy.zeros(1 << 20)
     block, side = written(array)
     assert side == 0 and block == _small(sys.getsizeof(array) - array.nbytes)
@@ -175,7 +175,7 @@ def test_xml_text_compact_below_eight_bytes() -> None:
 
 def test_xml_tree_estimate() -> None:
     """An lxml tree: elements, attributes and text by libxml2's structure sizes."""
-    etree = pytest.importorskip("lxml.etree")
+    etree = needs.module("lxml.etree")
     items = "".join(f'<item id="{i}"><name>product {i:05d}</name></item>' for i in range(100))
     root = etree.fromstring(f"<catalog>{items}</catalog>")
     per_item = XML_ELEMENT + XML_ATTRIBUTE + XML_ELEMENT + _xml_text("product 00001")

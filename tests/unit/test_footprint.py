@@ -18,6 +18,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import needs
 import pytest
 
 from celery_guard.footprint import (
@@ -396,11 +397,16 @@ def test_pymalloc_live_bytes_without_debugmallocstats(monkeypatch: pytest.Monkey
 
 
 _ALLOCATORS = read_allocators()
-live = pytest.mark.skipif(
-    _ALLOCATORS is None or _ALLOCATORS.small_objects is None,
-    reason="no glibc mallinfo2 or no pymalloc figures here (musl, another allocator, "
-    "glibc < 2.33, PYTHONMALLOC=malloc): the objects estimate cannot be measured",
-)
+
+
+@pytest.fixture
+def live() -> None:
+    """The objects estimate is measured against this process's own allocations."""
+    if _ALLOCATORS is None or _ALLOCATORS.small_objects is None:
+        needs.unavailable(
+            "no glibc mallinfo2 or no pymalloc figures here (musl, another allocator, "
+            "glibc < 2.33, PYTHONMALLOC=malloc): the objects estimate cannot be measured"
+        )
 
 
 def _live() -> tuple[Footprint, Estimate]:
@@ -414,7 +420,7 @@ def _without_pymalloc(footprint: Footprint) -> Footprint:
     return replace(footprint, allocators=replace(footprint.allocators, small_objects=None))
 
 
-@live
+@pytest.mark.usefixtures("live")
 def test_live_large_buffer_stays_shared() -> None:
     """A 64 MiB byte string is a large malloc chunk: counted in large_buffers, not the estimate."""
     before, estimate_before = _live()
@@ -435,7 +441,7 @@ def test_live_large_buffer_stays_shared() -> None:
     del payload
 
 
-@live
+@pytest.mark.usefixtures("live")
 def test_live_small_objects_count() -> None:
     """300k small tuples hold object headers a child writes: the estimate grows with them."""
     _, estimate_before = _live()
@@ -448,7 +454,7 @@ def test_live_small_objects_count() -> None:
     del tuples
 
 
-@live
+@pytest.mark.usefixtures("live")
 def test_live_medium_objects_count() -> None:
     """Strings over pymalloc's 512 bytes live in malloc's heap; children copy them too."""
     _, estimate_before = _live()
@@ -461,7 +467,7 @@ def test_live_medium_objects_count() -> None:
     del strings
 
 
-@live
+@pytest.mark.usefixtures("live")
 def test_live_pymalloc_stats_leave_stderr_alone(capfd: pytest.CaptureFixture[str]) -> None:
     """The stats go to a temporary fd 2 and back: stderr still writes where it did, no fd leaks."""
     fds_before = sorted(os.listdir("/proc/self/fd"))

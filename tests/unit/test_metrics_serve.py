@@ -13,12 +13,13 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import needs
 import pytest
 
 from celery_guard import metrics
 from celery_guard.logline import parse_line
 
-pytest.importorskip("prometheus_client")
+needs.module("prometheus_client", module_level=True)
 
 
 class Empty:
