@@ -4,29 +4,14 @@ is counted as ``other``), and ``install`` called twice changes nothing the secon
 from __future__ import annotations
 
 from celery import Celery
+from test_adversarial_pipe import collector
 
 import celery_guard
 from celery_guard import telemetry
-from celery_guard.config import OPTIONS, load_settings
-from celery_guard.limit import LiveLimit
+from celery_guard.config import OPTIONS
 from celery_guard.steps import MemoryGuard
 
 MIB = 1024 * 1024
-
-
-def collector() -> telemetry.Collector:
-    config = load_settings({}, {})
-    return telemetry.Collector(
-        hostname="w@h",
-        settings=config,
-        live=LiveLimit(1024 * MIB, config),
-        headroom=0,
-        parent_rss=100 * MIB,
-        cgroup=None,
-        children=lambda: [],
-        concurrency=lambda: 2,
-        known=lambda pid: pid == 101,
-    )
 
 
 def record(name: str, delta: int = MIB) -> str:
@@ -38,7 +23,7 @@ def test_the_task_name_after_the_200th_is_counted_as_other() -> None:
     must not grow its tables without end: 200 names are kept, the 201st and later are
     summed under ``other``, and a name already kept goes on counting as itself."""
     assert telemetry.MAX_TASK_NAMES == 200
-    c = collector()
+    c = collector({101})
     c.take([record(f"app.t{i}") for i in range(200)])
     assert len(c.tasks) == 200 and "other" not in c.tasks
     c.take([record("app.t200", 2 * MIB), record("app.t201", 3 * MIB), record("app.t0")])
@@ -49,7 +34,7 @@ def test_the_task_name_after_the_200th_is_counted_as_other() -> None:
 
 
 def test_task_events_are_bounded_the_same_way() -> None:
-    c = collector()
+    c = collector({101})
     for i in range(201):
         c.count_task("recycle", f"app.t{i}")
     c.count_task("recycle", "app.t0")

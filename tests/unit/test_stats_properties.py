@@ -224,32 +224,39 @@ ROOM = st.floats(0, 1e6)
 SIZE = st.floats(1e-3, 1e5)
 
 
-@QUICK
-@given(
-    limit=ROOM,
-    overhead=st.floats(0, 1e5),
-    concurrency=st.integers(1, 64),
-    sizes=st.lists(SIZE, min_size=4, max_size=4),
-    margin=st.floats(0, 1),
-    more=st.floats(0, 1e5),
-)
+def figures_given(test: Callable[..., None]) -> Callable[..., None]:
+    """The summary figures the monotonicity tests draw, and how much more of one."""
+    return QUICK(
+        given(
+            limit=ROOM,
+            overhead=st.floats(0, 1e5),
+            concurrency=st.integers(1, 64),
+            sizes=st.lists(SIZE, min_size=4, max_size=4),
+            margin=st.floats(0, 1),
+            more=st.floats(0, 1e5),
+        )(test)
+    )
+
+
+def _figures(
+    limit: float, overhead: float, concurrency: int, sizes: list[float], margin: float
+) -> dict[str, Any]:
+    p50, p95, peak50, peak95 = sizes
+    return {
+        "limit_mib": limit, "headroom_mib": overhead, "parent_rss_mib": 0.0,
+        "concurrency": concurrency, "private_p50_mib": p50, "private_p95_mib": p95,
+        "peak_rss_p50_mib": peak50, "peak_rss_p95_mib": peak95, "margin": margin,
+    }  # fmt: skip
+
+
+@figures_given
 def test_recommend_more_memory_per_child_never_raises_the_concurrency(
     limit: float, overhead: float, concurrency: int, sizes: list[float], margin: float, more: float
 ) -> None:
     """Monotonicity: children that cost more never get more of them, and more room never
     fewer."""
-    p50, p95, peak50, peak95 = sizes
-    figures: dict[str, Any] = {
-        "limit_mib": limit,
-        "headroom_mib": overhead,
-        "parent_rss_mib": 0.0,
-        "concurrency": concurrency,
-        "private_p50_mib": p50,
-        "private_p95_mib": p95,
-        "peak_rss_p50_mib": peak50,
-        "peak_rss_p95_mib": peak95,
-        "margin": margin,
-    }
+    p95 = sizes[1]
+    figures = _figures(limit, overhead, concurrency, sizes, margin)
     now = recommend(**figures).concurrency
     costlier = recommend(**{**figures, "private_p95_mib": p95 + more}).concurrency
     roomier = recommend(**{**figures, "limit_mib": limit + more}).concurrency
@@ -257,33 +264,15 @@ def test_recommend_more_memory_per_child_never_raises_the_concurrency(
     assert costlier <= now <= roomier
 
 
-@QUICK
-@given(
-    limit=ROOM,
-    overhead=st.floats(0, 1e5),
-    concurrency=st.integers(1, 64),
-    sizes=st.lists(SIZE, min_size=4, max_size=4),
-    margin=st.floats(0, 1),
-    more=st.floats(0, 1e5),
-)
+@figures_given
 def test_recommend_recycling_limit_follows_the_room_and_the_peaks(
     limit: float, overhead: float, concurrency: int, sizes: list[float], margin: float, more: float
 ) -> None:
     """Monotonicity of worker_max_memory_per_child: more room at the same recommended
     concurrency, higher peaks or more memory shared with the main process never lower
     it; more current children never raise it."""
-    p50, p95, peak50, peak95 = sizes
-    figures: dict[str, Any] = {
-        "limit_mib": limit,
-        "headroom_mib": overhead,
-        "parent_rss_mib": 0.0,
-        "concurrency": concurrency,
-        "private_p50_mib": p50,
-        "private_p95_mib": p95,
-        "peak_rss_p50_mib": peak50,
-        "peak_rss_p95_mib": peak95,
-        "margin": margin,
-    }
+    peak50, peak95 = sizes[2:]
+    figures = _figures(limit, overhead, concurrency, sizes, margin)
 
     def kib(**change: Any) -> int:
         value = recommend(**{**figures, **change}).max_memory_per_child_kib
