@@ -1,8 +1,9 @@
 """The startup decision, end to end: real ``celery worker`` processes of the example app,
 a real Redis broker, and real cgroup-v1 memory limits enforced by the kernel.
 
-The example app (examples/heavy_app.py) holds about 180 MiB in the main process; each
-child that runs ``walk`` tasks copies about 98 MiB of it.
+The example app (examples/heavy_app.py) holds about 180 MiB in the main process (its
+startup line's ``parent_rss_mib``); each child that runs ``walk`` tasks copies a large
+part of it, which the headline test below compares with the startup estimate.
 """
 
 from __future__ import annotations
