@@ -10,7 +10,9 @@ disarmed by a race), 9 (task names with spaces) and 12 (a signal to a reused pid
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -293,3 +295,34 @@ def test_collecting_while_children_come_and_go_never_raises() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_full_pipe_drops_the_childs_record_and_the_task_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The main process stopped reading (busy, or gone): the child's write finds the pipe
+    full or closed. The record is dropped at once, the task path neither blocks nor
+    raises, and no error is logged; once there is room, records flow again."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    probe = telemetry.ChildProbe(write_end, "w@h", load_settings({}, {}), 0)
+    with caplog.at_level(logging.DEBUG):
+        with contextlib.suppress(BlockingIOError):
+            while True:  # fill it
+                os.write(write_end, b"x" * 65536)
+        for number in range(50):
+            probe.after_task(f"id-{number}", SimpleNamespace(name="app.full"))
+        assert probe.tasks == 50
+        drained = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 65536):  # the main process catches up
+                drained += chunk
+        assert drained.strip(b"x") == b""  # the filler only: the records were dropped
+        probe.after_task("id-room", SimpleNamespace(name="app.room"))  # a new name: sent
+        assert b"app.room" in os.read(read_end, 65536)
+        os.close(read_end)  # the reader is gone: EPIPE, dropped too
+        probe.after_task("id-closed", SimpleNamespace(name="app.closed"))
+    os.close(write_end)
+    assert probe.tasks == 52
+    assert not [r for r in caplog.records if "event=error" in r.getMessage()]
