@@ -188,11 +188,12 @@ def test_recommend_reads_the_same_figures_as_the_live_summary(
 def test_recommended_max_memory_recycles_leakers_not_healthy_children(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
-    """The done-when of the telemetry: run a healthy mix, take the summary's
-    recommendation, restart with it and the run-time governor off, so that Celery's
-    recycling at that value is all that acts. Healthy children are never recycled;
-    children that leak are recycled before the cgroup runs out, with no OOM kill. The
-    control run, the same workload without --max-memory-per-child, is OOM-killed."""
+    """The done-when of the telemetry: run a healthy mix at -c 4, take the summary's
+    recommended pair (a concurrency and the recycle value for it), restart with it and
+    the run-time governor off, so that Celery's recycling at that value is all that
+    acts. Healthy children are never recycled; children that leak are recycled before
+    the cgroup runs out, with no OOM kill. The control run, the same workload without
+    --max-memory-per-child, is OOM-killed."""
     env = harness.worker_env(redis, FAST)
     group = make_cgroup(1024 * MIB)
     learn = make_worker(["-c", "4"], env, group)
@@ -200,12 +201,17 @@ def test_recommended_max_memory_recycles_leakers_not_healthy_children(
     _run(redis, learn, "walk", 12)
     _run(redis, learn, "noop", 20)
     summary = _final_summary(learn)
-    assert "recommendation_note" not in summary
+    # the pair: as many children as the budget holds, and the recycle value for them,
+    # above the healthy peaks (with less than the margin when the note says so)
+    concurrency = int(summary["recommended_concurrency"])
     recommended = int(summary["recommended_max_memory_per_child_kib"])
+    assert concurrency > 4
+    assert float(summary["peak_rss_p95_mib"]) * 1024 < recommended
 
     alone = harness.worker_env(redis, {**FAST, "CELERY_GUARD_GOVERNOR": "off"})
     group = make_cgroup(1024 * MIB)
-    worker = make_worker(["-c", "4", f"--max-memory-per-child={recommended}"], alone, group)
+    pair = ["-c", str(concurrency), f"--max-memory-per-child={recommended}"]
+    worker = make_worker(pair, alone, group)
     worker.wait_ready(60)
     _run(redis, worker, "walk", 12)
     _run(redis, worker, "noop", 20)
