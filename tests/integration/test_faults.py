@@ -273,7 +273,8 @@ def test_a_child_the_guard_stops_is_not_taken_for_an_oom_kill(
     assert group.oom_kills() == 1
     (hog,) = harness.send_tasks(redis, worker.queue, "hog", 1, (1200,))
     worker.wait_for(rf"event=oom .*task_id={hog.id}", 60)
-    assert group.oom_kills() == 2
+    kernel_kills = group.oom_kills()  # 2, or more when the kernel took another process too
+    assert kernel_kills >= 2
     (stubborn,) = harness.send_tasks(redis, worker.queue, "stubborn", 1, (600,))
     with pytest.raises(Exception) as failed:
         stubborn.get(timeout=120)
@@ -284,8 +285,9 @@ def test_a_child_the_guard_stops_is_not_taken_for_an_oom_kill(
     worker.wait_for(rf"pid:{killed['pid']} exited with 'signal 9 \(SIGKILL\)'", 30)
     (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
     assert after.get(timeout=60) == 5  # every exit has been handled by now
-    (oom,) = worker.events("oom")
-    assert oom["task"] == "heavy_app.hog" and oom["task_id"] == hog.id
-    assert oom["pid"] != killed["pid"]
-    assert group.oom_kills() == 2
+    ooms = worker.events("oom")
+    assert [line["task_id"] for line in ooms if line.get("task") == "heavy_app.hog"] == [hog.id]
+    assert killed["pid"] not in [line["pid"] for line in ooms]
+    assert not [line for line in ooms if line.get("task_id") == stubborn.id]
+    assert group.oom_kills() == kernel_kills  # the guard's own kill is no kernel kill
     assert "celery-guard event=error" not in worker.log
