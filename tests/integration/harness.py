@@ -322,6 +322,19 @@ def guard_stats(worker: Worker, env: dict[str, str]) -> dict[str, Any]:
     return dict(json.loads(out.stdout)[node])
 
 
+def broadcast_guard_stats(redis: RedisServer, worker: Worker) -> dict[str, Any]:
+    """guard_stats through the remote control's broadcast, which every Celery supported
+    accepts (Celery 5.3's ``celery inspect`` takes only its built-in commands: its list
+    is made before the app, and the guard's command, are loaded)."""
+    from celery import Celery
+
+    node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+    client = Celery("client", broker=redis.url(0))
+    replies = client.control.broadcast("guard_stats", reply=True, destination=[node], timeout=10)
+    (reply,) = replies
+    return dict(reply[node])
+
+
 def worker_env(
     redis: RedisServer | None, extra: Mapping[str, str] | None = None, guard: bool = True
 ) -> dict[str, str]:

@@ -126,7 +126,7 @@ def test_smoke_fitted_in_a_cgroup_runs_tasks_and_stops_cleanly(
     assert worker.forks() >= concurrency
     results = harness.send_tasks(redis, worker.queue, "leak", 4, (8,))
     assert harness.wait_for_results(results, 60, group), worker.log
-    stats = harness.guard_stats(worker, env)
+    stats = harness.broadcast_guard_stats(redis, worker)
     assert stats["children"] >= 1 and "heavy_app.leak" in stats["tasks"]
     worker.stop()
     assert [s["final"] for s in worker.events("summary")] == ["true"], worker.log
