@@ -580,7 +580,7 @@ def render(
         "# Benchmarks",
         "",
         "Written by `bench/run.py` (reproduce: `.venv/bin/python bench/run.py`, root, cgroup "
-        "v1, redis-server; about 15 minutes here). Real `celery worker` processes of the example "
+        "v1, redis-server; about two hours here). Real `celery worker` processes of the example "
         "app (`examples/heavy_app.py`) against a real Redis, each in a fresh cgroup-v1 memory "
         "cgroup whose limit the kernel enforces; every figure below comes from the same run.",
         "",
