@@ -72,15 +72,17 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     assert harness.wait_for_results(results, 120, group)
     assert group.oom_kills() == 0
 
-    # The estimate against reality: what each child added once all of them had walked
-    # the whole catalogue. The children counted are the ones alive now (the guard may
-    # have grown the pool once the first child was measured, and shrunk it again), and
-    # each of them ran tasks.
+    # The estimate against reality: what each child added once it had walked the whole
+    # catalogue. Counted: the children that ran tasks, no more than are alive now (the
+    # guard may grow the pool once the first child is measured; a child it adds after the
+    # last task has copied next to nothing, and counting it would lower the average by
+    # about a ninth).
     assert worker.process is not None
     children = {pid for pid in group.pids() if pid != worker.process.pid}
     ran = set(re.findall(r"ForkPoolWorker-(\d+)\] Task heavy_app.walk\S* succeeded", worker.log))
-    assert len(ran) == worker.forks()  # every child started ran tasks, the live ones too
-    real_per_child = (_working_set(group) - float(startup["in_use_mib"]) * MIB) / len(children)
+    counted = min(len(ran), len(children))
+    assert counted >= REALLY_FIT_IN_1G * 0.8
+    real_per_child = (_working_set(group) - float(startup["in_use_mib"]) * MIB) / counted
     estimate = float(startup["child_estimate_mib"]) * MIB
     assert 0.95 * real_per_child <= estimate <= 1.2 * real_per_child, (
         f"estimate {estimate / MIB:.1f} MiB, real {real_per_child / MIB:.1f} MiB per child"
