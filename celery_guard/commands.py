@@ -8,7 +8,6 @@ view, every worker's figures asked through the remote control.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -283,14 +282,10 @@ def _container_limit(measured: startup.Measured, requested: int, forks: bool) ->
     """The memory limit that would run the requested concurrency, from the estimate (the
     worker's summary gives it again from what its children really used); a pool that
     does not fork needs room for the main process alone."""
-    headroom = measured.settings.headroom
-    if not forks:
-        return float(math.ceil(mib(measured.parent.rss) / (1 - headroom)))
-    limit = stats.container_limit(
-        parent=mib(measured.parent.rss), requested=requested,
-        child_peak=mib(measured.child), headroom_fraction=headroom,
+    return stats.container_limit(
+        parent=mib(measured.parent.rss), requested=requested if forks else 0,
+        child_peak=mib(measured.child), headroom_fraction=measured.settings.headroom,
     )  # fmt: skip
-    return None if limit is None else float(math.ceil(limit))
 
 
 def _check_task_limits(

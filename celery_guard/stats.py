@@ -241,10 +241,13 @@ def container_limit(
     """The memory limit that would run the *requested* concurrency, as Kubernetes' VPA
     recommends requests from what it measured: the main process, every child at its peak
     cost (its private memory and the largest peak of a task), and the headroom, which is a
-    fraction of the limit itself. Units are the caller's; None when it cannot be told."""
-    if not 0 <= headroom_fraction < 1 or child_peak <= 0 or parent <= 0 or requested < 1:
+    fraction of the limit itself; no children (a pool that does not fork): the main
+    process alone. Whole units of the caller's, rounded up; None when it cannot be told."""
+    if not 0 <= headroom_fraction < 1 or parent <= 0 or requested < 0:
         return None
-    return (parent + requested * child_peak) / (1 - headroom_fraction)
+    if requested and child_peak <= 0:
+        return None
+    return float(math.ceil((parent + requested * child_peak) / (1 - headroom_fraction)))
 
 
 def recommend(

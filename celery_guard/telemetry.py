@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import mmap
 import os
 import resource
@@ -538,12 +537,11 @@ class Collector:
         )
         if private is None or not self.requested:
             return None
-        limit = container_limit(
+        return container_limit(
             parent=fields["parent_rss_mib"], requested=self.requested,
             child_peak=private + mib(self.peak_max),
             headroom_fraction=self.settings.headroom,
         )  # fmt: skip
-        return None if limit is None else float(math.ceil(limit))
 
     def log_summary(self, final: bool = False) -> dict[str, Any]:
         fields = self.summary_fields(final)
