@@ -1,0 +1,139 @@
+"""PoolControl's hand-over: where received tasks wait for the governor's gate.
+
+A worker and an AsynPool made of the attributes PoolControl wraps (Celery's
+``process_task``/``_process_task_sem``/``_process_task`` and semaphore, billiard's
+result handlers and process hooks); ``install`` wraps them as on a real worker. What is
+handed to the "pool" is what reached the worker's original ``_process_task``.
+
+- Before the governor exists (no gate) a request goes straight to the pool: tasks a
+  worker receives at once, from a queue that was full when it started, are not held.
+- A request the gate refuses (False) is held, and so are the ones behind it, unasked;
+  once the gate admits, they are handed over oldest first, by ``release()`` or by the
+  next result that comes in from a child.
+- A request the gate defers (None) lets the ones behind it go first, and goes itself once
+  the gate admits it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from billiard.pool import ACK, READY
+
+from celery_guard.actuator import PoolControl
+
+
+class FakeAsynPool:
+    """What PoolControl.install wraps on billiard's AsynPool; no child."""
+
+    def __init__(self) -> None:
+        self._pool: list[Any] = []
+        self._cache: dict[int, Any] = {}
+        self.results: list[int] = []
+        self._result_handler = SimpleNamespace(state_handlers={ACK: self._ack, READY: self._ready})
+        self.on_process_up: Callable[[Any], Any] | None = None
+        self.on_process_down: Callable[[Any], Any] | None = None
+        self.on_job_process_down: Callable[..., Any] = lambda job, pid: None
+        self.on_job_process_lost: Callable[..., Any] = lambda job, pid, code: None
+
+    def _ack(self, *args: Any) -> None:
+        return None
+
+    def _ready(self, job: int, i: int, obj: Any, inqw_fd: int) -> None:
+        self.results.append(job)
+
+
+class FakeWorker:
+    """Celery's WorkController as far as the hand-over goes."""
+
+    def __init__(self) -> None:
+        self.pool = SimpleNamespace(_pool=FakeAsynPool(), num_processes=2)
+        self.semaphore = SimpleNamespace(clear=lambda: None)
+        self.process_task = self._process_task_sem
+        self.handed: list[str] = []  # what reached the pool, in order
+
+    def _process_task_sem(self, request: Any) -> None:
+        self._process_task(request)
+
+    def _process_task(self, request: Any) -> None:
+        self.handed.append(request.id)
+
+
+def request(task_id: str, name: str = "heavy_app.add") -> Any:
+    return SimpleNamespace(id=task_id, name=name)
+
+
+def installed() -> tuple[FakeWorker, PoolControl]:
+    w = FakeWorker()
+    control = PoolControl(w)
+    assert control.install()
+    return w, control
+
+
+def receive(w: FakeWorker, *requests: Any) -> None:
+    """The consumer passes each request on, as the semaphore does once it has a slot."""
+    for each in requests:
+        w._process_task(each)
+
+
+class Gate:
+    """The governor's verdict by task id (True unless set), and the ids it was asked."""
+
+    def __init__(self, verdicts: dict[str, bool | None]) -> None:
+        self.verdicts = verdicts
+        self.asked: list[str] = []
+
+    def __call__(self, request: Any) -> bool | None:
+        self.asked.append(request.id)
+        return self.verdicts.get(request.id, True)
+
+
+def test_without_a_gate_every_request_goes_straight_to_the_pool() -> None:
+    w, control = installed()
+    assert control.gate is None  # no governor yet
+    receive(w, request("a"), request("b"), request("c"))
+    assert w.handed == ["a", "b", "c"]
+    assert list(control.held) == []
+
+
+def test_a_refused_request_holds_the_ones_behind_until_the_gate_admits() -> None:
+    w, control = installed()
+    gate = Gate({"a": False})
+    control.gate = gate
+    receive(w, request("a"), request("b"), request("c"))
+    assert w.handed == []
+    assert [r.id for r in control.held] == ["a", "b", "c"]
+    assert set(gate.asked) == {"a"}  # the ones behind are not asked past a refusal
+    gate.verdicts["a"] = True
+    control.release()
+    assert w.handed == ["a", "b", "c"]
+    assert list(control.held) == []
+
+
+def test_a_result_from_a_child_releases_the_held_requests() -> None:
+    w, control = installed()
+    gate = Gate({"a": False})
+    control.gate = gate
+    receive(w, request("a"), request("b"))
+    assert w.handed == []
+    gate.verdicts["a"] = True  # room again
+    ready = w.pool._pool._result_handler.state_handlers[READY]
+    ready(7, 0, None, 3)  # a task's result comes in
+    assert w.pool._pool.results == [7]  # billiard's own handler still ran
+    assert w.handed == ["a", "b"]
+    assert list(control.held) == []
+
+
+def test_a_deferred_request_lets_the_ones_behind_go_first() -> None:
+    w, control = installed()
+    gate = Gate({"new": None})
+    control.gate = gate
+    receive(w, request("new", "heavy_app.hog"), request("b"), request("c"))
+    assert w.handed == ["b", "c"]
+    assert [r.id for r in control.held] == ["new"]
+    gate.verdicts["new"] = True  # its kind has been measured
+    control.release()
+    assert w.handed == ["b", "c", "new"]
+    assert list(control.held) == []
