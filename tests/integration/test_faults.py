@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -291,3 +292,40 @@ def test_a_child_the_guard_stops_is_not_taken_for_an_oom_kill(
     assert not [line for line in ooms if line.get("task_id") == stubborn.id]
     assert group.oom_kills() == kernel_kills  # the guard's own kill is no kernel kill
     assert "celery-guard event=error" not in worker.log
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("governor", ["on", "off"])
+def test_tasks_waiting_in_the_queue_at_startup_all_run(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, governor: str
+) -> None:
+    """20 ``add`` and 5 ``hog`` tasks wait in Redis before the worker starts: the consumer
+    receives them at once, before the governor has a gate or has measured anything (a
+    ``hog`` never measured is deferred while one run of it is measured); with the
+    governor off, no gate ever comes. Every task runs and succeeds, none is left held,
+    and no guard error is logged."""
+    from celery import Celery
+    from redis import Redis
+
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    client = Celery("client", broker=redis.url(0), backend=redis.url(1))
+    adds, hogs = [], []
+    for i in range(20):  # a hog before every fourth add
+        if i % 4 == 0:
+            hogs.append(client.send_task("heavy_app.hog", args=(40, 0.2), queue=queue))
+        adds.append(client.send_task("heavy_app.add", args=(i, 1), queue=queue))
+    assert Redis.from_url(redis.url(0)).llen(queue) == 25  # waiting, no worker yet
+    group = make_cgroup(768 * MIB)
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST, "CELERY_GUARD_GOVERNOR": governor})
+    worker = make_worker(["-c", "4"], env, group, queue)
+    assert harness.wait_for_results(adds + hogs, 120, group), worker.log[-3000:]
+    assert [r.get() for r in adds] == [i + 1 for i in range(20)]
+    assert [r.get() for r in hogs] == [40 * MIB] * 5
+    stats = harness.broadcast_guard_stats(redis, worker)
+    if governor == "on":
+        assert stats["governor"]["held"] == 0  # the governor runs, and holds nothing
+    else:
+        assert "governor" not in stats
+    worker.stop()
+    assert group.oom_kills() == 0
+    no_guard_errors(worker)
