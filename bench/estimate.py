@@ -3,7 +3,7 @@
 Usage (root, cgroup v1, redis-server installed; ``pip install -e '.[test,bench,shapes]'``)::
 
     .venv/bin/python bench/estimate.py [--shape numpy dicts ...] [--scale 1]
-        [--no-bisect] [--limit 768 1024] [--detail]
+        [--no-bisect] [--limit 768 1024] [--detail] [--gc-freeze 0] [--malloc-trim 0]
 
 For each shape (``examples/shape_*.py``) it starts the guarded worker at two
 concurrencies (``LOW`` and ``HIGH`` children) in a memory cgroup with no limit, sends
@@ -328,12 +328,14 @@ def main() -> None:
     parser.add_argument("--no-bisect", action="store_true")
     parser.add_argument("--detail", action="store_true")
     parser.add_argument("--gc-freeze", choices=("0", "1"), default="1")
+    parser.add_argument("--malloc-trim", choices=("0", "1"), default="1")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure_all(
             Path(tmp), tuple(options.shape), options.scale, tuple(options.limit),
             not options.no_bisect, options.detail,
-            {"CELERY_GUARD_GC_FREEZE": options.gc_freeze},
+            {"CELERY_GUARD_GC_FREEZE": options.gc_freeze,
+             "CELERY_GUARD_MALLOC_TRIM": options.malloc_trim},
         )  # fmt: skip
     print("\n".join(render(rows, tuple(options.limit))))
     within = all(0.9 <= r.ratio <= 1.1 for r in rows)

@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import types
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,29 +208,66 @@ def _distinct(ids: list[int], population: int) -> float:
 
 #: References drawn from a large container to see how often its items repeat.
 DRAW = 16384
+#: Items repeat when there are at least this many references per distinct item.
+REPEATS = 2
 
 
-def _draw(items: Sequence[object], sample: int) -> Iterator[tuple[object, float]]:
+def _pages(ids: list[int], population: int) -> float:
+    """How many distinct pages the headers of ``population`` references lie on, from the
+    ids (addresses) of a sample drawn with replacement, or of all of them.
+
+    A child copies a page, not an object. Counting objects from a sample misses those that
+    are referenced less often than the rest (a column where some strings repeat more than
+    others looks like fewer strings), but pages are well covered: dozens of small objects
+    share one, so most pages are drawn several times. The Good-Turing coverage, one minus
+    the share of pages drawn only once, corrects for the pages no draw reached."""
+    if not ids:
+        return 0.0
+    counts = Counter(address // PAGE for address in ids)
+    if len(ids) >= population:
+        return float(len(counts))
+    once = sum(1 for count in counts.values() if count == 1)
+    coverage = 1 - once / len(ids)
+    if coverage <= 0:
+        return float(population)
+    return min(len(counts) / coverage, float(population))
+
+
+@dataclass
+class _Drawn:
+    """Items standing for a large container, and the pages their headers are on: ``pages``
+    is 0 where no item repeats, or where the items are not a sample of the whole (a
+    container small enough to walk, or strided out of an unordered one)."""
+
+    items: list[tuple[object, float]]
+    pages: float = 0.0
+
+
+def _draw(items: Sequence[object], sample: int) -> _Drawn:
     """Up to ``sample`` distinct items of ``items``, each with the weight it stands for:
     the distinct objects of the whole, by :func:`_distinct`, shared among them."""
     count = len(items)
     if count <= sample:
-        for item in items:
-            yield item, 1.0
-        return
+        return _Drawn([(item, 1.0) for item in items])
     if count <= DRAW:
         drawn = list(items)
     else:  # with replacement, seeded by the size: the same draws on every run
         rng = random.Random(count)
         drawn = [items[int(rng.random() * count)] for _ in range(DRAW)]
-    distinct = _distinct([id(item) for item in drawn], count)
+    ids = [id(item) for item in drawn]
+    distinct = _distinct(ids, count)
     picked: dict[int, object] = {}
     for item in drawn:
         picked.setdefault(id(item), item)
         if len(picked) == sample:
             break
-    for item in picked.values():
-        yield item, distinct / len(picked)
+    weight = distinct / len(picked)
+    # Where items do not repeat, the count is exact and so are the bytes of its items
+    # (draws with replacement meet the same item now and then: REPEATS leaves room for
+    # that); where they repeat unevenly it is low, and the pages their headers are on
+    # bound it.
+    pages = _pages(ids, count) if distinct * REPEATS <= count else 0.0
+    return _Drawn([(item, weight) for item in picked.values()], pages)
 
 
 class _Strided(Sequence[object]):
@@ -276,6 +314,7 @@ class _Walk:
     side: dict[int, float] = field(default_factory=dict)  # size class -> side-block bytes
     visited: int = 0
     opaque: int = 0
+    floor: float = 0.0  # page floor of the container being walked: see _sampled
 
     def children(self, obj: Any) -> Iterator[tuple[object, float]]:
         """What a reader of ``obj`` reaches, each with the weight it stands for."""
@@ -287,16 +326,16 @@ class _Walk:
                 return
             keys = _Strided(obj.keys(), len(obj), self.sample)
             values = _Strided(obj.values(), len(obj), DRAW)
-            for key, weight in _draw(keys, self.sample):
+            for key, weight in _draw(keys, self.sample).items:
                 yield key, weight * len(obj) / len(keys)
             yield from self._drawn(values, len(obj))
         elif isinstance(obj, (list, tuple)):
-            yield from _draw(obj, self.sample)
+            yield from self._sampled(_draw(obj, self.sample))
         elif isinstance(obj, (set, frozenset)):
             yield from self._drawn(_Strided(obj, len(obj), DRAW), len(obj))
         elif _is_ndarray(obj):
             if obj.dtype.hasobject:
-                yield from _draw(obj.reshape(-1), self.sample)
+                yield from self._sampled(_draw(obj.reshape(-1), self.sample))
         elif isinstance(obj, type):
             for item in vars(obj).values():
                 yield item, 1.0
@@ -322,8 +361,23 @@ class _Walk:
 
     def _drawn(self, items: Sequence[object], population: int) -> Iterator[tuple[object, float]]:
         """Items strided out of an unordered container, standing for ``population``."""
-        for item, weight in _draw(items, self.sample):
+        for item, weight in _draw(items, self.sample).items:
             yield item, weight * population / max(len(items), 1)
+
+    def _sampled(self, drawn: _Drawn) -> Iterator[tuple[object, float]]:
+        """The items drawn from a list, a tuple or an array of objects. Where they are a
+        sample, the pages their headers are on set a floor under the bytes they are counted
+        at (the floor of the container being walked is left in ``floor``)."""
+        fresh = [
+            (item, weight)
+            for item, weight in drawn.items
+            if id(item) not in self.seen and self.follow(item, code=False)
+        ]
+        if drawn.pages and fresh:
+            counted = sum(weight * written(item)[0] for item, weight in fresh)
+            unseen = len(fresh) / len(drawn.items)  # the rest was counted elsewhere
+            self.floor += max(drawn.pages * PAGE * unseen - counted, 0.0)
+        yield from drawn.items
 
     def follow(self, obj: object, code: bool) -> bool:
         """Whether ``obj`` is the app's data (or, where ``code``, the app's own code)."""
@@ -359,10 +413,12 @@ class _Walk:
             if side:
                 self.side[side] = self.side.get(side, 0.0) + weight * side
             in_class = isinstance(obj, type)
+            self.floor = 0.0
             for child, share in self.children(obj):
                 # A class's own methods and nested classes are part of it.
                 nested = in_class and isinstance(child, (type, types.FunctionType))
                 stack.append((child, weight * share, nested))
+            total += weight * self.floor
         return total
 
     def sides(self) -> float:

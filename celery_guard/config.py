@@ -304,6 +304,7 @@ OPTIONS = (
         "child_oom_score_adj", "500", "off, or a whole number from -1000 to 1000", _oom_score_adj
     ),
     Option("gc_freeze", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
+    Option("malloc_trim", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option("max_worker_memory", "", f"empty for none, or {_BUDGET}", _empty_or(_size(MIN_BUDGET))),
     Option("brake", "1", "1 or 0 (true/false, yes/no, on/off)", _flag),
     Option("governor", "on", " | ".join(GOVERNOR_MODES), _choice(GOVERNOR_MODES)),
@@ -353,6 +354,7 @@ class Settings:
     state_file: str | None = None
     child_oom_score_adj: int | None = 500
     gc_freeze: bool = True
+    malloc_trim: bool = True
     max_worker_memory: int | None = None
     brake: bool = True
     governor: str = "on"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import cgroups
+from . import cgroups, heap
 from .config import Settings
 from .exits import OOM, ExitCauses, LostJob, MemoryFailures, Outcome
 from .footprint import StatmRss, read_kib_fields
@@ -71,6 +71,7 @@ class ChildProbe:
         self.mode = settings.child_log
         self.step = settings.child_log_step
         self.max_memory_kib = max_memory_kib
+        self.trim = heap.malloc_trim() if settings.malloc_trim else None
         self.pid = -1
 
     def on_child_start(self, **_: Any) -> None:
@@ -94,6 +95,9 @@ class ChildProbe:
     def _after_task(self, task_id: str | None, name: str) -> None:
         self.tasks += 1
         rss = self.rss()
+        if self.trim is not None and rss - self.last_rss >= heap.TRIM_STEP:
+            self.trim()  # what the task freed, back to the system before it is counted
+            rss = self.rss()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         delta, rss_delta = peak - self.last_peak, rss - self.last_rss
         # The task's own peak above where it started: exact when it raised the child's

@@ -133,6 +133,29 @@ def leak(mib: int, seconds: float = 0.0) -> int:
     return len(_LEAKED)
 
 
+#: What ``churn`` keeps, as an app's caches do.
+_KEPT: list[bytearray] = []
+
+
+@app.task
+def churn(mib: int) -> int:
+    """Allocate ``2 * mib`` blocks of 1 MiB, keep every other one for the life of the child
+    (a cache) and free the rest. Once glibc has unmapped one such block it serves the next
+    ones from its heap, and with the kept blocks between them it cannot give the freed ones
+    back on its own: the child keeps ``2 * mib`` MiB where it uses ``mib``, unless the heap
+    is trimmed."""
+    bytearray(1 << 20)  # mapped, then unmapped: glibc raises its mmap threshold past it
+    blocks = []
+    for _ in range(2 * mib):
+        block = bytearray(1 << 20)
+        for offset in range(0, len(block), 4096):  # touch every page: make it resident
+            block[offset] = 1
+        blocks.append(block)
+    _KEPT.extend(blocks[1::2])
+    del blocks, block
+    return os.getpid()
+
+
 @app.task
 def hog(mib: int, seconds: float = 1.0) -> int:
     """Use ``mib`` MiB for a moment, as a task that loads a large file would."""

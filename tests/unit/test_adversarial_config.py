@@ -59,6 +59,7 @@ GOOD = {
     "state_file": "/var/lib/guard.json",
     "child_oom_score_adj": "-500",
     "gc_freeze": "yes",
+    "malloc_trim": "no",
     "max_worker_memory": "512M",
     "brake": "0",
     "governor": "observe",

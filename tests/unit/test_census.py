@@ -22,6 +22,7 @@ from celery_guard.census import (
     XML_ELEMENT,
     _chunk,
     _distinct,
+    _pages,
     _xml_text,
     app_modules,
     is_app_module,
@@ -153,10 +154,63 @@ def test_distinct_recovers_repeats() -> None:
     draws: the estimate is within 20% of 200k."""
     objects = [object() for _ in range(200_000)]
     refs = [objects[i % len(objects)] for i in range(1_000_000)]
-    drawn = list(census._draw(refs, 32))
+    drawn = census._draw(refs, 32).items
     total = sum(weight for _, weight in drawn)
     assert 160_000 <= total <= 240_000
     assert len(drawn) == 32
+
+
+def _at(*pages: int) -> list[int]:
+    """Addresses inside the given pages (what ``id`` returns), one per page given."""
+    return [page * PAGE + 64 for page in pages]
+
+
+# id, addresses, population, expected pages
+PAGES = [
+    ("none", [], 10, 0.0),
+    ("all-drawn-is-exact", _at(1, 1, 2, 3), 4, 3.0),
+    ("every-page-seen-twice", _at(1, 1, 2, 2, 3, 3), 100, 3.0),
+    # 4 of 8 draws met a page once: coverage 1/2, twice the 6 pages seen
+    ("coverage", _at(1, 1, 2, 2, 3, 4, 5, 6), 100, 12.0),
+    ("never-above-population", _at(*range(10)), 12, 12.0),
+]
+
+
+@pytest.mark.parametrize(
+    "ids,population,expected", [d[1:] for d in PAGES], ids=[d[0] for d in PAGES]
+)
+def test_pages(ids: list[int], population: int, expected: float) -> None:
+    assert _pages(ids, population) == pytest.approx(expected)
+
+
+def test_pages_only_where_items_repeat() -> None:
+    """Distinct items are counted exactly from their bytes: their pages hold what the walk
+    counts apart (their contents, allocated alongside), so they set no floor."""
+    for count in (10_000, 20_000, 75_000, 300_000):  # drawn whole, with replacement
+        rows = [[i, f"row {i}"] for i in range(count)]
+        assert census._draw(rows, 32).pages == 0.0, count
+        repeated = [rows[i % (count // 3)] for i in range(count)]
+        assert census._draw(repeated, 32).pages > 0.0, count
+
+
+def test_census_counts_the_pages_that_uneven_repeats_hide() -> None:
+    """A column of 1M references to 200k strings, each drawn at random (so some strings
+    repeat more than others, as in a pandas column): counting distinct objects from pairs
+    in the sample sees 10-25% fewer strings than there are, but a child copies every page
+    that holds one. The census counts within 5% of those pages."""
+    import random
+
+    strings = [f"customer-{i:06d}@example.com" for i in range(200_000)]
+    rng = random.Random(7)
+    column = [strings[rng.randrange(len(strings))] for _ in range(1_000_000)]
+    distinct = len({id(text) for text in column})
+    from_pairs = sum(weight for _, weight in census._draw(column, 32).items)
+    assert 0.75 * distinct <= from_pairs <= 0.9 * distinct, (from_pairs, distinct)
+    modules = {"shop": module("shop", "/srv/app/shop.py", COLUMN=column)}
+    pages = len({id(text) // PAGE for text in column}) * PAGE
+    header = _small(sys.getsizeof(column) - 8 * len(column))
+    counted = census.census(modules, ROOTS).bytes - header
+    assert abs(counted - pages) <= 0.05 * pages, (counted, pages)
 
 
 # id, size, expected glibc chunk

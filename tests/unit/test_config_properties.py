@@ -31,6 +31,7 @@ GOOD: dict[str, list[str]] = {
     "state_file": ["", "/tmp/state.json"],
     "child_oom_score_adj": ["off", "500", "-1000", "+1000", "0"],
     "gc_freeze": ["1", "0", "true", "no", "ON"],
+    "malloc_trim": ["1", "0", "false", "yes", "Off"],
     "max_worker_memory": ["", "2G"],
     "brake": ["1", "0", "yes", "off"],
     "governor": ["on", "observe", "off", " Observe "],

@@ -60,6 +60,8 @@ NOT_MEASURED = {
     "4 GiB": "a bucket of the metrics' histograms (metrics.py)",
     "64 KiB": "the largest state file read (history.MAX_BYTES)",
     "16 MiB": "the least physical memory believed (cgroups._MIN_PHYSICAL)",
+    "2 MiB": "heap.TRIM_STEP: a task that leaves its child's RSS this much higher",
+    "64 MiB": "tests/integration/test_malloc_trim.py's CHURN_MIB",
     "200 children": "tests/integration/test_faults.py starts that many",
 }
 
