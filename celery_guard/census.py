@@ -315,6 +315,7 @@ class _Walk:
     visited: int = 0
     opaque: int = 0
     floor: float = 0.0  # page floor of the container being walked: see _sampled
+    libraries: set[type] = field(default_factory=set)  # classes of library objects met
 
     def children(self, obj: Any) -> Iterator[tuple[object, float]]:
         """What a reader of ``obj`` reaches, each with the weight it stands for."""
@@ -406,6 +407,9 @@ class _Walk:
                 self.opaque += 1
                 total += weight * _xml_bytes(obj, self.sample)
                 continue
+            kind = type(obj)
+            if kind not in self.libraries and self._library_class(kind):
+                self.libraries.add(kind)
             block, side = written(obj)
             total += weight * block
             if block <= SMALL:
@@ -419,6 +423,53 @@ class _Walk:
                 nested = in_class and isinstance(child, (type, types.FunctionType))
                 stack.append((child, weight * share, nested))
             total += weight * self.floor
+        return total
+
+    def _library_class(self, kind: type) -> bool:
+        """A class of an installed package (not the standard library, Celery's stack, the
+        app or the interpreter's built-in types)."""
+        module = kind.__dict__.get("__module__", getattr(kind, "__module__", None))
+        if not isinstance(module, str) or module in self.app_names:
+            return False
+        top = module.partition(".")[0]
+        return not (
+            top in FRAMEWORK or top == "builtins" or top in getattr(sys, "stdlib_module_names", ())
+        )
+
+    def library_code(self) -> float:
+        """The classes of the library objects the app's data holds, with their bases, and
+        their methods: a task that reads a library's object calls them, and the
+        interpreter writes the code it runs (it specialises bytecode in place) and the
+        classes it looks methods up on. Each class counts once."""
+        total, done = 0.0, set()
+        for kind in self.libraries:
+            for klass in kind.__mro__:
+                if klass in done or not self._library_class(klass):
+                    continue
+                done.add(klass)
+                total += written(klass)[0]
+                for value in vars(klass).values():
+                    function = getattr(value, "__func__", None) or getattr(value, "fget", value)
+                    if isinstance(function, types.FunctionType):
+                        total += self._function(function)
+        return total
+
+    @staticmethod
+    def _function(function: types.FunctionType) -> float:
+        """A function, its code and the constants it loads (each load writes the
+        constant's reference count), nested code included; not the docstrings, which
+        the interpreter keeps first among the constants and never loads."""
+        total = float(_small(sys.getsizeof(function)))
+        codes = [function.__code__]
+        while codes:
+            code = codes.pop()
+            total += written(code)[0]
+            consts = code.co_consts
+            for const in consts[1:] if consts and isinstance(consts[0], str) else consts:
+                if isinstance(const, types.CodeType):
+                    codes.append(const)
+                elif const is not None and not isinstance(const, (bool, int)):
+                    total += written(const)[0]
         return total
 
     def sides(self) -> float:
@@ -461,5 +512,5 @@ def census(
     picked = [code[int(i * step)] for i in range(min(len(code), 2 * sample))]
     weight = len(code) / max(len(picked), 1)
     total += weight * sum(walk.size(value, code=True) for value in picked)
-    total += walk.sides()
+    total += walk.sides() + walk.library_code()
     return Census(int(total), len(found), walk.visited, walk.opaque)

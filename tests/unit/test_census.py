@@ -305,3 +305,56 @@ def test_census_of_this_process_is_bounded() -> None:
     result = census.census(sys.modules, census.library_roots())
     assert result.visited <= 60_000
     assert result.bytes >= 0
+
+
+def _library(**methods: Any) -> type:
+    """A class of an installed package (``vendorlib``), with a base of its own."""
+
+    def describe(self: object) -> str:
+        return f"{type(self).__name__}: {len(vars(self))} fields"
+
+    base = type("NDFrame", (), {"__module__": "vendorlib.generic", "describe": describe})
+    return type("Frame", (base,), {"__module__": "vendorlib.frame", **methods})
+
+
+def _total(frame_type: type, count: int = 1) -> int:
+    frames = [frame_type() for _ in range(count)]
+    return census.census({"shop": module("shop", "/srv/app/shop.py", FRAMES=frames)}, ROOTS).bytes
+
+
+def _total_by_group(self: object, column: str = "amount") -> dict[str, float]:
+    groups: dict[str, float] = {}
+    for key, value in getattr(self, column, {}).items():
+        groups[key] = groups.get(key, 0.0) + value
+    return groups
+
+
+@pytest.mark.parametrize(
+    "method",
+    [_total_by_group, property(_total_by_group), classmethod(_total_by_group)],
+    ids=["function", "property", "classmethod"],
+)
+def test_census_counts_a_library_class_and_its_bases_once(method: object) -> None:
+    """A task that reads a library's object calls its methods: the class and its bases,
+    with their methods' code, count once, however many of its objects the app holds."""
+    plain, with_method = _library(), _library(total_by_group=method)
+    code = sys.getsizeof(_total_by_group.__code__)
+    assert _total(with_method) - _total(plain) >= code
+    base = type("Base", (), {"__module__": "vendorlib.generic", "total": _total_by_group})
+    derived = type("Frame", (base,), {"__module__": "vendorlib.frame"})
+    bare = type("Frame", (), {"__module__": "vendorlib.frame"})
+    assert _total(derived) - _total(bare) >= code  # the base's methods count too
+    one, two = _total(plain), _total(plain, count=2)
+    assert 0 < two - one < sys.getsizeof(plain)  # one more object, not its class again
+
+
+def test_census_counts_no_library_code_for_standard_library_objects() -> None:
+    """The standard library's classes are not an installed package's: a Counter counts
+    as the dict it is (a subclass's instance is a little larger), not with its methods."""
+    import collections
+
+    counter = collections.Counter({"a": 1, "b": 2})
+    as_dict = dict(counter)
+    counted = census.census({"s": module("s", "/srv/app/s.py", DATA=counter)}, ROOTS).bytes
+    plain = census.census({"s": module("s", "/srv/app/s.py", DATA=as_dict)}, ROOTS).bytes
+    assert 0 <= counted - plain < sys.getsizeof(collections.Counter.most_common.__code__)
