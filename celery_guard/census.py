@@ -175,6 +175,15 @@ def written(obj: object) -> tuple[int, int]:
     return min(size + CHUNK, PAGE), 0
 
 
+def _unwrapped(value: object) -> object:
+    """The function behind a method, class method, static method or property; anything
+    else as it is (a library's own descriptor may raise on any attribute)."""
+    try:
+        return getattr(value, "__func__", None) or getattr(value, "fget", value)
+    except Exception:  # noqa: BLE001 - the census must not fail on a library's object
+        return value
+
+
 def _is_ndarray(obj: object) -> bool:
     kind = type(obj)
     return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
@@ -428,7 +437,10 @@ class _Walk:
     def _library_class(self, kind: type) -> bool:
         """A class of an installed package (not the standard library, Celery's stack, the
         app or the interpreter's built-in types)."""
-        module = kind.__dict__.get("__module__", getattr(kind, "__module__", None))
+        try:
+            module = kind.__dict__.get("__module__", getattr(kind, "__module__", None))
+        except Exception:  # noqa: BLE001 - a metaclass of a library's own making
+            return False
         if not isinstance(module, str) or module in self.app_names:
             return False
         top = module.partition(".")[0]
@@ -448,8 +460,8 @@ class _Walk:
                     continue
                 done.add(klass)
                 total += written(klass)[0]
-                for value in vars(klass).values():
-                    function = getattr(value, "__func__", None) or getattr(value, "fget", value)
+                for value in list(vars(klass).values()):
+                    function = _unwrapped(value)
                     if isinstance(function, types.FunctionType):
                         total += self._function(function)
         return total

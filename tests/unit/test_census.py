@@ -358,3 +358,15 @@ def test_census_counts_no_library_code_for_standard_library_objects() -> None:
     counted = census.census({"s": module("s", "/srv/app/s.py", DATA=counter)}, ROOTS).bytes
     plain = census.census({"s": module("s", "/srv/app/s.py", DATA=as_dict)}, ROOTS).bytes
     assert 0 <= counted - plain < sys.getsizeof(collections.Counter.most_common.__code__)
+
+
+class _Hostile:
+    """A library's descriptor that raises on any attribute looked up on it."""
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError(f"no {name} here")
+
+
+def test_census_survives_a_library_class_whose_attributes_raise() -> None:
+    frame = _library(lazy=_Hostile(), total=_total_by_group)
+    assert _total(frame) - _total(_library()) >= sys.getsizeof(_total_by_group.__code__)
