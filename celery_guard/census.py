@@ -324,7 +324,7 @@ class _Walk:
     visited: int = 0
     opaque: int = 0
     floor: float = 0.0  # page floor of the container being walked: see _sampled
-    libraries: set[type] = field(default_factory=set)  # classes of library objects met
+    kinds: dict[type, bool] = field(default_factory=dict)  # class -> a library's?
 
     def children(self, obj: Any) -> Iterator[tuple[object, float]]:
         """What a reader of ``obj`` reaches, each with the weight it stands for."""
@@ -417,8 +417,8 @@ class _Walk:
                 total += weight * _xml_bytes(obj, self.sample)
                 continue
             kind = type(obj)
-            if kind not in self.libraries and self._library_class(kind):
-                self.libraries.add(kind)
+            if kind not in self.kinds:  # asked once per class, not once per object
+                self.kinds[kind] = self._library_class(kind)
             block, side = written(obj)
             total += weight * block
             if block <= SMALL:
@@ -454,7 +454,7 @@ class _Walk:
         interpreter writes the code it runs (it specialises bytecode in place) and the
         classes it looks methods up on. Each class counts once."""
         total, done = 0.0, set()
-        for kind in self.libraries:
+        for kind in (kind for kind, library in self.kinds.items() if library):
             for klass in kind.__mro__:
                 if klass in done or not self._library_class(klass):
                     continue

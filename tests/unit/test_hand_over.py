@@ -90,6 +90,14 @@ class Gate:
         return self.verdicts.get(request.id, True)
 
 
+def gated(verdicts: dict[str, bool | None]) -> tuple[FakeWorker, PoolControl, Gate]:
+    """An installed PoolControl whose gate gives ``verdicts`` (True for any other)."""
+    w, control = installed()
+    gate = Gate(verdicts)
+    control.gate = gate
+    return w, control, gate
+
+
 def test_without_a_gate_every_request_goes_straight_to_the_pool() -> None:
     w, control = installed()
     assert control.gate is None  # no governor yet
@@ -99,9 +107,7 @@ def test_without_a_gate_every_request_goes_straight_to_the_pool() -> None:
 
 
 def test_a_refused_request_holds_the_ones_behind_until_the_gate_admits() -> None:
-    w, control = installed()
-    gate = Gate({"a": False})
-    control.gate = gate
+    w, control, gate = gated({"a": False})
     receive(w, request("a"), request("b"), request("c"))
     assert w.handed == []
     assert [r.id for r in control.held] == ["a", "b", "c"]
@@ -113,9 +119,7 @@ def test_a_refused_request_holds_the_ones_behind_until_the_gate_admits() -> None
 
 
 def test_a_result_from_a_child_releases_the_held_requests() -> None:
-    w, control = installed()
-    gate = Gate({"a": False})
-    control.gate = gate
+    w, control, gate = gated({"a": False})
     receive(w, request("a"), request("b"))
     assert w.handed == []
     gate.verdicts["a"] = True  # room again
@@ -127,9 +131,7 @@ def test_a_result_from_a_child_releases_the_held_requests() -> None:
 
 
 def test_a_deferred_request_lets_the_ones_behind_go_first() -> None:
-    w, control = installed()
-    gate = Gate({"new": None})
-    control.gate = gate
+    w, control, gate = gated({"new": None})
     receive(w, request("new", "heavy_app.hog"), request("b"), request("c"))
     assert w.handed == ["b", "c"]
     assert [r.id for r in control.held] == ["new"]
