@@ -8,17 +8,19 @@ Usage (root, cgroup v1, redis-server installed; ``pip install -e '.[test,bench,s
 For each shape (``examples/shape_*.py``) it starts the guarded worker at two
 concurrencies (``LOW`` and ``HIGH`` children) in a memory cgroup with no limit, sends
 ``use`` tasks until every child has run at least ``TASKS_PER_CHILD`` of them, and reads
-the cgroup's working set (usage minus inactive file pages). The measured cost of one
-child is the growth of the working set per added child, ``(ws(HIGH) - ws(LOW)) / (HIGH -
-LOW)``; what the main process grows by after its measurement is the same at both and
-drops out. Next to it, the figure ``tests/integration/test_startup.py`` takes,
-``(ws(HIGH) - in_use) / HIGH``, which also spreads the main process's growth over its
+what the cgroup is charged for other than page cache (see :func:`private`). The measured
+cost of one child is its growth per added child, ``(p(HIGH) - p(LOW)) / (HIGH - LOW)``;
+what the main process grows by after its measurement is the same at both and drops out.
+Next to it, the figure ``tests/integration/test_startup.py`` takes, ``(ws(HIGH) - in_use)
+/ HIGH`` with the working set, which also spreads the main process's growth over its
 children. The estimate is the guard's startup line at ``HIGH``.
 
 Then, for each limit, the largest ``-c`` at which vanilla Celery runs the workload (every
 child runs its tasks; late acks) with no OOM kill, by bisection as ``bench/run.py`` does,
-and the concurrency the guard starts with when asked for ``-c 16``. ``--detail`` prints,
-per child, where its private memory is (by kind of mapping, from /proc/<pid>/smaps).
+and the guard asked for ``-c 16`` in that limit: what it starts with, what it settles on
+after rounds of the workload, its OOM kills and whether every task was done.
+``--detail`` prints, per child, where its private memory is (by kind of mapping, from
+/proc/<pid>/smaps).
 
 ``bench/run.py`` calls :func:`measure_all` and writes the rows into BENCHMARKS.md.
 """
@@ -48,6 +50,7 @@ LOW, HIGH = 2, 6
 TASKS_PER_CHILD = 3
 REQUESTED = 16
 LIMITS = (768, 1024)
+SETTLE = 60.0  # seconds a guarded run may go on while the guard still changes the pool
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Sample:
     """One worker of a shape at one concurrency, after every child ran its tasks."""
 
     concurrency: int
+    private: int  # see private()
     working_set: int
     startup: dict[str, str]
     detail: dict[int, dict[str, int]] = field(default_factory=dict)  # pid -> kind -> bytes
@@ -65,6 +69,20 @@ class Sample:
 
 
 @dataclass
+class Guarded:
+    """The guard asked for ``-c REQUESTED`` in a limit, running the shape's workload."""
+
+    started: int
+    settled: int | None  # its final concurrency (the summary line), None if it had none
+    oom_kills: int
+    done: bool  # every task sent succeeded
+
+    @property
+    def clean(self) -> bool:
+        return self.done and self.oom_kills == 0
+
+
+@dataclass
 class Row:
     shape: str
     estimate: float  # MiB
@@ -72,7 +90,7 @@ class Row:
     measured: float  # MiB per child: the slope
     per_child_with_main: float  # MiB per child as test_startup measures it
     parent_rss: float
-    starts: dict[int, int] = field(default_factory=dict)  # limit -> guard's start at -c 16
+    guarded: dict[int, Guarded] = field(default_factory=dict)  # limit -> the guard at -c 16
     vanilla: dict[int, int] = field(default_factory=dict)  # limit -> vanilla's largest
 
     @property
@@ -80,10 +98,26 @@ class Row:
         return self.estimate / self.measured
 
 
-def working_set(group: harness.Cgroup) -> int:
+def _stat(group: harness.Cgroup) -> dict[str, int]:
     text = (group.path / "memory.stat").read_text()
-    stat = dict(line.split() for line in text.splitlines())
-    return group.usage() - int(stat["total_inactive_file"])
+    return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
+
+
+def working_set(group: harness.Cgroup) -> int:
+    return group.usage() - _stat(group)["total_inactive_file"]
+
+
+def private(group: harness.Cgroup) -> int:
+    """What the cgroup is charged for other than page cache: anonymous memory (what
+    children copy) and kernel memory (their page tables among it).
+
+    Page cache is left out because a file page is charged to the first cgroup that reads
+    it, not to each child that maps it: the worker measured first is charged for the
+    library files its children load and the next one is not. With the working set in
+    place of this, numpy's slope was 10.1 MiB per child in one run and 12.1 in the next
+    (2.7 MiB per child of active file pages charged to one worker and not the other),
+    while this figure was 12.8 and 12.9. :func:`measure_shape` prints both."""
+    return group.usage() - _stat(group)["total_cache"]
 
 
 def smaps_kinds(pid: int) -> dict[str, int]:
@@ -139,10 +173,10 @@ class Runner:
 
     def cost(self, shape: str, low: int = LOW, high: int = HIGH) -> tuple[float, float]:
         """(the startup estimate, the measured cost of one child), in bytes: the growth
-        of the working set per added child, every child having run its tasks."""
+        of :func:`private` per added child, every child having run its tasks."""
         first = self.sample(shape, low)
         second = self.sample(shape, high)
-        slope = (second.working_set - first.working_set) / (high - low)
+        slope = (second.private - first.private) / (high - low)
         return float(second.startup["child_estimate_mib"]) * MIB, slope
 
     def worker(
@@ -198,7 +232,7 @@ class Runner:
             if not self.run_tasks(worker, shape, children):
                 raise RuntimeError(f"{shape} at -c {concurrency}: tasks did not complete")
             time.sleep(1.0)
-            result = Sample(concurrency, working_set(group), startup)
+            result = Sample(concurrency, private(group), working_set(group), startup)
             if detail:
                 result.detail = {pid: smaps_kinds(pid) for pid in [main, *sorted(children)]}
             return result
@@ -230,14 +264,37 @@ class Runner:
             low, top = (middle, top) if ok else (low, middle)
         return low
 
-    def guard_starts(self, shape: str, limit_mib: int) -> int:
+    def guarded(self, shape: str, limit_mib: int, rounds: int = 2) -> Guarded:
+        """The guard asked for ``-c REQUESTED``: ``rounds`` rounds of TASKS_PER_CHILD
+        ``use`` tasks for each requested child, and more while it still changes the pool
+        (up to SETTLE seconds)."""
         group = harness.Cgroup(self.root, limit_mib * MIB)
         worker = self.worker(shape, REQUESTED, group, guard=True)
+        module = MODULES.get(shape, (shape, 0))[0]
+        done, started = True, 0
         try:
-            return int(worker.startup()["concurrency"])
+            started = int(worker.startup()["concurrency"])
+            worker.wait_ready(120)
+            deadline = time.monotonic() + SETTLE
+            count = 0
+            while count < rounds or (worker.still_moving() and time.monotonic() < deadline):
+                count += 1
+                results = harness.send_tasks(
+                    self.redis, worker.queue, "use", REQUESTED * TASKS_PER_CHILD,
+                    app=f"shape_{module}",
+                )  # fmt: skip
+                done = harness.wait_for_results(results, 240) and done
+                if not done:
+                    break
+        except AssertionError:  # the worker died before it was ready
+            done = False
         finally:
             worker.stop()
+            oom_kills = group.oom_kills()
             group.close()
+        finals = [s for s in worker.events("summary") if s.get("final") == "true"]
+        settled = int(finals[0]["concurrency"]) if finals else None
+        return Guarded(started, settled, oom_kills, done)
 
 
 def _children(group: harness.Cgroup, main: int, expected: int, timeout: float = 30) -> list[int]:
@@ -254,7 +311,8 @@ def measure_shape(
 ) -> Row:
     low = runner.sample(shape, LOW)
     high = runner.sample(shape, HIGH, detail)
-    slope = (high.working_set - low.working_set) / (HIGH - LOW)
+    slope = (high.private - low.private) / (HIGH - LOW)
+    by_working_set = (high.working_set - low.working_set) / (HIGH - LOW) / MIB
     line = high.startup
     row = Row(
         shape,
@@ -267,7 +325,8 @@ def measure_shape(
     print(
         f"  {shape}: estimate {row.estimate:.1f} MiB ({row.method}), measured "
         f"{row.measured:.1f} MiB (ratio {row.ratio:.2f}); with the main process's growth "
-        f"{row.per_child_with_main:.1f}; parent RSS {row.parent_rss:.1f}",
+        f"{row.per_child_with_main:.1f}; by the working set (page cache included) "
+        f"{by_working_set:.1f}; parent RSS {row.parent_rss:.1f}",
         flush=True,
     )
     if detail:
@@ -275,11 +334,13 @@ def measure_shape(
             text = " ".join(f"{k}={v / MIB:.1f}" for k, v in sorted(kinds.items()) if v)
             print(f"    pid {pid}: {text}", flush=True)
     for limit in limits:
-        row.starts[limit] = runner.guard_starts(shape, limit)
+        guarded = row.guarded[limit] = runner.guarded(shape, limit)
         if bisect:
             row.vanilla[limit] = runner.largest_vanilla(shape, limit)
         print(
-            f"  {shape} at {limit} MiB: guard starts {row.starts[limit]}, vanilla largest "
+            f"  {shape} at {limit} MiB: guard starts {guarded.started}, settles "
+            f"{guarded.settled}, {guarded.oom_kills} OOM kills, every task done: "
+            f"{'yes' if guarded.done else 'no'}; vanilla largest "
             f"{row.vanilla.get(limit, 'n/a')}",
             flush=True,
         )
@@ -304,20 +365,27 @@ def measure_all(
 
 def render(rows: list[Row], limits: tuple[int, ...] = LIMITS) -> list[str]:
     """The rows for BENCHMARKS.md."""
-    head = " | ".join(f"start / vanilla largest, {limit} MiB" for limit in limits)
+    head = " | ".join(f"start / settle / vanilla largest, {limit} MiB" for limit in limits)
     lines = [
         f"| shape | estimate | method | measured per child | ratio | {head} |",
         "|---|---|---|---|---|" + "---|" * len(limits),
     ]
     for r in rows:
-        starts = " | ".join(
-            f"{r.starts.get(limit, 'n/a')} / {r.vanilla.get(limit, 'n/a')}" for limit in limits
-        )
+        starts = " | ".join(_cell(r.guarded.get(limit), r.vanilla.get(limit)) for limit in limits)
         lines.append(
             f"| {r.shape} | {r.estimate:.1f} MiB | {r.method} | {r.measured:.1f} MiB | "
             f"{r.ratio:.2f} | {starts} |"
         )
     return lines
+
+
+def _cell(guarded: Guarded | None, vanilla: int | None) -> str:
+    if guarded is None:
+        return "n/a"
+    text = f"{guarded.started} / {guarded.settled or 'n/a'} / {vanilla or 'n/a'}"
+    if not guarded.clean:
+        text += f" ({guarded.oom_kills} OOM kills, {'' if guarded.done else 'not '}every task done)"
+    return text
 
 
 def main() -> None:

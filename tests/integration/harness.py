@@ -257,6 +257,19 @@ class Worker:
         marker = f"celery-guard event={event} "
         return [parse_line(line) for line in self.log.splitlines() if marker in line]
 
+    def still_moving(self, quiet: float = 5.0) -> bool:
+        """Did the guard change the pool (or act on pressure) in the last ``quiet``
+        seconds? The benchmarks run more of a workload while it does."""
+        stamps = re.findall(
+            r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: \w+/MainProcess\] "
+            r"celery-guard event=pressure",
+            self.log,
+        )
+        if not stamps:
+            return False
+        last = time.mktime(time.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S"))
+        return time.time() - last < quiet
+
     def forks(self) -> int:
         return len(re.findall(r"heavy_app pool child started", self.log))
 

@@ -4,7 +4,8 @@ real ``celery worker`` processes in real cgroup-v1 memory cgroups, a real Redis.
 For each shape, at a small scale so the whole file takes a few minutes (pandas at its full
 size: see ``SCALES``), the guarded worker runs at 1 and at 3 children (pandas: ``POOLS``);
 every child runs its ``use`` tasks (which read the data the app imported); the measured
-cost of one child is the growth of the cgroup's working set per added child. The startup
+cost of one child is the growth per added child of what the cgroup is charged for other
+than page cache (``estimate.private``). The startup
 estimate must be within 10% of it either way. ``bench/estimate.py``
 measures the same at full scale, with more children.
 """
