@@ -323,7 +323,6 @@ class _Walk:
     side: dict[int, float] = field(default_factory=dict)  # size class -> side-block bytes
     visited: int = 0
     opaque: int = 0
-    floor: float = 0.0  # page floor of the container being walked: see _sampled
     kinds: dict[type, bool] = field(default_factory=dict)  # class -> a library's?
 
     def children(self, obj: Any) -> Iterator[tuple[object, float]]:
@@ -339,13 +338,10 @@ class _Walk:
             for key, weight in _draw(keys, self.sample).items:
                 yield key, weight * len(obj) / len(keys)
             yield from self._drawn(values, len(obj))
-        elif isinstance(obj, (list, tuple)):
-            yield from self._sampled(_draw(obj, self.sample))
         elif isinstance(obj, (set, frozenset)):
             yield from self._drawn(_Strided(obj, len(obj), DRAW), len(obj))
         elif _is_ndarray(obj):
-            if obj.dtype.hasobject:
-                yield from self._sampled(_draw(obj.reshape(-1), self.sample))
+            return  # its numbers are its own block; an array of objects is a sequence
         elif isinstance(obj, type):
             for item in vars(obj).values():
                 yield item, 1.0
@@ -374,20 +370,27 @@ class _Walk:
         for item, weight in _draw(items, self.sample).items:
             yield item, weight * population / max(len(items), 1)
 
-    def _sampled(self, drawn: _Drawn) -> Iterator[tuple[object, float]]:
-        """The items drawn from a list, a tuple or an array of objects. Where they are a
-        sample, the pages their headers are on set a floor under the bytes they are counted
-        at (the floor of the container being walked is left in ``floor``)."""
+    def _sequence(self, obj: Any) -> _Drawn | None:
+        """The items drawn from a list, a tuple or an array of objects; None for others."""
+        if isinstance(obj, (list, tuple)):
+            return _draw(obj, self.sample)
+        if _is_ndarray(obj) and obj.dtype.hasobject:
+            return _draw(obj.reshape(-1), self.sample)
+        return None
+
+    def _page_floor(self, drawn: _Drawn) -> float:
+        """Bytes to add where the drawn items are a sample: the pages their headers are
+        on set a floor under the bytes they are counted at."""
         fresh = [
             (item, weight)
             for item, weight in drawn.items
             if id(item) not in self.seen and self.follow(item, code=False)
         ]
-        if drawn.pages and fresh:
-            counted = sum(weight * written(item)[0] for item, weight in fresh)
-            unseen = len(fresh) / len(drawn.items)  # the rest was counted elsewhere
-            self.floor += max(drawn.pages * PAGE * unseen - counted, 0.0)
-        yield from drawn.items
+        if not (drawn.pages and fresh):
+            return 0.0
+        counted = sum(weight * written(item)[0] for item, weight in fresh)
+        unseen = len(fresh) / len(drawn.items)  # the rest was counted elsewhere
+        return max(drawn.pages * PAGE * unseen - counted, 0.0)
 
     def follow(self, obj: object, code: bool) -> bool:
         """Whether ``obj`` is the app's data (or, where ``code``, the app's own code)."""
@@ -426,12 +429,13 @@ class _Walk:
             if side:
                 self.side[side] = self.side.get(side, 0.0) + weight * side
             in_class = isinstance(obj, type)
-            self.floor = 0.0
-            for child, share in self.children(obj):
+            drawn = self._sequence(obj)
+            if drawn is not None:
+                total += weight * self._page_floor(drawn)
+            for child, share in drawn.items if drawn is not None else self.children(obj):
                 # A class's own methods and nested classes are part of it.
                 nested = in_class and isinstance(child, (type, types.FunctionType))
                 stack.append((child, weight * share, nested))
-            total += weight * self.floor
         return total
 
     def _library_class(self, kind: type) -> bool:
