@@ -199,10 +199,16 @@ class Runner:
         ).start()
 
     def run_tasks(
-        self, worker: harness.Worker, shape: str, children: set[int], timeout: float = 240
+        self,
+        worker: harness.Worker,
+        shape: str,
+        children: set[int],
+        group: harness.Cgroup,
+        timeout: float = 240,
     ) -> bool:
         """Send ``use`` tasks until each child in ``children`` ran TASKS_PER_CHILD of them;
-        False on a failed task, a dead worker or the timeout."""
+        False on a failed task, an OOM kill in ``group`` (at once: a bisection step that
+        fails ends in seconds) or the timeout."""
         runs: dict[int, int] = defaultdict(int)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -213,11 +219,10 @@ class Runner:
             results = harness.send_tasks(
                 self.redis, worker.queue, "use", count, app=f"shape_{module}"
             )
+            if not harness.wait_for_results(results, deadline - time.monotonic(), group):
+                return False
             for result in results:
-                try:
-                    pid, _ = result.get(timeout=max(deadline - time.monotonic(), 1))
-                except Exception:  # noqa: BLE001 - a lost task or a killed child: failed
-                    return False
+                pid, _ = result.get(timeout=1)
                 runs[pid] += 1
         return False
 
@@ -229,7 +234,7 @@ class Runner:
             worker.wait_ready(120)
             main = worker.process.pid if worker.process else -1
             children = set(_children(group, main, concurrency))
-            if not self.run_tasks(worker, shape, children):
+            if not self.run_tasks(worker, shape, children, group):
                 raise RuntimeError(f"{shape} at -c {concurrency}: tasks did not complete")
             time.sleep(1.0)
             result = Sample(concurrency, private(group), working_set(group), startup)
@@ -248,7 +253,7 @@ class Runner:
             worker.wait_ready(120)
             main = worker.process.pid if worker.process else -1
             children = set(_children(group, main, concurrency))
-            return self.run_tasks(worker, shape, children, 180) and group.oom_kills() == 0
+            return self.run_tasks(worker, shape, children, group, 180) and group.oom_kills() == 0
         except (AssertionError, RuntimeError):
             return False
         finally:
@@ -283,7 +288,7 @@ class Runner:
                     self.redis, worker.queue, "use", REQUESTED * TASKS_PER_CHILD,
                     app=f"shape_{module}",
                 )  # fmt: skip
-                done = harness.wait_for_results(results, 240) and done
+                done = harness.wait_for_results(results, 240, group) and done
                 if not done:
                     break
         except AssertionError:  # the worker died before it was ready
