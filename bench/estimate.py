@@ -360,8 +360,10 @@ def measure_all(
     bisect: bool = True,
     detail: bool = False,
     extra: dict[str, str] | None = None,
+    redis: harness.RedisServer | None = None,
 ) -> list[Row]:
-    runner = Runner(workdir, scale, extra)
+    """Every shape; with ``redis`` None, on a Redis of its own that is closed at the end."""
+    runner = Runner(workdir, scale, extra, redis)
     try:
         return [measure_shape(runner, shape, limits, bisect, detail) for shape in shapes]
     finally:

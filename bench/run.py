@@ -561,9 +561,12 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
     ]
 
     print("estimate, by shape", flush=True)
+    # On the bench's Redis: results of a Redis closed under them are collected later, and
+    # their backend then retries its connection from the collector, in a timed round.
     shapes = estimate.measure_all(
-        bench.workdir, limits=(768,) if bench.quick else estimate.LIMITS, bisect=True
-    )
+        bench.workdir, limits=(768,) if bench.quick else estimate.LIMITS, bisect=True,
+        redis=bench.redis,
+    )  # fmt: skip
 
     print("overhead", flush=True)
     overhead_rows = []
