@@ -48,6 +48,8 @@ import overhead  # noqa: E402
 import runtime  # noqa: E402
 from harness import MIB  # noqa: E402
 
+from celery_guard.config import Settings  # noqa: E402
+
 REQUESTED = 16
 ROUNDS, TASKS = 5, 2000  # of the overhead measure
 SETTLE = 60.0  # seconds a guarded run may go on while the guard still changes the pool
@@ -475,7 +477,7 @@ def why_short(r: dict[str, Any]) -> str:
     if (r["settled"] or 0) > (r["started"] or 0):
         text += (
             "; the pool grew to the children that fit at their measured peak cost under "
-            "the high-water mark (90% of the limit)"
+            f"the high-water mark ({Settings().high_water:.0%} of the limit by default)"
         )
     return text
 
