@@ -8,12 +8,19 @@ Usage (root, cgroup v1, redis-server installed; ``pip install -e '.[test,bench,s
 For each shape (``examples/shape_*.py``) it starts the guarded worker at two
 concurrencies (``LOW`` and ``HIGH`` children) in a memory cgroup with no limit, sends
 ``use`` tasks until every child has run at least ``TASKS_PER_CHILD`` of them, and reads
-what the cgroup is charged for other than page cache (see :func:`private`). The measured
+what the cgroup is charged for other than page cache (``Cgroup.private``). The measured
 cost of one child is its growth per added child, ``(p(HIGH) - p(LOW)) / (HIGH - LOW)``;
 what the main process grows by after its measurement is the same at both and drops out.
 Next to it, the figure ``tests/integration/test_startup.py`` takes, ``(ws(HIGH) - in_use)
 / HIGH`` with the working set, which also spreads the main process's growth over its
 children. The estimate is the guard's startup line at ``HIGH``.
+
+Page cache is left out because a file page is charged to the first cgroup that reads it,
+not to each child that maps it: the worker measured first is charged for the library
+files its children load and the next one is not. With the working set in its place,
+numpy's slope was 10.1 MiB per child in one run and 12.1 in the next (2.7 MiB per child
+of active file pages charged to one worker and not the other), while this figure was 12.8
+and 12.9. :func:`measure_shape` prints both.
 
 Then, for each limit, the largest ``-c`` at which vanilla Celery runs the workload (every
 child runs its tasks; late acks) with no OOM kill, by bisection as ``bench/run.py`` does,
@@ -58,7 +65,7 @@ class Sample:
     """One worker of a shape at one concurrency, after every child ran its tasks."""
 
     concurrency: int
-    private: int  # see private()
+    private: int  # Cgroup.private
     working_set: int
     startup: dict[str, str]
     detail: dict[int, dict[str, int]] = field(default_factory=dict)  # pid -> kind -> bytes
@@ -96,28 +103,6 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.estimate / self.measured
-
-
-def _stat(group: harness.Cgroup) -> dict[str, int]:
-    text = (group.path / "memory.stat").read_text()
-    return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
-
-
-def working_set(group: harness.Cgroup) -> int:
-    return group.usage() - _stat(group)["total_inactive_file"]
-
-
-def private(group: harness.Cgroup) -> int:
-    """What the cgroup is charged for other than page cache: anonymous memory (what
-    children copy) and kernel memory (their page tables among it).
-
-    Page cache is left out because a file page is charged to the first cgroup that reads
-    it, not to each child that maps it: the worker measured first is charged for the
-    library files its children load and the next one is not. With the working set in
-    place of this, numpy's slope was 10.1 MiB per child in one run and 12.1 in the next
-    (2.7 MiB per child of active file pages charged to one worker and not the other),
-    while this figure was 12.8 and 12.9. :func:`measure_shape` prints both."""
-    return group.usage() - _stat(group)["total_cache"]
 
 
 def smaps_kinds(pid: int) -> dict[str, int]:
@@ -173,7 +158,7 @@ class Runner:
 
     def cost(self, shape: str, low: int = LOW, high: int = HIGH) -> tuple[float, float]:
         """(the startup estimate, the measured cost of one child), in bytes: the growth
-        of :func:`private` per added child, every child having run its tasks."""
+        of ``Cgroup.private`` per added child, every child having run its tasks."""
         first = self.sample(shape, low)
         second = self.sample(shape, high)
         slope = (second.private - first.private) / (high - low)
@@ -237,7 +222,7 @@ class Runner:
             if not self.run_tasks(worker, shape, children, group):
                 raise RuntimeError(f"{shape} at -c {concurrency}: tasks did not complete")
             time.sleep(1.0)
-            result = Sample(concurrency, private(group), working_set(group), startup)
+            result = Sample(concurrency, group.private(), group.working_set(), startup)
             if detail:
                 result.detail = {pid: smaps_kinds(pid) for pid in [main, *sorted(children)]}
             return result
@@ -297,8 +282,8 @@ class Runner:
             worker.stop()
             oom_kills = group.oom_kills()
             group.close()
-        finals = [s for s in worker.events("summary") if s.get("final") == "true"]
-        settled = int(finals[0]["concurrency"]) if finals else None
+        final = worker.final_summary()
+        settled = int(final["concurrency"]) if final else None
         return Guarded(started, settled, oom_kills, done)
 
 

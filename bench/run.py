@@ -199,8 +199,8 @@ class Bench:
             group.close()
         result.sent, result.completed, result.usage = sent, completed, usage
         if guard:
-            finals = [s for s in worker.events("summary") if s["final"] == "true"]
-            result.settled = int(finals[0]["concurrency"]) if finals else None
+            final = worker.final_summary()
+            result.settled = int(final["concurrency"]) if final else None
         return result
 
     def largest_vanilla(self, workload: Workload, limit_mib: int, high: int = 24) -> int:
@@ -281,9 +281,7 @@ def gc_freeze_charge(bench: Bench, freeze: bool) -> float:
             result.get(timeout=120)
         harness.wait_for_results(harness.send_tasks(bench.redis, worker.queue, "collect", 8), 120)
         time.sleep(2)
-        stat = dict(line.split() for line in (group.path / "memory.stat").read_text().splitlines())
-        working_set = group.usage() - int(stat["total_inactive_file"])
-        return (working_set - in_use) / 4 / MIB
+        return (group.working_set() - in_use) / 4 / MIB
     finally:
         worker.stop()
         group.close()

@@ -199,8 +199,7 @@ def _guard_figures(worker: harness.Worker, outcome: Outcome) -> None:
     outcome.smallest_pool = min(sizes) if sizes else None
     outcome.stopped = sum(p["action"] == "terminate" for p in pressure)
     outcome.recycles = len(recycles)
-    finals = [s for s in worker.events("summary") if s.get("final") == "true"]
-    outcome.summary = finals[-1] if finals else {}
+    outcome.summary = worker.final_summary()
     outcome.holds = int(outcome.summary.get("holds") or 0)
 
 
@@ -349,10 +348,11 @@ def render(comparisons: list[Comparison], rounds: int) -> list[str]:
         )
     for c in comparisons:
         for label, outcomes in c.rejected:
-            lines.append(
-                f"\n{c.workload} at {c.limit} MiB: `{label.removeprefix('vanilla ')}` was the "
-                f"fastest in the grid, but not clean in its rounds: {_cell(outcomes)}."
-            )
+            lines += [
+                "",
+                f"{c.workload} at {c.limit} MiB: `{label.removeprefix('vanilla ')}` was the "
+                f"fastest in the grid, but not clean in its rounds: {_cell(outcomes)}.",
+            ]
     lines += [
         "",
         "How fast the guard acted, from its final summary lines (all guarded rounds):",

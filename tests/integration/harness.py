@@ -133,6 +133,20 @@ class Cgroup:
     def max_usage(self) -> int:
         return self._value("memory.max_usage_in_bytes")
 
+    def stat(self) -> dict[str, int]:
+        text = (self.path / "memory.stat").read_text()
+        return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
+
+    def working_set(self) -> int:
+        """Usage minus inactive file pages, as the guard and the kubelet read it."""
+        return self.usage() - self.stat()["total_inactive_file"]
+
+    def private(self) -> int:
+        """What the cgroup is charged for other than page cache: anonymous and kernel
+        memory. A file page is charged once, to the first cgroup that reads it, so page
+        cache is not a cost each child adds (see bench/estimate.py)."""
+        return self.usage() - self.stat()["total_cache"]
+
     def oom_kills(self) -> int:
         for line in (self.path / "memory.oom_control").read_text().splitlines():
             key, _, value = line.partition(" ")
@@ -269,6 +283,11 @@ class Worker:
             return False
         last = time.mktime(time.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S"))
         return time.time() - last < quiet
+
+    def final_summary(self) -> dict[str, str]:
+        """The fields of the last ``event=summary final=true`` line; empty if none."""
+        finals = [s for s in self.events("summary") if s.get("final") == "true"]
+        return finals[-1] if finals else {}
 
     def forks(self) -> int:
         return len(re.findall(r"heavy_app pool child started", self.log))

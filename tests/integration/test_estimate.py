@@ -5,7 +5,7 @@ For each shape, at a small scale so the whole file takes a few minutes (pandas a
 size: see ``SCALES``), the guarded worker runs at 1 and at 3 children (pandas: ``POOLS``);
 every child runs its ``use`` tasks (which read the data the app imported); the measured
 cost of one child is the growth per added child of what the cgroup is charged for other
-than page cache (``estimate.private``). The startup
+than page cache (``harness.Cgroup.private``). The startup
 estimate must be within 10% of it either way. ``bench/estimate.py``
 measures the same at full scale, with more children.
 """

@@ -79,8 +79,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
     results = harness.send_tasks(redis, worker.queue, "walk", 8)
     assert harness.wait_for_results(results, 120, group)
 
-    stat = dict(line.split() for line in (group.path / "memory.stat").read_text().splitlines())
-    working_set = group.usage() - int(stat["total_inactive_file"])
+    working_set = group.working_set()
     lowered_mib = working_set // 0.97 // MIB  # high (95%) below the working set
     (group.path / "memory.limit_in_bytes").write_text(str(int(lowered_mib * MIB)))
     lowered = worker.wait_for(rf"celery-guard event=limit .*new_mib={lowered_mib}", 10)

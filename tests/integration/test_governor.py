@@ -129,8 +129,7 @@ def _charge_per_child_after_collecting(
         result.get(timeout=60)
     more = harness.send_tasks(redis, worker.queue, "collect", 8)
     assert harness.wait_for_results(more, 60), worker.log[-3000:]
-    stat = dict(line.split() for line in (group.path / "memory.stat").read_text().splitlines())
-    working_set = group.usage() - int(stat["total_inactive_file"])
+    working_set = group.working_set()
     worker.stop()
     return (working_set - in_use) / 4 / MIB
 

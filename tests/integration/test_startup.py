@@ -34,11 +34,6 @@ MakeWorker = Callable[..., Worker]
 MakeCgroup = Callable[..., Cgroup]
 
 
-def _working_set(group: Cgroup) -> int:
-    stat = dict(line.split() for line in (group.path / "memory.stat").read_text().splitlines())
-    return group.usage() - int(stat["total_inactive_file"])
-
-
 @pytest.mark.cgroup
 def test_vanilla_dies_where_guarded_scales_and_finishes(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
@@ -82,7 +77,7 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     ran = set(re.findall(r"ForkPoolWorker-(\d+)\] Task heavy_app.walk\S* succeeded", worker.log))
     counted = min(len(ran), len(children))
     assert counted >= REALLY_FIT_IN_1G * 0.8
-    real_per_child = (_working_set(group) - float(startup["in_use_mib"]) * MIB) / counted
+    real_per_child = (group.working_set() - float(startup["in_use_mib"]) * MIB) / counted
     estimate = float(startup["child_estimate_mib"]) * MIB
     assert 0.95 * real_per_child <= estimate <= 1.2 * real_per_child, (
         f"estimate {estimate / MIB:.1f} MiB, real {real_per_child / MIB:.1f} MiB per child"
