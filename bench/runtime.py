@@ -52,12 +52,20 @@ class Workload:
     concurrencies: tuple[int, ...]  # vanilla's grid
     leaks: tuple[int, ...]  # vanilla's grid: --max-memory-per-child room, in leaks (0: none)
     quick: tuple[tuple[int, int], ...]  # the grid of --quick: (-c, leaks)
+    env: tuple[tuple[str, str], ...] = ()  # the app's settings (both workers)
 
 
 LEAK_MIB = 24
 WORKLOADS = {
     "leaky": Workload("leaky", "leak", (LEAK_MIB,), 240, (3, 4, 5, 6, 8), (0, 2, 4, 6),
                       ((4, 4), (5, 4))),
+    # Leaky, fast tasks, dear children, a small main process: each task keeps 24 MiB and
+    # takes 5 ms; a child spends 0.5 s of CPU starting (a model loaded in
+    # worker_process_init).
+    "leaky-fast": Workload("leaky-fast", "leak", (LEAK_MIB, 0.005), 240, (2, 3, 4, 6, 8, 12),
+                           (1, 2, 4, 8, 16), ((2, 8), (4, 4)),
+                           (("HEAVY_APP_CHILD_START_SECONDS", "0.5"),
+                            ("HEAVY_APP_OBJECTS", "1000"), ("HEAVY_APP_BUFFER_MIB", "1"))),
     "transient": Workload("transient", "hog", (60, 0.3), 160, (4, 5, 6, 7, 8), (0,),
                           ((6, 0), (7, 0))),
 }  # fmt: skip
@@ -120,7 +128,8 @@ class Runner:
         self.root = harness.own_memory_cgroup()
         self.redis = redis or harness.RedisServer(workdir)
         self.count = 0
-        self.parent_kib: int | None = None  # the main process's RSS, as a user reads it
+        #: the main process's RSS in KiB, as a user reads it, by the app's settings
+        self.parent_kib: dict[tuple[tuple[str, str], ...], int] = {}
 
     def run(
         self, workload: Workload, limit_mib: int, args: list[str], guard: bool,
@@ -128,7 +137,9 @@ class Runner:
     ) -> Outcome:  # fmt: skip
         self.count += 1
         group = harness.Cgroup(self.root, limit_mib * MIB)
-        extra = {"HEAVY_APP_ACKS_LATE": "1"} if acks_late else {}
+        extra = dict(workload.env)
+        if acks_late:
+            extra["HEAVY_APP_ACKS_LATE"] = "1"
         env = harness.worker_env(self.redis, {**extra, **(self.guard_env if guard else {})}, guard)
         log = self.workdir / f"runtime-{self.count}.log"
         worker = harness.Worker(args, env, log, cgroup=group).start()
@@ -203,18 +214,19 @@ def _guard_figures(worker: harness.Worker, outcome: Outcome) -> None:
     outcome.holds = int(outcome.summary.get("holds") or 0)
 
 
-def parent_kib(runner: Runner) -> int:
+def parent_kib(runner: Runner, workload: Workload) -> int:
     """The main process's RSS in KiB, as a user tuning vanilla reads it: from the guard's
-    startup line (``parent_rss_mib``), once."""
-    if runner.parent_kib is None:
-        env = harness.worker_env(runner.redis)
+    startup line (``parent_rss_mib``), once per app setting."""
+    if workload.env not in runner.parent_kib:
+        env = harness.worker_env(runner.redis, dict(workload.env))
         runner.count += 1
         worker = harness.Worker(["-c", "1"], env, runner.workdir / "parent.log").start()
         try:
-            runner.parent_kib = int(float(worker.startup()["parent_rss_mib"]) * 1024)
+            kib = int(float(worker.startup()["parent_rss_mib"]) * 1024)
         finally:
             worker.stop()
-    return runner.parent_kib
+        runner.parent_kib[workload.env] = kib
+    return runner.parent_kib[workload.env]
 
 
 @dataclass
@@ -244,7 +256,7 @@ def compare(
     runner: Runner, workload: Workload, limit: int, rounds: int, quick: bool, say: Any = print
 ) -> Comparison:
     """The grid, the best of it, then rounds of the best and of the guard in turn."""
-    kib = parent_kib(runner)
+    kib = parent_kib(runner, workload)
     points = workload.quick if quick else [
         (c, n) for c in workload.concurrencies for n in workload.leaks
     ]  # fmt: skip

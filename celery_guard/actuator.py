@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from billiard.pool import ACK, READY
+from celery.concurrency.asynpool import WORKER_UP  # type: ignore[attr-defined]
 
 from .exits import LostJob
 
@@ -92,6 +93,8 @@ class PoolControl:
         #: Told of a task lost with its child; returns the exception it fails with
         #: instead of billiard's WorkerLostError, or None to leave it.
         self.on_lost: Callable[[LostJob], Exception | None] | None = None
+        #: Told of a child ready for work (its WORKER_UP message: forked and started).
+        self.on_alive: Callable[[int], None] | None = None
         self._start_task: Callable[[Any], Any] | None = None
         self.installed = False
 
@@ -127,7 +130,7 @@ class PoolControl:
     def _wrap_pool(self, pool: Any, handlers: dict[int, Any]) -> None:
         process_up, process_down = pool.on_process_up, pool.on_process_down
         job_down, job_lost = pool.on_job_process_down, pool.on_job_process_lost
-        ack, ready = handlers[ACK], handlers[READY]
+        ack, ready, alive = handlers[ACK], handlers[READY], handlers.get(WORKER_UP)
         held_task: dict[int, tuple[str, str]] = {}  # pid -> the task its lost job was
 
         def on_process_up(process: Any) -> Any:
@@ -171,6 +174,14 @@ class PoolControl:
             self._guarded("release", self.release)
             return result
 
+        def on_alive(pid: int) -> Any:
+            result = alive(pid) if alive else None
+            if self.on_alive is not None:
+                self._guarded("alive", self.on_alive, pid)
+            return result
+
+        if alive is not None:
+            handlers[WORKER_UP] = on_alive
         pool.on_process_up, pool.on_process_down = on_process_up, on_process_down
         pool.on_job_process_down, pool.on_job_process_lost = (
             on_job_process_down,
@@ -228,7 +239,8 @@ class PoolControl:
             listener.task_accepted(pid, task_id, name)
 
     def _ready(self, job: int) -> int | None:
-        """A child finished a job: tell the listeners; recycle it when one asks."""
+        """A child finished a job: tell the listeners; recycle it when one asks. Returns
+        its pid (a listener may have retired or recycled it: see ``on_ready``)."""
         result = self.pool._cache.get(job)
         pids = result.worker_pids() if result is not None else []
         if not pids:
@@ -237,9 +249,9 @@ class PoolControl:
         recycle = False
         for listener in self.listeners:
             recycle = listener.task_ready(pid, task_id) or recycle
-        if recycle and self.recycle(pid, task_ended=True):
-            return pid
-        return None
+        if recycle:
+            self.recycle(pid, task_ended=True)
+        return pid
 
     def _lost(self, job: Any, pid: int, exitcode: int | None) -> Exception | None:
         if self.on_lost is None:
@@ -318,6 +330,13 @@ class PoolControl:
         self.w.pool.grow(count)
         self.pool.maintain_pool()
 
+    def replace_exited(self) -> None:
+        """Join children that exited and fork their replacements now. The pool does it
+        when a child's sentinel becomes readable, but a child seen closing it before the
+        kernel reports its exit is only joined at the next periodic maintenance, up to
+        5 seconds later: a slot without a child all that time."""
+        self.pool.maintain_pool()
+
     def recycle(self, pid: int, task_ended: bool = False) -> bool:
         """Replace an idle child: it exits (billiard's controlled termination) and the pool
         forks a new one in its place. ``task_ended``: called as its task's result came
@@ -328,10 +347,11 @@ class PoolControl:
         self._leave(child)
         return True
 
-    def retire(self, pid: int) -> bool:
-        """Take an idle child out of the pool for good: the pool is one smaller."""
+    def retire(self, pid: int, task_ended: bool = False) -> bool:
+        """Take an idle child out of the pool for good: the pool is one smaller.
+        ``task_ended``: as for ``recycle``."""
         child = self._current(pid)
-        if child is None or self.size <= 1 or self._written_to(child):
+        if child is None or self.size <= 1 or (not task_ended and self._written_to(child)):
             return False
         pool = self.pool
         pool._processes -= 1

@@ -11,6 +11,7 @@ is the net for growth inside a running task. ``policy`` decides, ``ledger`` reme
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import threading
 import time
@@ -30,6 +31,22 @@ from .sizes import mib
 
 #: How long a working-set reading serves the gate before it is read again (seconds).
 FRESH = 0.02
+#: Seconds a replacement may take to be ready before its slot is no longer waited for.
+REPLACED_WITHIN = 30.0
+#: Seconds after a recycle with no replacement forked yet before the pool is asked to
+#: join its exited children (see ``PoolControl.replace_exited``).
+REPLACE_CHECK = 0.2
+
+
+def available_cpus() -> float:
+    """CPUs this worker may use: Celery's own count (affinity and the cgroup's CPU quota,
+    Celery 5.7), else the affinity mask."""
+    try:
+        from celery.utils.sysinfo import available_cpu_count  # type: ignore[attr-defined]
+
+        return float(available_cpu_count())
+    except (ImportError, AttributeError, OSError, ValueError):
+        return float(len(os.sched_getaffinity(0)))
 
 
 class Governor:
@@ -50,6 +67,7 @@ class Governor:
         count: Callable[[str], None] = lambda action: None,
         limits: dict[str, int] | None = None,
         count_task: Callable[[str, str | None], None] = lambda kind, name: None,
+        cpus: float | None = None,
     ) -> None:
         self.control = control
         self.settings = settings
@@ -65,6 +83,17 @@ class Governor:
         #: declared hard limits bound the peak of tasks not measured yet
         self.ledger = Ledger(estimate, TaskTable(limits))
         self.safety = policy.Safety()
+        self.cpus = cpus if cpus is not None else available_cpus()
+        #: The pool's size chosen for throughput (policy.plan), made again at each tick.
+        self.plan: policy.Plan | None = None
+        #: When children were told to leave for a replacement, oldest first: the next
+        #: child forked is taken for the oldest one's replacement, and the time from
+        #: then to its first readiness is a slot's time without a child.
+        self.replacing: deque[float] = deque(maxlen=64)
+        self.replacements: dict[int, float] = {}  # pid forked -> when its slot emptied
+        #: runs between recycles a plan may not go below: the setting, when it was set
+        given = settings.source("min_tasks_per_child") != "default"
+        self.fewest_tasks = settings.min_tasks_per_child if given else 1
         self.records: deque[Record] = deque()  # from the sampler's thread
         self.main_rss = StatmRss()
         self.reading: tuple[float, int] | None = None  # (when, working set)
@@ -89,6 +118,7 @@ class Governor:
             self.child_up(pid)
         self.control.listeners.append(self)
         self.control.gate = self.gate
+        self.control.on_alive = self.child_alive
         hub.call_later(self.settings.brake_interval, self.tick)
 
     def stop(self) -> None:
@@ -122,18 +152,31 @@ class Governor:
             base=self.main_rss() + self.others,
             tasks_per_child=self.settings.min_tasks_per_child,
             rss_now=self.control.rss,
+            target=self.plan.size if self.plan is not None else None,
         )
 
     # -- listener: the pool's events --------------------------------------------------
     def child_up(self, pid: int) -> None:
         self.ledger.child_up(pid, self.control.rss(pid) or 0)
+        now = time.monotonic()
+        while self.replacing and now - self.replacing[0] > REPLACED_WITHIN:
+            self.replacing.popleft()  # its replacement never came (the pool shrank)
+        if self.replacing:
+            self.replacements[pid] = self.replacing.popleft()
+
+    def child_alive(self, pid: int) -> None:
+        """A child is ready for work: for a replacement, how long its slot was empty."""
+        emptied = self.replacements.pop(pid, None)
+        if emptied is not None:
+            self.ledger.pace.replace_wall.add(time.monotonic() - emptied)
 
     def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        self.replacements.pop(pid, None)
         self.ledger.child_down(pid)
         self.control.release()
 
     def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        self.ledger.task_accepted(pid, task_id, name)
+        self.ledger.task_accepted(pid, task_id, name, time.monotonic())
 
     def task_ready(self, pid: int, task_id: str) -> bool:
         """A task ended in ``pid``: take its record, then recycle the child if it has
@@ -142,10 +185,13 @@ class Governor:
         self._absorb()
         child = self.ledger.children.get(pid)
         last = child.task if child is not None else None
-        self.ledger.task_finished(pid)
+        now = time.monotonic()
+        self.ledger.task_finished(pid, now)
         if child is None or not self.settings.recycle or self.stopped:
             return False
-        view = self.view(time.monotonic())
+        view = self.view(now)
+        if self._retire_above_plan(child, view):
+            return False
         if not policy.recycle(view, self.ledger, child):
             return False
         self.count_task("recycle", last)
@@ -153,7 +199,52 @@ class Governor:
         if self.observing:
             return False
         child.leaving = True
+        self.replacing.append(now)
         return True
+
+    def _retire_above_plan(self, child: ChildState, view: policy.View) -> bool:
+        """The pool is larger than its plan: the child that just finished leaves it (one
+        at a time: the next task's end retires the next)."""
+        if self.plan is None or self.observing:
+            return False
+        if view.size <= self.plan.size or child.leaving or len(self.ledger.live()) <= 1:
+            return False
+        if not self.control.retire(child.pid, task_ended=True):
+            return False
+        child.leaving = True
+        self._pressure(
+            "retire", "plan", view.working_set, pid=child.pid, private_mib=mib(child.private),
+            target=self.plan.size,
+        )  # fmt: skip
+        return True
+
+    def _replan(self, view: policy.View) -> None:
+        """The pool's size for throughput, again from the latest figures; one line when
+        it changes, with the figures it was chosen from."""
+        previous = self.plan
+        self.plan = policy.plan(view, self.ledger, self.cpus, previous, self.fewest_tasks)
+        if previous is not None and previous.size == self.plan.size:
+            return
+        if previous is None and self.plan.reason == "measuring":
+            return
+        pace = self.ledger.pace
+        fields: dict[str, Any] = {
+            "worker": self.hostname,
+            "target": self.plan.size,
+            "concurrency": view.size,
+            "reason": self.plan.reason,
+            "tasks_per_child": self.plan.tasks_per_child,
+            "rate_per_s": round(self.plan.rate, 1) if self.plan.rate else None,
+            "task_cpu_ms": _ms(pace.task_cpu.value),
+            "task_idle_ms": _ms(pace.idle_wall()),
+            "start_cpu_ms": _ms(pace.start_cpu),
+            "replace_ms": _ms(pace.replace_wall.value),
+            "retained_mib": mib(int(pace.retained.value or 0)),
+            "baseline_mib": mib(self.ledger.expected_baseline),
+            "peak_mib": mib(self.ledger.tasks.worst_peak),
+            "cpus": self.cpus,
+        }
+        emit(logging.INFO, "plan", fields)
 
     # -- the gate ---------------------------------------------------------------------
     def gate(self, request: Any) -> bool | None:
@@ -210,6 +301,7 @@ class Governor:
         try:
             self._absorb()
             now = time.monotonic()
+            self._replan(self.view(now, fresh=0.0))
             view = self.view(now, fresh=0.0)
             self.working_set_max = max(self.working_set_max, view.working_set)
             if view.working_set >= view.marks.high and self.crossed is None:
@@ -218,6 +310,8 @@ class Governor:
                 self.crossed = None
             for action in self.safety.decide(view, self.ledger, now):
                 self._carry_out(action, view)
+            if self.replacing and now - self.replacing[0] > REPLACE_CHECK:
+                self.control.replace_exited()  # a replacement late: its child exited
             if not self.safety.over:
                 self.control.release()
             delay = self.safety.next_delay(view.working_set, view.marks, delay)
@@ -251,6 +345,8 @@ class Governor:
                 self.count_task("memory_kill", child.task)
         elif action.action == "shed":
             done = self.control.recycle(child.pid)
+            if done:
+                self.replacing.append(time.monotonic())
         else:  # retire
             done = self.control.retire(child.pid)
         if not done:
@@ -338,7 +434,29 @@ class Governor:
             "reaction_p50_ms": round(statistics.median(reactions) * 1000, 1) if reactions else None,
             "reaction_max_ms": round(max(reactions) * 1000, 1) if reactions else None,
             "working_set_max_mib": mib(self.working_set_max),
+            **self._planned(),
         }
+
+    def _planned(self) -> dict[str, Any]:
+        """The plan as the settings of a vanilla worker (the summary recommends them):
+        its size, and where its tasks keep memory, the ``worker_max_memory_per_child``
+        that recycles a child after its planned tasks. None where the plan cannot be
+        told that way: no plan yet, or children below the main process's RSS (billiard
+        starts a child's peak RSS at the main process's, so it would recycle all)."""
+        plan = self.plan
+        if plan is None or plan.reason in ("measuring", "memory"):
+            return {}
+        fields: dict[str, Any] = {"plan_concurrency": plan.size}
+        view = self.view(time.monotonic())
+        found = policy.costs(view, self.ledger, self.cpus)
+        bases = [c.rss_at_baseline for c in self.ledger.live() if not c.young]
+        if plan.tasks_per_child is None or found is None or not bases:
+            return fields
+        limit = policy.recycle_rss(found, sum(bases) // len(bases), plan.tasks_per_child)
+        if limit > self.main_rss():
+            fields["plan_tasks_per_child"] = plan.tasks_per_child
+            fields["plan_max_memory_per_child_kib"] = limit // 1024
+        return fields
 
     def info(self) -> dict[str, Any]:
         """The governor's figures, for ``celery inspect stats`` and ``guard_stats``."""
@@ -357,4 +475,8 @@ class Governor:
         }
 
 
-__all__ = ["Governor"]
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 1) if seconds is not None else None
+
+
+__all__ = ["Governor", "available_cpus"]

@@ -45,6 +45,9 @@ class Record:
     rss: int  # bytes: the child's RSS after the task
     private: int | None  # bytes: its private memory, when the child read it
     recycling: bool = False  # billiard recycles it now (worker_max_memory_per_child)
+    cpu: int | None = None  # microseconds of CPU the child used since it was forked
+    wait: int | None = None  # microseconds it waited for a CPU since (None: unknown)
+    tasks: int = 0  # tasks the child has finished, this one included
 
 
 @dataclass
@@ -101,6 +104,85 @@ class TaskTable:
         return max((m.retained_per_run for m in self.by_name.values()), default=0)
 
 
+#: Weight an old sample keeps at each new one: the means follow the last few dozen
+#: samples, so the start's contention (every child forked at once) is forgotten within
+#: the first round of tasks, and a workload that changes is followed as fast.
+DECAY = 0.95
+
+
+@dataclass
+class Mean:
+    """A decayed mean of samples that each cover ``weight`` units (tasks, children)."""
+
+    total: float = 0.0
+    weight: float = 0.0
+    samples: int = 0
+
+    def add(self, total: float, weight: float = 1.0) -> None:
+        self.total = self.total * DECAY + total
+        self.weight = self.weight * DECAY + weight
+        self.samples += 1
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.weight if self.weight > 0 else None
+
+
+@dataclass
+class Pace:
+    """How fast the pool goes, in the units a hand-tuner weighs: a task's wall time, the
+    CPU it uses and the time it waits for a CPU, what a task keeps in its child, and what
+    a new child costs before its first task (CPU seconds: the fork's real price)."""
+
+    task_wall: Mean = field(default_factory=Mean)  # seconds from accepted to ready
+    task_cpu: Mean = field(default_factory=Mean)  # CPU seconds per task
+    task_wait: Mean = field(default_factory=Mean)  # seconds per task waiting for a CPU
+    retained: Mean = field(default_factory=Mean)  # bytes a task keeps, after the first
+    first_kept: Mean = field(default_factory=Mean)  # bytes a child's first task kept
+    first_cpu: Mean = field(default_factory=Mean)  # CPU seconds to a child's first record
+    first_tasks: Mean = field(default_factory=Mean)  # tasks in that first record
+    #: seconds from a child told to leave to its replacement ready for work
+    replace_wall: Mean = field(default_factory=Mean)
+
+    @property
+    def start_cpu(self) -> float | None:
+        """CPU seconds a child spends before its first task: its first record's CPU less
+        the tasks it had run by then."""
+        first, tasks, per_task = (
+            self.first_cpu.value, self.first_tasks.value, self.task_cpu.value,
+        )  # fmt: skip
+        if first is None or tasks is None or per_task is None:
+            return None
+        return max(first - tasks * per_task, 0.0)
+
+    def idle_wall(self) -> float | None:
+        """Seconds of a task's wall time spent neither on a CPU nor waiting for one
+        (sleep, I/O, the hand-over): what more children than CPUs can overlap."""
+        wall, cpu = self.task_wall.value, self.task_cpu.value
+        if wall is None or cpu is None:
+            return None
+        return max(wall - cpu - (self.task_wait.value or 0.0), 0.0)
+
+    def from_record(self, child: ChildState, record: Record) -> None:
+        """A child's record: its first gives what it cost to start; each later one what
+        the tasks in between used and kept."""
+        if record.cpu is None or record.tasks <= 0:
+            return
+        last = child.last_record
+        child.last_record = record
+        if last is None:
+            self.first_cpu.add(record.cpu / 1e6)
+            self.first_tasks.add(record.tasks)
+            return
+        tasks = record.tasks - last.tasks
+        if tasks <= 0 or last.cpu is None or record.cpu < last.cpu:
+            return
+        self.task_cpu.add((record.cpu - last.cpu) / 1e6, tasks)
+        if record.wait is not None and last.wait is not None and record.wait >= last.wait:
+            self.task_wait.add((record.wait - last.wait) / 1e6, tasks)
+        self.retained.add(max(record.rss - last.rss, 0), tasks)
+
+
 @dataclass
 class ChildState:
     pid: int
@@ -112,7 +194,9 @@ class ChildState:
     task_id: str | None = None
     task_peak: int = 0  # the growth reserved for that task
     task_rss: int = 0  # its RSS when that task started
+    task_since: float | None = None  # when it accepted that task (monotonic seconds)
     leaving: bool = False  # recycled, retired or killed: on its way out
+    last_record: Record | None = None  # its last record that carried its CPU time
 
     @property
     def young(self) -> bool:
@@ -137,6 +221,7 @@ class Ledger:
     #: Tasks handed to the pool and not yet accepted by a child, by id.
     starting: OrderedDict[str, Handed] = field(default_factory=OrderedDict)
     baselines: deque[int] = field(default_factory=lambda: deque(maxlen=BASELINES_KEPT))
+    pace: Pace = field(default_factory=Pace)
 
     # -- the figures the policy reads ----------------------------------------------------
     @property
@@ -183,19 +268,23 @@ class Ledger:
                 return
             del self.starting[task_id]
 
-    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+    def task_accepted(self, pid: int, task_id: str, name: str, now: float | None = None) -> None:
         entry = self.starting.pop(task_id, None)
         child = self.children.get(pid)
         if child is None:
             return
         peak = entry.peak if entry else (self.tasks.peak(name) or self.tasks.worst_peak)
         child.task, child.task_id, child.task_peak, child.task_rss = name, task_id, peak, child.rss
+        child.task_since = now
 
-    def task_finished(self, pid: int) -> None:
+    def task_finished(self, pid: int, now: float | None = None) -> None:
         child = self.children.get(pid)
         if child is not None:
+            if now is not None and child.task_since is not None:
+                self.pace.task_wall.add(max(now - child.task_since, 0.0))
             child.task = child.task_id = None
             child.task_peak = 0
+            child.task_since = None
             child.tasks += 1
 
     def take(self, record: Record) -> None:
@@ -206,6 +295,7 @@ class Ledger:
         if child is None:
             return
         child.rss = record.rss
+        self.pace.from_record(child, record)
         if record.private is not None and child.baseline is None:
             # What it copied from the main process: its private memory less what the
             # task it just ran kept (a leak is not part of the next child's baseline).
@@ -213,6 +303,7 @@ class Ledger:
             child.baseline = max(record.private - kept, 0)
             child.rss_at_baseline = record.rss - kept
             self.baselines.append(child.baseline)
+            self.pace.first_kept.add(kept)
 
 
 __all__ = [
@@ -221,6 +312,8 @@ __all__ = [
     "ChildState",
     "Handed",
     "Ledger",
+    "Mean",
+    "Pace",
     "Record",
     "TaskMemory",
     "TaskTable",

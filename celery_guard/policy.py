@@ -54,6 +54,8 @@ class View:
     #: The same view with the working set read now, for a decision that also reads the
     #: children now (a reading older than theirs would miss what grew in between).
     fresh: Callable[[], View] | None = None
+    #: The pool's size as the throughput plan chose it (``plan``); None: no plan yet.
+    target: int | None = None
 
 
 # -- the projection ------------------------------------------------------------------------
@@ -186,7 +188,149 @@ def child_cost(view: View, ledger: Ledger) -> int:
 
 
 def target_size(view: View, ledger: Ledger) -> int:
-    """The children that fit at their peak cost, between 1 and the requested."""
+    """The pool's size: the throughput plan's (``plan``) once the governor has one,
+    else the children that fit at their peak cost, between 1 and the requested."""
+    return view.target if view.target is not None else _fitting(view, ledger)
+
+
+# -- the pool's size for throughput ---------------------------------------------------------
+#: The most runs between two recycles a plan considers (a child that keeps next to nothing).
+MOST_TASKS_PER_CHILD = 1000
+#: A plan replaces the current size only when it is expected to run this much faster: a
+#: pool that changes for less follows the noise of its own figures.
+HYSTERESIS = 0.10
+#: Records with CPU figures (tasks after a child's first) before a plan is made.
+MEASURED_TASKS = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A pool size and how many tasks each child then runs between recycles, chosen
+    together for the most tasks per second that fit (``tasks_per_child`` None: the
+    tasks keep too little for it to matter)."""
+
+    size: int
+    tasks_per_child: int | None
+    rate: float | None  # tasks per second expected; None: not measured yet
+    reason: str  # measuring | memory | throughput | kept
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a plan weighs, measured (``ledger.Pace``) and from the ledger's peaks."""
+
+    room: int  # bytes the marks leave for the children
+    baseline: int  # bytes a new child copies
+    peak: int  # bytes the worst task grows a child by while it runs
+    first_kept: int  # bytes a child's first task keeps (a cache it builds, a first leak)
+    retained: int  # bytes each later task keeps, on average
+    task_cpu: float  # CPU seconds per task
+    task_idle: float  # seconds per task off the CPU (sleep, I/O): more children overlap it
+    start_cpu: float  # CPU seconds a new child spends before its first task
+    cpus: float  # CPUs the worker may use
+    #: seconds a child's slot does no work when it is replaced (its exit, the fork, the
+    #: new child's start); at least ``start_cpu``
+    replace_wall: float = 0.0
+
+    def holds(self, tasks: int) -> int:
+        """Bytes a child needs at the peak of its ``tasks``-th task."""
+        kept = 0 if tasks <= 1 else self.first_kept + (tasks - 2) * self.retained
+        return self.baseline + self.peak + kept
+
+    def most_tasks(self, size: int) -> int:
+        """The most tasks a child can run before it outgrows its share at ``size``
+        children (0: not even one fits)."""
+        share = self.room // size
+        if self.holds(1) > share:
+            return 0
+        if self.holds(2) > share:
+            return 1
+        if self.retained <= 0:
+            return MOST_TASKS_PER_CHILD
+        extra = (share - self.holds(2)) // self.retained
+        return int(min(2 + extra, MOST_TASKS_PER_CHILD))
+
+    def rate(self, size: int, tasks: int) -> float:
+        """Tasks per second of ``size`` children that each run ``tasks`` tasks, then
+        are replaced: bounded by the children (a task's wall time, the start of the
+        next child) and by the CPUs (each task's CPU and its share of a start)."""
+        cpu = tasks * self.task_cpu + self.start_cpu
+        slot = tasks * (self.task_cpu + self.task_idle) + max(self.replace_wall, self.start_cpu)
+        by_children = size * tasks / max(slot, 1e-9)
+        by_cpus = self.cpus * tasks / max(cpu, 1e-9)
+        return min(by_children, by_cpus)
+
+
+def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
+    """The peak RSS (billiard's ``worker_max_memory_per_child``, in bytes) that recycles
+    a child after ``tasks`` tasks, as the plan does: billiard compares the child's peak
+    RSS after each task with it, so it lies half-way between the peak of the child's
+    ``tasks - 1``-th task and that of its ``tasks``-th."""
+
+    def above(runs: int) -> int:
+        return found.holds(runs) - found.baseline if runs >= 1 else 0
+
+    return rss_at_baseline + (above(tasks - 1) + above(tasks)) // 2
+
+
+def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
+    """The plan's inputs, or None while the pace is not measured yet."""
+    pace = ledger.pace
+    start, idle, task_cpu = pace.start_cpu, pace.idle_wall(), pace.task_cpu.value
+    if pace.task_cpu.samples < MEASURED_TASKS or None in (start, idle, task_cpu):
+        return None
+    assert start is not None and idle is not None and task_cpu is not None
+    return Costs(
+        room=max(view.marks.high - view.base, 0),
+        baseline=ledger.expected_baseline,
+        peak=ledger.tasks.worst_peak,
+        first_kept=int(pace.first_kept.value or 0),
+        retained=int(pace.retained.value or 0),
+        task_cpu=task_cpu,
+        task_idle=idle,
+        start_cpu=start,
+        cpus=cpus,
+        replace_wall=pace.replace_wall.value or 0.0,
+    )
+
+
+def plan(
+    view: View, ledger: Ledger, cpus: float, previous: Plan | None = None, fewest_tasks: int = 1
+) -> Plan:
+    """The pool size that runs the most tasks per second within the marks.
+
+    For each size from 1 to the requested, a child's share of the room sets how many
+    tasks it runs before it outgrows it (``Costs.most_tasks``), and the pace sets the
+    rate of that pair (``Costs.rate``): many children replaced after every task win
+    when a child is cheap to start, fewer children that keep a few tasks' leaks win
+    when it is dear. Ties go to the larger pool. The current size stays unless another
+    is expected to be HYSTERESIS faster or it no longer fits. ``fewest_tasks``: sizes
+    whose children would run fewer tasks than this between recycles are left out
+    (CELERY_GUARD_MIN_TASKS_PER_CHILD when set)."""
+    found = costs(view, ledger, cpus)
+    if found is None:
+        return Plan(_fitting(view, ledger), None, None, "measuring")
+    pairs = {}
+    for size in range(1, max(view.requested, 1) + 1):
+        tasks = found.most_tasks(size)
+        if tasks >= min(fewest_tasks, found.most_tasks(1) or 1) and tasks > 0:
+            pairs[size] = (found.rate(size, tasks), tasks)
+    if not pairs:
+        return Plan(1, 1, None, "memory")
+    best_rate = max(rate for rate, _ in pairs.values())
+    size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * 0.99)
+    reason = "throughput"
+    if previous is not None and previous.size in pairs:
+        kept_rate = pairs[previous.size][0]
+        if kept_rate * (1 + HYSTERESIS) >= best_rate:
+            size, reason = previous.size, "kept"
+    rate, tasks = pairs[size]
+    return Plan(size, tasks if tasks < MOST_TASKS_PER_CHILD else None, rate, reason)
+
+
+def _fitting(view: View, ledger: Ledger) -> int:
+    """The children that fit at their peak cost (``child_cost``), between 1 and the
+    requested."""
     fits = max(view.marks.high - view.base, 0) // child_cost(view, ledger)
     return max(1, min(view.requested, fits))
 
@@ -354,7 +498,9 @@ __all__ = [
     "MIN_RETAINED",
     "Action",
     "Admission",
+    "Costs",
     "Marks",
+    "Plan",
     "Safety",
     "View",
     "admit",
@@ -363,7 +509,9 @@ __all__ = [
     "fits",
     "leaving",
     "overrun",
+    "plan",
     "recycle",
+    "recycle_rss",
     "share",
     "target_size",
     "to_come",

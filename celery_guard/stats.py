@@ -261,6 +261,9 @@ def recommend(
     peak_rss_p50_mib: float | None,
     peak_rss_p95_mib: float | None,
     margin: float = MARGIN,
+    plan_concurrency: int | None = None,
+    plan_tasks_per_child: int | None = None,
+    plan_max_memory_per_child_kib: int | None = None,
 ) -> Recommendation:
     """``--concurrency`` and ``worker_max_memory_per_child`` (KiB) that go together, from
     a summary's figures, and an alternative when the pair recycles healthy children.
@@ -273,7 +276,10 @@ def recommend(
     its share of the budget): then it is that share, children that peak above it are
     recycled, and the alternative is the concurrency at which none of the healthy ones
     would be, with the healthy value. Without private figures the pair keeps the current
-    concurrency. Never raises; a missing figure gives None.
+    concurrency. Where the run-time governor planned the pool for throughput
+    (``plan_*``, see ``policy.plan``), the pair is its plan: its size, and the value at
+    which billiard recycles a child after the planned number of tasks. Never raises; a
+    missing figure gives None.
 
     Worked example: limit 1024, headroom 102.4, main process 180, private p50 90 / p95
     98, peak RSS p50 270 / p95 280 (MiB)::
@@ -286,6 +292,13 @@ def recommend(
         322.0 > 285.94: --concurrency 7, int(285.94... * 1024) = 292805 KiB
         alternative: floor(741.6 / (322.0 - 180)) = 5 children, 322.0 * 1024 = 329728 KiB
     """
+    planned = plan_concurrency if plan_concurrency is not None and plan_concurrency >= 1 else None
+    if planned and plan_max_memory_per_child_kib is not None and plan_tasks_per_child:
+        note = (
+            f"the governor's plan: {planned} children, each recycled after about "
+            f"{plan_tasks_per_child} tasks, run the most tasks per second in this limit"
+        )
+        return Recommendation(plan_max_memory_per_child_kib, planned, note)
     budget = limit_mib - headroom_mib - parent_rss_mib
     if budget <= 0:
         return Recommendation(
@@ -294,8 +307,8 @@ def recommend(
             f"the main process alone ({parent_rss_mib:.1f} MiB) leaves no room for children"
             f" in {limit_mib:.1f} MiB with {headroom_mib:.1f} MiB kept free: raise the limit",
         )
-    children = None
-    if private_p95_mib is not None and private_p95_mib > 0:
+    children = planned  # the plan's size, where its tasks keep too little to recycle for
+    if children is None and private_p95_mib is not None and private_p95_mib > 0:
         per_child = budget / private_p95_mib
         children = max(1, math.floor(per_child)) if math.isfinite(per_child) else None
     if private_p50_mib is None or peak_rss_p50_mib is None or peak_rss_p95_mib is None:

@@ -60,6 +60,31 @@ def read_private(pid: int | str = "self") -> int | None:
     return private_bytes(read_kib_fields(f"/proc/{pid}/smaps_rollup"))
 
 
+class SchedWait:
+    """Microseconds this process has waited for a CPU (``/proc/self/schedstat``'s second
+    field, nanoseconds) through a descriptor kept open: what tells a task slowed by too
+    many children for the CPUs from one that sleeps or waits on I/O."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: str = "/proc/self/schedstat") -> SchedWait:
+        try:
+            return cls(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:  # a kernel without schedstat: the wait is unknown
+            return cls(None)
+
+    def __call__(self) -> int:
+        """The wait so far, or -1 when it cannot be read."""
+        if self.fd is None:
+            return -1
+        try:
+            return int(os.pread(self.fd, 128, 0).split()[1]) // 1000
+        except (OSError, IndexError, ValueError):
+            return -1
+
+
 class ChildProbe:
     """The per-task path, inside each pool child. It must never fail a task."""
 
@@ -83,6 +108,7 @@ class ChildProbe:
         self.last_rss = self.sent_rss = self.rss()
         self.logged_peak = self.last_peak
         self.names: set[str] = set()
+        self.waited = SchedWait.open()
 
     def after_task(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         try:
@@ -98,7 +124,8 @@ class ChildProbe:
         if self.trim is not None and rss - self.last_rss >= heap.TRIM_STEP:
             self.trim()  # what the task freed, back to the system before it is counted
             rss = self.rss()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        peak = usage.ru_maxrss * 1024
         delta, rss_delta = peak - self.last_peak, rss - self.last_rss
         # The task's own peak above where it started: exact when it raised the child's
         # lifetime peak, else the lifetime peak bounds it.
@@ -117,10 +144,11 @@ class ChildProbe:
         self.last_peak, self.last_rss = peak, rss
         if exact or new_name or recycling or first or abs(rss - self.sent_rss) >= MIB:
             self.sent_rss = rss
+            cpu = int((usage.ru_utime + usage.ru_stime) * 1e6)
             self._send(
                 f"{'R' if recycling else 'T'} {self.pid} {delta} {int(exact)} {task_peak} "
-                f"{rss_delta} {rss} {-1 if private is None else private} "
-                f"{name[:MAX_NAME].replace(chr(10), '?')}\n"
+                f"{rss_delta} {rss} {-1 if private is None else private} {cpu} "
+                f"{self.waited()} {self.tasks} {name[:MAX_NAME].replace(chr(10), '?')}\n"
             )
         if not logged:
             return
@@ -148,29 +176,33 @@ class ChildProbe:
 def parse_record(line: str) -> tuple[str, int, Record] | None:
     """A child's record, checked field by field; None for anything else.
 
-    ``KIND PID DELTA EXACT PEAK RETAINED RSS PRIVATE NAME``: the name comes last and may
-    hold spaces (Celery allows them). Figures are plain ASCII integers within
+    ``KIND PID DELTA EXACT PEAK RETAINED RSS PRIVATE CPU WAIT TASKS NAME``: the name
+    comes last and may hold spaces (Celery allows them); CPU and WAIT are microseconds
+    since the child was forked (-1: unknown). Figures are plain ASCII integers within
     MAX_FIGURE: the pipe is open to every process a child forks, so nothing is trusted."""
-    parts = line.split(" ", 8)
-    if len(parts) != 9 or parts[0] not in ("T", "R") or not parts[8]:
+    parts = line.split(" ", 11)
+    if len(parts) != 12 or parts[0] not in ("T", "R") or not parts[11]:
         return None
     numbers = []
-    for text in parts[1:8]:
+    for text in parts[1:11]:
         digits = text[1:] if text[:1] == "-" else text
         if not (0 < len(digits) <= 16 and digits.isascii() and digits.isdigit()):
             return None
         numbers.append(int(text))
-    pid, delta, exact, peak, retained, rss, private = numbers
-    name = parts[8]
+    pid, delta, exact, peak, retained, rss, private, cpu, wait, tasks = numbers
+    name = parts[11]
     if not 0 < pid < PID_MAX or exact not in (0, 1) or not name.isprintable():
         return None
     if len(name) > MAX_NAME or private < -1 or not 0 <= rss < MAX_FIGURE:
         return None
     if not all(-MAX_FIGURE < n < MAX_FIGURE for n in (delta, peak, retained, private)):
         return None
+    if not (-1 <= cpu < MAX_FIGURE and -1 <= wait < MAX_FIGURE and 0 <= tasks < MAX_FIGURE):
+        return None
     record = Record(
         pid, name, max(peak, 0), bool(exact), retained, rss,
         None if private < 0 else private, parts[0] == "R",
+        None if cpu < 0 else cpu, None if wait < 0 else wait, tasks,
     )  # fmt: skip
     return parts[0], delta, record
 
@@ -509,7 +541,12 @@ class Collector:
                         key=lambda item: -(item[1].get("hard", 0) + item[1].get("soft", 0)),
                     )[:3]
                 )
+        for extra in self.summary_extras:
+            fields.update(extra())
         advice = recommend(
+            plan_concurrency=fields.get("plan_concurrency"),
+            plan_tasks_per_child=fields.get("plan_tasks_per_child"),
+            plan_max_memory_per_child_kib=fields.get("plan_max_memory_per_child_kib"),
             limit_mib=fields["limit_mib"],
             headroom_mib=fields["headroom_mib"],
             parent_rss_mib=fields["parent_rss_mib"],
@@ -529,8 +566,6 @@ class Collector:
             fields["alternative_max_memory_per_child_kib"] = (
                 advice.alternative_max_memory_per_child_kib
             )
-        for extra in self.summary_extras:
-            fields.update(extra())
         return fields
 
     def _container_limit(self, fields: dict[str, Any]) -> float | None:

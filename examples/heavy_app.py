@@ -9,6 +9,8 @@ Settings come from the environment so tests and the demo share one app:
 ``HEAVY_APP_BROKER`` (default ``filesystem://``), ``HEAVY_APP_BACKEND``,
 ``HEAVY_APP_DATA_DIR`` (folder for the filesystem broker and result backend),
 ``HEAVY_APP_OBJECTS`` and ``HEAVY_APP_BUFFER_MIB`` (the size of what is imported),
+``HEAVY_APP_CHILD_START_SECONDS`` (CPU seconds each pool child spends starting, as a
+child that loads a model in ``worker_process_init`` does: a dear fork),
 ``HEAVY_APP_REPORTS=1`` to import a second, lighter task module (``heavy_reports``),
 ``HEAVY_APP_CONTAINERS=1`` to hold the catalogue in lists, which the garbage collector
 tracks (tuples of numbers and strings it stops tracking), ``HEAVY_APP_ACKS_LATE=1`` for
@@ -96,9 +98,16 @@ if os.environ.get("HEAVY_APP_JSON_LOGS") == "1":  # a JSON log pipeline's format
             handler.setFormatter(JsonFormatter("%(levelname)s %(name)s %(message)s"))
 
 
+CHILD_START_SECONDS = float(os.environ.get("HEAVY_APP_CHILD_START_SECONDS", "0"))
+
+
 @signals.worker_process_init.connect
 def _child_started(**_: object) -> None:
-    """One line per forked pool child, so a reader (or a test) can count forks."""
+    """One line per forked pool child, so a reader (or a test) can count forks; with
+    ``HEAVY_APP_CHILD_START_SECONDS``, the CPU a child spends warming up first."""
+    until = time.process_time() + CHILD_START_SECONDS
+    while time.process_time() < until:
+        pass
     logging.getLogger("heavy_app").warning("heavy_app pool child started pid=%d", os.getpid())
 
 

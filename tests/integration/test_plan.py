@@ -1,0 +1,97 @@
+"""The pool sized for throughput (policy.plan), end to end: real workers, real Redis,
+real cgroups. Leaky tasks, dear children against cheap ones: the governor measures what
+a task and a new child cost and picks the size and the runs between recycles together,
+as a hand-tuner would, and recommends that same pair."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import harness
+import pytest
+from harness import MIB, Cgroup, Worker
+
+from celery_guard.logline import parse_line
+
+MakeWorker = Callable[..., Worker]
+MakeCgroup = Callable[..., Cgroup]
+
+SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
+
+
+def _run(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker,
+    app: dict[str, str], tasks: int, seconds: float,
+) -> Worker:  # fmt: skip
+    """``tasks`` tasks that each keep 24 MiB in their child and take ``seconds``, sent
+    to a guarded worker asked for -c 16 in 768 MiB: every one done, no OOM kill, none
+    stopped."""
+    group = make_cgroup(768 * MIB)
+    worker = make_worker(["-c", "16"], harness.worker_env(redis, {**SMALL_APP, **app}), group)
+    worker.wait_ready(90)
+    results = harness.send_tasks(redis, worker.queue, "leak", tasks, (24, seconds))
+    assert harness.wait_for_results(results, 240, group)
+    assert group.oom_kills() == 0
+    assert not [p for p in worker.events("pressure") if p["action"] == "terminate"]
+    worker.stop()
+    return worker
+
+
+def _turns(sizes: list[int]) -> int:
+    """How often a sequence of pool sizes changes direction."""
+    steps = [b - a for a, b in itertools.pairwise(sizes) if b != a]
+    return sum(1 for a, b in itertools.pairwise(steps) if (a > 0) != (b > 0))
+
+
+def _sizes_after_the_first_plan(worker: Worker) -> list[int]:
+    """The pool's size after each change, from the first throughput plan on."""
+    lines = worker.log.splitlines()
+    first = next(i for i, line in enumerate(lines) if "reason=throughput" in line)
+    sizes = []
+    for line in lines[first:]:
+        if "celery-guard event=pressure " in line and (
+            " action=grow" in line or " action=retire" in line
+        ):
+            sizes.append(int(parse_line(line)["concurrency"]))
+    return sizes
+
+
+@pytest.mark.cgroup
+def test_dear_children_each_run_several_leaky_tasks_and_the_summary_recommends_that_pair(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """A child spends 0.3 s of CPU starting, a task 20 ms and keeps 24 MiB: replacing
+    children after every task would spend most of the CPU on starts. The plan keeps a
+    few children that each run several tasks, the pool changes direction at most twice
+    once planned, and the summary recommends the plan's size with the
+    worker_max_memory_per_child that recycles after its runs."""
+    worker = _run(redis, make_cgroup, make_worker, {"HEAVY_APP_CHILD_START_SECONDS": "0.3"},
+                  160, 0.005)  # fmt: skip
+    plans = [p for p in worker.events("plan") if p["reason"] != "measuring"]
+    assert plans, worker.log[-3000:]
+    last = plans[-1]
+    assert int(last["target"]) <= 6
+    assert int(last["tasks_per_child"]) >= 3
+    assert worker.forks() < 160 / 2
+    assert _turns(_sizes_after_the_first_plan(worker)) <= 2
+    summary = worker.final_summary()
+    assert summary["plan_concurrency"] == summary["recommended_concurrency"] == last["target"]
+    assert summary["plan_tasks_per_child"] == last["tasks_per_child"]
+    assert (summary["recommended_max_memory_per_child_kib"]
+            == summary["plan_max_memory_per_child_kib"] != "")  # fmt: skip
+
+
+@pytest.mark.cgroup
+def test_cheap_children_of_slow_tasks_stay_many_and_are_replaced_after_a_task_or_two(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """A child is cheap to start and a task sleeps 0.3 s and keeps 24 MiB: more
+    children overlap more sleep, so the plan keeps the pool large (16 fit for one run
+    each) and replaces children after a run or two."""
+    worker = _run(redis, make_cgroup, make_worker, {}, 160, 0.3)
+    plans = [p for p in worker.events("plan") if p["reason"] != "measuring"]
+    assert plans, worker.log[-3000:]
+    last = plans[-1]
+    assert int(last["target"]) >= 12
+    assert int(last["tasks_per_child"]) <= 2

@@ -1,0 +1,197 @@
+"""Tests for the throughput plan (celery_guard.policy.plan, Costs) and the pace it is
+made from (celery_guard.ledger.Pace): the pool size and the runs between recycles that a
+hand-tuner would pick, worked out by hand.
+
+Figures in MiB and seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from celery_guard.ledger import Ledger, Record
+from celery_guard.policy import (
+    HYSTERESIS,
+    MEASURED_TASKS,
+    MOST_TASKS_PER_CHILD,
+    Costs,
+    Marks,
+    Plan,
+    View,
+    plan,
+)
+
+MIB = 1024 * 1024
+
+
+def costs(**changes: float) -> Costs:
+    """600 MiB of room; a child copies 10, a task peaks 25 above it and keeps 24 (the
+    first too); 5 ms of CPU and 5 ms off the CPU per task; 2 CPUs; a dear start (0.5 s)."""
+    figures = dict(room=600, baseline=10, peak=25, first_kept=24, retained=24,
+                   task_cpu=0.005, task_idle=0.005, start_cpu=0.5, cpus=2.0)  # fmt: skip
+    figures.update(changes)
+    for size in ("room", "baseline", "peak", "first_kept", "retained"):
+        figures[size] = int(figures[size] * MIB)
+    return Costs(**figures)  # type: ignore[arg-type]
+
+
+# -- what a child can hold, and how fast a pool goes -----------------------------------------
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (2, 12),  # share 300: 10 + 25 + 24 + 10 * 24 = 299 fits, one more run is 323
+        (6, 3),  # share 100: 10 + 25 + 24 + 1 * 24 = 83 fits, 107 does not
+        (17, 1),  # share 35.29: 35 fits one run; 59 for a second does not
+        (18, 0),  # share 33.33: not even one run (35)
+    ],
+)
+def test_a_childs_share_sets_how_many_runs_it_holds(size: int, expected: int) -> None:
+    assert costs().most_tasks(size) == expected
+
+
+def test_a_child_of_tasks_that_keep_nothing_is_never_recycled_for_memory() -> None:
+    assert costs(retained=0).most_tasks(4) == MOST_TASKS_PER_CHILD
+
+
+@pytest.mark.parametrize(
+    ("size", "tasks", "changes", "expected"),
+    [
+        # 10 runs of 5 ms CPU + 0.5 s start = 0.55 CPU s; + 50 ms off the CPU = 0.6 s:
+        # children 2 * 10 / 0.6 = 33.3/s, CPUs 2 * 10 / 0.55 = 36.4/s
+        (2, 10, {}, 2 * 10 / 0.6),
+        # 16 children, one run each: children 16 / 0.51, CPUs 2 / 0.505 = 3.96/s
+        (16, 1, {}, 2 / 0.505),
+        # a cheap start (1 ms): the CPUs allow 2 / 0.006 = 333/s, 16 children 16/0.011
+        (16, 1, {"start_cpu": 0.001}, 2 / 0.006),
+        # tasks that sleep 1 s: 4 children, 3 runs each: 4 * 3 / (0.015 + 0.5 + 3)
+        (4, 3, {"task_idle": 1.0}, 4 * 3 / 3.515),
+    ],
+)
+def test_the_rate_is_bound_by_the_children_and_by_the_cpus(
+    size: int, tasks: int, changes: dict[str, float], expected: float
+) -> None:
+    assert costs(**changes).rate(size, tasks) == pytest.approx(expected)
+
+
+# -- the plan --------------------------------------------------------------------------------
+MARKS = Marks.of(1000 * MIB, 0.8, 0.9, 0.97)  # high 900 MiB
+
+
+def view(size: int = 16, requested: int = 16, base: int = 300) -> View:
+    """900 - 300 = 600 MiB of room, as in ``costs()``."""
+    return View(0, MARKS, size, requested, base * MIB, 4)
+
+
+def measured(start_cpu: float, task_cpu: float = 0.005, wall: float = 0.010,
+             kept: int = 24, children: int = 4, tasks: int = 6) -> Ledger:  # fmt: skip
+    """A ledger fed as the governor feeds it: ``children`` children that each report
+    after every one of ``tasks`` tasks, each task ``wall`` seconds from accepted to
+    ready, using ``task_cpu`` CPU seconds and keeping ``kept`` MiB; each child spent
+    ``start_cpu`` CPU seconds before its first task. A child copies 10 MiB; a task
+    peaks 25 MiB above where it started."""
+    book = Ledger(10 * MIB)
+    clock = 0.0
+    for pid in range(1, children + 1):
+        book.child_up(pid, rss=100 * MIB)
+        cpu = start_cpu
+        for run in range(1, tasks + 1):
+            book.task_accepted(pid, f"{pid}-{run}", "leak", now=clock)
+            clock += wall
+            cpu += task_cpu
+            rss = (100 + kept * run) * MIB
+            private = (10 + kept) * MIB if run == 1 else None
+            book.take(Record(pid, "leak", 25 * MIB, True, kept * MIB, rss, private,
+                             cpu=round(cpu * 1e6), wait=0, tasks=run))  # fmt: skip
+            book.task_finished(pid, now=clock)
+    return book
+
+
+def test_the_pace_is_read_from_the_records_and_the_pools_events() -> None:
+    pace = measured(start_cpu=0.5).pace
+    assert pace.task_cpu.value == pytest.approx(0.005)
+    assert pace.start_cpu == pytest.approx(0.5)
+    assert pace.idle_wall() == pytest.approx(0.005)  # 10 ms wall less 5 ms of CPU
+    assert pace.retained.value == pytest.approx(24 * MIB)
+    assert pace.first_kept.value == pytest.approx(24 * MIB)
+
+
+def test_time_waiting_for_a_cpu_is_not_time_more_children_can_overlap() -> None:
+    book = Ledger(10 * MIB)
+    book.child_up(1)
+    for run, (cpu, wait) in enumerate([(10_000, 0), (15_000, 20_000), (20_000, 40_000)], 1):
+        book.task_accepted(1, str(run), "t", now=run)
+        book.take(Record(1, "t", 0, False, 0, 0, None, cpu=cpu, wait=wait, tasks=run))
+        book.task_finished(1, now=run + 0.030)
+    # 30 ms wall per task: 5 ms on a CPU and 20 ms waiting for one leave 5 ms
+    assert book.pace.idle_wall() == pytest.approx(0.005)
+
+
+def test_dear_children_give_fewer_children_that_keep_a_few_leaks() -> None:
+    chosen = plan(view(), measured(start_cpu=0.5), cpus=2)
+    # By hand (costs()), each size at the most runs its share holds:
+    #   1 x 24 runs: min(24 / (0.62 + 0.12), 2 * 24 / 0.62) = 32.4/s
+    #   2 x 12 runs: min(24 / (0.56 + 0.06), 2 * 12 / 0.56) = 38.7/s
+    #   3 x 7 runs:  min(21 / (0.535 + 0.035), 2 * 7 / 0.535) = 26.2/s, and less beyond
+    assert chosen == Plan(2, 12, pytest.approx(2 * 12 / 0.62), "throughput")
+
+
+def test_cheap_children_give_the_largest_pool_recycled_after_every_task() -> None:
+    # a 1 ms start, tasks that spend 100 ms off the CPU: the children bound the rate,
+    # 16 x 1 run = 16 / (0.006 + 0.1) = 151/s against 5 x 4 = 20 / (0.021 + 0.4) = 48/s
+    chosen = plan(view(), measured(start_cpu=0.001, wall=0.105), cpus=2)
+    assert (chosen.size, chosen.tasks_per_child) == (16, 1)
+
+
+def test_cpu_bound_tasks_are_not_recycled_after_every_task_even_when_starts_are_cheap() -> None:
+    # a 1 ms start is a fifth of a 5 ms task's CPU: 16 x 1 = 2 / 0.006 = 333/s, while 5
+    # children of 4 runs (600 // 107) reach 2 * 4 / 0.021 = 381/s
+    chosen = plan(view(), measured(start_cpu=0.001), cpus=2)
+    assert (chosen.size, chosen.tasks_per_child) == (5, 4)
+
+
+def test_the_plan_is_the_best_pair_of_every_size_and_run_count() -> None:
+    book = measured(start_cpu=0.2)
+    chosen = plan(view(), book, cpus=2)
+    found = costs(start_cpu=0.2)
+    best = max(
+        found.rate(size, runs)
+        for size in range(1, 17)
+        for runs in range(1, 50)
+        if found.holds(runs) <= found.room // size
+    )
+    assert chosen.rate == pytest.approx(best, rel=0.01)
+
+
+def test_a_plan_waits_for_enough_measured_tasks() -> None:
+    book = measured(start_cpu=0.5, children=1, tasks=MEASURED_TASKS)  # first one has no CPU step
+    chosen = plan(view(), book, cpus=2)
+    assert chosen.reason == "measuring"
+    assert chosen.rate is None
+    # while measuring, the size is the one the memory allows at the configured runs
+    # (4): 600 // (10 + 25 + 3 * 24) = 5
+    assert chosen.size == 5
+
+
+def test_the_current_size_stays_unless_another_is_clearly_faster() -> None:
+    book = measured(start_cpu=0.001, wall=0.105)  # 16 x 1 is best (151/s)
+    # 15 children run 15/16 of that: within HYSTERESIS, kept
+    kept = plan(view(), book, cpus=2, previous=Plan(15, 1, None, "throughput"))
+    assert (kept.size, kept.reason) == (15, "kept")
+    assert HYSTERESIS >= 1 / 15
+    # 2 children of 12 runs run 24 / (0.072 + 1.2) = 18.9/s: replaced
+    assert plan(view(), book, cpus=2, previous=Plan(2, 12, None, "throughput")).size == 16
+
+
+def test_a_size_that_no_longer_fits_is_never_kept() -> None:
+    book = measured(start_cpu=0.001)
+    # at 18 children not even one run fits (share 33.3 < 35)
+    chosen = plan(view(requested=20), book, cpus=2, previous=Plan(18, 1, None, "throughput"))
+    assert chosen.size <= 17
+
+
+def test_a_set_minimum_of_runs_per_child_bounds_the_pool() -> None:
+    book = measured(start_cpu=0.001)
+    chosen = plan(view(), book, cpus=2, fewest_tasks=4)
+    # 4 runs need 10 + 25 + 24 + 2 * 24 = 107 MiB: 600 // 107 = 5 children at most
+    assert chosen.size <= 5
+    assert chosen.tasks_per_child is not None and chosen.tasks_per_child >= 4
