@@ -176,7 +176,7 @@ class Governor:
         self.control.release()
 
     def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        self.ledger.task_accepted(pid, task_id, name, time.monotonic())
+        self.ledger.task_accepted(pid, task_id, name)
 
     def task_ready(self, pid: int, task_id: str) -> bool:
         """A task ended in ``pid``: take its record, then recycle the child if it has
@@ -186,7 +186,7 @@ class Governor:
         child = self.ledger.children.get(pid)
         last = child.task if child is not None else None
         now = time.monotonic()
-        self.ledger.task_finished(pid, now)
+        self.ledger.task_finished(pid)
         if child is None or not self.settings.recycle or self.stopped:
             return False
         view = self.view(now)

@@ -47,6 +47,7 @@ class Record:
     recycling: bool = False  # billiard recycles it now (worker_max_memory_per_child)
     cpu: int | None = None  # microseconds of CPU the child used since it was forked
     wait: int | None = None  # microseconds it waited for a CPU since (None: unknown)
+    busy: int | None = None  # microseconds of wall time inside tasks since
     tasks: int = 0  # tasks the child has finished, this one included
 
 
@@ -134,7 +135,7 @@ class Pace:
     CPU it uses and the time it waits for a CPU, what a task keeps in its child, and what
     a new child costs before its first task (CPU seconds: the fork's real price)."""
 
-    task_wall: Mean = field(default_factory=Mean)  # seconds from accepted to ready
+    task_wall: Mean = field(default_factory=Mean)  # seconds a task runs (in its child)
     task_cpu: Mean = field(default_factory=Mean)  # CPU seconds per task
     task_wait: Mean = field(default_factory=Mean)  # seconds per task waiting for a CPU
     retained: Mean = field(default_factory=Mean)  # bytes a task keeps, after the first
@@ -178,6 +179,8 @@ class Pace:
         if tasks <= 0 or last.cpu is None or record.cpu < last.cpu:
             return
         self.task_cpu.add((record.cpu - last.cpu) / 1e6, tasks)
+        if record.busy is not None and last.busy is not None and record.busy >= last.busy:
+            self.task_wall.add((record.busy - last.busy) / 1e6, tasks)
         if record.wait is not None and last.wait is not None and record.wait >= last.wait:
             self.task_wait.add((record.wait - last.wait) / 1e6, tasks)
         self.retained.add(max(record.rss - last.rss, 0), tasks)
@@ -194,7 +197,6 @@ class ChildState:
     task_id: str | None = None
     task_peak: int = 0  # the growth reserved for that task
     task_rss: int = 0  # its RSS when that task started
-    task_since: float | None = None  # when it accepted that task (monotonic seconds)
     leaving: bool = False  # recycled, retired or killed: on its way out
     last_record: Record | None = None  # its last record that carried its CPU time
 
@@ -268,23 +270,19 @@ class Ledger:
                 return
             del self.starting[task_id]
 
-    def task_accepted(self, pid: int, task_id: str, name: str, now: float | None = None) -> None:
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
         entry = self.starting.pop(task_id, None)
         child = self.children.get(pid)
         if child is None:
             return
         peak = entry.peak if entry else (self.tasks.peak(name) or self.tasks.worst_peak)
         child.task, child.task_id, child.task_peak, child.task_rss = name, task_id, peak, child.rss
-        child.task_since = now
 
-    def task_finished(self, pid: int, now: float | None = None) -> None:
+    def task_finished(self, pid: int) -> None:
         child = self.children.get(pid)
         if child is not None:
-            if now is not None and child.task_since is not None:
-                self.pace.task_wall.add(max(now - child.task_since, 0.0))
             child.task = child.task_id = None
             child.task_peak = 0
-            child.task_since = None
             child.tasks += 1
 
     def take(self, record: Record) -> None:

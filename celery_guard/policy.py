@@ -274,10 +274,13 @@ def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
 
 
 def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
-    """The plan's inputs, or None while the pace is not measured yet."""
+    """The plan's inputs, or None while the pace is not measured yet: too few tasks, or
+    tasks that keep memory (children will be replaced) and no replacement timed yet."""
     pace = ledger.pace
     start, idle, task_cpu = pace.start_cpu, pace.idle_wall(), pace.task_cpu.value
     if pace.task_cpu.samples < MEASURED_TASKS or None in (start, idle, task_cpu):
+        return None
+    if (pace.retained.value or 0) > 0 and not pace.replace_wall.samples:
         return None
     assert start is not None and idle is not None and task_cpu is not None
     return Costs(

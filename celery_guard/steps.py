@@ -214,6 +214,7 @@ class Telemetry(bootsteps.StartStopStep):
         signals.worker_process_init.connect(
             probe.on_child_start, weak=False, dispatch_uid="cg-init"
         )
+        signals.task_prerun.connect(probe.before_task, weak=False, dispatch_uid="cg-prerun")
         signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
         forks = guard.pool in FORKING_POOLS
         if forks:

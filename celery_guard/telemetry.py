@@ -98,6 +98,7 @@ class ChildProbe:
         self.max_memory_kib = max_memory_kib
         self.trim = heap.malloc_trim() if settings.malloc_trim else None
         self.pid = -1
+        self.began: float | None = None  # when the task running now began
 
     def on_child_start(self, **_: Any) -> None:
         """Fresh state per process: the figures of the parent do not belong to the child."""
@@ -109,11 +110,20 @@ class ChildProbe:
         self.logged_peak = self.last_peak
         self.names: set[str] = set()
         self.waited = SchedWait.open()
+        self.busy = 0.0  # seconds of wall time inside tasks
+
+    def before_task(self, **_: Any) -> None:
+        """When a task begins: a task's wall time, measured where it runs (the main
+        process's view of it also holds its own delays in handing results over)."""
+        self.began = time.perf_counter()
 
     def after_task(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         try:
+            began, self.began = self.began, None
             if self.pid != os.getpid():
                 self.on_child_start()
+            elif began is not None:
+                self.busy += time.perf_counter() - began
             self._after_task(task_id, getattr(task, "name", None) or "?")
         except Exception:  # noqa: BLE001 - telemetry must not break the task path
             logger.warning("celery-guard event=error stage=child", exc_info=True)
@@ -148,7 +158,8 @@ class ChildProbe:
             self._send(
                 f"{'R' if recycling else 'T'} {self.pid} {delta} {int(exact)} {task_peak} "
                 f"{rss_delta} {rss} {-1 if private is None else private} {cpu} "
-                f"{self.waited()} {self.tasks} {name[:MAX_NAME].replace(chr(10), '?')}\n"
+                f"{self.waited()} {int(self.busy * 1e6)} {self.tasks} "
+                f"{name[:MAX_NAME].replace(chr(10), '?')}\n"
             )
         if not logged:
             return
@@ -176,33 +187,35 @@ class ChildProbe:
 def parse_record(line: str) -> tuple[str, int, Record] | None:
     """A child's record, checked field by field; None for anything else.
 
-    ``KIND PID DELTA EXACT PEAK RETAINED RSS PRIVATE CPU WAIT TASKS NAME``: the name
-    comes last and may hold spaces (Celery allows them); CPU and WAIT are microseconds
-    since the child was forked (-1: unknown). Figures are plain ASCII integers within
-    MAX_FIGURE: the pipe is open to every process a child forks, so nothing is trusted."""
-    parts = line.split(" ", 11)
-    if len(parts) != 12 or parts[0] not in ("T", "R") or not parts[11]:
+    ``KIND PID DELTA EXACT PEAK RETAINED RSS PRIVATE CPU WAIT BUSY TASKS NAME``: the
+    name comes last and may hold spaces (Celery allows them); CPU (on a CPU), WAIT (for
+    a CPU) and BUSY (wall time inside tasks) are microseconds since the child was forked
+    (-1: unknown). Figures are plain ASCII integers within MAX_FIGURE: the pipe is open
+    to every process a child forks, so nothing is trusted."""
+    parts = line.split(" ", 12)
+    if len(parts) != 13 or parts[0] not in ("T", "R") or not parts[12]:
         return None
     numbers = []
-    for text in parts[1:11]:
+    for text in parts[1:12]:
         digits = text[1:] if text[:1] == "-" else text
         if not (0 < len(digits) <= 16 and digits.isascii() and digits.isdigit()):
             return None
         numbers.append(int(text))
-    pid, delta, exact, peak, retained, rss, private, cpu, wait, tasks = numbers
-    name = parts[11]
+    pid, delta, exact, peak, retained, rss, private, cpu, wait, busy, tasks = numbers
+    name = parts[12]
     if not 0 < pid < PID_MAX or exact not in (0, 1) or not name.isprintable():
         return None
     if len(name) > MAX_NAME or private < -1 or not 0 <= rss < MAX_FIGURE:
         return None
     if not all(-MAX_FIGURE < n < MAX_FIGURE for n in (delta, peak, retained, private)):
         return None
-    if not (-1 <= cpu < MAX_FIGURE and -1 <= wait < MAX_FIGURE and 0 <= tasks < MAX_FIGURE):
+    if not all(-1 <= n < MAX_FIGURE for n in (cpu, wait, busy)) or not 0 <= tasks < MAX_FIGURE:
         return None
     record = Record(
         pid, name, max(peak, 0), bool(exact), retained, rss,
         None if private < 0 else private, parts[0] == "R",
-        None if cpu < 0 else cpu, None if wait < 0 else wait, tasks,
+        None if cpu < 0 else cpu, None if wait < 0 else wait, None if busy < 0 else busy,
+        tasks,
     )  # fmt: skip
     return parts[0], delta, record
 

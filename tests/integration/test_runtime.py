@@ -63,7 +63,9 @@ def test_leaky_tasks_are_recycled_between_tasks_and_nothing_is_lost(
     recycles = [r for r in worker.events("recycle") if r.get("reason") == "budget"]
     assert len(recycles) >= 96 * 24 // 768  # the leaks could not fit without them
     for line in recycles:  # each one said why: over its share with the next task's peak
-        assert float(line["private_mib"]) + float(line["next_peak_mib"]) > float(line["share_mib"])
+        # (each figure rounded to 0.1 MiB in the line: at equality, over by less)
+        held = float(line["private_mib"]) + float(line["next_peak_mib"])
+        assert held >= float(line["share_mib"]) - 0.1
     assert smallest_pool(worker) >= 3
     assert worker.events("oom") == []
 

@@ -50,7 +50,7 @@ def collector(known: set[int] = KNOWN) -> telemetry.Collector:
 
 
 def record(pid: int = 101, name: str = "app.t", delta: int = MIB, private: int = -1) -> str:
-    return f"T {pid} {delta} 1 {delta} {delta} {200 * MIB} {private} -1 -1 1 {name}"
+    return f"T {pid} {delta} 1 {delta} {delta} {200 * MIB} {private} -1 -1 -1 1 {name}"
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -65,16 +65,16 @@ def test_a_task_name_with_spaces_keeps_its_growth() -> None:
 @pytest.mark.parametrize(
     "line",
     [
-        "T 101 " + "9" * 3900 + " 1 1 1 1 -1 -1 -1 1 app.t",  # a number of 3,900 digits
-        "T 101 1 1 1 1 1 -1 -1 -1 1 " + "x" * 5000,  # a name no task has
-        "T 101 1 1 1 1 1 -1 -1 -1 1 app\x1b[2Jt",  # a terminal escape in a name that is logged
-        "T 999 1 1 1 1 1 -1 -1 -1 1 app.t",  # not a child of this pool
-        "T -5 1 1 1 1 1 -1 -1 -1 1 app.t",
-        "T 101 1 2 1 1 1 -1 -1 -1 1 app.t",  # exact is 0 or 1
-        "T 101 1 1 1 1 -5 -1 -1 -1 1 app.t",  # no negative RSS
-        "T 101 \u0661 1 1 1 1 -1 -1 -1 1 app.t",  # digits must be ASCII
-        "T 101 1 1 1 1 1 -1 -1 -1 1",  # no name
-        "X 101 1 1 1 1 1 -1 -1 -1 1 app.t",
+        "T 101 " + "9" * 3900 + " 1 1 1 1 -1 -1 -1 -1 1 app.t",  # a number of 3,900 digits
+        "T 101 1 1 1 1 1 -1 -1 -1 -1 1 " + "x" * 5000,  # a name no task has
+        "T 101 1 1 1 1 1 -1 -1 -1 -1 1 app\x1b[2Jt",  # a terminal escape in a name that is logged
+        "T 999 1 1 1 1 1 -1 -1 -1 -1 1 app.t",  # not a child of this pool
+        "T -5 1 1 1 1 1 -1 -1 -1 -1 1 app.t",
+        "T 101 1 2 1 1 1 -1 -1 -1 -1 1 app.t",  # exact is 0 or 1
+        "T 101 1 1 1 1 -5 -1 -1 -1 -1 1 app.t",  # no negative RSS
+        "T 101 \u0661 1 1 1 1 -1 -1 -1 -1 1 app.t",  # digits must be ASCII
+        "T 101 1 1 1 1 1 -1 -1 -1 -1 1",  # no name
+        "X 101 1 1 1 1 1 -1 -1 -1 -1 1 app.t",
         "",
         "\x00\x01\x02",
     ],
@@ -118,7 +118,7 @@ def test_records_of_any_figures_keep_every_table_sane(
     c, seen = collector(), []
     c.listeners.append(seen.append)
     lines = [
-        f"T {pid} {delta} {exact} {peak} {kept} {rss} {private} -1 -1 1 {name}"
+        f"T {pid} {delta} {exact} {peak} {kept} {rss} {private} -1 -1 -1 1 {name}"
         for delta, exact, peak, kept, rss, private, name, pid in rows
     ]
     c.take(lines)

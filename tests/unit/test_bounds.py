@@ -15,7 +15,7 @@ MIB = 1024 * 1024
 
 
 def record(name: str, delta: int = MIB) -> str:
-    return f"T 101 {delta} 1 {delta} {delta} {200 * MIB} -1 -1 -1 1 {name}"
+    return f"T 101 {delta} 1 {delta} {delta} {200 * MIB} -1 -1 -1 -1 1 {name}"
 
 
 def test_the_task_name_after_the_200th_is_counted_as_other() -> None:

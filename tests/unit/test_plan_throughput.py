@@ -85,24 +85,25 @@ def view(size: int = 16, requested: int = 16, base: int = 300) -> View:
 def measured(start_cpu: float, task_cpu: float = 0.005, wall: float = 0.010,
              kept: int = 24, children: int = 4, tasks: int = 6) -> Ledger:  # fmt: skip
     """A ledger fed as the governor feeds it: ``children`` children that each report
-    after every one of ``tasks`` tasks, each task ``wall`` seconds from accepted to
-    ready, using ``task_cpu`` CPU seconds and keeping ``kept`` MiB; each child spent
+    after every one of ``tasks`` tasks, each task ``wall`` seconds long in its child,
+    using ``task_cpu`` CPU seconds and keeping ``kept`` MiB; each child spent
     ``start_cpu`` CPU seconds before its first task. A child copies 10 MiB; a task
     peaks 25 MiB above where it started."""
     book = Ledger(10 * MIB)
-    clock = 0.0
     for pid in range(1, children + 1):
         book.child_up(pid, rss=100 * MIB)
-        cpu = start_cpu
+        cpu, busy = start_cpu, 0.0
         for run in range(1, tasks + 1):
-            book.task_accepted(pid, f"{pid}-{run}", "leak", now=clock)
-            clock += wall
+            book.task_accepted(pid, f"{pid}-{run}", "leak")
             cpu += task_cpu
+            busy += wall
             rss = (100 + kept * run) * MIB
             private = (10 + kept) * MIB if run == 1 else None
             book.take(Record(pid, "leak", 25 * MIB, True, kept * MIB, rss, private,
-                             cpu=round(cpu * 1e6), wait=0, tasks=run))  # fmt: skip
-            book.task_finished(pid, now=clock)
+                             cpu=round(cpu * 1e6), wait=0, busy=round(busy * 1e6),
+                             tasks=run))  # fmt: skip
+            book.task_finished(pid)
+    book.pace.replace_wall.add(start_cpu)  # a replacement timed: as long as its start
     return book
 
 
@@ -110,7 +111,7 @@ def test_the_pace_is_read_from_the_records_and_the_pools_events() -> None:
     pace = measured(start_cpu=0.5).pace
     assert pace.task_cpu.value == pytest.approx(0.005)
     assert pace.start_cpu == pytest.approx(0.5)
-    assert pace.idle_wall() == pytest.approx(0.005)  # 10 ms wall less 5 ms of CPU
+    assert pace.idle_wall() == pytest.approx(0.005)  # 10 ms in the task less 5 ms of CPU
     assert pace.retained.value == pytest.approx(24 * MIB)
     assert pace.first_kept.value == pytest.approx(24 * MIB)
 
@@ -119,9 +120,8 @@ def test_time_waiting_for_a_cpu_is_not_time_more_children_can_overlap() -> None:
     book = Ledger(10 * MIB)
     book.child_up(1)
     for run, (cpu, wait) in enumerate([(10_000, 0), (15_000, 20_000), (20_000, 40_000)], 1):
-        book.task_accepted(1, str(run), "t", now=run)
-        book.take(Record(1, "t", 0, False, 0, 0, None, cpu=cpu, wait=wait, tasks=run))
-        book.task_finished(1, now=run + 0.030)
+        book.take(Record(1, "t", 0, False, 0, 0, None, cpu=cpu, wait=wait, busy=30_000 * run,
+                         tasks=run))  # fmt: skip
     # 30 ms wall per task: 5 ms on a CPU and 20 ms waiting for one leave 5 ms
     assert book.pace.idle_wall() == pytest.approx(0.005)
 
@@ -170,6 +170,26 @@ def test_a_plan_waits_for_enough_measured_tasks() -> None:
     # while measuring, the size is the one the memory allows at the configured runs
     # (4): 600 // (10 + 25 + 3 * 24) = 5
     assert chosen.size == 5
+
+
+def test_a_plan_for_leaky_tasks_waits_until_a_replacement_is_timed() -> None:
+    book = measured(start_cpu=0.5)
+    book.pace.replace_wall = type(book.pace.replace_wall)()  # never timed
+    assert plan(view(), book, cpus=2).reason == "measuring"
+    book.pace.replace_wall.add(0.5)
+    assert plan(view(), book, cpus=2).reason == "throughput"
+
+
+def test_a_slow_replacement_counts_against_many_children() -> None:
+    # 2 s from a child leaving to its replacement ready, though its start takes 1 ms of
+    # CPU: 16 x 1 run = 16 / (0.105 + 2) = 7.6/s; 5 x 4 = 20 / (0.42 + 2) = 8.3/s;
+    # 1 x 24 = 24 / (2.52 + 2) = 5.3/s ... the plan takes the slot's time into account
+    book = measured(start_cpu=0.001, wall=0.105)
+    book.pace.replace_wall = type(book.pace.replace_wall)()
+    book.pace.replace_wall.add(2.0)
+    chosen = plan(view(), book, cpus=2)
+    assert chosen.size < 16
+    assert chosen.tasks_per_child is not None and chosen.tasks_per_child > 1
 
 
 def test_the_current_size_stays_unless_another_is_clearly_faster() -> None:
