@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from . import cgroups, policy
@@ -86,6 +87,9 @@ class Governor:
         self.cpus = cpus if cpus is not None else available_cpus()
         #: The pool's size chosen for throughput (policy.plan), made again at each tick.
         self.plan: policy.Plan | None = None
+        #: the plan as a vanilla worker's settings, for the summary's thread (replaced
+        #: whole at each tick, never changed in place)
+        self.planned: dict[str, Any] = {}
         #: When children were told to leave for a replacement, oldest first: the next
         #: child forked is taken for the oldest one's replacement, and the time from
         #: then to its first readiness is a slot's time without a child.
@@ -152,8 +156,12 @@ class Governor:
             base=self.main_rss() + self.others,
             tasks_per_child=self.settings.min_tasks_per_child,
             rss_now=self.control.rss,
-            target=self.plan.size if self.plan is not None else None,
+            target=self.target,
         )
+
+    @property
+    def target(self) -> int | None:
+        return self.plan.size if self.plan is not None else None
 
     # -- listener: the pool's events --------------------------------------------------
     def child_up(self, pid: int) -> None:
@@ -223,6 +231,7 @@ class Governor:
         it changes, with the figures it was chosen from."""
         previous = self.plan
         self.plan = policy.plan(view, self.ledger, self.cpus, previous, self.fewest_tasks)
+        self.planned = self._as_settings(view)
         if previous is not None and previous.size == self.plan.size:
             return
         if previous is None and self.plan.reason == "measuring":
@@ -239,6 +248,7 @@ class Governor:
             "task_idle_ms": _ms(pace.idle_wall()),
             "start_cpu_ms": _ms(pace.start_cpu),
             "replace_ms": _ms(pace.replace_wall.value),
+            "replace_idle_ms": _ms(pace.replace_idle()),
             "retained_mib": mib(int(pace.retained.value or 0)),
             "baseline_mib": mib(self.ledger.expected_baseline),
             "peak_mib": mib(self.ledger.tasks.worst_peak),
@@ -301,8 +311,9 @@ class Governor:
         try:
             self._absorb()
             now = time.monotonic()
-            self._replan(self.view(now, fresh=0.0))
             view = self.view(now, fresh=0.0)
+            self._replan(view)
+            view = replace(view, target=self.target)
             self.working_set_max = max(self.working_set_max, view.working_set)
             if view.working_set >= view.marks.high and self.crossed is None:
                 self.crossed = now
@@ -434,20 +445,20 @@ class Governor:
             "reaction_p50_ms": round(statistics.median(reactions) * 1000, 1) if reactions else None,
             "reaction_max_ms": round(max(reactions) * 1000, 1) if reactions else None,
             "working_set_max_mib": mib(self.working_set_max),
-            **self._planned(),
+            **self.planned,
         }
 
-    def _planned(self) -> dict[str, Any]:
+    def _as_settings(self, view: policy.View) -> dict[str, Any]:
         """The plan as the settings of a vanilla worker (the summary recommends them):
         its size, and where its tasks keep memory, the ``worker_max_memory_per_child``
-        that recycles a child after its planned tasks. None where the plan cannot be
-        told that way: no plan yet, or children below the main process's RSS (billiard
-        starts a child's peak RSS at the main process's, so it would recycle all)."""
+        that recycles a child after its planned tasks. Empty where the plan cannot be
+        told that way: no plan yet; the size alone where children stay below the main
+        process's RSS (billiard starts a child's peak RSS at the main process's, so it
+        would recycle every one after every task)."""
         plan = self.plan
         if plan is None or plan.reason in ("measuring", "memory"):
             return {}
         fields: dict[str, Any] = {"plan_concurrency": plan.size}
-        view = self.view(time.monotonic())
         found = policy.costs(view, self.ledger, self.cpus)
         bases = [c.rss_at_baseline for c in self.ledger.live() if not c.young]
         if plan.tasks_per_child is None or found is None or not bases:

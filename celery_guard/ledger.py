@@ -142,6 +142,7 @@ class Pace:
     first_kept: Mean = field(default_factory=Mean)  # bytes a child's first task kept
     first_cpu: Mean = field(default_factory=Mean)  # CPU seconds to a child's first record
     first_tasks: Mean = field(default_factory=Mean)  # tasks in that first record
+    first_wait: Mean = field(default_factory=Mean)  # seconds waited for a CPU by then
     #: seconds from a child told to leave to its replacement ready for work
     replace_wall: Mean = field(default_factory=Mean)
 
@@ -155,6 +156,17 @@ class Pace:
         if first is None or tasks is None or per_task is None:
             return None
         return max(first - tasks * per_task, 0.0)
+
+    def replace_idle(self) -> float | None:
+        """Seconds of a replacement neither on a CPU nor waiting for one: the old child's
+        exit, the fork, the new child's start off the CPU. Waiting for a CPU is left out
+        (children replaced at once wait for each other; the CPUs bound that apart)."""
+        wall, start, wait = self.replace_wall.value, self.start_cpu, self.first_wait.value
+        if wall is None or start is None:
+            return None
+        if wait is not None and self.first_tasks.value is not None:
+            wait = max(wait - self.first_tasks.value * (self.task_wait.value or 0.0), 0.0)
+        return max(wall - start - (wait or 0.0), 0.0)
 
     def idle_wall(self) -> float | None:
         """Seconds of a task's wall time spent neither on a CPU nor waiting for one
@@ -174,6 +186,8 @@ class Pace:
         if last is None:
             self.first_cpu.add(record.cpu / 1e6)
             self.first_tasks.add(record.tasks)
+            if record.wait is not None:
+                self.first_wait.add(record.wait / 1e6)
             return
         tasks = record.tasks - last.tasks
         if tasks <= 0 or last.cpu is None or record.cpu < last.cpu:

@@ -228,9 +228,9 @@ class Costs:
     task_idle: float  # seconds per task off the CPU (sleep, I/O): more children overlap it
     start_cpu: float  # CPU seconds a new child spends before its first task
     cpus: float  # CPUs the worker may use
-    #: seconds a child's slot does no work when it is replaced (its exit, the fork, the
-    #: new child's start); at least ``start_cpu``
-    replace_wall: float = 0.0
+    #: seconds of a replacement off the CPU (the old child's exit, the fork, a start
+    #: that waits on I/O), on top of ``start_cpu``
+    replace_idle: float = 0.0
 
     def holds(self, tasks: int) -> int:
         """Bytes a child needs at the peak of its ``tasks``-th task."""
@@ -255,7 +255,7 @@ class Costs:
         are replaced: bounded by the children (a task's wall time, the start of the
         next child) and by the CPUs (each task's CPU and its share of a start)."""
         cpu = tasks * self.task_cpu + self.start_cpu
-        slot = tasks * (self.task_cpu + self.task_idle) + max(self.replace_wall, self.start_cpu)
+        slot = tasks * (self.task_cpu + self.task_idle) + self.start_cpu + self.replace_idle
         by_children = size * tasks / max(slot, 1e-9)
         by_cpus = self.cpus * tasks / max(cpu, 1e-9)
         return min(by_children, by_cpus)
@@ -293,7 +293,7 @@ def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
         task_idle=idle,
         start_cpu=start,
         cpus=cpus,
-        replace_wall=pace.replace_wall.value or 0.0,
+        replace_idle=pace.replace_idle() or 0.0,
     )
 
 
@@ -313,6 +313,8 @@ def plan(
     found = costs(view, ledger, cpus)
     if found is None:
         return Plan(_fitting(view, ledger), None, None, "measuring")
+    if previous is not None and previous.reason not in ("throughput", "kept"):
+        previous = None  # a size taken before measuring is no plan to keep
     pairs = {}
     for size in range(1, max(view.requested, 1) + 1):
         tasks = found.most_tasks(size)

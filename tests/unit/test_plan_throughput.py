@@ -19,6 +19,7 @@ from celery_guard.policy import (
     Plan,
     View,
     plan,
+    recycle_rss,
 )
 
 MIB = 1024 * 1024
@@ -202,6 +203,12 @@ def test_the_current_size_stays_unless_another_is_clearly_faster() -> None:
     assert plan(view(), book, cpus=2, previous=Plan(2, 12, None, "throughput")).size == 16
 
 
+def test_a_size_taken_while_measuring_is_not_kept_by_the_hysteresis() -> None:
+    book = measured(start_cpu=0.001, wall=0.105)  # 16 x 1 is best (151/s)
+    chosen = plan(view(), book, cpus=2, previous=Plan(15, None, None, "measuring"))
+    assert (chosen.size, chosen.reason) == (16, "throughput")
+
+
 def test_a_size_that_no_longer_fits_is_never_kept() -> None:
     book = measured(start_cpu=0.001)
     # at 18 children not even one run fits (share 33.3 < 35)
@@ -215,3 +222,22 @@ def test_a_set_minimum_of_runs_per_child_bounds_the_pool() -> None:
     # 4 runs need 10 + 25 + 24 + 2 * 24 = 107 MiB: 600 // 107 = 5 children at most
     assert chosen.size <= 5
     assert chosen.tasks_per_child is not None and chosen.tasks_per_child >= 4
+
+
+# -- the plan as a vanilla worker's settings -------------------------------------------------
+@pytest.mark.parametrize(
+    ("tasks", "expected_mib"),
+    [
+        # a child at RSS 50 after its first task's baseline; billiard compares its peak
+        # RSS after each task: 50 + 25 (peak) after the first, 50 + 24 + 25 after the
+        # second, 50 + 48 + 25 after the third; half-way between the last planned and the
+        # next
+        (1, 50 + (0 + 25) / 2),
+        (2, 50 + (25 + 49) / 2),
+        (3, 50 + (49 + 73) / 2),
+    ],
+)
+def test_the_recycle_value_lets_a_child_run_its_planned_tasks_and_no_more(
+    tasks: int, expected_mib: float
+) -> None:
+    assert recycle_rss(costs(), 50 * MIB, tasks) == int(expected_mib * MIB)

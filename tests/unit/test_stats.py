@@ -491,3 +491,21 @@ def test_the_pair_fits_together_and_the_alternative_recycles_no_healthy_child(
         assert fewer < advice.concurrency
     if fewer > 1:
         assert fewer * (healthy_kib / 1024 - shared) <= budget + slack
+
+
+def test_the_governors_plan_is_the_recommended_pair() -> None:
+    """With a throughput plan (the summary's plan_* keys), the pair is the plan's, whatever
+    the private figures alone would allow (FITS allows 11 children)."""
+    advice = recommend(**FITS, plan_concurrency=3, plan_tasks_per_child=6,
+                       plan_max_memory_per_child_kib=400_000)  # fmt: skip
+    assert (advice.concurrency, advice.max_memory_per_child_kib) == (3, 400_000)
+    assert "3 children" in advice.note and "6 tasks" in advice.note
+    assert advice.alternative_concurrency is None
+
+
+def test_a_plan_for_tasks_that_keep_nothing_gives_the_size_and_the_healthy_value() -> None:
+    """No recycle value in the plan (its tasks keep too little to recycle for): its size,
+    and billiard's value above the healthy peaks as without a plan (FITS: 270 * 1.15)."""
+    advice = recommend(**FITS, plan_concurrency=5)
+    assert advice.concurrency == 5
+    assert advice.max_memory_per_child_kib == int(270 * (1 + MARGIN) * 1024)
