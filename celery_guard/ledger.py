@@ -170,7 +170,7 @@ class Pace:
 
     def idle_wall(self) -> float | None:
         """Seconds of a task's wall time spent neither on a CPU nor waiting for one
-        (sleep, I/O, the hand-over): what more children than CPUs can overlap."""
+        (sleep, I/O): what more children than CPUs can overlap."""
         wall, cpu = self.task_wall.value, self.task_cpu.value
         if wall is None or cpu is None:
             return None
