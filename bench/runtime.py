@@ -89,6 +89,7 @@ class Outcome:
     stopped: int = 0
     recycles: int = 0
     holds: int = 0
+    turns: int | None = None  # the pool's changes of direction after its first plan
     summary: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -103,7 +104,8 @@ class Outcome:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items())) or "none"
         guard = (
             f", smallest pool {self.smallest_pool}, stopped {self.stopped}, recycles "
-            f"{self.recycles}, holds {self.holds}, working set at most "
+            f"{self.recycles}, holds {self.holds}, turns after the plan "
+            f"{'none planned' if self.turns is None else self.turns}, working set at most "
             f"{self.summary.get('working_set_max_mib') or '?'} MiB"
             if self.smallest_pool is not None
             else ""
@@ -209,6 +211,7 @@ def _guard_figures(worker: harness.Worker, outcome: Outcome) -> None:
     sizes += [int(line["concurrency"]) for line in pressure + recycles]
     outcome.smallest_pool = min(sizes) if sizes else None
     outcome.stopped = sum(p["action"] == "terminate" for p in pressure)
+    outcome.turns = worker.turns_after_plan()
     outcome.recycles = len(recycles)
     outcome.summary = worker.final_summary()
     outcome.holds = int(outcome.summary.get("holds") or 0)

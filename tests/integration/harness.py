@@ -8,6 +8,7 @@ them. Nothing is faked: the kernel enforces the limits and counts the OOM kills.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -291,6 +292,22 @@ class Worker:
 
     def forks(self) -> int:
         return len(re.findall(r"heavy_app pool child started", self.log))
+
+    def turns_after_plan(self) -> int | None:
+        """How often the pool's size changed direction (grow after retire, or back)
+        after the governor's first throughput plan (``event=plan``); None: no plan."""
+        lines = self.log.splitlines()
+        first = next((i for i, line in enumerate(lines) if "reason=throughput" in line), None)
+        if first is None:
+            return None
+        sizes = []
+        for line in lines[first:]:
+            if "celery-guard event=pressure " in line:
+                fields = parse_line(line)
+                if fields.get("action") in ("grow", "retire"):
+                    sizes.append(int(fields["concurrency"]))
+        steps = [b - a for a, b in itertools.pairwise(sizes) if b != a]
+        return sum(1 for a, b in itertools.pairwise(steps) if (a > 0) != (b > 0))
 
     def stop(self, grace: float = 15) -> None:
         """Warm shutdown, then SIGKILL the whole process group if it hangs."""
