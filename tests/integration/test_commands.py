@@ -4,6 +4,7 @@ user runs them: the ``celery`` command on the example app, in and out of real cg
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -316,11 +317,16 @@ def test_the_gevent_example_runs_as_documented(redis: harness.RedisServer, tmp_p
 def test_check_lists_the_tasks_that_declare_memory_limits(redis: harness.RedisServer) -> None:
     """The example app's ``limited`` (160M) and ``stubborn`` (96M) declare limits. With a
     400M budget (the main process holds about 180 MiB of it, 40 MiB are headroom) one child
-    can have about 180 MiB: both limits can be reached. With 300M, about 90 MiB: neither
-    can, and the check says so."""
+    can have about 180 MiB: both limits can be reached. With a budget where one child
+    still fits but has less than 96 MiB (set from the main process and the estimate the
+    first check measured, so that the packages' size on the machine does not move it past
+    either bound): neither can, and the check says so."""
     env = harness.worker_env(redis, {"CELERY_GUARD_MEMORY_LIMIT": "400M"})
     done = harness.run_celery(["guard", "check", "-c", "1", *QUIET], env)
     assert done.returncode == 0, done.stderr
+    (check,) = lines(done.stdout, "check")
+    one_child = float(check["parent_rss_mib"]) + float(check["child_estimate_mib"])
+    small_budget = math.ceil((one_child + 4) / 0.9)  # 4 MiB above one child, 10% headroom
     limits = {line["task"]: line for line in lines(done.stdout, "task_limit")}
     assert sorted(limits) == ["heavy_app.limited", "heavy_app.stubborn"]
     assert limits["heavy_app.limited"]["memory_limit_mib"] == "160.0"
@@ -328,7 +334,7 @@ def test_check_lists_the_tasks_that_declare_memory_limits(redis: harness.RedisSe
     assert all(line["reachable"] == "true" for line in limits.values())
     assert not [a for a in lines(done.stdout, "advice") if a["topic"] == "task_limit_above_budget"]
 
-    small = harness.worker_env(redis, {"CELERY_GUARD_MEMORY_LIMIT": "300M"})
+    small = harness.worker_env(redis, {"CELERY_GUARD_MEMORY_LIMIT": f"{small_budget}M"})
     done = harness.run_celery(["guard", "check", "-c", "1", *QUIET], small)
     assert done.returncode == 0, done.stdout + done.stderr
     limits = {line["task"]: line for line in lines(done.stdout, "task_limit")}
