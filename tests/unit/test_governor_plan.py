@@ -1,0 +1,116 @@
+"""The governor carries out the throughput plan (policy.plan) on the pool's events.
+
+Driven as on the worker's event loop, as in test_terminate_lines.py: the real ledger,
+policy and line writer over a PoolControl whose children are fake. Above the plan's size
+the child that just finished a task leaves the pool (``level=plan action=retire``), and
+a recycled child's replacement is timed from the recycle to the new child's readiness.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from test_terminate_lines import MIB, FakePool, Hub, cgroup_at
+
+from celery_guard.config import Settings
+from celery_guard.exits import ExitCauses
+from celery_guard.governor import Governor
+from celery_guard.ledger import Record
+from celery_guard.limit import LiveLimit
+from celery_guard.logline import RECORD_ATTRIBUTE
+from celery_guard.policy import Plan
+
+LIMIT = 1000 * MIB
+
+
+class RecordingPool(FakePool):
+    """A FakePool that records what the governor asks of it."""
+
+    def __init__(self, rss_mib: dict[int, int]) -> None:
+        super().__init__(rss_mib)
+        self.retired: list[tuple[int, bool]] = []
+        self.recycled: list[int] = []
+
+    def retire(self, pid: int, task_ended: bool = False) -> bool:
+        self.retired.append((pid, task_ended))
+        self.children.pop(pid)
+        return True
+
+    def recycle(self, pid: int, task_ended: bool = False) -> bool:
+        self.recycled.append(pid)
+        return True
+
+
+def governor(tmp_path: Path, children: int) -> tuple[Governor, RecordingPool]:
+    """``children`` idle children, each measured after a first run of ``t`` (30 MiB
+    copied, RSS 200 MiB); a working set of 300 MiB, far below the marks."""
+    pool = RecordingPool({pid: 200 for pid in range(101, 101 + children)})
+    settings = Settings()
+    budget = Governor(
+        pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
+        requested=children, estimate=30 * MIB, others=0, hostname="w1@test",
+        exits=ExitCauses(None), cpus=2,
+    )  # fmt: skip
+    budget.start(Hub())
+    for pid in pool.children:
+        budget.take(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+    budget.tick()
+    return budget, pool
+
+
+def plan_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [
+        fields
+        for record in caplog.records
+        if (fields := getattr(record, RECORD_ATTRIBUTE, None)) is not None
+        and fields.get("level") == "plan"
+    ]
+
+
+def test_above_the_plan_the_child_that_finished_leaves_one_at_a_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    budget, pool = governor(tmp_path, 4)
+    budget.plan = Plan(2, 3, 10.0, "throughput")
+    for pid in (101, 102):
+        budget.task_accepted(pid, f"id-{pid}", "t")
+    with caplog.at_level(logging.INFO, logger="celery_guard"):
+        assert budget.task_ready(101, "id-101") is False  # left the pool, not recycled
+        assert pool.retired == [(101, True)]
+        assert budget.task_ready(102, "id-102") is False
+    assert pool.retired == [(101, True), (102, True)]
+    lines = plan_lines(caplog)
+    assert [(line["action"], line["pid"], line["target"]) for line in lines] == [
+        ("retire", 101, 2), ("retire", 102, 2),
+    ]  # fmt: skip
+
+
+def test_at_the_plans_size_no_child_leaves(tmp_path: Path) -> None:
+    budget, pool = governor(tmp_path, 2)
+    budget.plan = Plan(2, 3, 10.0, "throughput")
+    budget.task_accepted(101, "id-101", "t")
+    budget.task_ready(101, "id-101")
+    assert pool.retired == []
+
+
+def test_a_replacement_is_timed_from_the_recycle_to_the_new_childs_readiness(
+    tmp_path: Path,
+) -> None:
+    budget, _pool = governor(tmp_path, 1)
+    # child 101 has kept 1000 MiB: past its share (less than the 950 MiB high mark) with
+    # the next task's peak, recycled
+    budget.take(Record(101, "t", 10 * MIB, True, 1000 * MIB, 1200 * MIB, None, cpu=2, tasks=2))
+    budget.task_accepted(101, "id-2", "t")
+    began = time.monotonic()
+    assert budget.task_ready(101, "id-2") is True
+    budget.child_up(201)  # the replacement, forked
+    budget.child_alive(150)  # another child: not a replacement
+    assert budget.ledger.pace.replace_wall.samples == 0
+    time.sleep(0.05)
+    budget.child_alive(201)
+    measured = budget.ledger.pace.replace_wall.value
+    assert measured is not None and 0.05 <= measured <= time.monotonic() - began
+    assert budget.replacing == type(budget.replacing)() and budget.replacements == {}
