@@ -131,8 +131,11 @@ def fits(view: View, ledger: Ledger, adding: int, read: bool = False) -> tuple[b
 def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admission:
     """Hand ``name`` to the pool now?
 
-    - Nothing in flight: yes, whatever it costs, so the worker always makes progress (a
-      task that alone does not fit is stopped at the hard mark and fails).
+    - Nothing in flight and no child on its way out still holding memory: yes, whatever
+      it costs, so the worker always makes progress (a task that alone does not fit is
+      stopped at the hard mark and fails). A child on its way out frees its memory only
+      when it has exited (a child holding hundreds of MiB took over 90 ms): until then the
+      task is weighed as any other, and the exit releases it.
     - A run of a task never measured is in flight: hold the next, so a burst of a new
       kind of task is measured on one run before it is multiplied.
     - No child is free to take it: hold it here, where it is weighed again at each
@@ -143,7 +146,7 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
       told, then reading the running children's RSS.
     """
     peak = expected_peak(ledger, name)
-    idle = not ledger.starting and not ledger.busy()
+    idle = not ledger.starting and not ledger.busy() and not leaving(ledger)
     if idle:
         return Admission(True, "idle", peak, view.working_set + peak)
     if not ledger.tasks.known(name) and ledger.learning(name):
@@ -487,8 +490,8 @@ class Safety:
                 child = _largest_first(idle, lambda c: c.private)[0]
                 return [Action("retire", child.pid, "low", child)]
             return []
-        if view.size >= target or now < self.grow_after:
-            return []
+        if view.size >= target or now < self.grow_after or leaving(ledger):
+            return []  # children on their way out: grow once their memory is free
         each = ledger.expected_baseline + ledger.tasks.worst_peak
         count = 0  # as many as fit, up to the target (the tick's reading is fresh)
         while view.size + count < target and fits(view, ledger, each * (count + 1), True)[0]:

@@ -105,6 +105,19 @@ def test_admit(name: str, ws: int, children: list, handed: list[str], over: bool
     assert (verdict.admit, verdict.reason) == expected
 
 
+def test_nothing_in_flight_is_not_idle_while_a_child_on_its_way_out_holds_memory() -> None:
+    """Child 1 was recycled holding 300 MiB and has not exited: its memory is still in
+    the working set. 930 + 60 = 990 would pass the hard mark (970) before it is freed:
+    the task waits for the exit instead of starting because nothing is in flight."""
+    book = ledger((1, 20, None), (2, 20, None), peaks={"hog": 60})
+    book.take(Record(1, "hog", 0, False, 280 * MIB, 480 * MIB, None))  # holds 300
+    book.children[1].leaving = True
+    verdict = admit(view(930), book, "hog")
+    assert (verdict.admit, verdict.reason) == (False, "no_room")
+    book.child_down(1)  # gone: nothing in flight, nothing held by a leaving child
+    assert admit(view(630), book, "hog").reason == "idle"
+
+
 def test_admit_reads_the_running_children_before_it_says_no() -> None:
     """800 + 60 + 60 = 920 assumed; read now, the running task has grown its 60 already
     (it is in the working set): 800 + 0 + 60 = 860 fits. The second look reads the
@@ -221,6 +234,18 @@ def test_below_the_marks_it_grows_as_many_as_fit_towards_the_target() -> None:
     assert [(a.action, a.count) for a in actions] == [("grow", 12)]
     assert safety.decide(view(300, size=13), book, now=0.1) == []  # GROW_EVERY
     assert safety.decide(view(300, size=14), book, now=10.0) == []  # at the target
+
+
+def test_it_grows_only_once_children_on_their_way_out_are_gone() -> None:
+    """Their memory is freed only when they have exited: new children forked before
+    would copy and take tasks on memory that is not free yet."""
+    book = ledger((1, 20, None), (2, 20, None), peaks={"t": 30})
+    book.take(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))
+    book.children[2].leaving = True
+    assert Safety().decide(view(300, size=2), book, now=0.0) == []
+    book.child_down(2)
+    actions = Safety().decide(view(200, size=1), book, now=0.0)
+    assert [a.action for a in actions] == ["grow"]
 
 
 def test_above_the_target_it_retires_an_idle_child() -> None:
