@@ -12,6 +12,7 @@ import pytest
 from celery_guard.ledger import Ledger, Record
 from celery_guard.policy import (
     HYSTERESIS,
+    MEASURED_REPLACEMENTS,
     MEASURED_TASKS,
     MOST_TASKS_PER_CHILD,
     Costs,
@@ -104,7 +105,8 @@ def measured(start_cpu: float, task_cpu: float = 0.005, wall: float = 0.010,
                              cpu=round(cpu * 1e6), wait=0, busy=round(busy * 1e6),
                              tasks=run))  # fmt: skip
             book.task_finished(pid)
-    book.pace.replace_wall.add(start_cpu)  # a replacement timed: as long as its start
+    for _ in range(MEASURED_REPLACEMENTS):  # replacements timed: as long as a start
+        book.pace.replace_wall.add(start_cpu)
     return book
 
 
@@ -173,11 +175,12 @@ def test_a_plan_waits_for_enough_measured_tasks() -> None:
     assert chosen.size == 5
 
 
-def test_a_plan_for_leaky_tasks_waits_until_a_replacement_is_timed() -> None:
+def test_a_plan_for_leaky_tasks_waits_until_replacements_are_timed() -> None:
     book = measured(start_cpu=0.5)
     book.pace.replace_wall = type(book.pace.replace_wall)()  # never timed
-    assert plan(view(), book, cpus=2).reason == "measuring"
-    book.pace.replace_wall.add(0.5)
+    for _ in range(MEASURED_REPLACEMENTS):
+        assert plan(view(), book, cpus=2).reason == "measuring"
+        book.pace.replace_wall.add(0.5)
     assert plan(view(), book, cpus=2).reason == "throughput"
 
 
@@ -187,7 +190,8 @@ def test_a_slow_replacement_counts_against_many_children() -> None:
     # 1 x 24 = 24 / (2.52 + 2) = 5.3/s ... the plan takes the slot's time into account
     book = measured(start_cpu=0.001, wall=0.105)
     book.pace.replace_wall = type(book.pace.replace_wall)()
-    book.pace.replace_wall.add(2.0)
+    for _ in range(MEASURED_REPLACEMENTS):
+        book.pace.replace_wall.add(2.0)
     chosen = plan(view(), book, cpus=2)
     assert chosen.size < 16
     assert chosen.tasks_per_child is not None and chosen.tasks_per_child > 1
