@@ -192,11 +192,11 @@ def _summary_inputs(summary: dict[str, Any]) -> dict[str, Any] | None:
         if value is not None and value < 0:
             return None
         inputs[key] = value
-    for key in ("plan_concurrency", "plan_tasks_per_child", "plan_max_memory_per_child_kib"):
-        value = number(summary.get(key))
+    for key in ("concurrency", "tasks_per_child", "max_memory_per_child_kib"):
+        value = number(summary.get(f"plan_vanilla_{key}"))
         if value is not None and (value < 1 or value != int(value)):
             return None
-        inputs[key] = None if value is None else int(value)
+        inputs[f"plan_{key}"] = None if value is None else int(value)
     return inputs
 
 

@@ -69,6 +69,7 @@ class Governor:
         limits: dict[str, int] | None = None,
         count_task: Callable[[str, str | None], None] = lambda kind, name: None,
         cpus: float | None = None,
+        unfrozen_extra: int = 0,
     ) -> None:
         self.control = control
         self.settings = settings
@@ -85,6 +86,8 @@ class Governor:
         self.ledger = Ledger(estimate, TaskTable(limits))
         self.safety = policy.Safety()
         self.cpus = cpus if cpus is not None else available_cpus()
+        #: what a child copies more without gc.freeze: a vanilla worker's children do
+        self.unfrozen_extra = unfrozen_extra
         #: The pool's size chosen for throughput (policy.plan), made again at each tick.
         self.plan: policy.Plan | None = None
         #: the plan as a vanilla worker's settings, for the summary's thread (replaced
@@ -449,24 +452,32 @@ class Governor:
         }
 
     def _as_settings(self, view: policy.View) -> dict[str, Any]:
-        """The plan as the settings of a vanilla worker (the summary recommends them):
-        its size, and where its tasks keep memory, the ``worker_max_memory_per_child``
-        that recycles a child after its planned tasks. Empty where the plan cannot be
-        told that way: no plan yet; the size alone where children stay below the main
-        process's RSS (billiard starts a child's peak RSS at the main process's, so it
-        would recycle every one after every task)."""
+        """The plan, and the pair a vanilla worker should run with (the summary
+        recommends it): the same measured pace, each child copying what it copies
+        without gc.freeze (``unfrozen_extra``), planned again; its size, and where tasks
+        keep memory, the ``worker_max_memory_per_child`` that recycles a child after its
+        planned tasks. The pair is left out where it cannot be told that way: children
+        that stay below the main process's RSS (billiard starts a child's peak RSS at
+        the main process's, so it would recycle every one after every task)."""
         plan = self.plan
         if plan is None or plan.reason in ("measuring", "memory"):
             return {}
-        fields: dict[str, Any] = {"plan_concurrency": plan.size}
+        fields: dict[str, Any] = {
+            "plan_concurrency": plan.size, "plan_tasks_per_child": plan.tasks_per_child,
+        }  # fmt: skip
         found = policy.costs(view, self.ledger, self.cpus)
-        bases = [c.rss_at_baseline for c in self.ledger.live() if not c.young]
-        if plan.tasks_per_child is None or found is None or not bases:
+        if found is None:
             return fields
-        limit = policy.recycle_rss(found, sum(bases) // len(bases), plan.tasks_per_child)
+        found = replace(found, baseline=found.baseline + self.unfrozen_extra)
+        vanilla = policy.best(found, view.requested, fewest_tasks=self.fewest_tasks)
+        fields["plan_vanilla_concurrency"] = vanilla.size
+        bases = [c.rss_at_baseline for c in self.ledger.live() if not c.young]
+        if vanilla.tasks_per_child is None or not bases:
+            return fields
+        limit = policy.recycle_rss(found, sum(bases) // len(bases), vanilla.tasks_per_child)
         if limit > self.main_rss():
-            fields["plan_tasks_per_child"] = plan.tasks_per_child
-            fields["plan_max_memory_per_child_kib"] = limit // 1024
+            fields["plan_vanilla_tasks_per_child"] = vanilla.tasks_per_child
+            fields["plan_vanilla_max_memory_per_child_kib"] = limit // 1024
         return fields
 
     def info(self) -> dict[str, Any]:

@@ -320,10 +320,15 @@ def plan(
     found = costs(view, ledger, cpus)
     if found is None:
         return Plan(_fitting(view, ledger), None, None, "measuring")
+    return best(found, view.requested, previous, fewest_tasks)
+
+
+def best(found: Costs, requested: int, previous: Plan | None = None, fewest_tasks: int = 1) -> Plan:
+    """The fastest size up to ``requested`` at these costs (see ``plan``)."""
     if previous is not None and previous.reason not in ("throughput", "kept"):
         previous = None  # a size taken before measuring is no plan to keep
     pairs = {}
-    for size in range(1, max(view.requested, 1) + 1):
+    for size in range(1, max(requested, 1) + 1):
         tasks = found.most_tasks(size)
         if tasks >= min(fewest_tasks, found.most_tasks(1) or 1) and tasks > 0:
             pairs[size] = (found.rate(size, tasks), tasks)
@@ -518,6 +523,7 @@ __all__ = [
     "Safety",
     "View",
     "admit",
+    "best",
     "child_cost",
     "expected_peak",
     "fits",

@@ -87,6 +87,16 @@ class Measured:
     in_use: int
     decision: Decision
 
+    @property
+    def unfrozen_extra(self) -> int:
+        """Bytes a child copies more in a worker that does not freeze the collector before
+        it forks (a vanilla worker, where this one does): its first full collection
+        writes the header of every object it tracks (``footprint.estimate_child``)."""
+        if not self.settings.gc_freeze:
+            return 0
+        unfrozen = footprint.estimate_child(self.parent, gc_freeze=False)
+        return max(unfrozen.bytes - self.estimate.bytes, 0)
+
     def fields(self) -> dict[str, Any]:
         """The keys of the startup line, in its order."""
         return {

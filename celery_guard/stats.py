@@ -277,9 +277,10 @@ def recommend(
     recycled, and the alternative is the concurrency at which none of the healthy ones
     would be, with the healthy value. Without private figures the pair keeps the current
     concurrency. Where the run-time governor planned the pool for throughput
-    (``plan_*``, see ``policy.plan``), the pair is its plan: its size, and the value at
-    which billiard recycles a child after the planned number of tasks. Never raises; a
-    missing figure gives None.
+    (``plan_*``: its plan made again for a worker without the guard, see
+    ``Governor._as_settings``), the pair is that plan: its size, and the value at which
+    billiard recycles a child after the planned number of tasks. Never raises; a missing
+    figure gives None.
 
     Worked example: limit 1024, headroom 102.4, main process 180, private p50 90 / p95
     98, peak RSS p50 270 / p95 280 (MiB)::
@@ -295,8 +296,9 @@ def recommend(
     planned = plan_concurrency if plan_concurrency is not None and plan_concurrency >= 1 else None
     if planned and plan_max_memory_per_child_kib is not None and plan_tasks_per_child:
         note = (
-            f"the governor's plan: {planned} children, each recycled after about "
-            f"{plan_tasks_per_child} tasks, run the most tasks per second in this limit"
+            f"planned from the measured pace for a worker without celery-guard (its "
+            f"children copy more: no gc.freeze): {planned} children, each recycled after "
+            f"about {plan_tasks_per_child} tasks, run the most tasks per second in this limit"
         )
         return Recommendation(plan_max_memory_per_child_kib, planned, note)
     budget = limit_mib - headroom_mib - parent_rss_mib

@@ -613,6 +613,7 @@ class Governor(bootsteps.StartStopStep):
             count=collector.count_pressure,
             count_task=collector.count_task,
             limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},
+            unfrozen_extra=measured.unfrozen_extra,
         )
         collector.listeners.append(self.governor.take)
         guard.governed = True

@@ -557,9 +557,9 @@ class Collector:
         for extra in self.summary_extras:
             fields.update(extra())
         advice = recommend(
-            plan_concurrency=fields.get("plan_concurrency"),
-            plan_tasks_per_child=fields.get("plan_tasks_per_child"),
-            plan_max_memory_per_child_kib=fields.get("plan_max_memory_per_child_kib"),
+            plan_concurrency=fields.get("plan_vanilla_concurrency"),
+            plan_tasks_per_child=fields.get("plan_vanilla_tasks_per_child"),
+            plan_max_memory_per_child_kib=fields.get("plan_vanilla_max_memory_per_child_kib"),
             limit_mib=fields["limit_mib"],
             headroom_mib=fields["headroom_mib"],
             parent_rss_mib=fields["parent_rss_mib"],

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_plan_throughput import measured
 from test_terminate_lines import MIB, FakePool, Hub, cgroup_at
 
 from celery_guard.config import Settings
@@ -114,3 +115,22 @@ def test_a_replacement_is_timed_from_the_recycle_to_the_new_childs_readiness(
     measured = budget.ledger.pace.replace_wall.value
     assert measured is not None and 0.05 <= measured <= time.monotonic() - began
     assert budget.replacing == type(budget.replacing)() and budget.replacements == {}
+
+
+def test_the_recommended_pair_is_planned_for_children_that_copy_more_without_gc_freeze(
+    tmp_path: Path,
+) -> None:
+    """A vanilla worker does not freeze the collector before it forks: each child copies
+    more (``unfrozen_extra``), so the pair recommended for it is planned at that cost.
+    Cheap children of tasks that wait 0.1 s: the guard's plan is 16 children of one run;
+    at 40 MiB more a child, fewer fit."""
+    budget, _pool = governor(tmp_path, 16)
+    budget.ledger = measured(start_cpu=0.001, wall=0.105)
+    budget.unfrozen_extra = 40 * MIB
+    budget.tick()
+    assert budget.plan is not None and budget.plan.size == 16
+    assert budget.planned["plan_concurrency"] == 16
+    assert 1 <= budget.planned["plan_vanilla_concurrency"] < 16
+    budget.unfrozen_extra = 0
+    budget.tick()
+    assert budget.planned["plan_vanilla_concurrency"] == 16
