@@ -93,6 +93,7 @@ class Governor:
         #: the plan as a vanilla worker's settings, for the summary's thread (replaced
         #: whole at each tick, never changed in place)
         self.planned: dict[str, Any] = {}
+        self.rss_at_baseline: int | None = None  # a measured child's RSS, less its leaks
         #: When children were told to leave for a replacement, oldest first: the next
         #: child forked is taken for the oldest one's replacement, and the time from
         #: then to its first readiness is a slot's time without a child.
@@ -472,9 +473,11 @@ class Governor:
         vanilla = policy.best(found, view.requested, fewest_tasks=self.fewest_tasks)
         fields["plan_vanilla_concurrency"] = vanilla.size
         bases = [c.rss_at_baseline for c in self.ledger.live() if not c.young]
-        if vanilla.tasks_per_child is None or not bases:
+        if bases:  # else the last children's (at shutdown none is left)
+            self.rss_at_baseline = sum(bases) // len(bases)
+        if vanilla.tasks_per_child is None or self.rss_at_baseline is None:
             return fields
-        limit = policy.recycle_rss(found, sum(bases) // len(bases), vanilla.tasks_per_child)
+        limit = policy.recycle_rss(found, self.rss_at_baseline, vanilla.tasks_per_child)
         if limit > self.main_rss():
             fields["plan_vanilla_tasks_per_child"] = vanilla.tasks_per_child
             fields["plan_vanilla_max_memory_per_child_kib"] = limit // 1024
