@@ -202,6 +202,8 @@ MOST_TASKS_PER_CHILD = 1000
 #: A plan replaces the current size only when it is expected to run this much faster: a
 #: pool that changes for less follows the noise of its own figures.
 HYSTERESIS = 0.10
+#: Pairs this close to the fastest count as a tie, which goes to the larger pool.
+TIE = 0.01
 #: Records with CPU figures (tasks after a child's first) before a plan is made.
 MEASURED_TASKS = 8
 #: Replacements timed before a plan for tasks that keep memory is made: the first ones
@@ -327,15 +329,17 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     """The fastest size up to ``requested`` at these costs (see ``plan``)."""
     if previous is not None and previous.reason not in ("throughput", "kept"):
         previous = None  # a size taken before measuring is no plan to keep
+    # a set minimum that not even one child could run is lowered to what one can
+    fewest = max(min(fewest_tasks, found.most_tasks(1)), 1)
     pairs = {}
     for size in range(1, max(requested, 1) + 1):
         tasks = found.most_tasks(size)
-        if tasks >= min(fewest_tasks, found.most_tasks(1) or 1) and tasks > 0:
+        if tasks >= fewest:
             pairs[size] = (found.rate(size, tasks), tasks)
     if not pairs:
         return Plan(1, 1, None, "memory")
     best_rate = max(rate for rate, _ in pairs.values())
-    size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * 0.99)
+    size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
     reason = "throughput"
     if previous is not None and previous.size in pairs:
         kept_rate = pairs[previous.size][0]
