@@ -105,8 +105,12 @@ class Governor:
         self.records: deque[Record] = deque()  # from the sampler's thread
         self.main_rss = StatmRss()
         self.reading: tuple[float, int] | None = None  # (when, working set)
+        self.cached_view: tuple[tuple[float, int], policy.View] | None = None  # its reading
         self.holding = False
         self.stopped = False
+        self.hub: Any = None
+        self.recheck_pending = False  # a re-check with figures read now is scheduled
+        self.rechecking = False  # the gate runs in that re-check: it may read
         #: observe: decide and log as usual, act on nothing (CELERY_GUARD_GOVERNOR=observe)
         self.observing = settings.governor == "observe"
         self.observed: dict[tuple[str, int], float] = {}  # (action, pid) -> last logged
@@ -143,7 +147,7 @@ class Governor:
 
     # -- the view ---------------------------------------------------------------------
     def _working_set(self, now: float, fresh: float = FRESH) -> int:
-        if self.reading is None or now - self.reading[0] > fresh:
+        if self.reading is None or fresh <= 0 or now - self.reading[0] > fresh:
             found = cgroups.read_usage(self.cgroup).working_set
             if found is None:  # unreadable now: the last figure, else nothing fits
                 return self.reading[1] if self.reading else self.live.limit
@@ -151,17 +155,36 @@ class Governor:
         return self.reading[1]
 
     def view(self, now: float, fresh: float = FRESH) -> policy.View:
-        return policy.View(
-            fresh=(lambda: self.view(time.monotonic(), 0.0)) if fresh > 0 else None,
+        """What decisions are taken on. With ``fresh`` > 0 (the per-task path) the same
+        view serves every task until its working set is older than ``fresh`` or the
+        pool's size or plan changed: building one reads /proc."""
+        size, target = self.control.size, self.target
+        cached = self.cached_view
+        if fresh > 0 and cached is not None:
+            reading, view = cached
+            if (
+                reading is self.reading
+                and now - reading[0] <= fresh
+                and view.size == size
+                and view.target == target
+            ):
+                return view
+        view = policy.View(
+            fresh=None,  # the gate asks for it in a re-check (``_recheck``)
             working_set=self._working_set(now, fresh),
             marks=self.live.marks,
-            size=self.control.size,
+            size=size,
             requested=self.requested,
             base=self.main_rss() + self.others,
             tasks_per_child=self.settings.min_tasks_per_child,
             rss_now=self.control.rss,
-            target=self.target,
+            target=target,
         )
+        self.cached_view = (self.reading, view) if fresh > 0 and self.reading else None
+        return view
+
+    def fresh_view(self) -> policy.View:
+        return self.view(time.monotonic(), 0.0)
 
     @property
     def target(self) -> int | None:
@@ -271,7 +294,11 @@ class Governor:
         now = time.monotonic()
         self.ledger.forget_stale(now)
         view = self.view(now)
+        if self.rechecking:
+            view = replace(view, fresh=self.fresh_view)
         verdict = policy.admit(view, self.ledger, request.name, self.safety.over)
+        if verdict.reason == "no_room" and not self.rechecking:
+            self._recheck_soon()
         if self.observing and not verdict.admit:
             if verdict.reason not in ("learning", "no_child"):
                 self._held(request, verdict, view, began)
@@ -291,6 +318,26 @@ class Governor:
             return False
         self._held(request, verdict, view, began)
         return False
+
+    def _recheck_soon(self) -> None:
+        """A task did not fit on the figures at hand: weigh the held tasks again at the
+        loop's next turn, reading the cgroup and the running children now. The decision
+        itself reads nothing (a read of the cgroup's memory.stat alone takes longer than
+        the rest of the hand-over)."""
+        if self.recheck_pending or self.hub is None:
+            return
+        self.recheck_pending = True
+        self.hub.call_soon(self._recheck)
+
+    def _recheck(self) -> None:
+        self.recheck_pending = False
+        if self.stopped:
+            return
+        self.rechecking = True
+        try:
+            self.control.release()
+        finally:
+            self.rechecking = False
 
     def _held(
         self, request: Any, verdict: policy.Admission, view: policy.View, began: float

@@ -263,6 +263,8 @@ class Telemetry(bootsteps.StartStopStep):
         guard = state_of(w)
         if guard is not None:
             guard.hub = hub
+        if self.sampler is not None and guard is not None and guard.control is not None:
+            self.sampler.on_loop(hub)
         if guard is not None and guard.control is not None:
             hub.call_soon(self._install, guard)
 

@@ -660,6 +660,9 @@ class Sampler(threading.Thread):
         self.partial = b""  # the start of a record cut by the end of a read
         self.failures: dict[str, int] = {}
         self.selector: selectors.BaseSelector | None = None
+        #: The event loop reads the channel (``on_loop``): this thread no longer waits on
+        #: it, so a record does not wake a second thread that contends for the GIL.
+        self.loop_reads = False
         if channel is not None:
             self.selector = self._selector(channel)
 
@@ -703,6 +706,14 @@ class Sampler(threading.Thread):
                 self.partial = lines.pop()[-4096:]  # a record never spans more than that
                 self.collector.take([line.decode(errors="replace") for line in lines])
 
+    def on_loop(self, hub: Any) -> None:
+        """Let the worker's event loop read the children's records as they come: the
+        governor reads them there anyway, at each task's end."""
+        if self.channel is None or self.selector is None:
+            return
+        hub.add_reader(self.channel, self.drain)
+        self.loop_reads = True
+
     def _step(self, name: str, now: float, interval: float, step: Callable[[], object]) -> float:
         """Run one step; return when it runs next (later after each failure in a row)."""
         try:
@@ -739,7 +750,7 @@ class Sampler(threading.Thread):
             # at most WAKE: a green thread (gevent, eventlet) in select() misses stop()
             timeout = min(max(min(deadlines) - time.monotonic(), 0.01), self.WAKE)
             selector = self.selector
-            if self.channel is None or selector is None:
+            if self.channel is None or selector is None or self.loop_reads:
                 self.stopping.wait(timeout)
                 continue
             try:

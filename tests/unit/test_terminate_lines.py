@@ -61,6 +61,9 @@ class Hub:
     def call_later(self, delay: float, callback: Callable[[], Any]) -> None:
         self.later.append((delay, callback))
 
+    def call_soon(self, callback: Callable[[], Any]) -> None:
+        self.later.append((0.0, callback))
+
 
 def cgroup_at(directory: Path, working_set_mib: int) -> cgroups.Cgroup:
     """A cgroup-v1 directory whose usage is ``working_set_mib`` with no inactive file."""

@@ -1,0 +1,78 @@
+"""The hand-over gate runs on the event loop for every task: it reads nothing per task.
+
+Driven as in test_governor_plan.py (the real governor, ledger and policy over a pool of
+fake children). The view a decision is taken on is built once per working-set reading;
+a task that does not fit on the figures at hand is held without reading /proc or the
+cgroup, and weighed again at the loop's next turn with both read then.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from test_governor_plan import LIMIT, governor
+from test_terminate_lines import MIB
+
+from celery_guard.governor import FRESH
+
+
+@dataclass
+class Request:
+    id: str
+    name: str = "t"
+
+
+class Counting:
+    """A reader that counts its calls."""
+
+    def __init__(self, value: int) -> None:
+        self.value, self.calls = value, 0
+
+    def __call__(self, *args: object) -> int:
+        self.calls += 1
+        return self.value
+
+
+def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: Path) -> None:
+    budget, _ = governor(tmp_path, 4)
+    budget.main_rss = main_rss = Counting(100 * MIB)  # type: ignore[assignment]
+    budget.task_accepted(101, "id-101", "t")  # one task in flight: no "idle" shortcut
+    budget.reading = (time.monotonic(), 300 * MIB)
+    for n in range(20):  # each handed to child 102, run, and finished
+        assert budget.gate(Request(f"id-{n}")) is True
+        budget.task_accepted(102, f"id-{n}", "t")
+        budget.task_ready(102, f"id-{n}")
+    assert main_rss.calls == 1
+    budget.reading = (time.monotonic() - 2 * FRESH, 300 * MIB)  # older than FRESH
+    budget.gate(Request("id-late"))
+    assert main_rss.calls == 2
+
+
+def test_a_task_that_does_not_fit_is_held_without_a_read_then_weighed_with_one(
+    tmp_path: Path,
+) -> None:
+    budget, pool = governor(tmp_path, 4)
+    high = int(LIMIT * 0.95)
+    budget.task_accepted(101, "id-101", "t")
+    # The figures at hand: a working set past the high mark, read just now; the cgroup
+    # has since freed memory (its file says 300 MiB).
+    reading = (time.monotonic() + 3600, high + 10 * MIB)
+    budget.reading = reading
+    pool.rss = rss = Counting(200 * MIB)  # type: ignore[method-assign]
+    started: list[Request] = []
+    pool._start_task = started.append
+    request = Request("id-held")
+    pool.held.append(request)
+    pool.release()
+    assert started == [] and list(pool.held) == [request]
+    assert budget.reading is reading and rss.calls == 0  # the decision read nothing
+    rechecks = [callback for delay, callback in budget.hub.later if callback == budget._recheck]
+    assert len(rechecks) == 1
+    pool.release()  # held again: one re-check is scheduled, not one per attempt
+    assert [c for _, c in budget.hub.later if c == budget._recheck] == rechecks
+    rechecks[0]()
+    assert started == [request] and not pool.held
+    assert budget.reading is not None and budget.reading[1] == 300 * MIB
+    assert rss.calls >= 1  # the running child's growth, read now
