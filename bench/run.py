@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT), str(HERE)]
 
+import corpus  # noqa: E402
 import estimate  # noqa: E402
 import harness  # noqa: E402
 import overhead  # noqa: E402
@@ -554,6 +555,18 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
         for limit in ((768,) if bench.quick else (768, 1024))
     ]
 
+    print("corpus", flush=True)
+    server = corpus.serve()
+    try:
+        folder = bench.workdir / "corpus"  # its own log names: the runner counts from 1
+        folder.mkdir(exist_ok=True)
+        corpus_runner = runtime.Runner(folder, bench.redis, env=corpus.corpus_env(server, folder))
+        names = list(corpus.QUICK if bench.quick else corpus.WORKLOADS)
+        limits = [768] if bench.quick else [768, 1024]
+        corpus_lines = corpus.render(corpus.measure(corpus_runner, names, limits, rounds), rounds)
+    finally:
+        server.shutdown()
+
     print("estimate, by shape", flush=True)
     # On the bench's Redis: results of a Redis closed under them are collected later, and
     # their backend then retries its connection from the collector, in a timed round.
@@ -574,7 +587,8 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
     plain_gc = gc_freeze_charge(bench, freeze=False)
     frozen_gc = gc_freeze_charge(bench, freeze=True)
     return render(rows, overhead_rows, hook_us, (first_ms, median_ms), (plain_gc, frozen_gc),
-                  usage_plot, plots, base, default, comparisons, rounds, shapes)  # fmt: skip
+                  usage_plot, plots, base, default, comparisons, rounds, shapes,
+                  corpus_lines)  # fmt: skip
 
 
 def render(
@@ -590,12 +604,13 @@ def render(
     comparisons: list[runtime.Comparison],
     rounds: int,
     shapes: list[estimate.Row],
+    corpus_lines: list[str],
 ) -> str:
     lines = [
         "# Benchmarks",
         "",
         "Written by `bench/run.py` (reproduce: `.venv/bin/python bench/run.py`, root, cgroup "
-        "v1, redis-server; about two hours here). Real `celery worker` processes of the example "
+        "v1, redis-server; several hours here). Real `celery worker` processes of the example "
         "app (`examples/heavy_app.py`) against a real Redis, each in a fresh cgroup-v1 memory "
         "cgroup whose limit the kernel enforces; every figure below comes from the same run.",
         "",
@@ -654,7 +669,7 @@ def render(
             for run in (r["default"], r["requested"], r["guarded"])
         ]
         lines.append(f"| {r['workload']} | {r['limit']} MiB | " + " | ".join(cells) + " |")
-    lines += ["", *runtime.render(comparisons, rounds)]
+    lines += ["", *runtime.render(comparisons, rounds), "", *corpus_lines, ""]
     lines += [
         "## The child estimate, by shape of app",
         "",

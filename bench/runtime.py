@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,25 +48,44 @@ TIMEOUT = 240.0
 class Workload:
     name: str
     task: str
-    args: tuple[Any, ...]
+    args: tuple[Any, ...] | Callable[[int], tuple[Any, ...]]  # or the n-th task's args
     tasks: int
     concurrencies: tuple[int, ...]  # vanilla's grid
     leaks: tuple[int, ...]  # vanilla's grid: --max-memory-per-child room, in leaks (0: none)
     quick: tuple[tuple[int, int], ...]  # the grid of --quick: (-c, leaks)
     env: tuple[tuple[str, str], ...] = ()  # the app's settings (both workers)
+    app: str = "heavy_app"  # the module of the Celery app (-A)
+    leak_mib: int = 0  # what one task keeps, a step of vanilla's --max-memory-per-child grid
+    #: more kinds of task sent with the first, interleaved: (task, args, count)
+    more: tuple[tuple[str, Any, int], ...] = ()
+
+    def sends(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """(task, args) of every task, in the order sent: the kinds interleaved."""
+        kinds = [(self.task, self.args, self.tasks), *self.more]
+        out = []
+        for n in range(max(count for _, _, count in kinds)):
+            for task, args, count in kinds:
+                if n < count:
+                    out.append((task, args(n) if callable(args) else args))
+        return out
+
+    @property
+    def count(self) -> int:
+        return self.tasks + sum(count for _, _, count in self.more)
 
 
 LEAK_MIB = 24
 WORKLOADS = {
     "leaky": Workload("leaky", "leak", (LEAK_MIB,), 240, (3, 4, 5, 6, 8), (0, 2, 4, 6),
-                      ((4, 4), (5, 4))),
+                      ((4, 4), (5, 4)), leak_mib=LEAK_MIB),
     # Leaky, fast tasks, dear children, a small main process: each task keeps 24 MiB and
     # takes 5 ms; a child spends 0.5 s of CPU starting (a model loaded in
     # worker_process_init).
     "leaky-fast": Workload("leaky-fast", "leak", (LEAK_MIB, 0.005), 240, (2, 3, 4, 6, 8, 12),
                            (1, 2, 4, 8, 16), ((2, 8), (4, 4)),
                            (("HEAVY_APP_CHILD_START_SECONDS", "0.5"),
-                            ("HEAVY_APP_OBJECTS", "1000"), ("HEAVY_APP_BUFFER_MIB", "1"))),
+                            ("HEAVY_APP_OBJECTS", "1000"), ("HEAVY_APP_BUFFER_MIB", "1")),
+                           leak_mib=LEAK_MIB),
     "transient": Workload("transient", "hog", (60, 0.3), 160, (4, 5, 6, 7, 8), (0,),
                           ((6, 0), (7, 0))),
 }  # fmt: skip
@@ -123,15 +143,16 @@ class Runner:
 
     def __init__(
         self, workdir: Path, redis: harness.RedisServer | None = None,
-        guard_env: dict[str, str] | None = None,
+        guard_env: dict[str, str] | None = None, env: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.workdir = workdir
         self.guard_env = guard_env or {}  # settings of the guarded runs
+        self.env = env or {}  # of every run (the corpus: its PYTHONPATH, its server)
         self.root = harness.own_memory_cgroup()
         self.redis = redis or harness.RedisServer(workdir)
         self.count = 0
         #: the main process's RSS in KiB, as a user reads it, by the app's settings
-        self.parent_kib: dict[tuple[tuple[str, str], ...], int] = {}
+        self.parent_kib: dict[tuple[tuple[str, str], ...], int] = {}  # by app and settings
 
     def run(
         self, workload: Workload, limit_mib: int, args: list[str], guard: bool,
@@ -142,16 +163,15 @@ class Runner:
         extra = dict(workload.env)
         if acks_late:
             extra["HEAVY_APP_ACKS_LATE"] = "1"
-        env = harness.worker_env(self.redis, {**extra, **(self.guard_env if guard else {})}, guard)
+        extra.update(self.guard_env if guard else {})
+        env = harness.worker_env(self.redis, {**self.env, **extra}, guard)
         log = self.workdir / f"runtime-{self.count}.log"
-        worker = harness.Worker(args, env, log, cgroup=group).start()
+        worker = harness.Worker(args, env, log, cgroup=group, app=workload.app).start()
         seconds, results, main_cpu = None, [], None
         try:
             worker.wait_ready(90)
             start = time.monotonic()
-            results = harness.send_tasks(
-                self.redis, worker.queue, workload.task, workload.tasks, workload.args
-            )
+            results = send(self.redis, worker.queue, workload)
             seconds = _wait(worker, results, start + TIMEOUT)
             if seconds is not None:
                 seconds -= start
@@ -177,6 +197,17 @@ class Runner:
         if guard:
             _guard_figures(worker, outcome)
         return outcome
+
+
+def send(redis: harness.RedisServer, queue: str, workload: Workload) -> list[Any]:
+    """Send the workload's tasks by name, without importing its app here."""
+    from celery import Celery
+
+    client = Celery("client", broker=redis.url(0), backend=redis.url(1))
+    return [
+        client.send_task(f"{workload.app}.{task}", args=args, queue=queue)
+        for task, args in workload.sends()
+    ]
 
 
 def _wait(worker: harness.Worker, results: list[Any], deadline: float) -> float | None:
@@ -220,16 +251,19 @@ def _guard_figures(worker: harness.Worker, outcome: Outcome) -> None:
 def parent_kib(runner: Runner, workload: Workload) -> int:
     """The main process's RSS in KiB, as a user tuning vanilla reads it: from the guard's
     startup line (``parent_rss_mib``), once per app setting."""
-    if workload.env not in runner.parent_kib:
-        env = harness.worker_env(runner.redis, dict(workload.env))
+    key = (("app", workload.app), *workload.env)
+    if key not in runner.parent_kib:
+        env = harness.worker_env(runner.redis, {**runner.env, **dict(workload.env)})
         runner.count += 1
-        worker = harness.Worker(["-c", "1"], env, runner.workdir / "parent.log").start()
+        worker = harness.Worker(
+            ["-c", "1"], env, runner.workdir / "parent.log", app=workload.app
+        ).start()
         try:
             kib = int(float(worker.startup()["parent_rss_mib"]) * 1024)
         finally:
             worker.stop()
-        runner.parent_kib[workload.env] = kib
-    return runner.parent_kib[workload.env]
+        runner.parent_kib[key] = kib
+    return runner.parent_kib[key]
 
 
 @dataclass
@@ -275,7 +309,7 @@ def compare(
         args = ["-c", str(c)]
         label = f"vanilla -c {c}"
         if leaks:
-            max_kib = kib + leaks * LEAK_MIB * 1024
+            max_kib = kib + leaks * workload.leak_mib * 1024
             args.append(f"--max-memory-per-child={max_kib}")
             label += f" --max-memory-per-child={max_kib}"
         outcome = runner.run(workload, limit, args, False, True, label)
@@ -375,6 +409,14 @@ def render(comparisons: list[Comparison], rounds: int) -> list[str]:
         "of what fits, at most the best vanilla time (issue 20), at most 2 turns, and the "
         "recommended pair within 10% of the best vanilla time.",
         "",
+        *table(comparisons),
+    ]
+    return lines
+
+
+def table(comparisons: list[Comparison]) -> list[str]:
+    """The rows of the comparisons, what was rejected, and how fast the guard acted."""
+    lines = [
         "| workload | limit | best vanilla (grid) | fits | vanilla | guard, early acks "
         "(ratio) | guard, late acks (ratio) | guard's smallest pool | recycles | holds | "
         "turns after the plan | recommended pair, vanilla (ratio) |",
@@ -495,11 +537,13 @@ def main() -> None:
         workdir = options.logs or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         runner = Runner(workdir, guard_env=dict(a.split("=", 1) for a in options.guard_env))
+        comparisons = []
         try:
             for name in options.workload:
                 for limit in limits:
                     print(f"{name} at {limit} MiB", flush=True)
                     c = compare(runner, WORKLOADS[name], limit, rounds, options.quick)
+                    comparisons.append(c)
                     for acks in ("early", "late"):
                         ratio = c.ratio(acks)
                         shown = f"{ratio:.2f}" if ratio is not None else "n/a"
@@ -516,6 +560,7 @@ def main() -> None:
                         f"vanilla time {f'{ratio:.2f}' if ratio is not None else 'n/a'}",
                         flush=True,
                     )
+            print("\n".join(targets(comparisons)))
         finally:
             runner.redis.close()
 

@@ -94,6 +94,7 @@ class Governor:
         #: whole at each tick, never changed in place)
         self.planned: dict[str, Any] = {}
         self.rss_at_baseline: int | None = None  # a measured child's RSS, less its leaks
+        self.baseline_seen = estimate  # what a new child copies, as the last tick saw it
         #: When children were told to leave for a replacement, oldest first: the next
         #: child forked is taken for the oldest one's replacement, and the time from
         #: then to its first readiness is a slot's time without a child.
@@ -289,19 +290,20 @@ class Governor:
         (no room, no free child); None: hold it while a run of its kind is measured."""
         if self.stopped:
             return True
+        self._absorb()  # the children's records: bookkeeping, before the decision's clock
         began = time.perf_counter()
-        self._absorb()
         now = time.monotonic()
         self.ledger.forget_stale(now)
         view = self.view(now)
         if self.rechecking:
             view = replace(view, fresh=self.fresh_view)
         verdict = policy.admit(view, self.ledger, request.name, self.safety.over)
+        decided = time.perf_counter() - began
         if verdict.reason == "no_room" and not self.rechecking:
             self._recheck_soon()
         if self.observing and not verdict.admit:
             if verdict.reason not in ("learning", "no_child"):
-                self._held(request, verdict, view, began)
+                self._held(request, verdict, view, decided)
             verdict = policy.Admission(True, "observed", verdict.peak, verdict.projected)
         if verdict.admit:
             self.ledger.task_handed(request.id, request.name, verdict.peak, now)
@@ -316,7 +318,7 @@ class Governor:
             return None
         if verdict.reason == "no_child":
             return False
-        self._held(request, verdict, view, began)
+        self._held(request, verdict, view, decided)
         return False
 
     def _recheck_soon(self) -> None:
@@ -340,14 +342,14 @@ class Governor:
             self.rechecking = False
 
     def _held(
-        self, request: Any, verdict: policy.Admission, view: policy.View, began: float
+        self, request: Any, verdict: policy.Admission, view: policy.View, decided: float
     ) -> None:
         self.holds += 1
         self.count_task("hold", request.name)
         if not self.holding:  # one line when holding starts, not one per task held
             self.holding = True
             with self.figures_lock:
-                self.hold_decisions.append(time.perf_counter() - began)
+                self.hold_decisions.append(decided)
             self._pressure(
                 "hold", "high", view.working_set, task=request.name, task_id=request.id,
                 peak_mib=mib(verdict.peak), projected_mib=mib(verdict.projected),
@@ -364,6 +366,7 @@ class Governor:
             now = time.monotonic()
             view = self.view(now, fresh=0.0)
             self._replan(view)
+            self.baseline_seen = self.ledger.expected_baseline  # for the summary's thread
             view = replace(view, target=self.target)
             self.working_set_max = max(self.working_set_max, view.working_set)
             if view.working_set >= view.marks.high and self.crossed is None:
@@ -496,6 +499,7 @@ class Governor:
             "reaction_p50_ms": round(statistics.median(reactions) * 1000, 1) if reactions else None,
             "reaction_max_ms": round(max(reactions) * 1000, 1) if reactions else None,
             "working_set_max_mib": mib(self.working_set_max),
+            "expected_baseline_mib": mib(self.baseline_seen),
             **self.planned,
         }
 

@@ -22,6 +22,10 @@ BASELINES_KEPT = 32
 #: forgets it: it is handed over only when a child is free, so one that waits this long
 #: was revoked or lost on the way.
 ACCEPT_WITHIN = 10.0
+#: Tasks finished before what children copied, as measured, replaces the startup estimate
+#: when it is lower: a child measured after a task that reads little of the app's data
+#: copied a tenth of what the children running its reports did (bench/corpus.py).
+PRIOR_TASKS = 8
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,7 @@ class ChildState:
     task_rss: int = 0  # its RSS when that task started
     leaving: bool = False  # recycled, retired or killed: on its way out
     last_record: Record | None = None  # its last record that carried its CPU time
+    private_read: tuple[int, int] | None = None  # (private, RSS) when it last read both
 
     @property
     def young(self) -> bool:
@@ -238,13 +243,18 @@ class Ledger:
     starting: OrderedDict[str, Handed] = field(default_factory=OrderedDict)
     baselines: deque[int] = field(default_factory=lambda: deque(maxlen=BASELINES_KEPT))
     pace: Pace = field(default_factory=Pace)
+    finished: int = 0  # tasks finished in any child
 
     # -- the figures the policy reads ----------------------------------------------------
     @property
     def expected_baseline(self) -> int:
         """What the next child will copy: the largest of the last children's baselines,
-        else the startup estimate."""
-        return max(self.baselines, default=self.estimate)
+        not below the startup estimate until PRIOR_TASKS tasks have finished (the first
+        tasks may read less of the app's data than later ones)."""
+        measured = max(self.baselines, default=None)
+        if measured is None:
+            return self.estimate
+        return measured if self.finished >= PRIOR_TASKS else max(measured, self.estimate)
 
     def expected_peak(self, name: str) -> int | None:
         return self.tasks.peak(name)
@@ -298,6 +308,7 @@ class Ledger:
             child.task = child.task_id = None
             child.task_peak = 0
             child.tasks += 1
+        self.finished += 1
 
     def take(self, record: Record) -> None:
         """A child's report after a task: its figures, and the task's."""
@@ -308,7 +319,9 @@ class Ledger:
             return
         child.rss = record.rss
         self.pace.from_record(child, record)
-        if record.private is not None and child.baseline is None:
+        if record.private is None:
+            return
+        if child.baseline is None:
             # What it copied from the main process: its private memory less what the
             # task it just ran kept (a leak is not part of the next child's baseline).
             kept = max(record.retained, 0)
@@ -316,6 +329,16 @@ class Ledger:
             child.rss_at_baseline = record.rss - kept
             self.baselines.append(child.baseline)
             self.pace.first_kept.add(kept)
+        elif child.private_read is not None:
+            # Private memory that grew more than the RSS did since it was last read:
+            # pages shared with the main process that its tasks wrote to (a task that
+            # reads more of the app's data than the first one did), copied for good.
+            last_private, last_rss = child.private_read
+            copied = (record.private - last_private) - (record.rss - last_rss)
+            if copied > 0:
+                child.baseline += copied
+                self.baselines.append(child.baseline)
+        child.private_read = (record.private, record.rss)
 
 
 __all__ = [

@@ -62,17 +62,17 @@ class View:
 def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) -> int:
     """Bytes the pool will still add at its peak from what it runs now.
 
-    Young children will copy their baseline; each task handed out reaches its expected
-    peak. With ``rss_now`` a running task's growth so far is read and only the rest is
-    counted (it is already in the working set); without, all of it counts (cautious,
-    and no read)."""
+    Every child will copy what the children measured last copied (``expected_baseline``):
+    a young child all of it, one that copied less so far (its tasks read less of the
+    app's data) the rest. Each task handed out reaches its expected peak. With
+    ``rss_now`` a running task's growth so far is read and only the rest is counted (it
+    is already in the working set); without, all of it counts (cautious, and no read)."""
     total = sum(handed.peak for handed in ledger.starting.values())
     expected = ledger.expected_baseline
     for child in ledger.children.values():
         if child.leaving:
             continue
-        if child.young:
-            total += expected
+        total += expected if child.baseline is None else max(expected - child.baseline, 0)
         if child.task is not None:
             grown = 0
             if rss_now is not None:

@@ -143,14 +143,17 @@ class ChildProbe:
         task_peak = (peak if exact else self.last_peak) - self.last_rss
         grew = peak - self.logged_peak >= self.step
         logged = self.mode == "all" or (self.mode == "growth" and grew)
-        # Private memory (0.15-5 ms) after the first task only (the main process takes the
-        # child's baseline from it), and on every PRIVATE_EVERY-th line logged.
+        # Private memory (0.15-5 ms) after the first task (the main process takes the
+        # child's baseline from it), after the first run of each kind of task (a kind
+        # that reads more of the app's data copies more of its pages: the RSS does not
+        # show it), and on every PRIVATE_EVERY-th line logged.
         first = self.tasks == 1
-        private = read_private() if first or (logged and self.tasks % PRIVATE_EVERY == 1) else None
-        recycling = 0 < self.max_memory_kib < peak // 1024
         new_name = name not in self.names and len(self.names) < NAMES_REPORTED
         if new_name:
             self.names.add(name)
+        again = logged and self.tasks % PRIVATE_EVERY == 1
+        private = read_private() if first or new_name or again else None
+        recycling = 0 < self.max_memory_kib < peak // 1024
         self.last_peak, self.last_rss = peak, rss
         if exact or new_name or recycling or first or abs(rss - self.sent_rss) >= MIB:
             self.sent_rss = rss

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import threading
 import time
@@ -326,3 +327,24 @@ def test_a_full_pipe_drops_the_childs_record_and_the_task_goes_on(
     os.close(write_end)
     assert probe.tasks == 52
     assert not [r for r in caplog.records if "event=error" in r.getMessage()]
+
+
+def test_a_child_reads_its_private_memory_after_the_first_run_of_each_kind_of_task() -> None:
+    """The private field (8th) is read after the first task and after the first run of
+    each new kind; a kind run again sends no record unless something changed, and then
+    without a private reading."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    probe = telemetry.ChildProbe(write_end, "w@h", load_settings({}, {}), 0)
+    probe.after_task("id-1", SimpleNamespace(name="app.ping"))
+    probe.after_task("id-2", SimpleNamespace(name="app.report"))
+    held = mmap.mmap(-1, 4 * 1024 * 1024)  # fresh pages: the RSS moves, a record is sent
+    for page in range(0, len(held), mmap.PAGESIZE):
+        held[page] = 1
+    probe.after_task("id-3", SimpleNamespace(name="app.report"))
+    lines = os.read(read_end, 65536).decode().splitlines()
+    os.close(read_end)
+    os.close(write_end)
+    held.close()
+    read = [(line.split()[-1], int(line.split()[7]) >= 0) for line in lines]
+    assert read == [("app.ping", True), ("app.report", True), ("app.report", False)]

@@ -10,6 +10,7 @@ from celery_guard.ledger import (
     ACCEPT_WITHIN,
     MAX_TASK_NAMES,
     OTHER,
+    PRIOR_TASKS,
     Ledger,
     Record,
     TaskTable,
@@ -26,7 +27,7 @@ def record(pid: int = 1, name: str = "t", peak: int = 0, retained: int = 0, rss:
 def test_the_first_record_sets_the_baseline_without_what_the_task_kept() -> None:
     """A child whose first task leaked 24 MiB: its baseline is what it copied, not the
     leak; its private memory is both."""
-    ledger = Ledger(estimate=100 * MIB)
+    ledger = Ledger(estimate=100 * MIB, finished=PRIOR_TASKS)
     ledger.child_up(7, rss=180 * MIB)
     ledger.take(record(7, peak=24 * MIB, retained=24 * MIB, rss=204 * MIB, private=35 * MIB))
     child = ledger.children[7]
@@ -46,12 +47,29 @@ def test_private_memory_follows_the_rss_of_later_records() -> None:
 
 
 def test_the_expected_baseline_is_the_startup_estimate_until_a_child_reports() -> None:
-    ledger = Ledger(estimate=100 * MIB)
+    ledger = Ledger(estimate=100 * MIB, finished=PRIOR_TASKS)
     assert ledger.expected_baseline == 100 * MIB
     for pid, private in ((1, 20), (2, 30), (3, 25)):
         ledger.child_up(pid)
         ledger.take(record(pid, private=private * MIB))
     assert ledger.expected_baseline == 30 * MIB  # the largest of the last children
+
+
+def test_a_lower_measure_replaces_the_estimate_only_after_the_first_tasks() -> None:
+    """The first tasks may read less of the app's data than later ones: what their
+    children copied may not replace a higher startup estimate before PRIOR_TASKS tasks
+    have finished; a higher measure counts at once."""
+    ledger = Ledger(estimate=100 * MIB)
+    ledger.child_up(1)
+    ledger.take(record(1, private=20 * MIB))
+    for _ in range(PRIOR_TASKS - 1):
+        ledger.task_finished(1)
+        assert ledger.expected_baseline == 100 * MIB
+    ledger.task_finished(1)
+    assert ledger.expected_baseline == 20 * MIB
+    ledger.child_up(2)
+    ledger.take(record(2, private=150 * MIB))
+    assert ledger.expected_baseline == 150 * MIB
 
 
 def test_a_bound_does_not_lower_a_measured_peak() -> None:
@@ -166,3 +184,21 @@ def test_any_stream_of_records_keeps_the_figures_sane(
     every = [p for _, n, p, _, _, _, _ in stream if n == "a"]
     if every:  # a bound counts only until a run is measured: between the two
         assert max(exact, default=0) <= (ledger.tasks.peak("a") or 0) <= max(every)
+
+
+def test_private_memory_that_grew_more_than_the_rss_raises_the_childs_baseline() -> None:
+    """Pages shared with the main process that a later kind of task wrote to (copy on
+    write): the child's private memory grows, its RSS does not. The child's baseline,
+    and what the next child is expected to copy, grow by that much; growth the RSS also
+    shows (a task's own allocation) does not count."""
+    ledger = Ledger(estimate=100 * MIB, finished=PRIOR_TASKS)
+    ledger.child_up(7)
+    ledger.take(record(7, name="ping", rss=200 * MIB, private=10 * MIB))
+    assert ledger.expected_baseline == 10 * MIB
+    ledger.take(record(7, name="report", rss=204 * MIB, private=94 * MIB))  # +84, RSS +4
+    assert ledger.children[7].baseline == 90 * MIB
+    assert ledger.children[7].private == 94 * MIB
+    assert ledger.expected_baseline == 90 * MIB
+    ledger.take(record(7, name="grow", retained=30 * MIB, rss=234 * MIB, private=124 * MIB))
+    assert ledger.children[7].baseline == 90 * MIB  # its own allocation: not copied
+    assert ledger.children[7].private == 124 * MIB

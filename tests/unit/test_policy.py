@@ -11,7 +11,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from celery_guard.ledger import Ledger, Record
+from celery_guard.ledger import PRIOR_TASKS, Ledger, Record
 from celery_guard.policy import (
     Marks,
     Safety,
@@ -40,8 +40,9 @@ def view(ws: int, size: int = 4, requested: int = 16, base: int = 200, per_child
 def ledger(*children: tuple[int, int | None, str | None], estimate: int = 30,
            peaks: dict[str, int] | None = None) -> Ledger:  # fmt: skip
     """Children as (pid, baseline MiB or None for young, running task or None), all at
-    RSS 200 MiB; task peaks in MiB."""
-    book = Ledger(estimate * MIB)
+    RSS 200 MiB; task peaks in MiB. Past its first tasks: a measure below the estimate
+    counts (ledger.PRIOR_TASKS)."""
+    book = Ledger(estimate * MIB, finished=PRIOR_TASKS)
     for name, peak in (peaks or {}).items():
         book.tasks.observe(name, peak * MIB, 0)
     for pid, baseline, task in children:
@@ -64,6 +65,14 @@ def test_what_is_still_to_come_counts_young_children_and_running_tasks() -> None
     assert to_come(book, {2: 245 * MIB}.get) == (20 + 15 + 60) * MIB
     # a child gone when read will add nothing more
     assert to_come(book, {}.get) == (20 + 0 + 60) * MIB
+
+
+def test_a_child_that_copied_less_than_the_others_counts_the_rest_to_come() -> None:
+    """Children measured after tasks that read little of the app's data will copy what
+    the hungriest recent child copied once they run its kind of task."""
+    book = ledger((1, 80, None), (2, 20, None), (3, 80, None))
+    assert book.expected_baseline == 80 * MIB
+    assert to_come(book) == (80 - 20) * MIB
 
 
 def test_children_on_their_way_out_count_once_they_are_gone_but_not_past_the_hard_mark() -> None:
