@@ -22,9 +22,10 @@ BASELINES_KEPT = 32
 #: forgets it: it is handed over only when a child is free, so one that waits this long
 #: was revoked or lost on the way.
 ACCEPT_WITHIN = 10.0
-#: Tasks finished before what children copied, as measured, replaces the startup estimate
-#: when it is lower: a child measured after a task that reads little of the app's data
-#: copied a tenth of what the children running its reports did (bench/corpus.py).
+#: Tasks finished before the pool grows on what children copied, as measured, when it is
+#: below the startup estimate: a child measured after a task that reads little of the
+#: app's data copied a tenth of what the children running its reports did
+#: (bench/corpus.py).
 PRIOR_TASKS = 8
 
 
@@ -249,11 +250,15 @@ class Ledger:
     @property
     def expected_baseline(self) -> int:
         """What the next child will copy: the largest of the last children's baselines,
-        not below the startup estimate until PRIOR_TASKS tasks have finished (the first
+        else the startup estimate."""
+        return max(self.baselines, default=self.estimate)
+
+    @property
+    def growth_baseline(self) -> int:
+        """What a child added to the pool is taken to copy: the expected baseline, not
+        below the startup estimate until PRIOR_TASKS tasks have finished (the first
         tasks may read less of the app's data than later ones)."""
-        measured = max(self.baselines, default=None)
-        if measured is None:
-            return self.estimate
+        measured = self.expected_baseline
         return measured if self.finished >= PRIOR_TASKS else max(measured, self.estimate)
 
     def expected_peak(self, name: str) -> int | None:

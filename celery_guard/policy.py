@@ -182,12 +182,15 @@ def recycle(view: View, ledger: Ledger, child: ChildState) -> bool:
 
 
 # -- the pool's size -----------------------------------------------------------------------
-def child_cost(view: View, ledger: Ledger) -> int:
-    """What one child needs at its peak: its baseline, the worst task's peak, and the
-    room to keep what ``tasks_per_child - 1`` runs of the leakiest task retain, so that
-    it is recycled at most every ``tasks_per_child`` tasks (a recycle costs a fork)."""
+def child_cost(view: View, ledger: Ledger, baseline: int | None = None) -> int:
+    """What one child needs at its peak: its baseline (``expected_baseline`` unless
+    given), the worst task's peak, and the room to keep what ``tasks_per_child - 1``
+    runs of the leakiest task retain, so that it is recycled at most every
+    ``tasks_per_child`` tasks (a recycle costs a fork)."""
     retained = ledger.tasks.worst_retained * max(view.tasks_per_child - 1, 0)
-    return max(ledger.expected_baseline + ledger.tasks.worst_peak + retained, 1)
+    if baseline is None:
+        baseline = ledger.expected_baseline
+    return max(baseline + ledger.tasks.worst_peak + retained, 1)
 
 
 def target_size(view: View, ledger: Ledger) -> int:
@@ -351,9 +354,13 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
 
 def _fitting(view: View, ledger: Ledger) -> int:
     """The children that fit at their peak cost (``child_cost``), between 1 and the
-    requested."""
-    fits = max(view.marks.high - view.base, 0) // child_cost(view, ledger)
-    return max(1, min(view.requested, fits))
+    requested. The pool grows only as far as they fit at ``Ledger.growth_baseline`` (the
+    startup estimate bounds it from below in the first tasks), and shrinks only on what
+    was measured."""
+    room = max(view.marks.high - view.base, 0)
+    measured = room // child_cost(view, ledger)
+    growth = room // child_cost(view, ledger, ledger.growth_baseline)
+    return max(1, min(view.requested, measured, max(growth, view.size)))
 
 
 # -- the safety net ------------------------------------------------------------------------
@@ -505,7 +512,7 @@ class Safety:
             return []
         if view.size >= target or now < self.grow_after or leaving(ledger):
             return []  # children on their way out: grow once their memory is free
-        each = ledger.expected_baseline + ledger.tasks.worst_peak
+        each = ledger.growth_baseline + ledger.tasks.worst_peak
         count = 0  # as many as fit, up to the target (the tick's reading is fresh)
         while view.size + count < target and fits(view, ledger, each * (count + 1), True)[0]:
             count += 1

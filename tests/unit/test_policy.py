@@ -20,6 +20,7 @@ from celery_guard.policy import (
     child_cost,
     fits,
     leaving,
+    plan,
     recycle,
     share,
     target_size,
@@ -341,3 +342,26 @@ def test_the_rules_stay_within_the_pool_and_the_marks(
                 assert size + action.count <= target_size(v, book)
                 assert ws < MARKS.high
         assert safety.next_delay(v.working_set, MARKS, 0.25) > 0
+
+
+def _first_tasks(estimate: int, baseline: int) -> Ledger:
+    """A ledger before PRIOR_TASKS tasks: one child measured at ``baseline`` MiB, a task
+    peak of 25 MiB."""
+    book = Ledger(estimate * MIB)
+    book.tasks.observe("t", 25 * MIB, 0)
+    book.child_up(1, rss=200 * MIB)
+    book.take(Record(1, "boot", 0, False, 0, 200 * MIB, baseline * MIB))
+    return book
+
+
+def test_before_its_first_tasks_the_estimate_keeps_the_pool_from_growing_not_shrinks_it() -> None:
+    """Room 700 MiB. The estimate (150 MiB) is above the first child's measure (10): the
+    pool of 6 does not grow on that one measure (6 < 700 // 35), nor shrink to what fits
+    at the estimate (700 // 175 = 4)."""
+    assert plan(view(300, size=6, per_child=1), _first_tasks(150, 10), cpus=2).size == 6
+    assert plan(view(300, size=2, per_child=1), _first_tasks(150, 10), cpus=2).size == 4
+
+
+def test_a_measured_cost_above_the_estimate_shrinks_the_pool_at_once() -> None:
+    """The first child copied 200 MiB where 150 were expected: 700 // 225 = 3."""
+    assert plan(view(300, size=6, per_child=1), _first_tasks(150, 200), cpus=2).size == 3
