@@ -205,6 +205,7 @@ class Governor:
         emptied = self.replacements.pop(pid, None)
         if emptied is not None:
             self.ledger.pace.replace_wall.add(time.monotonic() - emptied)
+            self.ledger.pace.replacements += 1
 
     def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
         self.replacements.pop(pid, None)
@@ -376,7 +377,11 @@ class Governor:
             for action in self.safety.decide(view, self.ledger, now):
                 self._carry_out(action, view)
             if self.replacing and now - self.replacing[0] > REPLACE_CHECK:
+                waiting = len(self.replacing)
                 self.control.replace_exited()  # a replacement late: its child exited
+                # forked now: billiard had missed those exits (a worker without the
+                # guard waits for its next maintenance)
+                self.ledger.pace.late_joins += waiting - len(self.replacing)
             if not self.safety.over:
                 self.control.release()
             delay = self.safety.next_delay(view.working_set, view.marks, delay)
@@ -512,15 +517,26 @@ class Governor:
         that stay below the main process's RSS (billiard starts a child's peak RSS at
         the main process's, so it would recycle every one after every task)."""
         plan = self.plan
-        if plan is None or plan.reason in ("measuring", "memory"):
+        if plan is None or plan.reason == "memory":
             return {}
+        found = policy.costs(view, self.ledger, self.cpus)
+        if plan.reason == "measuring" or found is None:
+            # No pace (tasks whose records are rare: nothing changed): the size that fits
+            # at the children's peaks, at what a child copies without gc.freeze.
+            if self.ledger.young_only():
+                return {}
+            baseline = self.ledger.expected_baseline + self.unfrozen_extra
+            room = max(view.marks.high - view.base, 0)
+            fits = room // policy.child_cost(view, self.ledger, baseline)
+            return {"plan_vanilla_concurrency": max(1, min(view.requested, fits))}
         fields: dict[str, Any] = {
             "plan_concurrency": plan.size, "plan_tasks_per_child": plan.tasks_per_child,
         }  # fmt: skip
-        found = policy.costs(view, self.ledger, self.cpus)
-        if found is None:
-            return fields
-        found = replace(found, baseline=found.baseline + self.unfrozen_extra)
+        found = replace(
+            found,
+            baseline=found.baseline + self.unfrozen_extra,
+            replace_idle=self.ledger.pace.vanilla_replace_idle() or found.replace_idle,
+        )
         vanilla = policy.best(found, view.requested, fewest_tasks=self.fewest_tasks)
         fields["plan_vanilla_concurrency"] = vanilla.size
         bases = [c.rss_at_baseline for c in self.ledger.live() if not c.young]
@@ -547,6 +563,8 @@ class Governor:
             "worst_peak_mib": mib(tasks.worst_peak),
             "worst_retained_mib": mib(tasks.worst_retained),
             "held": len(self.control.held),
+            "replacements": self.ledger.pace.replacements,
+            "replacements_joined_late": self.ledger.pace.late_joins,
             "task_peaks_mib": {n: mib(m.peak) for n, m in list(tasks.by_name.items())[:50]},
         }
 

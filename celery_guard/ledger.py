@@ -27,6 +27,9 @@ ACCEPT_WITHIN = 10.0
 #: app's data copied a tenth of what the children running its reports did
 #: (bench/corpus.py).
 PRIOR_TASKS = 8
+#: Seconds between billiard's periodic maintenance of the pool, which joins exited
+#: children and forks their replacements (celery.concurrency.asynpool.AsynPool.timers).
+BILLIARD_MAINTENANCE = 5.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,10 @@ class Pace:
     first_wait: Mean = field(default_factory=Mean)  # seconds waited for a CPU by then
     #: seconds from a child told to leave to its replacement ready for work
     replace_wall: Mean = field(default_factory=Mean)
+    replacements: int = 0  # replacements timed
+    #: of them, forked only when the governor asked the pool to join exited children:
+    #: billiard had missed the child's exit (see ``actuator.PoolControl.replace_exited``)
+    late_joins: int = 0
 
     @property
     def start_cpu(self) -> float | None:
@@ -172,6 +179,16 @@ class Pace:
         if wait is not None and self.first_tasks.value is not None:
             wait = max(wait - self.first_tasks.value * (self.task_wait.value or 0.0), 0.0)
         return max(wall - start - (wait or 0.0), 0.0)
+
+    def vanilla_replace_idle(self) -> float | None:
+        """``replace_idle`` as a worker without the guard would see it: a replacement that
+        billiard missed waits for its next periodic maintenance (every
+        BILLIARD_MAINTENANCE seconds, half of it on average), as often as it was missed
+        here."""
+        idle = self.replace_idle()
+        if idle is None or self.replacements <= 0:
+            return idle
+        return idle + self.late_joins / self.replacements * BILLIARD_MAINTENANCE / 2
 
     def idle_wall(self) -> float | None:
         """Seconds of a task's wall time spent neither on a CPU nor waiting for one
@@ -263,6 +280,10 @@ class Ledger:
 
     def expected_peak(self, name: str) -> int | None:
         return self.tasks.peak(name)
+
+    def young_only(self) -> bool:
+        """No child has reported yet: nothing measured."""
+        return not self.baselines
 
     def live(self) -> list[ChildState]:
         return [c for c in self.children.values() if not c.leaving]

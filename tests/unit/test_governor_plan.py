@@ -134,3 +134,47 @@ def test_the_recommended_pair_is_planned_for_children_that_copy_more_without_gc_
     budget.unfrozen_extra = 0
     budget.tick()
     assert budget.planned["plan_vanilla_concurrency"] == 16
+
+
+def test_a_replacement_forked_only_when_the_governor_asks_is_counted_late(
+    tmp_path: Path,
+) -> None:
+    """0.2 s after a recycle with no replacement yet, the governor asks the pool to join
+    its exited children: a replacement forked then is one billiard had missed (a worker
+    without the guard waits for its next maintenance); none forked, none counted."""
+    budget, pool = governor(tmp_path, 1)
+    forks: list[int] = [201]
+
+    def replace_exited() -> None:  # the pool's maintenance, as billiard runs it
+        if forks:
+            budget.child_up(forks.pop())
+
+    pool.replace_exited = replace_exited  # type: ignore[method-assign]
+    budget.replacing.append(time.monotonic() - 0.1)  # recycled 0.1 s ago: not late yet
+    budget.tick()
+    assert budget.ledger.pace.late_joins == 0 and forks == [201]
+    budget.replacing[0] -= 1.0
+    budget.tick()
+    assert budget.ledger.pace.late_joins == 1 and not budget.replacing
+    budget.replacing.append(time.monotonic() - 1.0)  # its child still exiting: nothing forked
+    budget.tick()
+    assert budget.ledger.pace.late_joins == 1
+
+
+def test_with_no_pace_the_recommended_size_is_what_fits_at_the_peaks_without_gc_freeze(
+    tmp_path: Path,
+) -> None:
+    """Tasks whose records are rare (nothing changed) give no pace, and no throughput
+    plan: the size recommended for a worker without the guard is what fits at the
+    children's peaks, each copying what it copies without gc.freeze. 16 children of 30
+    MiB, a task peak of 10 MiB, 850 MiB of room: 16 fit with gc.freeze; at 140 MiB more
+    a child, 850 // 180 = 4."""
+    budget, _pool = governor(tmp_path, 16)
+    budget.main_rss = lambda: 100 * MIB  # type: ignore[method-assign]
+    budget.ledger.tasks.observe("t", 10 * MIB, 0)
+    budget.tick()
+    assert budget.plan is not None and budget.plan.reason == "measuring"
+    assert budget.planned == {"plan_vanilla_concurrency": 16}
+    budget.unfrozen_extra = 140 * MIB
+    budget.tick()
+    assert budget.planned == {"plan_vanilla_concurrency": 4}

@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 
 from celery_guard.ledger import (
     ACCEPT_WITHIN,
+    BILLIARD_MAINTENANCE,
     MAX_TASK_NAMES,
     OTHER,
     PRIOR_TASKS,
     Ledger,
+    Pace,
     Record,
     TaskTable,
 )
@@ -204,3 +206,18 @@ def test_private_memory_that_grew_more_than_the_rss_raises_the_childs_baseline()
     ledger.take(record(7, name="grow", retained=30 * MIB, rss=234 * MIB, private=124 * MIB))
     assert ledger.children[7].baseline == 90 * MIB  # its own allocation: not copied
     assert ledger.children[7].private == 124 * MIB
+
+
+def test_a_vanilla_replacement_waits_for_billiards_maintenance_as_often_as_it_was_missed() -> None:
+    """A child that starts in 0.4 s of CPU, replaced in 1.0 s: 0.6 s off the CPU. One
+    replacement in four was missed by billiard here: without the guard it waits half of
+    BILLIARD_MAINTENANCE more, a quarter of the time."""
+    pace = Pace()
+    pace.first_cpu.add(0.5)
+    pace.first_tasks.add(1)
+    pace.task_cpu.add(0.1)
+    pace.replace_wall.add(1.0)
+    assert pace.vanilla_replace_idle() == pytest.approx(0.6)  # none counted yet
+    pace.replacements, pace.late_joins = 4, 1
+    assert pace.replace_idle() == pytest.approx(0.6)
+    assert pace.vanilla_replace_idle() == pytest.approx(0.6 + BILLIARD_MAINTENANCE / 2 / 4)
