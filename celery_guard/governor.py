@@ -95,6 +95,7 @@ class Governor:
         self.planned: dict[str, Any] = {}
         self.rss_at_baseline: int | None = None  # a measured child's RSS, less its leaks
         self.baseline_seen = estimate  # what a new child copies, as the last tick saw it
+        self.main_cpu_at: tuple[float, int] | None = None  # (process CPU, tasks finished)
         #: When children were told to leave for a replacement, oldest first: the next
         #: child forked is taken for the oldest one's replacement, and the time from
         #: then to its first readiness is a slot's time without a child.
@@ -111,6 +112,7 @@ class Governor:
         self.stopped = False
         self.hub: Any = None
         self.recheck_pending = False  # a re-check with figures read now is scheduled
+        self.refresh_pending = False  # the view is to be built again at the next turn
         self.rechecking = False  # the gate runs in that re-check: it may read
         #: observe: decide and log as usual, act on nothing (CELERY_GUARD_GOVERNOR=observe)
         self.observing = settings.governor == "observe"
@@ -156,19 +158,18 @@ class Governor:
         return self.reading[1]
 
     def view(self, now: float, fresh: float = FRESH) -> policy.View:
-        """What decisions are taken on. With ``fresh`` > 0 (the per-task path) the same
-        view serves every task until its working set is older than ``fresh`` or the
-        pool's size or plan changed: building one reads /proc."""
+        """What decisions are taken on. With ``fresh`` > 0 (the per-task path) the last
+        view serves while the pool's size and plan are the same: building one reads the
+        cgroup and /proc. Once its working set is older than ``fresh`` it is built again
+        at the loop's next turn (``_refresh``), not in the decision. With ``fresh`` 0
+        (the clock, a re-check) everything is read now."""
         size, target = self.control.size, self.target
         cached = self.cached_view
         if fresh > 0 and cached is not None:
             reading, view = cached
-            if (
-                reading is self.reading
-                and now - reading[0] <= fresh
-                and view.size == size
-                and view.target == target
-            ):
+            if reading is self.reading and view.size == size and view.target == target:
+                if now - reading[0] > fresh:
+                    self._refresh_soon()
                 return view
         view = policy.View(
             fresh=None,  # the gate asks for it in a re-check (``_recheck``)
@@ -181,8 +182,19 @@ class Governor:
             rss_now=self.control.rss,
             target=target,
         )
-        self.cached_view = (self.reading, view) if fresh > 0 and self.reading else None
+        self.cached_view = (self.reading, view) if self.reading else None
         return view
+
+    def _refresh_soon(self) -> None:
+        if self.refresh_pending or self.hub is None:
+            return
+        self.refresh_pending = True
+        self.hub.call_soon(self._refresh)
+
+    def _refresh(self) -> None:
+        self.refresh_pending = False
+        if not self.stopped:
+            self.view(time.monotonic(), 0.0)
 
     def fresh_view(self) -> policy.View:
         return self.view(time.monotonic(), 0.0)
@@ -255,6 +267,14 @@ class Governor:
         )  # fmt: skip
         return True
 
+    def _main_cpu(self) -> None:
+        """The main process' CPU per task since the last check (its threads included:
+        the hand-over, the results, the broker, the guard's own work)."""
+        cpu, finished = time.process_time(), self.ledger.finished
+        last, self.main_cpu_at = self.main_cpu_at, (cpu, finished)
+        if last is not None and finished > last[1]:
+            self.ledger.pace.main_cpu.add(cpu - last[0], finished - last[1])
+
     def _replan(self, view: policy.View) -> None:
         """The pool's size for throughput, again from the latest figures; one line when
         it changes, with the figures it was chosen from."""
@@ -275,6 +295,7 @@ class Governor:
             "rate_per_s": round(self.plan.rate, 1) if self.plan.rate else None,
             "task_cpu_ms": _ms(pace.task_cpu.value),
             "task_idle_ms": _ms(pace.idle_wall()),
+            "main_cpu_ms": _ms(pace.main_cpu.value),
             "start_cpu_ms": _ms(pace.start_cpu),
             "replace_ms": _ms(pace.replace_wall.value),
             "replace_idle_ms": _ms(pace.replace_idle()),
@@ -366,6 +387,7 @@ class Governor:
             self._absorb()
             now = time.monotonic()
             view = self.view(now, fresh=0.0)
+            self._main_cpu()
             self._replan(view)
             self.baseline_seen = self.ledger.expected_baseline  # for the summary's thread
             view = replace(view, target=self.target)

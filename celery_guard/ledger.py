@@ -153,6 +153,7 @@ class Pace:
     first_wait: Mean = field(default_factory=Mean)  # seconds waited for a CPU by then
     #: seconds from a child told to leave to its replacement ready for work
     replace_wall: Mean = field(default_factory=Mean)
+    main_cpu: Mean = field(default_factory=Mean)  # the main process' CPU seconds per task
     replacements: int = 0  # replacements timed
     #: of them, forked only when the governor asked the pool to join exited children:
     #: billiard had missed the child's exit (see ``actuator.PoolControl.replace_exited``)

@@ -205,7 +205,8 @@ MOST_TASKS_PER_CHILD = 1000
 #: A plan replaces the current size only when it is expected to run this much faster: a
 #: pool that changes for less follows the noise of its own figures.
 HYSTERESIS = 0.10
-#: Pairs this close to the fastest count as a tie, which goes to the larger pool.
+#: Pairs this close to the fastest count as a tie, which goes to the smaller pool: the
+#: fewest children that reach the rate (more only add memory and contention).
 TIE = 0.01
 #: Records with CPU figures (tasks after a child's first) before a plan is made.
 MEASURED_TASKS = 8
@@ -243,6 +244,9 @@ class Costs:
     #: seconds of a replacement off the CPU (the old child's exit, the fork, a start
     #: that waits on I/O), on top of ``start_cpu``
     replace_idle: float = 0.0
+    #: CPU seconds the main process spends per task (receive, hand over, collect): its
+    #: one thread bounds the rate of short tasks, and it shares the CPUs with the children
+    main_cpu: float = 0.0
 
     def holds(self, tasks: int) -> int:
         """Bytes a child needs at the peak of its ``tasks``-th task."""
@@ -264,13 +268,17 @@ class Costs:
 
     def rate(self, size: int, tasks: int) -> float:
         """Tasks per second of ``size`` children that each run ``tasks`` tasks, then
-        are replaced: bounded by the children (a task's wall time, the start of the
-        next child) and by the CPUs (each task's CPU and its share of a start)."""
-        cpu = tasks * self.task_cpu + self.start_cpu
-        slot = tasks * (self.task_cpu + self.task_idle) + self.start_cpu + self.replace_idle
+        are replaced: bounded by the children (a task's wall time and the main
+        process' hand-over of the next, the start of the next child), by the CPUs (each
+        task's CPU, the main process' for it, and its share of a start) and by the main
+        process' one thread."""
+        per_task = self.task_cpu + self.task_idle + self.main_cpu
+        cpu = tasks * (self.task_cpu + self.main_cpu) + self.start_cpu
+        slot = tasks * per_task + self.start_cpu + self.replace_idle
         by_children = size * tasks / max(slot, 1e-9)
         by_cpus = self.cpus * tasks / max(cpu, 1e-9)
-        return min(by_children, by_cpus)
+        by_main = 1 / self.main_cpu if self.main_cpu > 0 else by_cpus
+        return min(by_children, by_cpus, by_main)
 
 
 def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
@@ -306,6 +314,7 @@ def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
         start_cpu=start,
         cpus=cpus,
         replace_idle=pace.replace_idle() or 0.0,
+        main_cpu=pace.main_cpu.value or 0.0,
     )
 
 
@@ -342,7 +351,7 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     if not pairs:
         return Plan(1, 1, None, "memory")
     best_rate = max(rate for rate, _ in pairs.values())
-    size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
+    size = min(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
     reason = "throughput"
     if previous is not None and previous.size in pairs:
         kept_rate = pairs[previous.size][0]

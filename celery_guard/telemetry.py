@@ -35,6 +35,9 @@ from .stats import ExpHistogram, container_limit, recommend
 PAGE = mmap.PAGESIZE
 #: The child reads its private memory (smaps_rollup, 0.1-5 ms) on every Nth task only.
 PRIVATE_EVERY = 100
+#: A child's record goes at least this often (in tasks), changed or not: the governor's
+#: plan is paced by the CPU and wall time the records carry.
+RECORD_EVERY = 32
 #: Distinct task names kept for the growth table; past this, growth goes to "other".
 MAX_TASK_NAMES = 200
 #: A child reports a task whose figures changed nothing only for the first runs of each
@@ -155,7 +158,10 @@ class ChildProbe:
         private = read_private() if first or new_name or again else None
         recycling = 0 < self.max_memory_kib < peak // 1024
         self.last_peak, self.last_rss = peak, rss
-        if exact or new_name or recycling or first or abs(rss - self.sent_rss) >= MIB:
+        # And now and then whatever changed: the CPU and wall figures pace the plan
+        # (after the 2nd, 4th, 8th, 16th task, then every RECORD_EVERY-th).
+        paced = self.tasks & (self.tasks - 1) == 0 or self.tasks % RECORD_EVERY == 0
+        if exact or new_name or recycling or paced or abs(rss - self.sent_rss) >= MIB:
             self.sent_rss = rss
             cpu = int((usage.ru_utime + usage.ru_stime) * 1e6)
             self._send(

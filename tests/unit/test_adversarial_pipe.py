@@ -348,3 +348,19 @@ def test_a_child_reads_its_private_memory_after_the_first_run_of_each_kind_of_ta
     held.close()
     read = [(line.split()[-1], int(line.split()[7]) >= 0) for line in lines]
     assert read == [("app.ping", True), ("app.report", True), ("app.report", False)]
+
+
+def test_a_child_whose_tasks_change_nothing_still_reports_now_and_then() -> None:
+    """The plan is paced by the CPU figures of the records: a child sends one after its
+    1st, 2nd, 4th, 8th and 16th task, then every RECORD_EVERY-th, changed or not."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    probe = telemetry.ChildProbe(write_end, "w@h", load_settings({}, {}), 0)
+    for number in range(2 * telemetry.RECORD_EVERY):
+        probe.after_task(f"id-{number}", SimpleNamespace(name="app.same"))
+    lines = os.read(read_end, 65536).decode().splitlines()
+    os.close(read_end)
+    os.close(write_end)
+    tasks = [int(line.split()[11]) for line in lines]
+    assert {1, 2, 4, 8, 16, 32, 64} <= set(tasks)
+    assert len(tasks) < telemetry.RECORD_EVERY  # not one a task (the RSS may move)

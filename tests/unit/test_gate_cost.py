@@ -45,9 +45,22 @@ def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: 
         budget.task_accepted(102, f"id-{n}", "t")
         budget.task_ready(102, f"id-{n}")
     assert main_rss.calls == 1
-    budget.reading = (time.monotonic() - 2 * FRESH, 300 * MIB)  # older than FRESH
-    budget.gate(Request("id-late"))
-    assert main_rss.calls == 2
+    assert budget.cached_view is not None
+    view = budget.cached_view[1]
+    # older than FRESH: the next decision takes the view it has and asks for a new one
+    # at the loop's next turn, once
+    budget.cached_view = (reading := (time.monotonic() - 2 * FRESH, 300 * MIB), view)
+    budget.reading = reading
+    budget.hub.later.clear()
+    for n in range(2):
+        assert budget.gate(Request(f"id-late-{n}")) is True
+        budget.task_accepted(102, f"id-late-{n}", "t")
+        budget.task_ready(102, f"id-late-{n}")
+    assert main_rss.calls == 1 and budget.reading is reading
+    refreshes = [c for _, c in budget.hub.later if c == budget._refresh]
+    assert len(refreshes) == 1
+    refreshes[0]()
+    assert main_rss.calls == 2 and budget.reading is not reading
 
 
 def test_a_task_that_does_not_fit_is_held_without_a_read_then_weighed_with_one(

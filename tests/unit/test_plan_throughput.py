@@ -7,6 +7,8 @@ Figures in MiB and seconds.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from celery_guard.ledger import Ledger, Record
@@ -19,6 +21,7 @@ from celery_guard.policy import (
     Marks,
     Plan,
     View,
+    best,
     plan,
     recycle_rss,
 )
@@ -146,10 +149,26 @@ def test_cheap_children_give_the_largest_pool_recycled_after_every_task() -> Non
 
 
 def test_cpu_bound_tasks_are_not_recycled_after_every_task_even_when_starts_are_cheap() -> None:
-    # a 1 ms start is a fifth of a 5 ms task's CPU: 16 x 1 = 2 / 0.006 = 333/s, while 5
-    # children of 4 runs (600 // 107) reach 2 * 4 / 0.021 = 381/s
+    # a 1 ms start is a fifth of a 5 ms task's CPU: 16 x 1 = 2 / 0.006 = 333/s, while 4
+    # children of 5 runs reach 2 * 5 / 0.026 = 384.6/s (5 of 4: 2 * 4 / 0.021 = 381/s,
+    # within 1%: a tie goes to the smaller pool)
     chosen = plan(view(), measured(start_cpu=0.001), cpus=2)
-    assert (chosen.size, chosen.tasks_per_child) == (5, 4)
+    assert (chosen.size, chosen.tasks_per_child) == (4, 5)
+
+
+def test_short_tasks_are_bounded_by_the_main_process_and_take_the_fewest_children() -> None:
+    # 1 ms of the main process' CPU per task: at most 1000/s whatever the pool, and a
+    # child waits that long for its next task. 5 ms tasks (10 ms in the child) that keep
+    # nothing: the CPUs bound each size at 2 / 0.006 = 333/s, the children at
+    # size / 0.011: 4 children reach 333/s first (3: 272/s)
+    found = replace(costs(start_cpu=0.001), retained=0, first_kept=0, main_cpu=0.001)
+    assert found.rate(16, 1000) == pytest.approx(2 * 1000 / (1000 * 0.006 + 0.001))
+    assert best(found, 16).size == 4
+    # 0.1 ms tasks: the main process' thread bounds every size from 2 children on
+    quick = replace(found, task_cpu=0.0001, task_idle=0.0)
+    assert quick.rate(16, 1000) == pytest.approx(1000.0)
+    assert quick.rate(1, 1000) < 1000.0 * 0.99  # one child waits for each hand-over
+    assert best(quick, 16).size == 2
 
 
 def test_the_plan_is_the_best_pair_of_every_size_and_run_count() -> None:
