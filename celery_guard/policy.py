@@ -16,7 +16,7 @@ each rule has a table-driven test and nothing here touches a process.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .ledger import ChildState, Ledger
 
@@ -247,6 +247,8 @@ class Costs:
     #: CPU seconds the main process spends per task (receive, hand over, collect): its
     #: one thread bounds the rate of short tasks, and it shares the CPUs with the children
     main_cpu: float = 0.0
+    #: False: no replacement timed yet, sizes whose children are replaced are left out
+    replace_timed: bool = True
 
     def holds(self, tasks: int) -> int:
         """Bytes a child needs at the peak of its ``tasks``-th task."""
@@ -295,15 +297,17 @@ def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
 
 def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
     """The plan's inputs, or None while the pace is not measured yet: too few tasks, or
-    tasks that keep memory (children will be replaced) and no replacement timed yet."""
+    no replacement timed yet and tasks that keep so much that a child of any size would
+    be replaced. Until replacements are timed, only the sizes whose children are never
+    replaced are weighed (``Costs.replace_timed``): a task that keeps a few KiB (a cache
+    filled once, the allocator's slack) does not wait for replacements that may not
+    come."""
     pace = ledger.pace
     start, idle, task_cpu = pace.start_cpu, pace.idle_wall(), pace.task_cpu.value
     if pace.task_cpu.samples < MEASURED_TASKS or None in (start, idle, task_cpu):
         return None
-    if (pace.retained.value or 0) > 0 and pace.replace_wall.samples < MEASURED_REPLACEMENTS:
-        return None
     assert start is not None and idle is not None and task_cpu is not None
-    return Costs(
+    found = Costs(
         room=max(view.marks.high - view.base, 0),
         baseline=ledger.expected_baseline,
         peak=ledger.tasks.worst_peak,
@@ -316,6 +320,11 @@ def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
         replace_idle=pace.replace_idle() or 0.0,
         main_cpu=pace.main_cpu.value or 0.0,
     )
+    if pace.replace_wall.samples >= MEASURED_REPLACEMENTS:
+        return found
+    if found.most_tasks(1) < MOST_TASKS_PER_CHILD:
+        return None  # every size replaces children: wait until replacements are timed
+    return replace(found, replace_timed=False)
 
 
 def plan(
@@ -346,7 +355,7 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     pairs = {}
     for size in range(1, max(requested, 1) + 1):
         tasks = found.most_tasks(size)
-        if tasks >= fewest:
+        if tasks >= fewest and (found.replace_timed or tasks >= MOST_TASKS_PER_CHILD):
             pairs[size] = (found.rate(size, tasks), tasks)
     if not pairs:
         return Plan(1, 1, None, "memory")

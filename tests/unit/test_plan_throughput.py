@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from celery_guard.ledger import Ledger, Record
+from celery_guard.ledger import Ledger, Mean, Record
 from celery_guard.policy import (
     HYSTERESIS,
     MEASURED_REPLACEMENTS,
@@ -264,3 +264,28 @@ def test_the_recycle_value_lets_a_child_run_its_planned_tasks_and_no_more(
     tasks: int, expected_mib: float
 ) -> None:
     assert recycle_rss(costs(), 50 * MIB, tasks) == int(expected_mib * MIB)
+
+
+def test_tasks_that_keep_a_few_kib_are_planned_without_waiting_for_replacements() -> None:
+    """No child has been replaced yet. Tasks that keep 24 MiB will have children
+    replaced: the plan waits for replacements to be timed. Tasks that keep 1 KiB (a cache
+    filled once, the allocator's slack) would run over MOST_TASKS_PER_CHILD tasks in a
+    child even at 16 children (2.5 MiB of a 37.5 MiB share free after its 2nd): the plan
+    is made at once."""
+    for kept, reason in ((24, "measuring"), (1 / 1024, "throughput")):
+        book = measured(start_cpu=0.01, kept=kept)  # type: ignore[arg-type]
+        book.pace.replace_wall = Mean()
+        assert plan(view(), book, cpus=2).reason == reason, kept
+
+
+def test_until_replacements_are_timed_only_sizes_whose_children_stay_are_weighed() -> None:
+    """A child's first task keeps 10 MiB, later ones nothing; 100 ms idle tasks. At 16
+    children (a 37.5 MiB share) a child holds 35 MiB at its first task's peak and 45 at
+    its second's: replaced after every task, 16 / 0.106 = 151/s if a replacement costs
+    nothing more than its start. Not timed yet: the most children that stay, 13 (46.1
+    MiB each), at 13 / 0.105 = 124/s."""
+    found = Costs(room=600 * MIB, baseline=10 * MIB, peak=25 * MIB, first_kept=10 * MIB,
+                  retained=0, task_cpu=0.005, task_idle=0.1, start_cpu=0.001, cpus=2)  # fmt: skip
+    assert (found.most_tasks(16), found.most_tasks(13)) == (1, MOST_TASKS_PER_CHILD)
+    assert best(found, 16).size == 16
+    assert best(replace(found, replace_timed=False), 16).size == 13
