@@ -550,7 +550,7 @@ class Governor:
             baseline = self.ledger.expected_baseline + self.unfrozen_extra
             room = max(view.marks.high - view.base, 0)
             fits = room // policy.child_cost(view, self.ledger, baseline)
-            return {"plan_vanilla_concurrency": max(1, min(view.requested, fits))}
+            return {"plan_vanilla_concurrency": max(1, fits)}  # what fits, asked for or not
         fields: dict[str, Any] = {
             "plan_concurrency": plan.size, "plan_tasks_per_child": plan.tasks_per_child,
         }  # fmt: skip
@@ -559,7 +559,9 @@ class Governor:
             baseline=found.baseline + self.unfrozen_extra,
             replace_idle=self.ledger.pace.vanilla_replace_idle() or found.replace_idle,
         )
-        vanilla = policy.best(found, view.requested, fewest_tasks=self.fewest_tasks)
+        # the pair recommended may run more children than were asked for, where they fit
+        most = max(view.requested, found.room // max(found.holds(1), 1))
+        vanilla = policy.best(found, most, fewest_tasks=self.fewest_tasks)
         fields["plan_vanilla_concurrency"] = vanilla.size
         bases = [c.rss_at_baseline for c in self.ledger.live() if not c.young]
         if bases:  # else the last children's (at shutdown none is left)

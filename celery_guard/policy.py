@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from .ledger import ChildState, Ledger
+from .ledger import BILLIARD_MAINTENANCE, ChildState, Ledger
 
 #: A child is recycled only for what it retained beyond what a new child copies, and only
 #: when that is worth a fork: at least this much, and an eighth of its share.
@@ -205,8 +205,7 @@ MOST_TASKS_PER_CHILD = 1000
 #: A plan replaces the current size only when it is expected to run this much faster: a
 #: pool that changes for less follows the noise of its own figures.
 HYSTERESIS = 0.10
-#: Pairs this close to the fastest count as a tie, which goes to the smaller pool: the
-#: fewest children that reach the rate (more only add memory and contention).
+#: Pairs this close to the fastest count as a tie, which goes to the larger pool.
 TIE = 0.01
 #: Records with CPU figures (tasks after a child's first) before a plan is made.
 MEASURED_TASKS = 8
@@ -247,8 +246,6 @@ class Costs:
     #: CPU seconds the main process spends per task (receive, hand over, collect): its
     #: one thread bounds the rate of short tasks, and it shares the CPUs with the children
     main_cpu: float = 0.0
-    #: False: no replacement timed yet, sizes whose children are replaced are left out
-    replace_timed: bool = True
 
     def holds(self, tasks: int) -> int:
         """Bytes a child needs at the peak of its ``tasks``-th task."""
@@ -298,10 +295,9 @@ def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
 def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
     """The plan's inputs, or None while the pace is not measured yet: too few tasks, or
     no replacement timed yet and tasks that keep so much that a child of any size would
-    be replaced. Until replacements are timed, only the sizes whose children are never
-    replaced are weighed (``Costs.replace_timed``): a task that keeps a few KiB (a cache
-    filled once, the allocator's slack) does not wait for replacements that may not
-    come."""
+    be replaced. Until replacements are timed a replacement counts at its longest: a
+    task that keeps a few KiB (a cache filled once, the allocator's slack) does not wait
+    for replacements that may never come."""
     pace = ledger.pace
     start, idle, task_cpu = pace.start_cpu, pace.idle_wall(), pace.task_cpu.value
     if pace.task_cpu.samples < MEASURED_TASKS or None in (start, idle, task_cpu):
@@ -324,7 +320,10 @@ def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
         return found
     if found.most_tasks(1) < MOST_TASKS_PER_CHILD:
         return None  # every size replaces children: wait until replacements are timed
-    return replace(found, replace_timed=False)
+    # Not timed yet: a replacement counts at its longest, billiard's maintenance interval
+    # (a replacement it misses waits that long), so that only children replaced seldom
+    # enough are weighed as if it cost nothing.
+    return replace(found, replace_idle=max(found.replace_idle, BILLIARD_MAINTENANCE))
 
 
 def plan(
@@ -342,6 +341,10 @@ def plan(
     (CELERY_GUARD_MIN_TASKS_PER_CHILD when set)."""
     found = costs(view, ledger, cpus)
     if found is None:
+        if previous is not None and previous.reason in ("throughput", "kept"):
+            # the figures went back to not enough (a mean near a bound): a plan made
+            # stays, the pool does not go back to what fits and then down again
+            return replace(previous, reason="kept")
         return Plan(_fitting(view, ledger), None, None, "measuring")
     return best(found, view.requested, previous, fewest_tasks)
 
@@ -355,12 +358,12 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     pairs = {}
     for size in range(1, max(requested, 1) + 1):
         tasks = found.most_tasks(size)
-        if tasks >= fewest and (found.replace_timed or tasks >= MOST_TASKS_PER_CHILD):
+        if tasks >= fewest:
             pairs[size] = (found.rate(size, tasks), tasks)
     if not pairs:
         return Plan(1, 1, None, "memory")
     best_rate = max(rate for rate, _ in pairs.values())
-    size = min(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
+    size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
     reason = "throughput"
     if previous is not None and previous.size in pairs:
         kept_rate = pairs[previous.size][0]

@@ -1,12 +1,14 @@
 """What every corpus app shares: its Celery app, configured from the environment the
-bench sets, and the guard's one line when the bench asks for it.
+bench sets (``make_app``, the shape apps' own: ``examples/shape_common.py``), with the
+guard unless the bench asks for none.
 
 The apps themselves are written the way their libraries' users write Celery tasks: data
 loaded at import (shared by the pool's children until they write to it), tasks that read
 all of it, a part, or none; per-child caches; leaks through module state. Nothing in
 them is shaped to the guard's estimator.
 
-Variables (the names the test harness sets for every app it starts):
+Variables (the names the test harness sets for every app it starts; ``examples/`` is on
+the workers' path):
 ``HEAVY_APP_BROKER``, ``HEAVY_APP_BACKEND``, ``HEAVY_APP_ACKS_LATE=1`` (late acks, a lost
 child's task rejected), ``HEAVY_APP_GUARD=0`` (no guard). ``CORPUS_DATA`` is a folder for
 the files an app builds once (SQLite databases), default ``/tmp/celery-guard-corpus``.
@@ -17,26 +19,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from celery import Celery
+from shape_common import make_app  # examples/: the same environment as the shape apps
 
 DATA = Path(os.environ.get("CORPUS_DATA", "/tmp/celery-guard-corpus"))
-
-
-def make_app(name: str) -> Celery:
-    app = Celery(
-        name,
-        broker=os.environ.get("HEAVY_APP_BROKER", "redis://127.0.0.1:6379/0"),
-        backend=os.environ.get("HEAVY_APP_BACKEND", "redis://127.0.0.1:6379/1"),
-    )
-    app.conf.worker_hijack_root_logger = True
-    if os.environ.get("HEAVY_APP_ACKS_LATE") == "1":
-        app.conf.task_acks_late = True
-        app.conf.task_reject_on_worker_lost = True
-    if os.environ.get("HEAVY_APP_GUARD", "1") != "0":
-        from celery_guard import MemoryGuard
-
-        app.steps["worker"].add(MemoryGuard)
-    return app
 
 
 def built_once(path: Path, build) -> Path:
@@ -48,3 +33,6 @@ def built_once(path: Path, build) -> Path:
         build(partial)
         os.replace(partial, path)
     return path
+
+
+__all__ = ["DATA", "built_once", "make_app"]

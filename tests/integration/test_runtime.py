@@ -75,15 +75,16 @@ def test_leaky_tasks_are_recycled_between_tasks_and_nothing_is_lost(
 def test_transient_peaks_are_held_until_they_fit_not_killed(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, acks: str
 ) -> None:
-    """Cheap tasks first, so the pool grows to 12 or more children while each costs
-    little; then 48 tasks that each use 60 MiB for 0.3 s, more than that pool can run at
-    once in the cgroup. The guard holds the ones that would not fit (event=pressure
-    action=hold) until a running one ends. Every task succeeds, none is stopped, no OOM
-    kill."""
+    """Tasks that wait first (0.2 s each, keeping nothing), so the pool grows to 12 or
+    more children while each costs little (the throughput plan takes as many children as
+    fit for tasks that wait); then 48 tasks that each use 60 MiB for 0.3 s, more than
+    that pool can run at once in the cgroup. The guard holds the ones that would not fit
+    (event=pressure action=hold) until a running one ends. Every task succeeds, none is
+    stopped, no OOM kill."""
     group = make_cgroup(LIMIT)
     worker = make_worker(["-c", "16"], harness.worker_env(redis, {**ACKS[acks], **FAST}), group)
     worker.wait_ready(60)
-    cheap = harness.send_tasks(redis, worker.queue, "add", 32, (1, 2))
+    cheap = harness.send_tasks(redis, worker.queue, "leak", 64, (0, 0.2))
     assert harness.wait_for_results(cheap, 60, group)
     worker.wait_for(r"event=pressure .*action=grow concurrency=1[2-6]\b", 60)
     results = harness.send_tasks(redis, worker.queue, "hog", 48, (60, 0.3))
