@@ -111,8 +111,8 @@ class Governor:
         self.holding = False
         self.stopped = False
         self.hub: Any = None
-        self.recheck_pending = False  # a re-check with figures read now is scheduled
-        self.refresh_pending = False  # the view is to be built again at the next turn
+        #: callbacks scheduled for the loop's next turn (a re-check, a new view)
+        self.pending: set[Callable[[], None]] = set()
         self.rechecking = False  # the gate runs in that re-check: it may read
         #: observe: decide and log as usual, act on nothing (CELERY_GUARD_GOVERNOR=observe)
         self.observing = settings.governor == "observe"
@@ -185,16 +185,20 @@ class Governor:
         self.cached_view = (self.reading, view) if self.reading else None
         return view
 
-    def _refresh_soon(self) -> None:
-        if self.refresh_pending or self.hub is None:
+    def _soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` at the event loop's next turn, once however often asked."""
+        if callback in self.pending or self.hub is None:
             return
-        self.refresh_pending = True
-        self.hub.call_soon(self._refresh)
+        self.pending.add(callback)
+        self.hub.call_soon(callback)
+
+    def _refresh_soon(self) -> None:
+        self._soon(self._refresh)
 
     def _refresh(self) -> None:
-        self.refresh_pending = False
+        self.pending.discard(self._refresh)
         if not self.stopped:
-            self.view(time.monotonic(), 0.0)
+            self.fresh_view()
 
     def fresh_view(self) -> policy.View:
         return self.view(time.monotonic(), 0.0)
@@ -348,13 +352,10 @@ class Governor:
         loop's next turn, reading the cgroup and the running children now. The decision
         itself reads nothing (a read of the cgroup's memory.stat alone takes longer than
         the rest of the hand-over)."""
-        if self.recheck_pending or self.hub is None:
-            return
-        self.recheck_pending = True
-        self.hub.call_soon(self._recheck)
+        self._soon(self._recheck)
 
     def _recheck(self) -> None:
-        self.recheck_pending = False
+        self.pending.discard(self._recheck)
         if self.stopped:
             return
         self.rechecking = True
@@ -548,8 +549,7 @@ class Governor:
             if self.ledger.young_only():
                 return {}
             baseline = self.ledger.expected_baseline + self.unfrozen_extra
-            room = max(view.marks.high - view.base, 0)
-            fits = room // policy.child_cost(view, self.ledger, baseline)
+            fits = policy.children_fitting(view, self.ledger, baseline)
             return {"plan_vanilla_concurrency": max(1, fits)}  # what fits, asked for or not
         fields: dict[str, Any] = {
             "plan_concurrency": plan.size, "plan_tasks_per_child": plan.tasks_per_child,

@@ -378,10 +378,15 @@ def _fitting(view: View, ledger: Ledger) -> int:
     requested. The pool grows only as far as they fit at ``Ledger.growth_baseline`` (the
     startup estimate bounds it from below in the first tasks), and shrinks only on what
     was measured."""
-    room = max(view.marks.high - view.base, 0)
-    measured = room // child_cost(view, ledger)
-    growth = room // child_cost(view, ledger, ledger.growth_baseline)
+    measured = children_fitting(view, ledger)
+    growth = children_fitting(view, ledger, ledger.growth_baseline)
     return max(1, min(view.requested, measured, max(growth, view.size)))
+
+
+def children_fitting(view: View, ledger: Ledger, baseline: int | None = None) -> int:
+    """How many children fit under the high mark at their peak cost (``child_cost``,
+    with ``baseline`` if given), whatever was asked for."""
+    return max(view.marks.high - view.base, 0) // child_cost(view, ledger, baseline)
 
 
 # -- the safety net ------------------------------------------------------------------------
@@ -557,6 +562,7 @@ __all__ = [
     "admit",
     "best",
     "child_cost",
+    "children_fitting",
     "expected_peak",
     "fits",
     "leaving",
