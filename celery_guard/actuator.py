@@ -78,6 +78,17 @@ class Child:
     process: Any  # billiard's Process
 
 
+def reached_pool(request: Any) -> bool:
+    """Did Celery hand ``request`` to the pool? Its ``execute_using_pool`` keeps the
+    pool's result on the request; a revoked or expired request raises before that. A
+    request without the attribute (another Celery) counts as handed."""
+    return getattr(request, "_apply_result", True) is not None
+
+
+def _name(request: Any) -> str:
+    return str(getattr(request, "name", None) or "?")
+
+
 class PoolControl:
     """Hears the pool and acts on it; holds the tasks the governor does not start yet."""
 
@@ -95,6 +106,9 @@ class PoolControl:
         self.on_lost: Callable[[LostJob], Exception | None] | None = None
         #: Told of a child ready for work (its WORKER_UP message: forked and started).
         self.on_alive: Callable[[int], None] | None = None
+        #: Told of a request the gate admitted once it has reached the pool; one Celery
+        #: refuses on the way (revoked, expired: ``TaskRevokedError``) never does.
+        self.on_handed: Callable[[Any], None] | None = None
         self._start_task: Callable[[Any], Any] | None = None
         self.installed = False
 
@@ -195,7 +209,7 @@ class PoolControl:
 
         def process_task(request: Any) -> None:
             self.held.append(request)
-            self.release()
+            self._guarded("release", self.release)
 
         def clear_semaphore() -> None:
             # Celery clears its semaphore when the broker connection is lost: the
@@ -282,16 +296,19 @@ class PoolControl:
     def release(self) -> None:
         """Hand over held requests, oldest first, while the gate lets them; a request the
         gate only defers (None: its kind is being measured) does not block the ones
-        behind, one it refuses (False) does."""
-        start, gate = self._start_task, self.gate
+        behind, one it refuses (False) does. A gate that fails hands the request over:
+        no request is ever dropped here."""
+        start = self._start_task
         if start is None:
             return
         kept: deque[Any] = deque()
         while self.held:
             request = self.held.popleft()
-            verdict = True if gate is None else gate(request)
+            verdict = self._verdict(request)
             if verdict is True:
                 self._guarded("hand_over", start, request)
+                if self.on_handed is not None and reached_pool(request):
+                    self._guarded("handed", self.on_handed, request)
             elif verdict is None:  # deferred: try the next one
                 kept.append(request)
             else:  # no room or no child: keep the order
@@ -299,6 +316,18 @@ class PoolControl:
                 kept.extend(self.held)
                 self.held.clear()
         self.held = kept
+
+    def _verdict(self, request: Any) -> bool | None:
+        gate = self.gate
+        if gate is None:
+            return True
+        try:
+            return gate(request)
+        except Exception:  # noqa: BLE001 - a failed decision must not lose the task
+            from .logline import logger
+
+            logger.exception("celery-guard event=error stage=gate task=%s", _name(request))
+            return True
 
     # -- reading the pool ------------------------------------------------------------
     @property

@@ -27,7 +27,7 @@ import os
 import random
 import sys
 import types
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -338,13 +338,12 @@ class _Walk:
             for key, weight in _draw(keys, self.sample).items:
                 yield key, weight * len(obj) / len(keys)
             yield from self._drawn(values, len(obj))
-        elif isinstance(obj, (set, frozenset)):
+        elif isinstance(obj, (set, frozenset, deque)):  # a deque's middle is slow to index
             yield from self._drawn(_Strided(obj, len(obj), DRAW), len(obj))
         elif _is_ndarray(obj):
             return  # its numbers are its own block; an array of objects is a sequence
         elif isinstance(obj, type):
-            for item in vars(obj).values():
-                yield item, 1.0
+            yield from self._few(list(vars(obj).values()))
         elif isinstance(obj, types.FunctionType):
             code = obj.__code__
             for item in (code, *code.co_consts, obj.__defaults__, obj.__kwdefaults__):
@@ -361,9 +360,17 @@ class _Walk:
                 yield state, 1.0
                 return
             # A library's objects hold their data in slots and C fields: the garbage
-            # collector sees them.
-            for item in gc.get_referents(obj):
+            # collector sees them (a list of one pointer each, no more than the object).
+            yield from self._few(gc.get_referents(obj))
+
+    def _few(self, items: list[object]) -> Iterator[tuple[object, float]]:
+        """All of ``items`` when they are few, else a sample standing for them: what the
+        walk keeps to visit stays bounded whatever one object holds."""
+        if len(items) <= self.sample:
+            for item in items:
                 yield item, 1.0
+        else:
+            yield from _draw(items, self.sample).items
 
     def _drawn(self, items: Sequence[object], population: int) -> Iterator[tuple[object, float]]:
         """Items strided out of an unordered container, standing for ``population``."""
@@ -375,7 +382,7 @@ class _Walk:
         if isinstance(obj, (list, tuple)):
             return _draw(obj, self.sample)
         if _is_ndarray(obj) and obj.dtype.hasobject:
-            return _draw(obj.reshape(-1), self.sample)
+            return _draw(obj.flat, self.sample)  # reshape copies an array not in C order
         return None
 
     def _page_floor(self, drawn: _Drawn) -> float:
@@ -405,38 +412,59 @@ class _Walk:
         return type(obj).__module__.partition(".")[0] not in FRAMEWORK
 
     def size(self, root: object, code: bool) -> float:
-        """Blocks a reader of ``root`` writes, itself and what it reaches, by sampling."""
+        """Blocks a reader of ``root`` writes, itself and what it reaches, by sampling. An
+        object that fails to be looked at (an unbound proxy, a ``__len__`` that raises)
+        counts as opaque: the census goes on."""
         total = 0.0
         stack: list[tuple[object, float, bool]] = [(root, 1.0, code)]
         while stack and self.visited < self.budget:
             obj, weight, own = stack.pop()
-            key = id(obj)
-            if key in self.seen or not self.follow(obj, own):
+            if id(obj) in self.seen:
                 continue
-            self.seen.add(key)
-            self.visited += 1
-            if _is_lxml_element(obj):
+            try:
+                found = self._visit(obj, weight, own)
+            except Exception:  # noqa: BLE001 - the app's objects may raise on any access
                 self.opaque += 1
-                total += weight * _xml_bytes(obj, self.sample)
                 continue
-            kind = type(obj)
-            if kind not in self.kinds:  # asked once per class, not once per object
-                self.kinds[kind] = self._library_class(kind)
-            block, side = written(obj)
-            total += weight * block
-            if block <= SMALL:
-                self.classes.add(block)
-            if side:
-                self.side[side] = self.side.get(side, 0.0) + weight * side
-            in_class = isinstance(obj, type)
-            drawn = self._sequence(obj)
-            if drawn is not None:
-                total += weight * self._page_floor(drawn)
-            for child, share in drawn.items if drawn is not None else self.children(obj):
-                # A class's own methods and nested classes are part of it.
-                nested = in_class and isinstance(child, (type, types.FunctionType))
-                stack.append((child, weight * share, nested))
+            if found is None:
+                continue
+            written_bytes, children = found
+            total += written_bytes
+            stack.extend(children)
         return total
+
+    def _visit(
+        self, obj: object, weight: float, own: bool
+    ) -> tuple[float, list[tuple[object, float, bool]]] | None:
+        """What a reader of ``obj`` (standing for ``weight`` of its kind) writes of it,
+        and what it reaches next, weighted; None for an object that is not followed."""
+        if not self.follow(obj, own):
+            return None
+        self.seen.add(id(obj))
+        self.visited += 1
+        if _is_lxml_element(obj):
+            self.opaque += 1
+            return weight * _xml_bytes(obj, self.sample), []
+        kind = type(obj)
+        if kind not in self.kinds:  # asked once per class, not once per object
+            self.kinds[kind] = self._library_class(kind)
+        block, side = written(obj)
+        total = weight * block
+        if block <= SMALL:
+            self.classes.add(block)
+        if side:
+            self.side[side] = self.side.get(side, 0.0) + weight * side
+        in_class = isinstance(obj, type)
+        drawn = self._sequence(obj)
+        if drawn is not None:
+            total += weight * self._page_floor(drawn)
+        reached = drawn.items if drawn is not None else self.children(obj)
+        # A class's own methods and nested classes are part of it.
+        children = [
+            (child, weight * share, in_class and isinstance(child, (type, types.FunctionType)))
+            for child, share in reached
+        ]
+        return total, children
 
     def _library_class(self, kind: type) -> bool:
         """A class of an installed package (not the standard library, Celery's stack, the
@@ -516,12 +544,15 @@ def census(
         for key, value in list(vars(module).items()):
             if key.startswith("__") and key.endswith("__"):
                 continue
-            if isinstance(value, (type, types.FunctionType)):
-                if getattr(value, "__module__", None) == name:
-                    code.append(value)
-            elif not isinstance(value, types.ModuleType):
-                length = len(value) if isinstance(value, (dict, list, tuple, set)) else 0
-                data.append((length, value))
+            try:
+                if isinstance(value, (type, types.FunctionType)):
+                    if getattr(value, "__module__", None) == name:
+                        code.append(value)
+                elif not isinstance(value, types.ModuleType):
+                    length = len(value) if isinstance(value, (dict, list, tuple, set)) else 0
+                    data.append((length, value))
+            except Exception:  # noqa: BLE001 - an unbound proxy, a __len__ that raises
+                walk.opaque += 1
     data.sort(key=lambda pair: pair[0])
     total = sum(walk.size(value, code=False) for _, value in data)
     step = max(len(code) / (2 * sample), 1.0)

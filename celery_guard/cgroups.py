@@ -77,11 +77,14 @@ class Limit:
 
 @dataclass(frozen=True)
 class Usage:
-    """Bytes charged to the cgroup and the working set (usage minus inactive file)."""
+    """Bytes charged to the cgroup, the working set (usage minus inactive file: what
+    kubelet watches) and what the kernel cannot reclaim (usage minus all page cache,
+    active and inactive: what an OOM kill depends on)."""
 
     usage: int | None
     working_set: int | None
     reason: str  # "" when both known, else why not
+    unreclaimable: int | None = None  # None where memory.stat has no active_file
 
 
 class _Mount(NamedTuple):
@@ -433,11 +436,11 @@ def read_limit(cgroup: Cgroup, physical: int | None) -> Limit:
 
 
 def read_usage(cgroup: Cgroup) -> Usage:
-    """Charged bytes and working set (what kubelet watches): usage minus inactive file."""
-    if cgroup.version == 2:
-        usage_name, inactive_key = "memory.current", "inactive_file"
-    else:
-        usage_name, inactive_key = "memory.usage_in_bytes", "total_inactive_file"
+    """Charged bytes, working set (what kubelet watches: usage minus inactive file) and
+    unreclaimable memory (usage minus the page cache, which the kernel reclaims, active or
+    inactive, before it kills: anonymous, unevictable and kernel memory stay)."""
+    prefix = "" if cgroup.version == 2 else "total_"
+    usage_name = "memory.current" if cgroup.version == 2 else "memory.usage_in_bytes"
     level = _level(cgroup, cgroup.path)
     display = f"{usage_name} in {level}"
     text, why = _read(os.path.join(cgroup.path, usage_name), display)
@@ -450,11 +453,13 @@ def read_usage(cgroup: Cgroup) -> Usage:
     text, why = _read(os.path.join(cgroup.path, "memory.stat"), display)
     inactive: int | None = None
     if text is not None:
-        inactive, why = _field(text, inactive_key, display)
-    if inactive is None:
+        inactive, why = _field(text, prefix + "inactive_file", display)
+    if text is None or inactive is None:
         return Usage(usage, None, why)
-    # inactive_file can exceed usage (page cache charged elsewhere); clamp at zero.
-    return Usage(usage, max(0, usage - inactive), "")
+    active, _ = _field(text, prefix + "active_file", display)
+    # File pages can exceed usage (page cache charged elsewhere); clamp at zero.
+    unreclaimable = None if active is None else max(0, usage - inactive - active)
+    return Usage(usage, max(0, usage - inactive), "", unreclaimable)
 
 
 def read_oom_kills(cgroup: Cgroup) -> tuple[int | None, str]:

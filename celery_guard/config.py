@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from .sizes import SIZE_FORMS, parse_fraction, parse_size
+from .sizes import PAGE, SIZE_FORMS, parse_fraction, parse_size
 
 MODES = ("scale", "refuse", "warn", "off")
 LOG_FORMATS = ("text", "json")
@@ -67,8 +67,8 @@ MIN_BUDGET = 16 * 1024 * 1024
 #: min_tasks_per_child and max_memory_kills: a pool sized for up to this many runs
 TASKS_PER_CHILD_RANGE = (1, 1000)
 MEMORY_KILLS_RANGE = (1, 100)
-#: The smallest per-child figure (``child_memory``, ``child_log_step``): one page.
-MIN_PAGE = 4096
+#: The smallest per-child figure (``child_memory``, ``child_log_step``, limits): one page.
+MIN_PAGE = PAGE
 #: Longer paths are refused by the kernel (PATH_MAX).
 MAX_PATH = 4096
 #: Longest value an ``event=config_error`` line shows; the rest is cut.

@@ -78,6 +78,11 @@ class ExitCauses:
     def kill_of(self, pid: int) -> Kill | None:
         return self.killed.get(pid)
 
+    def forget(self, pid: int) -> None:
+        """A new child has ``pid``: what the last process with it died of is not its."""
+        self.killed.pop(pid, None)
+        self.causes.pop(pid, None)
+
 
 class KillCounts:
     """Memory kills by task id, bounded."""
@@ -150,6 +155,9 @@ class MemoryFailures:
 
     def outcome(self, pid: int) -> Outcome | None:
         return self.outcomes.pop(pid, None)
+
+    def forget(self, pid: int) -> None:
+        self.outcomes.pop(pid, None)
 
 
 __all__ = [

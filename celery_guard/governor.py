@@ -3,9 +3,10 @@
 Decisions are taken where memory changes: when a task is handed to the pool (admit or
 hold), when it ends (its peak is known from the child's record: recycle the child if it
 outgrew its share, release held tasks), and when a child comes or goes. A check of the
-cgroup's working set every ``brake_interval`` seconds (every 0.05 s above the low mark)
-is the net for growth inside a running task. ``policy`` decides, ``ledger`` remembers,
-``actuator.PoolControl`` acts; this class only passes the figures between them.
+cgroup's unreclaimable memory (usage less page cache) every ``brake_interval`` seconds
+(every 0.05 s above the low mark) is the net for growth inside a running task.
+``policy`` decides, ``ledger`` remembers, ``actuator.PoolControl`` acts; this class only
+passes the figures between them.
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ class Governor:
         self.fewest_tasks = settings.min_tasks_per_child if given else 1
         self.records: deque[Record] = deque()  # from the sampler's thread
         self.main_rss = StatmRss()
-        self.reading: tuple[float, int] | None = None  # (when, working set)
+        self.reading: tuple[float, int] | None = None  # (when, unreclaimable bytes)
         self.cached_view: tuple[tuple[float, int], policy.View] | None = None  # its reading
         self.holding = False
+        #: (task id, name, peak, when) of the request the gate admitted last, entered in
+        #: the ledger once it reaches the pool (``handed``)
+        self.admitted: tuple[str, str, int, float] | None = None
         self.stopped = False
         self.hub: Any = None
         #: callbacks scheduled for the loop's next turn (a re-check, a new view)
@@ -117,13 +121,13 @@ class Governor:
         #: observe: decide and log as usual, act on nothing (CELERY_GUARD_GOVERNOR=observe)
         self.observing = settings.governor == "observe"
         self.observed: dict[tuple[str, int], float] = {}  # (action, pid) -> last logged
-        #: Seconds from the working set passing the high mark to the safety net's action.
+        #: Seconds from the unreclaimable memory passing the high mark to the safety net's action.
         self.reactions: deque[float] = deque(maxlen=256)
-        self.crossed: float | None = None  # when the working set passed the high mark
+        self.crossed: float | None = None  # when it passed the high mark
         #: Seconds the gate took to decide a hold (before the task reached a child).
         self.hold_decisions: deque[float] = deque(maxlen=256)
         self.holds = 0  # tasks held, one count per decision
-        self.working_set_max = 0  # the largest working set a check read
+        self.working_set_max = 0  # the largest unreclaimable figure a check read
         self.figures_lock = threading.Lock()  # the summary reads them from its thread
 
     # -- wiring ----------------------------------------------------------------------
@@ -134,11 +138,12 @@ class Governor:
         self.control.listeners.append(self)
         self.control.gate = self.gate
         self.control.on_alive = self.child_alive
+        self.control.on_handed = self.handed
         hub.call_later(self.settings.brake_interval, self.tick)
 
     def stop(self) -> None:
         self.stopped = True
-        self.control.gate = None
+        self.control.gate = self.control.on_handed = None
 
     def take(self, record: Record) -> None:
         """A child's record, from whichever thread read it; absorbed on the loop."""
@@ -149,9 +154,12 @@ class Governor:
             self.ledger.take(self.records.popleft())
 
     # -- the view ---------------------------------------------------------------------
-    def _working_set(self, now: float, fresh: float = FRESH) -> int:
+    def _unreclaimable(self, now: float, fresh: float = FRESH) -> int:
+        """The cgroup's memory the kernel cannot reclaim (its working set where memory.stat
+        has no active_file); the reading serves ``fresh`` seconds."""
         if self.reading is None or fresh <= 0 or now - self.reading[0] > fresh:
-            found = cgroups.read_usage(self.cgroup).working_set
+            usage = cgroups.read_usage(self.cgroup)
+            found = usage.working_set if usage.unreclaimable is None else usage.unreclaimable
             if found is None:  # unreadable now: the last figure, else nothing fits
                 return self.reading[1] if self.reading else self.live.limit
             self.reading = (now, found)
@@ -160,7 +168,7 @@ class Governor:
     def view(self, now: float, fresh: float = FRESH) -> policy.View:
         """What decisions are taken on. With ``fresh`` > 0 (the per-task path) the last
         view serves while the pool's size and plan are the same: building one reads the
-        cgroup and /proc. Once its working set is older than ``fresh`` it is built again
+        cgroup and /proc. Once its cgroup reading is older than ``fresh`` it is built again
         at the loop's next turn (``_refresh``), not in the decision. With ``fresh`` 0
         (the clock, a re-check) everything is read now."""
         size, target = self.control.size, self.target
@@ -173,7 +181,7 @@ class Governor:
                 return view
         view = policy.View(
             fresh=None,  # the gate asks for it in a re-check (``_recheck``)
-            working_set=self._working_set(now, fresh),
+            unreclaimable=self._unreclaimable(now, fresh),
             marks=self.live.marks,
             size=size,
             requested=self.requested,
@@ -266,7 +274,7 @@ class Governor:
             return False
         child.leaving = True
         self._pressure(
-            "retire", "plan", view.working_set, pid=child.pid, private_mib=mib(child.private),
+            "retire", "plan", view.unreclaimable, pid=child.pid, private_mib=mib(child.private),
             target=self.plan.size,
         )  # fmt: skip
         return True
@@ -332,11 +340,11 @@ class Governor:
                 self._held(request, verdict, view, decided)
             verdict = policy.Admission(True, "observed", verdict.peak, verdict.projected)
         if verdict.admit:
-            self.ledger.task_handed(request.id, request.name, verdict.peak, now)
+            self.admitted = (request.id, request.name, verdict.peak, now)
             if self.holding:
                 self.holding = False
                 self._pressure(
-                    "release", "low", view.working_set, task=request.name,
+                    "release", "low", view.unreclaimable, task=request.name,
                     projected_mib=mib(verdict.projected), held=len(self.control.held),
                 )  # fmt: skip
             return True
@@ -346,6 +354,13 @@ class Governor:
             return False
         self._held(request, verdict, view, decided)
         return False
+
+    def handed(self, request: Any) -> None:
+        """The request the gate just admitted reached the pool: it enters the ledger now,
+        not at the decision (Celery may still refuse it: revoked, expired)."""
+        admitted, self.admitted = self.admitted, None
+        if admitted is not None and admitted[0] == request.id:
+            self.ledger.task_handed(*admitted)
 
     def _recheck_soon(self) -> None:
         """A task did not fit on the figures at hand: weigh the held tasks again at the
@@ -374,7 +389,7 @@ class Governor:
             with self.figures_lock:
                 self.hold_decisions.append(decided)
             self._pressure(
-                "hold", "high", view.working_set, task=request.name, task_id=request.id,
+                "hold", "high", view.unreclaimable, task=request.name, task_id=request.id,
                 peak_mib=mib(verdict.peak), projected_mib=mib(verdict.projected),
                 held=len(self.control.held),
             )  # fmt: skip
@@ -392,10 +407,10 @@ class Governor:
             self._replan(view)
             self.baseline_seen = self.ledger.expected_baseline  # for the summary's thread
             view = replace(view, target=self.target)
-            self.working_set_max = max(self.working_set_max, view.working_set)
-            if view.working_set >= view.marks.high and self.crossed is None:
+            self.working_set_max = max(self.working_set_max, view.unreclaimable)
+            if view.unreclaimable >= view.marks.high and self.crossed is None:
                 self.crossed = now
-            elif view.working_set < view.marks.high:
+            elif view.unreclaimable < view.marks.high:
                 self.crossed = None
             for action in self.safety.decide(view, self.ledger, now):
                 self._carry_out(action, view)
@@ -407,7 +422,7 @@ class Governor:
                 self.ledger.pace.late_joins += waiting - len(self.replacing)
             if not self.safety.over:
                 self.control.release()
-            delay = self.safety.next_delay(view.working_set, view.marks, delay)
+            delay = self.safety.next_delay(view.unreclaimable, view.marks, delay)
         except Exception:  # noqa: BLE001 - the governor must not stop the worker
             logger.exception("celery-guard event=error stage=governor")
         self.hub.call_later(delay, self.tick)
@@ -420,7 +435,7 @@ class Governor:
         if action.action == "grow":
             self.control.grow(action.count)
             self._pressure(
-                "grow", action.level, view.working_set, added=action.count,
+                "grow", action.level, view.unreclaimable, added=action.count,
                 child_cost_mib=mib(policy.child_cost(view, self.ledger)),
                 target=policy.target_size(view, self.ledger),
             )  # fmt: skip
@@ -429,7 +444,7 @@ class Governor:
             return
         if action.action == "kill":
             reason = (
-                f"the working set reached {mib(view.working_set)} MiB of "
+                f"the memory the kernel cannot reclaim reached {mib(view.unreclaimable)} MiB of "
                 f"{mib(view.marks.limit)} MiB and was rising towards the hard mark"
             )
             self.exits.killing(child.pid, Kill(reason))
@@ -450,7 +465,7 @@ class Governor:
         if action.action == "kill":
             extra.update(task=child.task, task_id=child.task_id)
         name = {"kill": "terminate", "shed": "retire"}.get(action.action, action.action)
-        self._pressure(name, action.level, view.working_set, **extra)
+        self._pressure(name, action.level, view.unreclaimable, **extra)
 
     def _observe(self, action: policy.Action, view: policy.View) -> None:
         """What the action would be, logged (once per action and child in OBSERVE_EVERY
@@ -470,7 +485,7 @@ class Governor:
         elif action.action == "grow":
             extra = {"added": action.count, "target": policy.target_size(view, self.ledger)}
         name = {"kill": "terminate", "shed": "retire"}.get(action.action, action.action)
-        self._pressure(name, action.level, view.working_set, **extra)
+        self._pressure(name, action.level, view.unreclaimable, **extra)
 
     #: seconds between two lines of one observed action about one child
     OBSERVE_EVERY = 5.0

@@ -65,6 +65,8 @@ def _read(path: str) -> tuple[bytes | None, str]:
             return None, "unreadable: not a regular file"
         if info.st_size > MAX_BYTES:
             return None, f"unreadable: larger than {MAX_BYTES} bytes"
+        if _planted(path, info):
+            return None, "unreadable: another user's file in a directory anyone may write"
         chunks, size = [], 0
         while size <= MAX_BYTES:
             chunk = os.read(fd, MAX_BYTES + 1 - size)
@@ -79,6 +81,15 @@ def _read(path: str) -> tuple[bytes | None, str]:
         return None, f"unreadable: {error.strerror or error}"
     finally:
         os.close(fd)
+
+
+def _planted(path: str, info: os.stat_result) -> bool:
+    """A file another user (not root) may have put there for us to trust: theirs, in a
+    directory anyone may write to (``/tmp``)."""
+    if info.st_uid in (os.geteuid(), 0):
+        return False
+    directory = os.stat(os.path.dirname(os.path.abspath(path)))
+    return bool(directory.st_mode & stat.S_IWOTH)
 
 
 def _bounded_int(text: str) -> int:

@@ -1,8 +1,9 @@
 """The run-time governor's decisions, apart from the pool they act on (pure).
 
-Every rule compares a *projected peak* with the marks: the working set the cgroup holds
-now, plus what is still to come from what already runs (young children that have not
-copied yet, tasks that have not reached their peak), plus what a decision would add. The
+Every rule compares a *projected peak* with the marks: what the cgroup holds now that the
+kernel cannot reclaim (its usage less the page cache: ``View.unreclaimable``), plus what
+is still to come from what already runs (young children that have not copied yet, tasks
+that have not reached their peak), plus what a decision would add. The
 inputs come in a ``View``; the answers are plain values the governor carries out, so
 each rule has a table-driven test and nothing here touches a process.
 
@@ -43,7 +44,9 @@ class Marks:
 class View:
     """What a decision is taken on."""
 
-    working_set: int  # bytes the cgroup holds (usage less inactive file pages)
+    #: bytes the cgroup holds that the kernel cannot reclaim: its usage less the page
+    #: cache, active and inactive (anonymous, unevictable and kernel memory stay)
+    unreclaimable: int
     marks: Marks
     size: int  # the pool's size (children billiard keeps)
     requested: int  # the concurrency asked for: the pool never grows past it
@@ -51,7 +54,7 @@ class View:
     tasks_per_child: int  # the pool leaves each child room for this many leaky runs
     #: The RSS of a child now, read on demand (None when it is gone).
     rss_now: Callable[[int], int | None] = field(default=lambda pid: None)
-    #: The same view with the working set read now, for a decision that also reads the
+    #: The same view with the cgroup read now, for a decision that also reads the
     #: children now (a reading older than theirs would miss what grew in between).
     fresh: Callable[[], View] | None = None
     #: The pool's size as the throughput plan chose it (``plan``); None: no plan yet.
@@ -66,7 +69,7 @@ def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) 
     a young child all of it, one that copied less so far (its tasks read less of the
     app's data) the rest. Each task handed out reaches its expected peak. With
     ``rss_now`` a running task's growth so far is read and only the rest is counted (it
-    is already in the working set); without, all of it counts (cautious, and no read)."""
+    is already in the cgroup's figure); without, all of it counts (cautious, and no read)."""
     total = sum(handed.peak for handed in ledger.starting.values())
     expected = ledger.expected_baseline
     for child in ledger.children.values():
@@ -87,7 +90,7 @@ class Admission:
     admit: bool
     reason: str  # fits | idle | learning | no_child | over | no_room
     peak: int  # bytes the task is expected to add
-    projected: int  # the working set at the peak, with the task
+    projected: int  # the cgroup's unreclaimable memory at the peak, with the task
 
 
 def expected_peak(ledger: Ledger, name: str) -> int:
@@ -110,7 +113,7 @@ def overrun(ledger: Ledger, rss_now: Callable[[int], int | None]) -> int:
 
 
 def leaving(ledger: Ledger) -> int:
-    """Bytes held by children on their way out (recycled, retired): the working set
+    """Bytes held by children on their way out (recycled, retired): the cgroup
     still counts them, and soon will not."""
     return sum(c.private for c in ledger.children.values() if c.leaving)
 
@@ -123,7 +126,7 @@ def fits(view: View, ledger: Ledger, adding: int, read: bool = False) -> tuple[b
     a fraction of a second; a task's peak may come sooner). With ``read``, the growth of
     running tasks is read rather than assumed (see ``to_come``). Returns the answer and
     the projection without the leaving children."""
-    projected = view.working_set + to_come(ledger, view.rss_now if read else None) + adding
+    projected = view.unreclaimable + to_come(ledger, view.rss_now if read else None) + adding
     settled = projected - leaving(ledger)
     return settled <= view.marks.high and projected <= view.marks.hard, settled
 
@@ -141,20 +144,20 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
     - No child is free to take it: hold it here, where it is weighed again at each
       task's end, rather than in the pool's own buffer (Celery's semaphore lets a few
       more through than there are children when children are replaced).
-    - The working set is past the high mark (``over``): hold.
+    - The cgroup is past the high mark (``over``): hold.
     - Else when the projected peak fits (``fits``): first as cheaply as it can be
       told, then reading the running children's RSS.
     """
     peak = expected_peak(ledger, name)
     idle = not ledger.starting and not ledger.busy() and not leaving(ledger)
     if idle:
-        return Admission(True, "idle", peak, view.working_set + peak)
+        return Admission(True, "idle", peak, view.unreclaimable + peak)
     if not ledger.tasks.known(name) and ledger.learning(name):
-        return Admission(False, "learning", peak, view.working_set)
+        return Admission(False, "learning", peak, view.unreclaimable)
     if ledger.free() <= 0:
-        return Admission(False, "no_child", peak, view.working_set)
+        return Admission(False, "no_child", peak, view.unreclaimable)
     if over:
-        return Admission(False, "over", peak, view.working_set)
+        return Admission(False, "over", peak, view.unreclaimable)
     ok, projected = fits(view, ledger, peak)
     if not ok and view.fresh is not None:
         ok, projected = fits(view.fresh(), ledger, peak, read=True)
@@ -407,7 +410,7 @@ class Safety:
     """The clock-driven net, for what the task-boundary rules cannot see: growth inside
     a running task beyond its expected peak.
 
-    - Past the high mark, the working set projected LOOKAHEAD seconds ahead reaches the
+    - Past the high mark, the cgroup's figure projected LOOKAHEAD seconds ahead reaches the
       hard mark: stop running tasks, the largest growth first, as many as it takes to
       bring the projection back under the high mark (the last resort: the kernel would
       act next, and it may pick the main process).
@@ -426,37 +429,37 @@ class Safety:
 
     def __init__(self) -> None:
         self.last: tuple[float, int] | None = None
-        self.rate = 0.0  # bytes per second the working set rose by
+        self.rate = 0.0  # bytes per second the unreclaimable memory rose by
         self.quiet_until = 0.0
         self.grow_after = 0.0
         self.over = False
 
-    def project(self, working_set: int, now: float) -> int:
-        last, self.last = self.last, (now, working_set)
+    def project(self, held: int, now: float) -> int:
+        last, self.last = self.last, (now, held)
         if last is None or now <= last[0]:
-            return working_set
-        self.rate = max((working_set - last[1]) / (now - last[0]), 0.0)
-        return working_set + int(self.rate * self.LOOKAHEAD)
+            return held
+        self.rate = max((held - last[1]) / (now - last[0]), 0.0)
+        return held + int(self.rate * self.LOOKAHEAD)
 
-    def next_delay(self, working_set: int, marks: Marks, interval: float) -> float:
-        """Check again before the working set can reach the low mark at its rate."""
-        if working_set >= marks.low:
+    def next_delay(self, held: int, marks: Marks, interval: float) -> float:
+        """Check again before the memory held can reach the low mark at its rate."""
+        if held >= marks.low:
             return self.FAST
         if self.rate > 0:
-            return min(interval, max((marks.low - working_set) / self.rate / 2, self.FAST))
+            return min(interval, max((marks.low - held) / self.rate / 2, self.FAST))
         return interval
 
     def decide(self, view: View, ledger: Ledger, now: float) -> list[Action]:
-        """``over`` (every task held) once the working set, less what children on their
-        way out will free, passes the high mark. Past the high mark, stop running tasks
-        only when the hard mark is ahead: by what the admitted tasks are still expected to
-        add, or, when a task has grown past its expected peak (the ledger did not foresee
-        it), by the rate the working set rises."""
-        marks, working_set = view.marks, view.working_set
-        rising = self.project(working_set, now)
-        self.over = working_set - leaving(ledger) >= marks.high
-        if working_set >= marks.high:
-            ahead = working_set + to_come(ledger, view.rss_now)
+        """``over`` (every task held) once the memory the kernel cannot reclaim, less what
+        children on their way out will free, passes the high mark. Past the high mark,
+        stop running tasks only when the hard mark is ahead: by what the admitted tasks
+        are still expected to add, or, when a task has grown past its expected peak (the
+        ledger did not foresee it), by the rate that memory rises."""
+        marks, held = view.marks, view.unreclaimable
+        rising = self.project(held, now)
+        self.over = held - leaving(ledger) >= marks.high
+        if held >= marks.high:
+            ahead = held + to_come(ledger, view.rss_now)
             if overrun(ledger, view.rss_now) > 0:
                 ahead = max(ahead, rising)
             if ahead >= marks.hard:
@@ -506,7 +509,7 @@ class Safety:
         if now < self.quiet_until:
             return []
         actions: list[Action] = []
-        over = view.working_set - view.marks.high
+        over = view.unreclaimable - view.marks.high
         live = len(ledger.live())
         for child in self._idle_with_retained(ledger):
             if over < 0 or live - len(actions) <= 1:

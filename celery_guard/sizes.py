@@ -12,6 +12,8 @@ from decimal import Decimal
 MIB = 1024 * 1024
 #: Larger than any memory a machine has (8 EiB): beyond it a figure is a typo.
 MAX_SIZE = 2**63 - 1
+#: The smallest size a memory figure or limit can mean: one page.
+PAGE = 4096
 
 _UNITS = {
     "": 1,

@@ -116,7 +116,15 @@ class Measured:
             "child_estimate_method": self.estimate.method,
             "gc_freeze": self.settings.gc_freeze,
             "limit_detail": self.budget.detail,
+            "usage_measured": self.usage_measured,
         }
+
+    @property
+    def usage_measured(self) -> str:
+        """What the run-time budget compares with the limit: the memory cgroup's figure
+        (every process in it, not the worker's alone, when the limit is a setting), or
+        nothing (no cgroup: the limit serves the startup decision only)."""
+        return "none" if self.budget.cgroup is None else "cgroup"
 
 
 def measure(settings: Settings, pool: str, requested: int, forked: bool = True) -> Measured:
@@ -124,8 +132,10 @@ def measure(settings: Settings, pool: str, requested: int, forked: bool = True) 
     # No gc.collect() here: the census counts live data only, and a full collection of a
     # large app is most of what measuring would cost (the pool collects before forking).
     budget = read_budget(settings)
-    app = census.census(sys.modules, census.library_roots())
-    parent = footprint.measure(allocators=footprint.read_allocators(), app_objects=app.bytes)
+    app_objects = None  # off mode, or a child cost given: the app's data is not walked
+    if settings.mode != "off" and settings.child_memory is None:
+        app_objects = census.census(sys.modules, census.library_roots()).bytes
+    parent = footprint.measure(allocators=footprint.read_allocators(), app_objects=app_objects)
     estimate = footprint.estimate_child(parent, forked=forked, gc_freeze=settings.gc_freeze)
     remembered = remembered_cost(settings, budget.physical)
     if settings.child_memory is not None:

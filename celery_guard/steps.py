@@ -369,7 +369,7 @@ class _ExitListener:
         self.sampler = sampler
 
     def child_up(self, pid: int) -> None:
-        pass
+        self.collector.on_child_up(pid)
 
     def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
         if self.sampler is not None:

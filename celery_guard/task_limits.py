@@ -14,10 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .sizes import SIZE_FORMS, parse_size
+from .sizes import MAX_SIZE, PAGE, SIZE_FORMS, parse_size
 
 OPTIONS = ("memory_limit", "soft_memory_limit")
-ACCEPTED = f"a size ({SIZE_FORMS.removeprefix('auto, or ')}), a whole number of bytes, or None"
+ACCEPTED = (
+    f"a size of at least {PAGE >> 10}K ({SIZE_FORMS.removeprefix('auto, or ')}), "
+    "a whole number of bytes, or None"
+)
 
 
 @dataclass(frozen=True)
@@ -35,18 +38,22 @@ class LimitError(Exception):
 
 
 def parse_limit(value: Any) -> int | None:
-    """A size as in the configuration, a whole number of bytes, or None (no limit)."""
+    """A size as in the configuration (``CELERY_GUARD_TASK_MEMORY_LIMIT``: at least one
+    page, at most what a machine can have), a whole number of bytes, or None (no
+    limit)."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(value)
-        return value
-    if isinstance(value, str):
-        return parse_size(value)
-    raise ValueError(value)
+        size = value
+    elif isinstance(value, str):
+        size = parse_size(value)
+    else:
+        raise ValueError(value)
+    if not PAGE <= size <= MAX_SIZE:
+        raise ValueError(value)
+    return size
 
 
 def declared(

@@ -470,6 +470,12 @@ class Collector:
         counter = self.read_oom_kills() if sigkill else None
         return self.exits.cause(pid, exitcode, counter)
 
+    def on_child_up(self, pid: int) -> None:
+        """A new child: the pid may have been an exited one's (pids are reused)."""
+        self.exits.forget(pid)
+        if self.failures is not None:
+            self.failures.forget(pid)
+
     def on_exit(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
         """A pool child is gone: say why when memory was the reason.
 

@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
@@ -37,21 +38,33 @@ from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, next_check
 WATCHDOG_SIGNAL = signal.SIGRTMIN + 2
 
 
+@dataclass(frozen=True)
+class Armed:
+    """One run as the task's thread armed it: what the watchdog compares and names is
+    this run's, never the next one's."""
+
+    run: Run
+    name: str
+    task_id: str
+    anon_at_start: int
+
+
 class Watchdog:
     """One per child; ``WATCHDOG`` below is the child's."""
 
     def __init__(self) -> None:
         self.active = False  # only in a child, once started
-        self.run: Run | None = None
-        self.name = self.task_id = ""
-        self.pending: BaseException | None = None
+        self.armed: Armed | None = None
+        #: the exception to raise in the task's thread, and the run it is about
+        self.pending: tuple[Armed, BaseException] | None = None
+        #: the task's thread is inside arm/disarm (their lock and Event): no raise there
+        self.busy = False
         self.wake = threading.Event()
         self.lock = threading.Lock()
         self.send: Callable[[str], None] = lambda record: None
         self.hostname = ""
         self.read_private: Callable[[], int | None] = lambda: None
         self.read_anon: Callable[[], int] = lambda: 0
-        self.anon_at_start = 0
         self.main = 0  # the thread the tasks run in
 
     # -- in the child ----------------------------------------------------------------
@@ -69,61 +82,84 @@ class Watchdog:
         self.active = True
 
     def arm(self, name: str, task_id: str, limit: TaskLimit) -> None:
-        anon = self.read_anon()  # here, as the task starts: the thread may see it later
-        with self.lock:
-            self.run, self.name, self.task_id, self.pending = Run(limit), name, task_id, None
-            self.anon_at_start = anon
-        self.wake.set()
+        self.busy = True
+        try:
+            # read here, as the task starts: the thread may see it later
+            armed = Armed(Run(limit), name, task_id, self.read_anon())
+            with self.lock:
+                self.armed, self.pending = armed, None
+            self.wake.set()
+        finally:
+            self.busy = False
 
     def disarm(self) -> None:
-        with self.lock:
-            self.run, self.pending = None, None
-        self.wake.set()
+        self.busy = True
+        try:
+            with self.lock:
+                self.armed, self.pending = None, None
+            self.wake.set()
+        finally:
+            self.busy = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """Raise the pending exception in the run it is about. Not inside arm/disarm: an
+        exception there could leave the Event's condition half updated (the watchdog sends
+        the signal again at its next check)."""
+        if self.busy:
+            return
         with self.lock:
             pending, self.pending = self.pending, None
-            armed = self.run is not None
-        if pending is not None and armed:
-            raise pending
+            armed = self.armed
+        if pending is not None and pending[0] is armed:
+            raise pending[1]
 
-    def _raise(self, error: BaseException) -> None:
+    def _raise(self, armed: Armed, error: BaseException) -> None:
         with self.lock:
-            if self.run is None:
+            if self.armed is not armed:  # that run ended: not the next task's business
                 return
-            self.pending = error
+            self.pending = (armed, error)
         signal.pthread_kill(self.main, WATCHDOG_SIGNAL)
 
+    def _send_again(self, armed: Armed) -> None:
+        """A signal that came while the task's thread was in arm/disarm raised nothing."""
+        with self.lock:
+            again = self.pending is not None and self.pending[0] is armed
+        if again:
+            signal.pthread_kill(self.main, WATCHDOG_SIGNAL)
+
     def _loop(self) -> None:
+        followed: Armed | None = None
         while True:
-            self.wake.wait()
-            self.wake.clear()
-            run = self.run
-            if run is None:
+            armed = self.armed
+            if armed is None or armed is followed:
+                self.wake.wait()
+                self.wake.clear()
                 continue
+            followed = armed  # a run armed while the last one was followed starts here
             try:
-                self._follow(run)
+                self._follow(armed)
             except Exception:
                 logging.getLogger("celery_guard").warning(
                     "celery-guard event=error stage=watchdog", exc_info=True
                 )
 
-    def _follow(self, run: Run) -> None:
-        start, anon_start = self.read_private(), self.anon_at_start
-        if start is None:
+    def _follow(self, armed: Armed) -> None:
+        start = self.read_private()
+        if start is None or self.armed is not armed:
             return
-        name, task_id = self.name, self.task_id
+        run, name, task_id = armed.run, armed.name, armed.task_id
         last_time, last_held = time.monotonic(), 0
         delay = 0.02
-        while self.run is run:
+        while self.armed is armed:
             self.wake.wait(delay)
             self.wake.clear()
-            if self.run is not run:
+            if self.armed is not armed:
                 return
+            self._send_again(armed)
             now_private = self.read_private()
             if now_private is None:
                 return
-            held = max(now_private - start, self.read_anon() - anon_start)
+            held = max(now_private - start, self.read_anon() - armed.anon_at_start)
             now = time.monotonic()
             rate = max(held - last_held, 0) / max(now - last_time, 1e-6)
             last_time, last_held = now, held
@@ -131,12 +167,12 @@ class Watchdog:
             if action == SOFT:
                 run.soft_raised = True
                 self._report(SOFT, run.limit.soft or 0, held, name, task_id, "raised")
-                self._raise(SoftMemoryLimitExceeded(self._message(
+                self._raise(armed, SoftMemoryLimitExceeded(self._message(
                     name, task_id, "soft_memory_limit", run.limit.soft or 0, held)))  # fmt: skip
             elif action == HARD:
                 run.hard_raised_at = now
                 self._report(HARD, run.limit.hard or 0, held, name, task_id, "raised")
-                self._raise(MemoryLimitExceeded(self._message(
+                self._raise(armed, MemoryLimitExceeded(self._message(
                     name, task_id, "memory_limit", run.limit.hard or 0, held)))  # fmt: skip
             elif action == KILL:
                 self._report(KILL, run.limit.hard or 0, held, name, task_id, "stop_requested")
@@ -202,4 +238,4 @@ def wrap(task: Any, name: str, limit: TaskLimit) -> None:
     task.run = run
 
 
-__all__ = ["WATCHDOG", "WATCHDOG_SIGNAL", "Watchdog", "wrap"]
+__all__ = ["WATCHDOG", "WATCHDOG_SIGNAL", "Armed", "Watchdog", "wrap"]

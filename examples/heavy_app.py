@@ -12,6 +12,8 @@ Settings come from the environment so tests and the demo share one app:
 ``HEAVY_APP_CHILD_START_SECONDS`` (CPU seconds each pool child spends starting, as a
 child that loads a model in ``worker_process_init`` does: a dear fork),
 ``HEAVY_APP_REPORTS=1`` to import a second, lighter task module (``heavy_reports``),
+``HEAVY_APP_DEQUE=N`` to hold N distinct ints in a ``collections.deque``,
+``HEAVY_APP_PROXY=1`` to hold an unbound Werkzeug ``LocalProxy`` (as a Flask app does),
 ``HEAVY_APP_CONTAINERS=1`` to hold the catalogue in lists, which the garbage collector
 tracks (tuples of numbers and strings it stops tracking), ``HEAVY_APP_ACKS_LATE=1`` for
 ``task_acks_late`` with ``task_reject_on_worker_lost`` (a task whose child is killed goes
@@ -60,6 +62,18 @@ if _broker.startswith("filesystem://"):
         "data_folder_out": queue_dir,
         "control_folder": os.path.join(_data_dir, "control"),
     }
+
+if os.environ.get("HEAVY_APP_DEQUE"):  # a work queue kept at module level
+    import collections
+
+    QUEUE = collections.deque(range(int(os.environ["HEAVY_APP_DEQUE"])))
+
+if os.environ.get("HEAVY_APP_PROXY") == "1":  # flask.request, outside a request
+    from contextvars import ContextVar
+
+    from werkzeug.local import LocalProxy
+
+    REQUEST = LocalProxy(ContextVar("request"))
 
 if os.environ.get("HEAVY_APP_OPEN_FILES"):  # an app that holds many descriptors at import
     import resource
@@ -241,6 +255,20 @@ def forge() -> int:
 def collect() -> int:
     """A full collection in the child: what the collector does on its own, sooner or later."""
     return gc.collect()
+
+
+@app.task
+def read_file(path: str, times: int = 1, seconds: float = 0.0) -> int:
+    """Read a file ``times`` times, 1 MiB at a time, keeping none of it, then sleep
+    ``seconds``: the pages stay in the page cache (charged to the cgroup, reclaimable) and
+    the child allocates nothing."""
+    read = 0
+    for _ in range(times):
+        with open(path, "rb", buffering=0) as file:
+            while chunk := file.read(1 << 20):
+                read += len(chunk)
+    time.sleep(seconds)
+    return read
 
 
 @app.task

@@ -8,6 +8,7 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import harness
@@ -271,3 +272,58 @@ def test_advice_when_acks_are_early(
     worker = make_worker(["-c", "1"], env)
     worker.wait_ready(60)
     assert [a["topic"] for a in worker.events("advice")] == topics
+
+
+def _active_file_above(group: Cgroup, size: int) -> bool:
+    return group.stat()["total_active_file"] >= size
+
+
+def _drop_page_cache(path: Path) -> None:
+    """Write ``path`` back and drop it from the page cache: the next reader's cgroup is
+    charged for the pages it reads."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+@pytest.mark.cgroup
+def test_page_cache_never_makes_the_guard_stop_a_task(
+    redis: harness.RedisServer,
+    make_cgroup: MakeCgroup,
+    make_worker: MakeWorker,
+    tmp_path: Path,
+) -> None:
+    """A task reads a 400 MiB file three times in a 600 MiB cgroup (its pages stay in the
+    page cache, charged to the cgroup, and active: read more than once) and sleeps, with
+    the marks lowered so that the cache alone passes the hard one; meanwhile tasks take
+    60 MiB for a moment. The kernel reclaims the cache before it kills: without the guard
+    every task succeeds; with it too, and no task is stopped (the guard once counted
+    active file pages as memory in use and terminated the reader, which allocates
+    nothing)."""
+    data = tmp_path / "data.bin"
+    with open(data, "wb") as file:
+        for _ in range(400):
+            file.write(os.urandom(1 << 20))
+    marks = {
+        "CELERY_GUARD_LOW_WATER": "60%",
+        "CELERY_GUARD_HIGH_WATER": "65%",
+        "CELERY_GUARD_HARD_WATER": "70%",
+    }
+    for guard in (False, True):
+        _drop_page_cache(data)  # the worker's reads charge its own cgroup
+        group = make_cgroup(600 * MIB)
+        env = harness.worker_env(redis, {**SMALL_APP, **FAST, **marks}, guard)
+        worker = make_worker(["-c", "2"], env, group)
+        worker.wait_ready(60)
+        (read,) = harness.send_tasks(redis, worker.queue, "read_file", 1, (str(data), 3, 4.0))
+        assert harness.running_on(redis, worker, read.id)
+        assert harness.eventually(partial(_active_file_above, group, 300 * MIB), 60)
+        results = [read, *harness.send_tasks(redis, worker.queue, "hog", 4, (60, 0.5))]
+        assert harness.wait_for_results(results, 120, group), (guard, worker.log[-3000:])
+        assert read.get() == 3 * 400 * MIB
+        assert group.oom_kills() == 0
+        assert not [p for p in worker.events("pressure") if p["action"] == "terminate"]
+        worker.stop()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import harness
+import needs
 import pytest
 from harness import MIB, Cgroup, Worker
 
@@ -311,3 +312,44 @@ def test_modes_that_start_anyway(
     assert f"{level}/MainProcess" in line
     worker.wait_ready(60)
     assert f".> concurrency: {concurrency} (prefork)" in worker.log
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("mode", ["scale", "off"])
+def test_a_huge_deque_in_the_app_starts_where_it_starts_unguarded(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, mode: str
+) -> None:
+    """A module-level deque of five million ints in a 700 MiB cgroup: the unguarded worker
+    starts; so does the guarded one (its census once pushed every item and the kernel
+    killed the main process), in every mode."""
+    app = {**SMALL_APP, "HEAVY_APP_DEQUE": "5000000"}
+    for guard in (False, True):
+        group = make_cgroup(700 * MIB)
+        env = harness.worker_env(redis, {**app, "CELERY_GUARD_MODE": mode}, guard=guard)
+        worker = make_worker(["-c", "1"], env, group)
+        worker.wait_ready(120)
+        (done,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
+        assert done.get(timeout=60) == 5
+        assert group.oom_kills() == 0, (guard, worker.log)
+        if guard:
+            assert worker.startup()["action"] in ("kept", "off")
+        worker.stop()
+
+
+@pytest.mark.cgroup
+def test_an_unbound_local_proxy_in_the_app_leaves_the_guard_on(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """A Flask app's ``request`` proxy at module level raises RuntimeError outside a
+    request: the census counts it as opaque and the guard measures, governs and limits
+    tasks as usual (it once logged ``event=error`` and switched itself off)."""
+    needs.module("werkzeug")
+    env = harness.worker_env(redis, {**SMALL_APP, "HEAVY_APP_PROXY": "1"})
+    worker = make_worker(["-c", "2"], env, make_cgroup(1024 * MIB))  # a limit to govern
+    startup = worker.startup()
+    assert "error" not in startup, startup
+    assert startup["child_estimate_method"] == "census"
+    worker.wait_ready(60)
+    assert "stage=startup" not in worker.log
+    stats = harness.guard_stats(worker, env)
+    assert "error" not in stats and "governor" in stats, " ".join(sorted(stats))

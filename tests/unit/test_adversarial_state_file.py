@@ -363,3 +363,30 @@ def test_default_bounds_are_this_machine() -> None:
     """Without ``physical``, the bound is this machine's memory: a cost above it is refused
     (the page floor is the kernel's page size)."""
     assert resource.getpagesize() == history._page_size()
+
+
+@pytest.mark.parametrize(
+    ("directory_mode", "owner", "trusted"),
+    [
+        (0o1777, "other", False),  # /tmp: anyone may have put it there
+        (0o0777, "other", False),
+        (0o0755, "other", True),  # only its owner writes the directory: theirs to give
+        (0o1777, "self", True),
+        (0o1777, "root", True),
+    ],
+)
+def test_another_users_state_file_in_a_world_writable_directory_is_not_trusted(
+    tmp_path: Path, directory_mode: int, owner: str, trusted: bool
+) -> None:
+    if os.geteuid() != 0:
+        needs.unavailable("giving a file to another user needs root")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = _write(shared / "state.json", {"version": history.VERSION, "child_cost_bytes": GIB})
+    uid = {"other": 12345, "self": os.geteuid(), "root": 0}[owner]
+    os.chown(path, uid, -1)
+    shared.chmod(directory_mode)
+    cost, why = _load(path)
+    assert (cost == GIB) is trusted, why
+    if not trusted:
+        assert "another user" in why

@@ -370,3 +370,59 @@ class _Hostile:
 def test_census_survives_a_library_class_whose_attributes_raise() -> None:
     frame = _library(lazy=_Hostile(), total=_total_by_group)
     assert _total(frame) - _total(_library()) >= sys.getsizeof(_total_by_group.__code__)
+
+
+class _LenRaises(list):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        raise RuntimeError("no length here")
+
+
+class _SlotsKeyError:
+    __slots__ = ("value",)
+
+    def __getattr__(self, name: str) -> object:
+        raise KeyError(name)
+
+
+def test_census_counts_app_objects_that_raise_on_access_as_opaque() -> None:
+    """An unbound Werkzeug/Flask ``LocalProxy`` raises RuntimeError on any access, a list
+    whose ``__len__`` raises, a class whose ``__getattr__`` raises KeyError: each is opaque,
+    and the rest of the app's data is still counted."""
+    from contextvars import ContextVar
+
+    local = needs.module("werkzeug.local")
+    catalog = _tuples(10)
+    hostile = {
+        "PROXY": local.LocalProxy(ContextVar("request")),
+        "ITEMS": _LenRaises([1, 2, 3]),
+        "SLOTS": _SlotsKeyError(),
+    }
+    alone = census.census({"proj": module("proj", "/srv/app/proj.py", CATALOG=catalog)}, ROOTS)
+    made = module("proj", "/srv/app/proj.py", CATALOG=catalog, **hostile)
+    result = census.census({"proj": made}, ROOTS)
+    assert result.opaque >= len(hostile)
+    assert result.bytes >= alone.bytes == _exact(catalog)
+
+
+def test_census_memory_is_bounded_on_a_huge_deque_and_an_f_ordered_object_array() -> None:
+    """Five million items in a deque, ten million in an object array in Fortran order:
+    the census allocates a few MiB at most (it pushed every item of the deque, about
+    550 MiB, and copied the array) and looks at a bounded number of objects."""
+    import collections
+    import tracemalloc
+
+    numpy = needs.module("numpy")
+    queue = collections.deque(range(5_000_000))
+    objects = numpy.empty((2_000, 5_000), dtype=object, order="F")
+    objects[:] = "same"
+    made = module("proj", "/srv/app/proj.py", QUEUE=queue, OBJECTS=objects)
+    tracemalloc.start()
+    try:
+        result = census.census({"proj": made}, ROOTS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+    assert result.visited < 1_000
+    # the deque's five million distinct ints are what a reader of it writes
+    assert result.bytes >= 5_000_000 * sys.getsizeof(10**6) * 0.9

@@ -556,3 +556,25 @@ def test_limit_names_the_level_that_sets_it(case: str, level: str) -> None:
     cg = _found(case)
     limit = read_limit(cg, physical=64 * GIB)
     assert limit.path == os.path.join(_root(case), level)
+
+
+@pytest.mark.parametrize(
+    "case,unreclaimable",
+    [
+        # usage 100 MiB, inactive_file 20 MiB, active_file 8 MiB
+        ("v2_private_ns", 72 * MIB),
+        # usage 400 MiB, total_inactive_file 20 MiB, total_active_file 10 MiB
+        ("v1_joined_controllers", 370 * MIB),
+    ],
+)
+def test_unreclaimable_is_usage_less_all_page_cache(case: str, unreclaimable: int) -> None:
+    """What an OOM kill depends on: the kernel reclaims page cache, active or inactive,
+    before it kills (a task that read a large file leaves active file pages)."""
+    assert read_usage(_found(case)).unreclaimable == unreclaimable
+
+
+def test_unreclaimable_is_unknown_without_active_file(tmp_path: Path) -> None:
+    (tmp_path / "memory.usage_in_bytes").write_text(f"{100 * MIB}\n")
+    (tmp_path / "memory.stat").write_text(f"total_inactive_file {10 * MIB}\n")
+    got = read_usage(Cgroup(1, str(tmp_path), str(tmp_path)))
+    assert (got.working_set, got.unreclaimable) == (90 * MIB, None)

@@ -120,3 +120,21 @@ def test_a_task_lost_for_another_reason_stays_a_worker_lost_error() -> None:
     failures = MemoryFailures(lambda pid, code: causes.cause(pid, code, 0), max_kills=3)
     assert failures.on_lost(LostJob(5, KILLED, "t", "app.t", False, False), causes) is None
     assert failures.outcome(5) is None
+
+
+def test_a_reused_pid_is_not_answered_with_the_last_childs_cause() -> None:
+    """A child killed by someone's ``kill -9``; a new child takes its pid and the kernel
+    OOM-kills it: the pool's process_up (the worker's exit listener) makes the guard
+    forget the old answer, so the kill is an OOM kill with its ``event=oom`` line."""
+    from test_adversarial_pipe import collector
+
+    from celery_guard.steps import _ExitListener
+
+    watched = collector()
+    watched.read_oom_kills = lambda: counter  # type: ignore[method-assign]
+    counter = 0
+    watched.exits.seen = 0
+    assert watched.exit_cause(100, KILLED) == OTHER
+    _ExitListener(watched, None).child_up(100)  # billiard forks a child with pid 100
+    counter = 1  # and the kernel kills it
+    assert watched.exit_cause(100, KILLED) == OOM

@@ -139,3 +139,47 @@ def test_a_deferred_request_lets_the_ones_behind_go_first() -> None:
     control.release()
     assert w.handed == ["b", "c", "new"]
     assert list(control.held) == []
+
+
+class RefusingWorker(FakeWorker):
+    """Celery's ``_process_task``: a revoked or expired request never reaches the pool
+    (``execute_using_pool`` raises ``TaskRevokedError`` before ``apply_async`` and
+    ``_process_task`` swallows it); one that does keeps the pool's result."""
+
+    def __init__(self, revoked: set[str]) -> None:
+        super().__init__()
+        self.revoked = revoked
+
+    def _process_task(self, request: Any) -> None:
+        if request.id in self.revoked:
+            return
+        request._apply_result = object()
+        self.handed.append(request.id)
+
+
+def test_only_requests_that_reached_the_pool_are_reported_handed() -> None:
+    w = RefusingWorker({"revoked"})
+    control = PoolControl(w)
+    assert control.install()
+    control.gate = Gate({})
+    handed: list[str] = []
+    control.on_handed = lambda r: handed.append(r.id)
+    # as Celery's Request class: ``_apply_result`` is None until the pool has the task
+    received = [SimpleNamespace(id=i, name="heavy_app.add", _apply_result=None) for i in "ab"]
+    receive(w, received[0], SimpleNamespace(id="revoked", name="t", _apply_result=None))
+    receive(w, received[1])
+    assert w.handed == ["a", "b"]
+    assert handed == ["a", "b"]  # the revoked one never enters the governor's ledger
+
+
+def test_a_gate_that_fails_hands_the_request_over_and_keeps_the_ones_behind() -> None:
+    def failing(r: Any) -> bool:
+        if r.id == "bad":
+            raise OverflowError("int too large to convert to float")
+        return True
+
+    w, control = installed()
+    control.gate = failing
+    receive(w, request("a"), request("bad"), request("c"))
+    assert w.handed == ["a", "bad", "c"]
+    assert list(control.held) == []

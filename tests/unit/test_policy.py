@@ -341,7 +341,7 @@ def test_the_rules_stay_within_the_pool_and_the_marks(
             if action.action == "grow":
                 assert size + action.count <= target_size(v, book)
                 assert ws < MARKS.high
-        assert safety.next_delay(v.working_set, MARKS, 0.25) > 0
+        assert safety.next_delay(v.unreclaimable, MARKS, 0.25) > 0
 
 
 def _first_tasks(estimate: int, baseline: int) -> Ledger:

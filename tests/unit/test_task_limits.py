@@ -36,13 +36,24 @@ def task(**options: Any) -> SimpleNamespace:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, None), ("512M", 512 * MIB), ("1.5G", 1536 * MIB), (4096, 4096), (" 64 MiB", 64 * MIB)],
-)
+    [
+        (None, None), ("512M", 512 * MIB), ("1.5G", 1536 * MIB), (4096, 4096),
+        (" 64 MiB", 64 * MIB), ("4K", 4096), (2**63 - 1, 2**63 - 1),
+    ],
+)  # fmt: skip
 def test_parse_limit(value: Any, expected: int | None) -> None:
     assert parse_limit(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "lots", "-5M", 0, -1, True, 1.5, "0", [512], "1e9"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "", "lots", "-5M", 0, -1, True, 1.5, "0", [512], "1e9",
+        # as CELERY_GUARD_TASK_MEMORY_LIMIT: at least a page, at most 8 EiB (a larger int
+        # reached the governor's float arithmetic and took the worker's loop down)
+        4095, "4095", 10**400, 2**63,
+    ],
+)  # fmt: skip
 def test_parse_limit_refuses(value: Any) -> None:
     with pytest.raises(ValueError):
         parse_limit(value)

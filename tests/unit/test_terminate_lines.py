@@ -65,14 +65,20 @@ class Hub:
         self.later.append((0.0, callback))
 
 
-def cgroup_at(directory: Path, working_set_mib: int) -> cgroups.Cgroup:
-    """A cgroup-v1 directory whose usage is ``working_set_mib`` with no inactive file."""
+def cgroup_at(directory: Path, working_set_mib: int, active_file_mib: int = 0) -> cgroups.Cgroup:
+    """A cgroup-v1 directory whose usage is ``working_set_mib`` with no inactive file and
+    ``active_file_mib`` of it page cache in active use."""
     (directory / "memory.usage_in_bytes").write_text(f"{working_set_mib * MIB}\n")
-    (directory / "memory.stat").write_text("cache 0\ntotal_inactive_file 0\n")
+    cache = active_file_mib * MIB
+    (directory / "memory.stat").write_text(
+        f"cache {cache}\ntotal_inactive_file 0\ntotal_active_file {cache}\n"
+    )
     return cgroups.Cgroup(1, str(directory), str(directory))
 
 
-def governor(tmp_path: Path, mode: str) -> tuple[Governor, FakePool, ExitCauses]:
+def governor(
+    tmp_path: Path, mode: str, active_file_mib: int = 0
+) -> tuple[Governor, FakePool, ExitCauses]:
     """Three children of 30 MiB private memory each (RSS 200 MiB after a first run of
     hog, which peaked at 100 MiB); child 101 runs hog (id-hog) and has grown by 300 MiB,
     child 102 runs add (id-add) and has grown 10 MiB, child 103 is idle. The working set
@@ -84,7 +90,7 @@ def governor(tmp_path: Path, mode: str) -> tuple[Governor, FakePool, ExitCauses]
     budget = Governor(
         pool,
         settings,
-        cgroup_at(tmp_path, 960),
+        cgroup_at(tmp_path, 960, active_file_mib),
         LiveLimit(LIMIT, settings),
         requested=3,
         estimate=30 * MIB,
@@ -142,3 +148,17 @@ def test_a_terminate_line_names_the_task_its_child_was_running(
         assert "observe" not in line
         assert pool.killed == [(101, True)]
         assert exits.kill_of(101) is not None  # its exit will be told as the guard's
+
+
+def test_page_cache_never_makes_the_net_stop_a_task(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same pool with 400 MiB of the cgroup's 960 MiB in active page cache (a task
+    read a large file): the kernel reclaims it before it kills anything, so the net
+    stops nothing and holds nothing."""
+    budget, pool, _ = governor(tmp_path, "on", active_file_mib=400)
+    with caplog.at_level(logging.INFO, logger="celery_guard"):
+        budget.tick()
+    assert terminate_lines(caplog) == []
+    assert pool.killed == []
+    assert not budget.safety.over
