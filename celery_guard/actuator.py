@@ -24,6 +24,7 @@ import contextlib
 import mmap
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class PoolControl:
         self.children: dict[int, Child] = {}
         self.listeners: list[Listener] = []
         self.held: deque[Any] = deque()  # requests that took a slot, not handed over
+        self.held_since: dict[str, float] = {}  # task id -> when it was first held
         self.recycling: set[int] = set()  # pids told to exit after their task
         #: The governor's verdict on a request: True hand over now, False hold (no room;
         #: keep the order), None defer (let the ones behind go first).
@@ -109,6 +111,10 @@ class PoolControl:
         #: Told of a request the gate admitted once it has reached the pool; one Celery
         #: refuses on the way (revoked, expired: ``TaskRevokedError``) never does.
         self.on_handed: Callable[[Any], None] | None = None
+        #: Told of a resize the guard did not make (remote control ``pool_grow`` and
+        #: ``pool_shrink``): children added, or taken away when negative.
+        self.on_resize: Callable[[int], None] | None = None
+        self._resizing = False  # the guard's own grow is under way
         self._start_task: Callable[[Any], Any] | None = None
         self.installed = False
 
@@ -131,6 +137,7 @@ class PoolControl:
         if pool is None or handlers is None or not all(hasattr(pool, n) for n in needed):
             return False
         self._wrap_pool(pool, handlers)
+        self._wrap_resize(w.pool)
         if semaphore is not None and getattr(w, "process_task", None) == getattr(
             w, "_process_task_sem", None
         ):
@@ -203,18 +210,40 @@ class PoolControl:
         )
         handlers[ACK], handlers[READY] = on_ack, on_ready
 
+    def _wrap_resize(self, task_pool: Any) -> None:
+        """Hear a resize asked of Celery's pool by anyone but the guard."""
+        grow, shrink = getattr(task_pool, "grow", None), getattr(task_pool, "shrink", None)
+        if grow is None or shrink is None:
+            return
+
+        def grown(n: int = 1) -> Any:
+            result = grow(n)
+            if not self._resizing and self.on_resize is not None:
+                self._guarded("resize", self.on_resize, n)
+            return result
+
+        def shrunk(n: int = 1) -> Any:
+            result = shrink(n)
+            if self.on_resize is not None:
+                self._guarded("resize", self.on_resize, -n)
+            return result
+
+        task_pool.grow, task_pool.shrink = grown, shrunk
+
     def _wrap_hand_over(self, w: Any, semaphore: Any) -> None:
         self._start_task = w._process_task
         clear = semaphore.clear
 
         def process_task(request: Any) -> None:
             self.held.append(request)
+            self.held_since.setdefault(request.id, time.monotonic())
             self._guarded("release", self.release)
 
         def clear_semaphore() -> None:
             # Celery clears its semaphore when the broker connection is lost: the
             # messages come back from the broker, so held requests are dropped too.
             self.held.clear()
+            self.held_since.clear()
             clear()
 
         w._process_task = process_task
@@ -306,6 +335,7 @@ class PoolControl:
             request = self.held.popleft()
             verdict = self._verdict(request)
             if verdict is True:
+                self.held_since.pop(request.id, None)
                 self._guarded("hand_over", start, request)
                 if self.on_handed is not None and reached_pool(request):
                     self._guarded("handed", self.on_handed, request)
@@ -316,6 +346,30 @@ class PoolControl:
                 kept.extend(self.held)
                 self.held.clear()
         self.held = kept
+
+    def overdue(self, now: float, bound: float) -> list[Any]:
+        """Held requests that have waited ``bound`` seconds or more."""
+        since = self.held_since
+        return [r for r in self.held if now - since.get(r.id, now) >= bound]
+
+    def give_back(self, request: Any) -> bool:
+        """Return a held request's message to its queue (rejected with requeue: the broker
+        delivers it again, to this worker or another, with a new timer), as Celery does
+        with a request it will not run: its slot and its place in the worker's state are
+        freed. False when it was not held (handed over meanwhile)."""
+        try:
+            self.held.remove(request)
+        except ValueError:
+            return False
+        self.held_since.pop(request.id, None)
+        from celery.worker import state
+
+        request.reject(requeue=True)
+        state.task_ready(request)
+        release = getattr(self.w, "_quick_release", None)
+        if release is not None:
+            release()
+        return True
 
     def _verdict(self, request: Any) -> bool | None:
         gate = self.gate
@@ -356,7 +410,11 @@ class PoolControl:
     def grow(self, count: int = 1) -> None:
         """Add children now: billiard forks them at its next maintenance (every few
         seconds) unless asked at once."""
-        self.w.pool.grow(count)
+        self._resizing = True
+        try:
+            self.w.pool.grow(count)
+        finally:
+            self._resizing = False
         self.pool.maintain_pool()
 
     def replace_exited(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from . import cgroups, policy
+from . import brokers, cgroups, policy
 from .actuator import PoolControl
 from .config import Settings
 from .exits import ExitCauses, Kill
@@ -110,6 +110,8 @@ class Governor:
         self.reading: tuple[float, int] | None = None  # (when, unreclaimable bytes)
         self.cached_view: tuple[tuple[float, int], policy.View] | None = None  # its reading
         self.holding = False
+        #: seconds a task may be held before it goes back to the broker (``brokers``)
+        self.hold_bound: brokers.HoldBound = brokers.HoldBound(None, "")
         #: (task id, name, peak, when) of the request the gate admitted last, entered in
         #: the ledger once it reaches the pool (``handed``)
         self.admitted: tuple[str, str, int, float] | None = None
@@ -139,11 +141,12 @@ class Governor:
         self.control.gate = self.gate
         self.control.on_alive = self.child_alive
         self.control.on_handed = self.handed
+        self.control.on_resize = self.resized
         hub.call_later(self.settings.brake_interval, self.tick)
 
     def stop(self) -> None:
         self.stopped = True
-        self.control.gate = self.control.on_handed = None
+        self.control.gate = self.control.on_handed = self.control.on_resize = None
 
     def take(self, record: Record) -> None:
         """A child's record, from whichever thread read it; absorbed on the loop."""
@@ -355,6 +358,17 @@ class Governor:
         self._held(request, verdict, view, decided)
         return False
 
+    def resized(self, added: int) -> None:
+        """Someone resized the pool (remote control ``pool_grow``/``pool_shrink``): the
+        concurrency asked for moves with it, and the plan is made again from there."""
+        self.requested = max(1, self.requested + added)
+        self.plan = None
+        emit(
+            logging.INFO, "plan",
+            {"worker": self.hostname, "target": None, "concurrency": self.control.size,
+             "reason": "resized", "requested": self.requested},
+        )  # fmt: skip
+
     def handed(self, request: Any) -> None:
         """The request the gate just admitted reached the pool: it enters the ledger now,
         not at the decision (Celery may still refuse it: revoked, expired)."""
@@ -422,10 +436,26 @@ class Governor:
                 self.ledger.pace.late_joins += waiting - len(self.replacing)
             if not self.safety.over:
                 self.control.release()
+            self._give_back_overdue(now)
             delay = self.safety.next_delay(view.unreclaimable, view.marks, delay)
         except Exception:  # noqa: BLE001 - the governor must not stop the worker
             logger.exception("celery-guard event=error stage=governor")
         self.hub.call_later(delay, self.tick)
+
+    def _give_back_overdue(self, now: float) -> None:
+        """Held tasks near the broker's timer go back to it: kept longer, Redis would
+        deliver them again (run twice) and RabbitMQ would close the channel."""
+        bound = self.hold_bound
+        if bound.seconds is None or not self.control.held or self.observing:
+            return
+        for request in self.control.overdue(now, bound.seconds):
+            held = now - self.control.held_since.get(request.id, now)
+            if self.control.give_back(request):
+                self._pressure(
+                    "give_back", "high", self.reading[1] if self.reading else 0,
+                    task=request.name, task_id=request.id, held_s=round(held, 1),
+                    timer=bound.timer, bound_s=round(bound.seconds, 1),
+                )  # fmt: skip
 
     def _carry_out(self, action: policy.Action, view: policy.View) -> None:
         if self.observing:

@@ -360,6 +360,18 @@ class Telemetry(bootsteps.StartStopStep):
         return {"guard_telemetry": guard.collector.summary_fields()}
 
 
+def _hold_bound(app: Any) -> Any:
+    """How long the broker lets a received task wait unacknowledged (see ``brokers``)."""
+    from . import brokers
+
+    try:
+        transport = str(app.connection_for_read().transport_cls)
+    except Exception:  # noqa: BLE001 - an odd broker URL: Celery reports it itself
+        transport = ""
+    options = app.conf.broker_transport_options or {}
+    return brokers.hold_bound(transport, options if isinstance(options, dict) else {})
+
+
 class _ExitListener:
     """Tells the collector of children gone (the rest of the pool's events it reads from
     the children's own records)."""
@@ -617,6 +629,7 @@ class Governor(bootsteps.StartStopStep):
             limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},
             unfrozen_extra=measured.unfrozen_extra,
         )
+        self.governor.hold_bound = _hold_bound(w.app)
         collector.listeners.append(self.governor.take)
         guard.governed = True
         collector.summary_extras.append(self.governor.figures)

@@ -327,3 +327,27 @@ def test_page_cache_never_makes_the_guard_stop_a_task(
         assert group.oom_kills() == 0
         assert not [p for p in worker.events("pressure") if p["action"] == "terminate"]
         worker.stop()
+
+
+@pytest.mark.cgroup
+def test_a_task_held_near_the_visibility_timeout_goes_back_and_runs_once(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """Redis re-delivers a message left unacknowledged past ``visibility_timeout`` (10 s
+    here), to any worker: a task the guard held that long would run twice. A task held
+    behind one that takes 700 MiB for 14 s goes back to the queue at 90% of the timer
+    (``action=give_back``), is delivered again, and runs once, when it fits."""
+    group = make_cgroup(GIB)
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST, "HEAVY_APP_VISIBILITY_TIMEOUT": "10"})
+    worker = make_worker(["-c", "2"], env, group)
+    worker.wait_ready(60)
+    (big,) = harness.send_tasks(redis, worker.queue, "hog", 1, (700, 14.0))
+    harness.running_on(redis, worker, big.id)
+    (held,) = harness.send_tasks(redis, worker.queue, "hog", 1, (300, 0.1))
+    assert harness.wait_for_results([big, held], 90, group)
+    gave = [p for p in worker.events("pressure") if p["action"] == "give_back"]
+    assert gave, worker.log[-3000:]
+    assert gave[0]["task_id"] == held.id and gave[0]["timer"] == "visibility_timeout"
+    assert 9.0 <= float(gave[0]["held_s"]) < 10.0
+    assert worker.log.count(f"heavy_app.hog[{held.id}] succeeded") == 1
+    assert group.oom_kills() == 0

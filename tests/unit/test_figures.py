@@ -64,6 +64,7 @@ NOT_MEASURED = {
     "2 MiB": "heap.TRIM_STEP: a task that leaves its child's RSS this much higher",
     "64 MiB": "tests/integration/test_malloc_trim.py's CHURN_MIB",
     "200 children": "tests/integration/test_faults.py starts that many",
+    "3600 s": "kombu's Redis visibility_timeout default (brokers.REDIS_VISIBILITY_TIMEOUT)",
     "8 MiB": "the census' memory bound test_census.py asserts on a huge deque and array",
 }
 

@@ -183,3 +183,37 @@ def test_a_gate_that_fails_hands_the_request_over_and_keeps_the_ones_behind() ->
     receive(w, request("a"), request("bad"), request("c"))
     assert w.handed == ["a", "bad", "c"]
     assert list(control.held) == []
+
+
+def test_a_held_request_given_back_is_rejected_with_requeue_and_frees_its_slot() -> None:
+    """Past the broker's timer a held request goes back to its queue: rejected with
+    requeue (the broker delivers it again), its semaphore slot released, out of the
+    worker's state; the ones behind it stay held in order."""
+    from celery.worker import state
+
+    w, control, _ = gated({"a": False})
+    released: list[int] = []
+    w._quick_release = lambda: released.append(1)  # type: ignore[attr-defined]
+    rejected: list[tuple[str, bool]] = []
+    requests = []
+    class Request:  # Celery's state keeps requests in weak sets
+        def __init__(self, task_id: str) -> None:
+            self.id, self.name = task_id, "heavy_app.add"
+
+        def reject(self, requeue: bool) -> None:
+            rejected.append((self.id, requeue))
+
+    for task_id in ("a", "b"):
+        each = Request(task_id)
+        state.task_reserved(each)
+        requests.append(each)
+    receive(w, *requests)
+    assert [r.id for r in control.held] == ["a", "b"]
+    later = max(control.held_since.values()) + 10
+    assert control.overdue(later, 10) == requests and control.overdue(later, 11) == []
+    assert control.give_back(requests[0])
+    assert rejected == [("a", True)] and released == [1]
+    assert [r.id for r in control.held] == ["b"] and "a" not in control.held_since
+    assert requests[0] not in state.reserved_requests and requests[1] in state.reserved_requests
+    assert not control.give_back(requests[0])  # gone already: nothing twice
+    state.task_ready(requests[1])

@@ -1,0 +1,228 @@
+"""Ordinary Celery features under the guard, its governor on (issue 21, item 2).
+
+Each scenario runs on a real worker of examples/features_app.py in a 1 GiB cgroup (so the
+run-time budget governs), with and without celery-guard, against the same Redis; the
+two runs must end the same: the same states and results, every task run as often (a
+run counter per task id in Redis: nothing lost, nothing run twice), and the guarded run
+no slower than the unguarded one by more than ``DELAY_BOUND`` (documented in
+docs/reliability.md: "Celery's features"). Revoked and expired tasks once waited 10 s each
+in the governor's ledger.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import harness
+import pytest
+from harness import MIB, Cgroup, Worker
+
+#: Seconds a guarded scenario may take beyond the same scenario without the guard.
+DELAY_BOUND = 2.0
+
+
+def _client(redis: harness.RedisServer) -> Any:
+    from celery import Celery
+
+    return Celery("client", broker=redis.url(0), backend=redis.url(1))
+
+
+def _runs(redis: harness.RedisServer, task_id: str) -> int:
+    import redis as redis_client
+
+    value = redis_client.Redis.from_url(redis.url(1)).get(f"runs:{task_id}")
+    return int(value or 0)
+
+
+class Matrix:
+    """One worker of the features app and what a scenario needs to talk to it."""
+
+    def __init__(self, redis: harness.RedisServer, worker: Worker) -> None:
+        self.redis, self.worker = redis, worker
+        self.client = _client(redis)
+        self.queue = worker.queue
+        self.node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+
+    def send(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.client.send_task(f"features_app.{name}", args=args, queue=self.queue, **options)
+
+    def signature(self, name: str, *args: Any) -> Any:
+        return self.client.signature(f"features_app.{name}", args=args, queue=self.queue)
+
+    def wait_running(self, result: Any, timeout: float = 30) -> None:
+        assert harness.eventually(lambda: _runs(self.redis, result.id) > 0, timeout)
+
+    def outcome(self, results: list[Any], timeout: float = 60) -> list[tuple[str, Any, int]]:
+        """(state, result or exception class, runs) of each task, once all are done."""
+        done = harness.eventually(lambda: all(r.ready() for r in results), timeout)
+        assert done, [r.state for r in results]
+        ended = []
+        for r in results:
+            value = r.result
+            shown = type(value).__name__ if isinstance(value, BaseException) else value
+            ended.append((r.state, shown, _runs(self.redis, r.id)))
+        return ended
+
+
+def revoke_before_arrival(m: Matrix) -> list[Any]:
+    task_id = str(uuid.uuid4())
+    m.client.control.revoke(task_id, destination=[m.node], reply=True, timeout=10)
+    return [m.send("add", 1, 1, task_id=task_id), m.send("add", 2, 2)]
+
+
+def revoke_while_waiting(m: Matrix) -> list[Any]:
+    busy = [m.send("sleep", 1.0) for _ in range(2)]  # both children busy
+    waiting = [m.send("add", i, i) for i in range(3)]
+    m.client.control.revoke(waiting[1].id, destination=[m.node], reply=True, timeout=10)
+    return [*busy, *waiting]
+
+
+def revoke_terminate(m: Matrix) -> list[Any]:
+    running = m.send("sleep", 30.0)
+    m.wait_running(running)
+    m.client.control.revoke(running.id, terminate=True, destination=[m.node], reply=True)
+    return [running, m.send("add", 1, 2)]
+
+
+def expires(m: Matrix) -> list[Any]:
+    busy = [m.send("sleep", 1.5) for _ in range(2)]
+    return [*busy, m.send("add", 1, 1, expires=0.5), m.send("add", 2, 2)]
+
+
+def countdown_and_eta(m: Matrix) -> list[Any]:
+    return [m.send("add", 1, 1, countdown=1), m.send("add", 2, 2, countdown=0.5)]
+
+
+def retries(m: Matrix) -> list[Any]:
+    return [m.send("flaky", 2), m.send("autoretried", 2)]
+
+
+def time_limits(m: Matrix) -> list[Any]:
+    return [m.send("soft_limited"), m.send("hard_limited"), m.send("add", 3, 3)]
+
+
+def rate_limit(m: Matrix) -> list[Any]:
+    return [m.send("rated") for _ in range(10)]
+
+
+def canvas(m: Matrix) -> list[Any]:
+    from celery import chain, chord, group
+
+    chained = chain(m.signature("add", 1, 2), m.signature("add", 3)).apply_async()
+    grouped = group(m.signature("add", i, i) for i in range(4)).apply_async()
+    chorded = chord((m.signature("add", i, i) for i in range(5)), m.signature("tsum")).apply_async()
+    return [chained, *grouped.results, chorded]
+
+
+def acks_late_worker_lost(m: Matrix) -> list[Any]:
+    return [m.send("dies_once"), m.send("add", 5, 5)]
+
+
+def priorities(m: Matrix) -> list[Any]:
+    busy = [m.send("sleep", 0.5) for _ in range(2)]
+    return [*busy, *(m.send("add", p, p, priority=p) for p in (0, 9, 5, 3))]
+
+
+def many(m: Matrix) -> list[Any]:
+    return [m.send("add", i, i) for i in range(20)] + [m.send("sleep", 0.2) for _ in range(6)]
+
+
+def pool_grow_and_shrink(m: Matrix) -> list[Any]:
+    control = m.client.control
+    assert control.pool_grow(1, destination=[m.node], reply=True, timeout=10)
+    first = many(m)
+    m.outcome(first)  # idle again: billiard shrinks idle children only, and a job written
+    # to the child it takes is lost (WorkerLostError), with or without the guard
+    assert control.pool_shrink(1, destination=[m.node], reply=True, timeout=10)
+    return [*first, *many(m)]
+
+
+def autoscale_command(m: Matrix) -> list[Any]:
+    assert m.client.control.autoscale(3, 1, destination=[m.node], reply=True, timeout=10)
+    return many(m)
+
+
+#: (id, worker options, environment, scenarios run one after the other on that worker)
+CONFIGURATIONS: list[tuple[str, list[str], dict[str, str], list[Callable[[Matrix], list[Any]]]]] = [
+    (
+        "features",
+        ["-c", "2"],
+        {},
+        [
+            revoke_before_arrival, revoke_while_waiting, revoke_terminate, expires,
+            countdown_and_eta, retries, time_limits, rate_limit, canvas,
+            acks_late_worker_lost, priorities, pool_grow_and_shrink,
+        ],
+    ),
+    ("prefetch-1", ["-c", "2"], {"FEATURES_PREFETCH": "1"}, [many, revoke_while_waiting]),
+    ("prefetch-4", ["-c", "2"], {"FEATURES_PREFETCH": "4"}, [many, revoke_while_waiting]),
+    ("max-tasks-per-child", ["-c", "2", "--max-tasks-per-child", "2"], {}, [many]),
+    ("autoscale", ["--autoscale", "3,1"], {}, [many, autoscale_command]),
+]  # fmt: skip
+
+
+def _run(
+    redis: harness.RedisServer,
+    group: Cgroup,
+    log: Path,
+    args: list[str],
+    env: dict[str, str],
+    scenarios: list[Callable[[Matrix], list[Any]]],
+) -> dict[str, tuple[list[tuple[str, Any, int]], float]]:
+    worker = Worker(args=args, env=env, log_path=log, cgroup=group, app="features_app")
+    worker.start()
+    try:
+        matrix = Matrix(redis, worker)
+        found = {}
+        for scenario in scenarios:
+            began = time.monotonic()
+            results = scenario(matrix)
+            outcome = matrix.outcome(results)
+            found[scenario.__name__] = (outcome, time.monotonic() - began)
+        assert group.oom_kills() == 0
+        return found
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def cgroups(make_cgroup: Callable[..., Cgroup]) -> Iterator[Callable[[], Cgroup]]:
+    yield lambda: make_cgroup(1024 * MIB)
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize(
+    ("options", "extra", "scenarios"),
+    [c[1:] for c in CONFIGURATIONS],
+    ids=[c[0] for c in CONFIGURATIONS],
+)
+def test_celery_features_end_the_same_with_the_guard(
+    redis: harness.RedisServer,
+    cgroups: Callable[[], Cgroup],
+    tmp_path: Path,
+    options: list[str],
+    extra: dict[str, str],
+    scenarios: list[Callable[[Matrix], list[Any]]],
+) -> None:
+    runs = {}
+    for guard in (False, True):
+        env = harness.worker_env(
+            None,
+            {
+                **extra,
+                "FEATURES_BROKER": redis.url(0),
+                "FEATURES_BACKEND": redis.url(1),
+                "FEATURES_GUARD": "1" if guard else "0",
+            },
+        )
+        runs[guard] = _run(
+            redis, cgroups(), tmp_path / f"guard-{guard}.log", options, env, scenarios
+        )
+    for name, (vanilla, vanilla_time) in runs[False].items():
+        guarded, guarded_time = runs[True][name]
+        assert guarded == vanilla, name
+        assert guarded_time <= vanilla_time + DELAY_BOUND, (name, guarded_time, vanilla_time)
