@@ -196,6 +196,7 @@ def test_a_held_request_given_back_is_rejected_with_requeue_and_frees_its_slot()
     w._quick_release = lambda: released.append(1)  # type: ignore[attr-defined]
     rejected: list[tuple[str, bool]] = []
     requests = []
+
     class Request:  # Celery's state keeps requests in weak sets
         def __init__(self, task_id: str) -> None:
             self.id, self.name = task_id, "heavy_app.add"
