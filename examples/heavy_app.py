@@ -15,6 +15,7 @@ child that loads a model in ``worker_process_init`` does: a dear fork),
 ``HEAVY_APP_DEQUE=N`` to hold N distinct ints in a ``collections.deque``,
 ``HEAVY_APP_PROXY=1`` to hold an unbound Werkzeug ``LocalProxy`` (as a Flask app does),
 ``HEAVY_APP_VISIBILITY_TIMEOUT`` (seconds: Redis' ``visibility_timeout``),
+``HEAVY_APP_CONSUMER_TIMEOUT`` (seconds: the RabbitMQ server's ``consumer_timeout``),
 ``HEAVY_APP_CONTAINERS=1`` to hold the catalogue in lists, which the garbage collector
 tracks (tuples of numbers and strings it stops tracking), ``HEAVY_APP_ACKS_LATE=1`` for
 ``task_acks_late`` with ``task_reject_on_worker_lost`` (a task whose child is killed goes
@@ -54,6 +55,10 @@ app.conf.worker_hijack_root_logger = True
 if os.environ.get("HEAVY_APP_VISIBILITY_TIMEOUT"):  # Redis re-delivers unacked tasks after it
     app.conf.broker_transport_options = {
         "visibility_timeout": float(os.environ["HEAVY_APP_VISIBILITY_TIMEOUT"])
+    }
+if os.environ.get("HEAVY_APP_CONSUMER_TIMEOUT"):  # what the RabbitMQ server was given
+    app.conf.broker_transport_options = {
+        "consumer_timeout": float(os.environ["HEAVY_APP_CONSUMER_TIMEOUT"])
     }
 if os.environ.get("HEAVY_APP_ACKS_LATE") == "1":
     app.conf.task_acks_late = True

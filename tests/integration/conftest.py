@@ -54,6 +54,17 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.RedisSer
 
 
 @pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.RabbitServer]:
+    try:
+        server = harness.RabbitServer(tmp_path_factory.mktemp("rabbitmq"))
+    except harness.Unavailable as error:
+        _unavailable(str(error))
+    yield server
+    gc.collect()
+    server.close()
+
+
+@pytest.fixture(scope="session")
 def cgroup_root() -> Path:
     found = _memory_cgroup()
     if isinstance(found, harness.Unavailable):

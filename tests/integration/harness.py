@@ -98,6 +98,79 @@ class RedisServer:
             self.process.kill()
 
 
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's, as the user running it
+
+
+class RabbitServer:
+    """A private RabbitMQ node (Debian's rabbitmq-server) on 127.0.0.1: its own node
+    name, ports, data and log directories under ``workdir``; ``consumer_timeout`` in
+    seconds (the server's setting: a delivery unacknowledged that long closes its
+    channel). Stopped on close."""
+
+    def __init__(self, workdir: Path, consumer_timeout: float | None = None) -> None:
+        if not os.path.exists(RABBITMQ_SERVER):
+            raise Unavailable("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        self.workdir = workdir
+        self.port, dist = free_port(), free_port()
+        for sub in ("mnesia", "log"):
+            (workdir / sub).mkdir(parents=True, exist_ok=True)
+        config = [f"listeners.tcp.default = 127.0.0.1:{self.port}", "loopback_users = none"]
+        if consumer_timeout is not None:
+            config.append(f"consumer_timeout = {int(consumer_timeout * 1000)}")
+        (workdir / "rabbit.conf").write_text("\n".join(config) + "\n")
+        (workdir / "enabled_plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "HOME": str(workdir),  # the Erlang cookie
+            "RABBITMQ_NODENAME": f"guard-{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(dist),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbit"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+        }
+        with open(workdir / "server.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [RABBITMQ_SERVER], env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if self._answers():
+                return
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"rabbitmq-server did not start:\n{self.log[-3000:]}")
+
+    def _answers(self) -> bool:
+        from kombu import Connection
+
+        try:
+            with Connection(self.url(), connect_timeout=1) as connection:
+                connection.connect()
+                return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "server.log").read_text(errors="replace")
+
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
 def own_memory_cgroup() -> Path:
     """This process's cgroup-v1 memory directory, where test cgroups can be made."""
     found = cgroups.find_memory_cgroup("/")

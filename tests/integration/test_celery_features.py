@@ -1,7 +1,7 @@
 """Ordinary Celery features under the guard, its governor on (issue 21, item 2).
 
 Each scenario runs on a real worker of examples/features_app.py in a 1 GiB cgroup (so the
-run-time budget governs), with and without celery-guard, against the same Redis; the
+run-time budget governs), with and without celery-guard, on Redis and on RabbitMQ; the
 two runs must end the same: the same states and results, every task run as often (a
 run counter per task id in Redis: nothing lost, nothing run twice), and the guarded run
 no slower than the unguarded one by more than ``DELAY_BOUND`` (documented in
@@ -25,10 +25,10 @@ from harness import MIB, Cgroup, Worker
 DELAY_BOUND = 2.0
 
 
-def _client(redis: harness.RedisServer) -> Any:
+def _client(redis: harness.RedisServer, broker: str) -> Any:
     from celery import Celery
 
-    return Celery("client", broker=redis.url(0), backend=redis.url(1))
+    return Celery("client", broker=broker, backend=redis.url(1))
 
 
 def _runs(redis: harness.RedisServer, task_id: str) -> int:
@@ -43,7 +43,7 @@ class Matrix:
 
     def __init__(self, redis: harness.RedisServer, worker: Worker) -> None:
         self.redis, self.worker = redis, worker
-        self.client = _client(redis)
+        self.client = _client(redis, worker.env["FEATURES_BROKER"])
         self.queue = worker.queue
         self.node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
 
@@ -195,26 +195,32 @@ def cgroups(make_cgroup: Callable[..., Cgroup]) -> Iterator[Callable[[], Cgroup]
 
 
 @pytest.mark.cgroup
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 @pytest.mark.parametrize(
     ("options", "extra", "scenarios"),
     [c[1:] for c in CONFIGURATIONS],
     ids=[c[0] for c in CONFIGURATIONS],
 )
 def test_celery_features_end_the_same_with_the_guard(
+    request: pytest.FixtureRequest,
     redis: harness.RedisServer,
     cgroups: Callable[[], Cgroup],
     tmp_path: Path,
+    broker: str,
     options: list[str],
     extra: dict[str, str],
     scenarios: list[Callable[[Matrix], list[Any]]],
 ) -> None:
+    """The broker carries the tasks (Redis, or RabbitMQ: Celery's default); Redis keeps
+    the results and the run counters either way."""
+    broker_url = redis.url(0) if broker == "redis" else request.getfixturevalue(broker).url()
     runs = {}
     for guard in (False, True):
         env = harness.worker_env(
             None,
             {
                 **extra,
-                "FEATURES_BROKER": redis.url(0),
+                "FEATURES_BROKER": broker_url,
                 "FEATURES_BACKEND": redis.url(1),
                 "FEATURES_GUARD": "1" if guard else "0",
             },

@@ -351,3 +351,40 @@ def test_a_task_held_near_the_visibility_timeout_goes_back_and_runs_once(
     assert 9.0 <= float(gave[0]["held_s"]) < 10.0
     assert worker.log.count(f"heavy_app.hog[{held.id}] succeeded") == 1
     assert group.oom_kills() == 0
+
+
+@pytest.mark.cgroup
+def test_a_task_held_near_rabbitmqs_consumer_timeout_goes_back_and_the_channel_stays(
+    redis: harness.RedisServer,
+    make_cgroup: MakeCgroup,
+    make_worker: MakeWorker,
+    tmp_path: Path,
+) -> None:
+    """RabbitMQ closes the channel of a delivery left unacknowledged past its
+    ``consumer_timeout`` (10 s on this server), failing every delivery on it. A task held
+    behind one that takes 700 MiB for 14 s goes back to the queue at 90% of it, is
+    delivered again, runs once, and the channel is never closed."""
+    from celery import Celery
+
+    rabbit = harness.RabbitServer(tmp_path / "rabbitmq", consumer_timeout=10)
+    try:
+        group = make_cgroup(GIB)
+        extra = {
+            **SMALL_APP, **FAST, "HEAVY_APP_BROKER": rabbit.url(),
+            "HEAVY_APP_CONSUMER_TIMEOUT": "10",
+        }  # fmt: skip
+        worker = make_worker(["-c", "2"], harness.worker_env(redis, extra), group)
+        worker.wait_ready(60)
+        client = Celery("client", broker=rabbit.url(), backend=redis.url(1))
+        big = client.send_task("heavy_app.hog", args=(700, 14.0), queue=worker.queue)
+        worker.wait_for(rf"heavy_app\.hog\[{big.id}\] received", 30)  # it goes first
+        held = client.send_task("heavy_app.hog", args=(300, 0.1), queue=worker.queue)
+        assert harness.wait_for_results([big, held], 90, group)
+        gave = [p for p in worker.events("pressure") if p["action"] == "give_back"]
+        assert gave, worker.log[-3000:]
+        assert gave[0]["task_id"] == held.id and gave[0]["timer"] == "consumer_timeout"
+        assert worker.log.count(f"heavy_app.hog[{held.id}] succeeded") == 1
+        assert "PRECONDITION_FAILED" not in worker.log and "timed out" not in worker.log
+        assert group.oom_kills() == 0
+    finally:
+        rabbit.close()
