@@ -13,6 +13,7 @@ from typing import Any
 
 from . import cgroups
 from .logline import emit
+from .protect import threads_without_signals
 from .telemetry import PEAK_BUCKETS, Collector, read_private
 
 PREFIX = "celery_guard_"
@@ -192,7 +193,8 @@ def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | No
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(source)
-        server, thread = start_http_server(port, addr=address, registry=registry)
+        with threads_without_signals():  # its thread must not take the worker's signals
+            server, thread = start_http_server(port, addr=address, registry=registry)
     except ImportError:
         reason = "prometheus_client is not installed: pip install 'celery-guard[prometheus]'"
         emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason})

@@ -9,15 +9,50 @@ raise it) makes the kernel pick a child instead, which billiard replaces.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 from .config import Settings
 from .footprint import StatmRss
 from .logline import emit
 from .sizes import mib
+
+#: Signals a thread raises by its own fault: never blocked.
+_SYNCHRONOUS = frozenset(
+    getattr(signal, name)
+    for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGABRT", "SIGSYS")
+    if hasattr(signal, name)
+)
+
+
+def signals_to_the_main_thread() -> None:
+    """Block process-directed signals in the calling thread (one of the guard's). The
+    kernel delivers a signal to any thread that does not block it, and Python runs the
+    handler in the main thread only once that thread wakes: a worker's SIGTERM or SIGQUIT
+    that lands in the guard's thread waits out the event loop's poll, a child's SIGUSR1
+    (Celery's soft time limit) the task's sleep. Blocked here, it goes to the main thread
+    and interrupts what it waits on, as in a worker without the guard."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.valid_signals()) - _SYNCHRONOUS)
+
+
+@contextlib.contextmanager
+def threads_without_signals() -> Iterator[None]:
+    """Threads started inside inherit a mask that sends signals to the main thread."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    blocked = set(signal.valid_signals()) - _SYNCHRONOUS
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def set_oom_score_adj(value: int, path: str = "/proc/self/oom_score_adj") -> str:

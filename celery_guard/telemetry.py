@@ -29,6 +29,7 @@ from .footprint import StatmRss, read_kib_fields
 from .ledger import Record
 from .limit import LiveLimit
 from .logline import emit, logger
+from .protect import signals_to_the_main_thread
 from .sizes import mib
 from .stats import ExpHistogram, container_limit, recommend
 
@@ -746,6 +747,7 @@ class Sampler(threading.Thread):
             watch()
 
     def run(self) -> None:
+        signals_to_the_main_thread()
         settings = self.collector.settings
         next_sample = next_watch = time.monotonic()
         next_summary = next_sample + settings.summary_interval

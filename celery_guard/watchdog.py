@@ -32,6 +32,7 @@ from typing import Any
 
 from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
 from .logline import emit
+from .protect import signals_to_the_main_thread
 from .sizes import mib
 from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, next_check
 
@@ -128,6 +129,7 @@ class Watchdog:
             signal.pthread_kill(self.main, WATCHDOG_SIGNAL)
 
     def _loop(self) -> None:
+        signals_to_the_main_thread()  # Celery's soft time limit (SIGUSR1) wakes the task
         followed: Armed | None = None
         while True:
             armed = self.armed

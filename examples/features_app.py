@@ -3,7 +3,8 @@
 Each task counts its runs in the result backend's Redis (``runs:<task id>``), so a test
 can tell a task lost from one run twice. Settings come from the environment:
 ``FEATURES_BROKER``, ``FEATURES_BACKEND`` (a Redis URL: the run counter lives there too),
-``FEATURES_PREFETCH`` (``worker_prefetch_multiplier``), and ``FEATURES_GUARD=0`` to run the
+``FEATURES_PREFETCH`` (``worker_prefetch_multiplier``), ``FEATURES_SOFT_SHUTDOWN_TIMEOUT``
+(``worker_soft_shutdown_timeout``, Celery 5.5), and ``FEATURES_GUARD=0`` to run the
 same app without celery-guard.
 """
 
@@ -26,6 +27,7 @@ app = Celery(
 app.conf.worker_hijack_root_logger = True
 app.conf.worker_prefetch_multiplier = int(os.environ.get("FEATURES_PREFETCH", "4"))
 app.conf.result_extended = True
+app.conf.worker_soft_shutdown_timeout = float(os.environ.get("FEATURES_SOFT_SHUTDOWN_TIMEOUT", "0"))
 
 if os.environ.get("FEATURES_GUARD", "1") != "0":
     import celery_guard

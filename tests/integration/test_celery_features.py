@@ -11,9 +11,12 @@ in the governor's ledger.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,10 @@ class Matrix:
         """(state, result or exception class, runs) of each task, once all are done."""
         done = harness.eventually(lambda: all(r.ready() for r in results), timeout)
         assert done, [r.state for r in results]
+        return self.now(results)
+
+    def now(self, results: list[Any]) -> list[tuple[str, Any, int]]:
+        """(state, result or exception class, runs) of each task as it is now."""
         ended = []
         for r in results:
             value = r.result
@@ -189,6 +196,20 @@ def _run(
         worker.stop()
 
 
+def _env(
+    redis: harness.RedisServer, broker_url: str, guard: bool, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    return harness.worker_env(
+        None,
+        {
+            **(extra or {}),
+            "FEATURES_BROKER": broker_url,
+            "FEATURES_BACKEND": redis.url(1),
+            "FEATURES_GUARD": "1" if guard else "0",
+        },
+    )
+
+
 @pytest.fixture
 def cgroups(make_cgroup: Callable[..., Cgroup]) -> Iterator[Callable[[], Cgroup]]:
     yield lambda: make_cgroup(1024 * MIB)
@@ -216,15 +237,7 @@ def test_celery_features_end_the_same_with_the_guard(
     broker_url = redis.url(0) if broker == "redis" else request.getfixturevalue(broker).url()
     runs = {}
     for guard in (False, True):
-        env = harness.worker_env(
-            None,
-            {
-                **extra,
-                "FEATURES_BROKER": broker_url,
-                "FEATURES_BACKEND": redis.url(1),
-                "FEATURES_GUARD": "1" if guard else "0",
-            },
-        )
+        env = _env(redis, broker_url, guard, extra)
         runs[guard] = _run(
             redis, cgroups(), tmp_path / f"guard-{guard}.log", options, env, scenarios
         )
@@ -232,3 +245,64 @@ def test_celery_features_end_the_same_with_the_guard(
         guarded, guarded_time = runs[True][name]
         assert guarded == vanilla, name
         assert guarded_time <= vanilla_time + DELAY_BOUND, (name, guarded_time, vanilla_time)
+
+
+def _all_ready(results: list[Any]) -> bool:
+    return all(r.ready() for r in results)
+
+
+#: How a worker is stopped while two tasks run and six wait: the signal, the environment.
+SHUTDOWNS = {
+    "warm": (signal.SIGTERM, {}),
+    "cold": (signal.SIGQUIT, {}),
+    "soft": (signal.SIGQUIT, {"FEATURES_SOFT_SHUTDOWN_TIMEOUT": "5"}),  # Celery 5.5
+}
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+@pytest.mark.parametrize("how", list(SHUTDOWNS))
+def test_a_shutdown_ends_the_same_with_the_guard(
+    request: pytest.FixtureRequest,
+    redis: harness.RedisServer,
+    cgroups: Callable[[], Cgroup],
+    tmp_path: Path,
+    broker: str,
+    how: str,
+) -> None:
+    """A worker stopped (warm, cold, soft) while two tasks run and six wait in it; a new
+    worker on the same queue takes what went back to the broker. The tasks end as they
+    do without the guard: none lost that Celery would not lose, none run twice."""
+    sig, extra = SHUTDOWNS[how]
+    broker_url = redis.url(0) if broker == "redis" else request.getfixturevalue(broker).url()
+    ended = {}
+    for guard in (False, True):
+        env, queue = _env(redis, broker_url, guard, extra), f"q-{uuid.uuid4().hex[:8]}"
+
+        def worker(name: str, env: dict[str, str] = env, queue: str = queue) -> Worker:
+            log = tmp_path / f"{name}-{env['FEATURES_GUARD']}.log"
+            return Worker(["-c", "2"], env, log, cgroups(), queue, app="features_app").start()
+
+        first = worker("first")
+        try:
+            m = Matrix(redis, first)
+            # each kind run once first: the governor runs the first task of a kind alone,
+            # to measure it, which would leave one of the two below waiting
+            m.outcome([m.send("sleep", 0.1), m.send("add", 0, 0)])
+            running = [m.send("sleep", 2.0) for _ in range(2)]
+            waiting = [m.send("add", i, i) for i in range(6)]
+            for task in running:
+                m.wait_running(task)
+            os.kill(first.process.pid, sig)  # type: ignore[union-attr]
+            first.wait_exit(60)
+        finally:
+            first.stop()
+        second = worker("second")
+        try:
+            m = Matrix(redis, second)
+            m.outcome(waiting)  # what went back to the broker, done by the new worker
+            harness.eventually(partial(_all_ready, running), 5)
+            ended[guard] = m.now([*running, *waiting])
+        finally:
+            second.stop()
+    assert ended[True] == ended[False]

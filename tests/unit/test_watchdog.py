@@ -18,7 +18,7 @@ import pytest
 
 from celery_guard.errors import MemoryLimitExceeded
 from celery_guard.task_limits import TaskLimit
-from celery_guard.watchdog import WATCHDOG_SIGNAL, Watchdog
+from celery_guard.watchdog import WATCHDOG_SIGNAL, Armed, Watchdog
 
 MIB = 1024 * 1024
 SMALL, LARGE = TaskLimit(hard=8 * MIB), TaskLimit(hard=512 * MIB)
@@ -41,12 +41,18 @@ def _delivered() -> None:
         pass
 
 
-def test_a_decision_about_a_finished_run_is_not_raised_in_the_next(watchdog: Watchdog) -> None:
+def _small_then_large(watchdog: Watchdog) -> Armed:
+    """A run of a small-limit task, ended; a large-limit one runs now. The small run."""
     watchdog.arm("small", "id-small", SMALL)
     small = watchdog.armed
     assert small is not None
     watchdog.disarm()
     watchdog.arm("large", "id-large", LARGE)
+    return small
+
+
+def test_a_decision_about_a_finished_run_is_not_raised_in_the_next(watchdog: Watchdog) -> None:
+    small = _small_then_large(watchdog)
     watchdog._raise(small, MemoryLimitExceeded("small passed its limit"))
     _delivered()
     assert watchdog.pending is None
@@ -58,11 +64,7 @@ def test_a_decision_about_a_finished_run_is_not_raised_in_the_next(watchdog: Wat
 
 
 def test_a_signal_for_an_ended_run_raises_nothing(watchdog: Watchdog) -> None:
-    watchdog.arm("small", "id-small", SMALL)
-    small = watchdog.armed
-    assert small is not None
-    watchdog.disarm()
-    watchdog.arm("large", "id-large", LARGE)
+    small = _small_then_large(watchdog)
     watchdog.pending = (small, MemoryLimitExceeded("small"))  # sent before the run ended
     watchdog._on_signal(WATCHDOG_SIGNAL, None)
     assert watchdog.pending is None
