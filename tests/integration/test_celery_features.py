@@ -301,7 +301,8 @@ def test_a_shutdown_ends_the_same_with_the_guard(
         try:
             m = Matrix(redis, second)
             m.outcome(waiting)  # what went back to the broker, done by the new worker
-            harness.eventually(partial(_all_ready, running), 5)
+            # a task the cold shutdown stopped is retried: let the new worker run it
+            harness.eventually(partial(_all_ready, running), 30)
             ended[guard] = m.now([*running, *waiting])
         finally:
             second.stop()
