@@ -251,6 +251,8 @@ def _all_ready(results: list[Any]) -> bool:
     return all(r.ready() for r in results)
 
 
+#: Seconds the two tasks run when their worker is stopped.
+RUNNING_SECONDS = 8.0
 #: How a worker is stopped while two tasks run and six wait: the signal, the environment.
 SHUTDOWNS = {
     "warm": (signal.SIGTERM, {}),
@@ -289,7 +291,10 @@ def test_a_shutdown_ends_the_same_with_the_guard(
             # each kind run once first: the governor runs the first task of a kind alone,
             # to measure it, which would leave one of the two below waiting
             m.outcome([m.send("sleep", 0.1), m.send("add", 0, 0)])
-            running = [m.send("sleep", 2.0) for _ in range(2)]
+            # long enough that Celery's own delay in handling the signal (seconds, with
+            # or without the guard: its main thread may sit in the event loop's poll)
+            # cannot let them finish first
+            running = [m.send("sleep", RUNNING_SECONDS) for _ in range(2)]
             waiting = [m.send("add", i, i) for i in range(6)]
             for task in running:
                 m.wait_running(task)
@@ -302,7 +307,7 @@ def test_a_shutdown_ends_the_same_with_the_guard(
             m = Matrix(redis, second)
             m.outcome(waiting)  # what went back to the broker, done by the new worker
             # a task the cold shutdown stopped is retried: let the new worker run it
-            harness.eventually(partial(_all_ready, running), 30)
+            harness.eventually(partial(_all_ready, running), 3 * RUNNING_SECONDS)
             ended[guard] = m.now([*running, *waiting])
         finally:
             second.stop()
