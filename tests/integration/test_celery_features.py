@@ -27,6 +27,13 @@ from harness import MIB, Cgroup, Worker
 #: Seconds a guarded scenario may take beyond the same scenario without the guard.
 DELAY_BOUND = 2.0
 
+#: Rounds of a scenario whose time billiard itself makes vary; its fastest round counts.
+#: billiard replaces a lost child when the child's sentinel pipe closes, which can come
+#: just before the child can be reaped; then its 5 s ``maintain_pool`` timer does it, and
+#: the re-delivered task waits for it, with or without the guard (6 of 40 rounds of
+#: ``acks_late_worker_lost`` on one vanilla worker here).
+ROUNDS_OF = {"acks_late_worker_lost": 4}
+
 
 def _client(redis: harness.RedisServer, broker: str) -> Any:
     from celery import Celery
@@ -186,10 +193,13 @@ def _run(
         matrix = Matrix(redis, worker)
         found = {}
         for scenario in scenarios:
-            began = time.monotonic()
-            results = scenario(matrix)
-            outcome = matrix.outcome(results)
-            found[scenario.__name__] = (outcome, time.monotonic() - began)
+            outcomes, times = [], []
+            for _ in range(ROUNDS_OF.get(scenario.__name__, 1)):
+                began = time.monotonic()
+                outcomes.append(matrix.outcome(scenario(matrix)))
+                times.append(time.monotonic() - began)
+            assert all(o == outcomes[0] for o in outcomes), (scenario.__name__, outcomes)
+            found[scenario.__name__] = (outcomes[0], min(times))
         assert group.oom_kills() == 0
         return found
     finally:
