@@ -98,6 +98,21 @@ def hard_limited(self: Any) -> str:
     return "slept"
 
 
+@app.task(bind=True, acks_late=True, acks_on_failure_or_timeout=False)
+def fails_unacked(self: Any) -> None:
+    """``task_acks_on_failure_or_timeout=False``, per task: the failure rejects the
+    message (no requeue) instead of acknowledging it."""
+    counted(self.request.id)
+    raise ValueError("fails")
+
+
+@app.task(bind=True, acks_late=True, acks_on_failure_or_timeout=False, time_limit=0.5)
+def times_out_unacked(self: Any) -> str:
+    counted(self.request.id)
+    time.sleep(5)
+    return "slept"
+
+
 @app.task(bind=True, rate_limit="20/s")
 def rated(self: Any) -> int:
     return counted(self.request.id)

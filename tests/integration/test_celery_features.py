@@ -136,6 +136,10 @@ def acks_late_worker_lost(m: Matrix) -> list[Any]:
     return [m.send("dies_once"), m.send("add", 5, 5)]
 
 
+def acks_on_failure_or_timeout_off(m: Matrix) -> list[Any]:
+    return [m.send("fails_unacked"), m.send("times_out_unacked"), m.send("add", 4, 4)]
+
+
 def priorities(m: Matrix) -> list[Any]:
     busy = [m.send("sleep", 0.5) for _ in range(2)]
     return [*busy, *(m.send("add", p, p, priority=p) for p in (0, 9, 5, 3))]
@@ -169,7 +173,8 @@ CONFIGURATIONS: list[tuple[str, list[str], dict[str, str], list[Callable[[Matrix
         [
             revoke_before_arrival, revoke_while_waiting, revoke_terminate, expires,
             countdown_and_eta, retries, time_limits, rate_limit, canvas,
-            acks_late_worker_lost, priorities, pool_grow_and_shrink,
+            acks_late_worker_lost, acks_on_failure_or_timeout_off, priorities,
+            pool_grow_and_shrink,
         ],
     ),
     ("prefetch-1", ["-c", "2"], {"FEATURES_PREFETCH": "1"}, [many, revoke_while_waiting]),
