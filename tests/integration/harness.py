@@ -119,7 +119,7 @@ class RabbitServer:
             config.append(f"consumer_timeout = {int(consumer_timeout * 1000)}")
         (workdir / "rabbit.conf").write_text("\n".join(config) + "\n")
         (workdir / "enabled_plugins").write_text("[].\n")
-        env = {
+        self.env = {
             **os.environ,
             "HOME": str(workdir),  # the Erlang cookie
             "RABBITMQ_NODENAME": f"guard-{self.port}@localhost",
@@ -131,9 +131,12 @@ class RabbitServer:
             "RABBITMQ_CONFIG_FILE": str(workdir / "rabbit"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
         }
-        with open(workdir / "server.log", "wb") as log:
+        self._start()
+
+    def _start(self) -> None:
+        with open(self.workdir / "server.log", "ab") as log:
             self.process = subprocess.Popen(
-                [RABBITMQ_SERVER], env=env, stdout=log, stderr=subprocess.STDOUT,
+                [RABBITMQ_SERVER], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 60
@@ -160,6 +163,13 @@ class RabbitServer:
 
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def restart(self, down: float = 2.0) -> None:
+        """Stop the node, wait ``down`` seconds, start it again: the same name, ports and
+        data (durable queues and their persistent messages come back)."""
+        self.close()
+        time.sleep(down)
+        self._start()
 
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):
