@@ -432,8 +432,10 @@ def test_tasks_held_while_the_broker_restarts_run_once(
             with Connection(rabbit.url()) as connection:
                 inspect = client.control.inspect([node], timeout=1, connection=connection)
                 reserved, active = inspect.reserved(), inspect.active()  # None: no reply
-            return reserved is not None and active is not None and not (
-                reserved.get(node) or active.get(node)
+            return (
+                reserved is not None
+                and active is not None
+                and not (reserved.get(node) or active.get(node))
             )
 
         assert harness.eventually(idle, 60)
