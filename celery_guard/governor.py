@@ -126,7 +126,9 @@ class Governor:
         #: Seconds from the unreclaimable memory passing the high mark to the safety net's action.
         self.reactions: deque[float] = deque(maxlen=256)
         self.crossed: float | None = None  # when it passed the high mark
-        #: Seconds the gate took to decide a hold (before the task reached a child).
+        #: Seconds the gate took to decide each hold, the last 256 (every decision that held a
+        #: task: the first of a run of holds often comes just after a fork, when the main
+        #: process's first touch of each page copies it).
         self.hold_decisions: deque[float] = deque(maxlen=256)
         self.holds = 0  # tasks held, one count per decision
         self.working_set_max = 0  # the largest unreclaimable figure a check read
@@ -169,25 +171,32 @@ class Governor:
         return self.reading[1]
 
     def view(self, now: float, fresh: float = FRESH) -> policy.View:
-        """What decisions are taken on. With ``fresh`` > 0 (the per-task path) the last
-        view serves while the pool's size and plan are the same: building one reads the
-        cgroup and /proc. Once its cgroup reading is older than ``fresh`` it is built again
-        at the loop's next turn (``_refresh``), not in the decision. With ``fresh`` 0
-        (the clock, a re-check) everything is read now."""
-        size, target = self.control.size, self.target
+        """What decisions are taken on. With ``fresh`` > 0 (the per-task path) nothing is
+        read: the last view serves, on the pool's size and plan of now; it is built again
+        at the loop's next turn (``_refresh``) once its cgroup reading is older than
+        ``fresh`` or the pool changed (building one reads the cgroup and /proc: ten times
+        the rest of a decision). With ``fresh`` 0 (the clock, a re-check) everything is
+        read now."""
+        size, target, requested = self.control.size, self.target, self.requested
         cached = self.cached_view
-        if fresh > 0 and cached is not None:
+        if fresh > 0 and cached is not None and self.reading is not None:
             reading, view = cached
-            if reading is self.reading and view.size == size and view.target == target:
-                if now - reading[0] > fresh:
-                    self._refresh_soon()
-                return view
+            if reading is not self.reading or view.shape != (size, target, requested):
+                view = replace(
+                    view, unreclaimable=self.reading[1], size=size, target=target,
+                    requested=requested,
+                )  # fmt: skip
+                self.cached_view = (self.reading, view)
+                self._refresh_soon()
+            elif now - reading[0] > fresh:
+                self._refresh_soon()
+            return view
         view = policy.View(
             fresh=None,  # the gate asks for it in a re-check (``_recheck``)
             unreclaimable=self._unreclaimable(now, fresh),
             marks=self.live.marks,
             size=size,
-            requested=self.requested,
+            requested=requested,
             base=self.main_rss() + self.others,
             tasks_per_child=self.settings.min_tasks_per_child,
             rss_now=self.control.rss,
@@ -398,10 +407,10 @@ class Governor:
     ) -> None:
         self.holds += 1
         self.count_task("hold", request.name)
+        with self.figures_lock:
+            self.hold_decisions.append(decided)
         if not self.holding:  # one line when holding starts, not one per task held
             self.holding = True
-            with self.figures_lock:
-                self.hold_decisions.append(decided)
             self._pressure(
                 "hold", "high", view.unreclaimable, task=request.name, task_id=request.id,
                 peak_mib=mib(verdict.peak), projected_mib=mib(verdict.projected),

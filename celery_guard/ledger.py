@@ -294,9 +294,6 @@ class Ledger:
         idle = sum(1 for c in self.children.values() if not c.leaving and c.task is None)
         return idle - len(self.starting)
 
-    def busy(self) -> list[ChildState]:
-        return [c for c in self.children.values() if c.task is not None]
-
     def learning(self, name: str) -> bool:
         """A run of ``name``, never measured, is already in flight."""
         return any(h.name == name for h in self.starting.values()) or any(

@@ -60,6 +60,11 @@ class View:
     #: The pool's size as the throughput plan chose it (``plan``); None: no plan yet.
     target: int | None = None
 
+    @property
+    def shape(self) -> tuple[int, int | None, int]:
+        """The pool it was taken on: size, planned size, size asked for."""
+        return self.size, self.target, self.requested
+
 
 # -- the projection ------------------------------------------------------------------------
 def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) -> int:
@@ -72,16 +77,22 @@ def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) 
     is already in the cgroup's figure); without, all of it counts (cautious, and no read)."""
     total = sum(handed.peak for handed in ledger.starting.values())
     expected = ledger.expected_baseline
-    for child in ledger.children.values():
+    for child in ledger.children.values():  # on every hand-over: no call it can spare
         if child.leaving:
             continue
-        total += expected if child.baseline is None else max(expected - child.baseline, 0)
-        if child.task is not None:
-            grown = 0
-            if rss_now is not None:
-                now = rss_now(child.pid)
-                grown = max(now - child.task_rss, 0) if now is not None else child.task_peak
-            total += max(child.task_peak - grown, 0)
+        baseline = child.baseline
+        if baseline is None:
+            total += expected
+        elif baseline < expected:
+            total += expected - baseline
+        if child.task is None:
+            continue
+        if rss_now is None:
+            total += child.task_peak
+            continue
+        now = rss_now(child.pid)
+        grown = max(now - child.task_rss, 0) if now is not None else child.task_peak
+        total += max(child.task_peak - grown, 0)
     return total
 
 
@@ -149,7 +160,8 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
       told, then reading the running children's RSS.
     """
     peak = expected_peak(ledger, name)
-    idle = not ledger.starting and not ledger.busy() and not leaving(ledger)
+    running = any(c.task is not None for c in ledger.children.values())
+    idle = not ledger.starting and not running and not leaving(ledger)
     if idle:
         return Admission(True, "idle", peak, view.unreclaimable + peak)
     if not ledger.tasks.known(name) and ledger.learning(name):

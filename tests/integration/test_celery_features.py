@@ -327,3 +327,49 @@ def test_a_shutdown_ends_the_same_with_the_guard(
         finally:
             second.stop()
     assert ended[True] == ended[False]
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+@pytest.mark.parametrize("how", ["warm", "cold"])
+def test_a_task_the_guard_holds_at_a_shutdown_runs_once_on_the_next_worker(
+    request: pytest.FixtureRequest,
+    redis: harness.RedisServer,
+    cgroups: Callable[[], Cgroup],
+    tmp_path: Path,
+    broker: str,
+    how: str,
+) -> None:
+    """The guard holds the second run of a kind of task while the first, never measured,
+    runs. A held task is unacknowledged (early acks happen when a child accepts it): the
+    worker stopped, its message goes back to the broker and the next worker runs it, once.
+    (Without the guard both run at once: nothing to compare with.)"""
+    sig, extra = SHUTDOWNS[how]
+    broker_url = redis.url(0) if broker == "redis" else request.getfixturevalue(broker).url()
+    env, queue = _env(redis, broker_url, True, extra), f"q-{uuid.uuid4().hex[:8]}"
+
+    def worker(name: str) -> Worker:
+        log = tmp_path / f"{name}.log"
+        return Worker(["-c", "2"], env, log, cgroups(), queue, app="features_app").start()
+
+    first = worker("first")
+    try:
+        m = Matrix(redis, first)
+        measured = m.send("sleep", RUNNING_SECONDS)  # the first of its kind: measured
+        m.wait_running(measured)
+        held = m.send("sleep", 0.1)
+        first.wait_for(rf"features_app\.sleep\[{held.id}\] received", 30)
+        inspect = m.client.control.inspect([m.node], timeout=5)
+        reserved = {r["id"] for r in (inspect.reserved() or {}).get(m.node, [])}
+        assert held.id in reserved and _runs(redis, held.id) == 0  # held, not run
+        os.kill(first.process.pid, sig)  # type: ignore[union-attr]
+        first.wait_exit(60)
+    finally:
+        first.stop()
+    assert _runs(redis, held.id) == 0
+    second = worker("second")
+    try:
+        m = Matrix(redis, second)
+        assert m.outcome([held]) == [("SUCCESS", 0.1, 1)]
+    finally:
+        second.stop()

@@ -39,11 +39,16 @@ def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: 
     budget, _ = governor(tmp_path, 4)
     budget.main_rss = main_rss = Counting(100 * MIB)  # type: ignore[assignment]
     budget.task_accepted(101, "id-101", "t")  # one task in flight: no "idle" shortcut
-    budget.reading = (time.monotonic(), 300 * MIB)
+    budget.reading = (time.monotonic(), 300 * MIB)  # a new reading: the view is built anew
+    budget.hub.later.clear()
     for n in range(20):  # each handed to child 102, run, and finished
         assert budget.gate(Request(f"id-{n}")) is True
         budget.task_accepted(102, f"id-{n}", "t")
         budget.task_ready(102, f"id-{n}")
+    assert main_rss.calls == 0  # not in a decision: at the loop's next turn, once
+    refreshes = [c for _, c in budget.hub.later if c == budget._refresh]
+    assert len(refreshes) == 1
+    refreshes[0]()
     assert main_rss.calls == 1
     assert budget.cached_view is not None
     view = budget.cached_view[1]
@@ -61,6 +66,34 @@ def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: 
     assert len(refreshes) == 1
     refreshes[0]()
     assert main_rss.calls == 2 and budget.reading is not reading
+
+
+def test_after_the_pool_changed_the_gate_reads_nothing_and_asks_for_a_new_view(
+    tmp_path: Path,
+) -> None:
+    """A child replaced or retired, a plan or a resize changes the pool's shape: the
+    next decision takes the figures at hand on the new shape (building a view reads the
+    cgroup and /proc, ten times the rest of a decision) and the view is built again at
+    the loop's next turn."""
+    budget, pool = governor(tmp_path, 4)
+    budget.main_rss = main_rss = Counting(100 * MIB)  # type: ignore[assignment]
+    budget.task_accepted(101, "id-101", "t")
+    budget.reading = (time.monotonic() + 3600, 300 * MIB)  # fresh all along
+    budget.fresh_view()
+    reading = budget.reading
+    assert budget.gate(Request("id-0")) is True
+    assert main_rss.calls == 1
+    budget.hub.later.clear()
+    del pool.children[104]  # a child left: three now
+    budget.requested = 3
+    assert budget.gate(Request("id-1")) is True
+    assert main_rss.calls == 1 and budget.reading is reading  # nothing read
+    assert budget.cached_view is not None
+    assert budget.cached_view[1].shape == (3, budget.target, 3)
+    refreshes = [c for _, c in budget.hub.later if c == budget._refresh]
+    assert len(refreshes) == 1
+    refreshes[0]()
+    assert main_rss.calls == 2
 
 
 def test_a_task_that_does_not_fit_is_held_without_a_read_then_weighed_with_one(
