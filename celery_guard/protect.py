@@ -28,6 +28,8 @@ _SYNCHRONOUS = frozenset(
     for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGABRT", "SIGSYS")
     if hasattr(signal, name)
 )
+#: What the guard's threads block: every other signal goes to the main thread.
+_FOR_THE_MAIN_THREAD = frozenset(signal.valid_signals()) - _SYNCHRONOUS
 
 
 def signals_to_the_main_thread() -> None:
@@ -38,7 +40,7 @@ def signals_to_the_main_thread() -> None:
     (Celery's soft time limit) the task's sleep. Blocked here, it goes to the main thread
     and interrupts what it waits on, as in a worker without the guard."""
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.valid_signals()) - _SYNCHRONOUS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FOR_THE_MAIN_THREAD)
 
 
 @contextlib.contextmanager
@@ -47,8 +49,7 @@ def threads_without_signals() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    blocked = set(signal.valid_signals()) - _SYNCHRONOUS
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _FOR_THE_MAIN_THREAD)
     try:
         yield
     finally:

@@ -83,21 +83,18 @@ class Watchdog:
         self.active = True
 
     def arm(self, name: str, task_id: str, limit: TaskLimit) -> None:
-        self.busy = True
-        try:
-            # read here, as the task starts: the thread may see it later
-            armed = Armed(Run(limit), name, task_id, self.read_anon())
-            with self.lock:
-                self.armed, self.pending = armed, None
-            self.wake.set()
-        finally:
-            self.busy = False
+        # read here, as the task starts: the thread may see it later
+        self._set(Armed(Run(limit), name, task_id, self.read_anon()))
 
     def disarm(self) -> None:
+        self._set(None)
+
+    def _set(self, armed: Armed | None) -> None:
+        """The run followed now, and no exception pending for the one before."""
         self.busy = True
         try:
             with self.lock:
-                self.armed, self.pending = None, None
+                self.armed, self.pending = armed, None
             self.wake.set()
         finally:
             self.busy = False
