@@ -424,6 +424,17 @@ class PoolControl:
         5 seconds later: a slot without a child all that time."""
         self.pool.maintain_pool()
 
+    def exited_unjoined(self) -> bool:
+        """A child has exited that the pool has not joined (see ``replace_exited``): one
+        it lost, or one billiard recycled (``--max-tasks-per-child``,
+        ``worker_max_memory_per_child``). Reaps it (waitpid, WNOHANG): billiard's join
+        takes the status it keeps."""
+        for process in list(self.pool._pool):
+            popen = getattr(process, "_popen", None)
+            if popen is not None and popen.poll() is not None:
+                return True
+        return False
+
     def recycle(self, pid: int, task_ended: bool = False) -> bool:
         """Replace an idle child: it exits (billiard's controlled termination) and the pool
         forks a new one in its place. ``task_ended``: called as its task's result came

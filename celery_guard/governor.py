@@ -443,6 +443,8 @@ class Governor:
                 # forked now: billiard had missed those exits (a worker without the
                 # guard waits for its next maintenance)
                 self.ledger.pace.late_joins += waiting - len(self.replacing)
+            elif self.control.exited_unjoined():  # billiard's own exits, which it missed
+                self.control.replace_exited()
             if not self.safety.over:
                 self.control.release()
             self._give_back_overdue(now)

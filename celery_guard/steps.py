@@ -231,6 +231,7 @@ class Telemetry(bootsteps.StartStopStep):
             children=control.pids if control is not None else (lambda: []),
             concurrency=lambda: _pool_size(w),
             max_memory_kib=max_kib,
+            max_tasks_per_child=int(getattr(w, "max_tasks_per_child", None) or 0),
             known=(
                 (lambda pid: not control.installed or pid in control.children)
                 if control is not None

@@ -309,6 +309,7 @@ class Collector:
     children: Callable[[], list[int]]
     concurrency: Callable[[], int]
     max_memory_kib: int = 0
+    max_tasks_per_child: int = 0  # billiard's recycle after so many tasks (0: none)
     private: ExpHistogram = field(default_factory=ExpHistogram)
     peak_rss: ExpHistogram = field(default_factory=ExpHistogram)
     tasks: dict[str, TaskGrowth] = field(default_factory=dict)
@@ -491,6 +492,15 @@ class Collector:
         with self.lock:
             last = self.last_task.pop(pid, None)  # whatever the exit: the dict stays bounded
         if exitcode != 155:  # billiard's EX_RECYCLE
+            return
+        if last is None and self.max_tasks_per_child:
+            # no record said its memory passed the limit: it ran its tasks
+            # (``--max-tasks-per-child``), which billiard ends with the same status
+            emit(
+                logging.INFO, "recycle",
+                {"worker": self.hostname, "pid": pid, "reason": "max_tasks_per_child",
+                 "exitcode": exitcode, "max_tasks_per_child": self.max_tasks_per_child},
+            )  # fmt: skip
             return
         with self.lock:
             figures = self.child_figures.get(pid)

@@ -47,6 +47,7 @@ EXAMPLE = "example"
 NOT_MEASURED = {
     "0.05 s": "the safety net's interval above the low-water mark (policy.Safety.FAST)",
     "0.25 s": "CELERY_GUARD_BRAKE_INTERVAL's default",
+    "5 s": "billiard's pool maintenance interval (AsynPool.timers; ledger.BILLIARD_MAINTENANCE)",
     "0.5 s": "the safety net's horizon (policy LOOKAHEAD); the watchdog's longest wait",
     "20 ms": "how long a working-set reading serves the hand-over gate (governor.FRESH)",
     "0.2 s": "a replacement this late has exited children joined (governor.REPLACE_CHECK)",

@@ -218,3 +218,41 @@ def test_a_held_request_given_back_is_rejected_with_requeue_and_frees_its_slot()
     assert requests[0] not in state.reserved_requests and requests[1] in state.reserved_requests
     assert not control.give_back(requests[0])  # gone already: nothing twice
     state.task_ready(requests[1])
+
+
+def test_a_child_that_exited_unjoined_is_found_and_reaped() -> None:
+    """billiard joins a child when its sentinel becomes readable, which can come just
+    before the kernel reports the exit; then only at its maintenance, 5 s later. The
+    governor's clock asks ``exited_unjoined``: it reaps such a child, and billiard's join
+    takes the status kept."""
+    import os
+    import time
+
+    from billiard.popen_fork import Popen
+
+    def child(exits: bool) -> Any:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            if not exits:
+                time.sleep(60)
+            os._exit(0)
+        popen = Popen.__new__(Popen)
+        popen.pid, popen.returncode = pid, None
+        return SimpleNamespace(_popen=popen)
+
+    running = child(exits=False)
+    pool = FakeAsynPool()
+    pool._pool = [running, SimpleNamespace(_popen=None)]  # one not started yet
+    control = PoolControl(SimpleNamespace(pool=SimpleNamespace(_pool=pool)))
+    try:
+        assert control.exited_unjoined() is False
+        exited = child(exits=True)
+        pool._pool.append(exited)
+        deadline = time.monotonic() + 10
+        while not control.exited_unjoined() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exited._popen.returncode == 0  # reaped; kept for billiard's join
+        assert running._popen.returncode is None
+    finally:
+        os.kill(running._popen.pid, 9)
+        os.waitpid(running._popen.pid, 0)

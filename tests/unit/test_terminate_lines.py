@@ -51,6 +51,9 @@ class FakePool(PoolControl):
         self.killed.append((pid, shrink))
         return True
 
+    def exited_unjoined(self) -> bool:
+        return False
+
 
 class Hub:
     """The event loop's timer: remembers what was scheduled, runs nothing."""
