@@ -64,6 +64,28 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Rabbi
     server.close()
 
 
+@pytest.fixture
+def make_rabbitmq(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., harness.RabbitServer]]:
+    """Private RabbitMQ nodes for one test, which sets the server's ``consumer_timeout`` or
+    stops and restarts the node; stopped after the test."""
+    started: list[harness.RabbitServer] = []
+
+    def make(consumer_timeout: float | None = None) -> harness.RabbitServer:
+        try:
+            server = harness.RabbitServer(tmp_path_factory.mktemp("rabbitmq"), consumer_timeout)
+        except harness.Unavailable as error:
+            _unavailable(str(error))
+        started.append(server)
+        return server
+
+    yield make
+    gc.collect()
+    for server in started:
+        server.close()
+
+
 @pytest.fixture(scope="session")
 def cgroup_root() -> Path:
     found = _memory_cgroup()

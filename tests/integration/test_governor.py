@@ -359,7 +359,7 @@ def test_a_task_held_near_rabbitmqs_consumer_timeout_goes_back_and_the_channel_s
     redis: harness.RedisServer,
     make_cgroup: MakeCgroup,
     make_worker: MakeWorker,
-    tmp_path: Path,
+    make_rabbitmq: Callable[..., harness.RabbitServer],
 ) -> None:
     """RabbitMQ closes the channel of a delivery left unacknowledged past its
     ``consumer_timeout`` (10 s on this server), failing every delivery on it. A task held
@@ -367,29 +367,25 @@ def test_a_task_held_near_rabbitmqs_consumer_timeout_goes_back_and_the_channel_s
     delivered again, runs once, and the channel is never closed."""
     from celery import Celery
 
-    rabbit = harness.RabbitServer(tmp_path / "rabbitmq", consumer_timeout=10)
-    try:
-        group = make_cgroup(GIB)
-        extra = {
-            **SMALL_APP, **FAST, "HEAVY_APP_BROKER": rabbit.url(),
-            "HEAVY_APP_CONSUMER_TIMEOUT": "10",
-        }  # fmt: skip
-        worker = make_worker(["-c", "2"], harness.worker_env(redis, extra), group)
-        worker.wait_ready(60)
-        client = Celery("client", broker=rabbit.url(), backend=redis.url(1))
-        big = client.send_task("heavy_app.hog", args=(700, 14.0), queue=worker.queue)
-        worker.wait_for(rf"heavy_app\.hog\[{big.id}\] received", 30)  # it goes first
-        held = client.send_task("heavy_app.hog", args=(300, 0.1), queue=worker.queue)
-        assert harness.wait_for_results([big, held], 90, group)
-        gave = [p for p in worker.events("pressure") if p["action"] == "give_back"]
-        assert gave, worker.log[-3000:]
-        assert gave[0]["task_id"] == held.id and gave[0]["timer"] == "consumer_timeout"
-        assert worker.log.count(f"heavy_app.hog[{held.id}] succeeded") == 1
-        assert "PRECONDITION_FAILED" not in worker.log and "timed out" not in worker.log
-        assert group.oom_kills() == 0
-        open("/tmp/restart.log", "w").write(worker.log)
-    finally:
-        rabbit.close()
+    rabbit = make_rabbitmq(consumer_timeout=10)
+    group = make_cgroup(GIB)
+    extra = {
+        **SMALL_APP, **FAST, "HEAVY_APP_BROKER": rabbit.url(),
+        "HEAVY_APP_CONSUMER_TIMEOUT": "10",
+    }  # fmt: skip
+    worker = make_worker(["-c", "2"], harness.worker_env(redis, extra), group)
+    worker.wait_ready(60)
+    client = Celery("client", broker=rabbit.url(), backend=redis.url(1))
+    big = client.send_task("heavy_app.hog", args=(700, 14.0), queue=worker.queue)
+    worker.wait_for(rf"heavy_app\.hog\[{big.id}\] received", 30)  # it goes first
+    held = client.send_task("heavy_app.hog", args=(300, 0.1), queue=worker.queue)
+    assert harness.wait_for_results([big, held], 90, group)
+    gave = [p for p in worker.events("pressure") if p["action"] == "give_back"]
+    assert gave, worker.log[-3000:]
+    assert gave[0]["task_id"] == held.id and gave[0]["timer"] == "consumer_timeout"
+    assert worker.log.count(f"heavy_app.hog[{held.id}] succeeded") == 1
+    assert "PRECONDITION_FAILED" not in worker.log and "timed out" not in worker.log
+    assert group.oom_kills() == 0
 
 
 @pytest.mark.cgroup
@@ -397,7 +393,7 @@ def test_tasks_held_while_the_broker_restarts_run_once(
     redis: harness.RedisServer,
     make_cgroup: MakeCgroup,
     make_worker: MakeWorker,
-    tmp_path: Path,
+    make_rabbitmq: Callable[..., harness.RabbitServer],
 ) -> None:
     """RabbitMQ goes away for 2 s while the guard holds two tasks behind one that takes
     700 MiB, the first of their kind. Celery drops the requests it has not started (their
@@ -406,44 +402,41 @@ def test_tasks_held_while_the_broker_restarts_run_once(
     back: none runs from the dead channel ("Couldn't ack")."""
     from celery import Celery
 
-    rabbit = harness.RabbitServer(tmp_path / "rabbitmq")
-    try:
-        group = make_cgroup(GIB)
-        extra = {**SMALL_APP, **FAST, "HEAVY_APP_BROKER": rabbit.url()}
-        worker = make_worker(["-c", "2"], harness.worker_env(redis, extra), group)
-        node = worker.wait_for(r"(\S+@\S+) ready\.", 60).group(1)
-        client = Celery("client", broker=rabbit.url(), backend=redis.url(1))
+    rabbit = make_rabbitmq()
+    group = make_cgroup(GIB)
+    extra = {**SMALL_APP, **FAST, "HEAVY_APP_BROKER": rabbit.url()}
+    worker = make_worker(["-c", "2"], harness.worker_env(redis, extra), group)
+    node = worker.wait_for(r"(\S+@\S+) ready\.", 60).group(1)
+    client = Celery("client", broker=rabbit.url(), backend=redis.url(1))
 
-        def send(mib: int, seconds: float) -> Any:
-            return client.send_task("heavy_app.hog", args=(mib, seconds), queue=worker.queue)
+    def send(mib: int, seconds: float) -> Any:
+        return client.send_task("heavy_app.hog", args=(mib, seconds), queue=worker.queue)
 
-        big = send(700, 20.0)  # it ends after the broker is back
-        worker.wait_for(rf"heavy_app\.hog\[{big.id}\] received", 30)  # it goes first
-        held = [send(300, 0.1) for _ in range(2)]
-        for result in held:  # the guard holds them while the first run of their kind ends
-            worker.wait_for(rf"heavy_app\.hog\[{result.id}\] received", 30)
-        rabbit.restart(down=2.0)
-        worker.wait_for(r"(?i)connection to broker lost|Cannot connect", 30)
-        assert harness.wait_for_results([big, *held], 120, group), worker.log[-3000:]
+    big = send(700, 20.0)  # it ends after the broker is back
+    worker.wait_for(rf"heavy_app\.hog\[{big.id}\] received", 30)  # it goes first
+    held = [send(300, 0.1) for _ in range(2)]
+    for result in held:  # the guard holds them while the first run of their kind ends
+        worker.wait_for(rf"heavy_app\.hog\[{result.id}\] received", 30)
+    rabbit.restart(down=2.0)
+    worker.wait_for(r"(?i)connection to broker lost|Cannot connect", 30)
+    assert harness.wait_for_results([big, *held], 120, group), worker.log[-3000:]
 
-        from kombu import Connection
+    from kombu import Connection
 
-        def idle() -> bool:  # a new connection: the client's pooled ones died with the broker
-            with Connection(rabbit.url()) as connection:
-                inspect = client.control.inspect([node], timeout=1, connection=connection)
-                reserved, active = inspect.reserved(), inspect.active()  # None: no reply
-            return (
-                reserved is not None
-                and active is not None
-                and not (reserved.get(node) or active.get(node))
-            )
+    def idle() -> bool:  # a new connection: the client's pooled ones died with the broker
+        with Connection(rabbit.url()) as connection:
+            inspect = client.control.inspect([node], timeout=1, connection=connection)
+            reserved, active = inspect.reserved(), inspect.active()  # None: no reply
+        return (
+            reserved is not None
+            and active is not None
+            and not (reserved.get(node) or active.get(node))
+        )
 
-        assert harness.eventually(idle, 60)
-        for result in (big, *held):
-            assert worker.log.count(f"heavy_app.hog[{result.id}] succeeded") == 1, result.id
-        assert "Couldn't ack" not in worker.log
-        assert worker.process is not None and worker.process.poll() is None
-        assert "celery-guard event=error" not in worker.log
-        assert group.oom_kills() == 0
-    finally:
-        rabbit.close()
+    assert harness.eventually(idle, 60)
+    for result in (big, *held):
+        assert worker.log.count(f"heavy_app.hog[{result.id}] succeeded") == 1, result.id
+    assert "Couldn't ack" not in worker.log
+    assert worker.process is not None and worker.process.poll() is None
+    assert "celery-guard event=error" not in worker.log
+    assert group.oom_kills() == 0

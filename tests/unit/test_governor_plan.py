@@ -62,13 +62,18 @@ def governor(tmp_path: Path, children: int) -> tuple[Governor, RecordingPool]:
     return budget, pool
 
 
-def plan_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+def guard_lines(caplog: pytest.LogCaptureFixture, key: str, value: str) -> list[dict[str, object]]:
+    """The fields of each guard line logged whose ``key`` is ``value``."""
     return [
         fields
         for record in caplog.records
         if (fields := getattr(record, RECORD_ATTRIBUTE, None)) is not None
-        and fields.get("level") == "plan"
+        and fields.get(key) == value
     ]
+
+
+def plan_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return guard_lines(caplog, "level", "plan")
 
 
 def test_above_the_plan_the_child_that_finished_leaves_one_at_a_time(

@@ -8,19 +8,9 @@ import logging
 
 import pytest
 from test_adversarial_pipe import MIB, collector
-
-from celery_guard.logline import RECORD_ATTRIBUTE
+from test_governor_plan import guard_lines
 
 EX_RECYCLE = 155
-
-
-def _recycle_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
-    return [
-        fields
-        for record in caplog.records
-        if (fields := getattr(record, RECORD_ATTRIBUTE, None)) is not None
-        and fields.get("event") == "recycle"
-    ]
 
 
 @pytest.mark.parametrize(
@@ -43,6 +33,6 @@ def test_a_recycle_names_billiards_limit_that_ended_the_child(
     c.take([f"{kind} 101 {MIB} 1 {MIB} 0 {150 * MIB} -1 -1 -1 -1 2 app.t"])
     with caplog.at_level(logging.INFO, logger="celery_guard"):
         c.on_exit(101, EX_RECYCLE, None)
-    (line,) = _recycle_lines(caplog)
+    (line,) = guard_lines(caplog, "event", "recycle")
     assert line["reason"] == reason
     assert c.recycles == counted  # the summary's: recycles by worker_max_memory_per_child
