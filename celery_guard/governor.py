@@ -301,12 +301,15 @@ class Governor:
 
     def _replan(self, view: policy.View) -> None:
         """The pool's size for throughput, again from the latest figures; one line when
-        it changes, with the figures it was chosen from."""
+        it changes or is first made from measured figures, with the figures it was
+        chosen from."""
         previous = self.plan
         self.plan = policy.plan(view, self.ledger, self.cpus, previous, self.fewest_tasks)
         self.planned = self._as_settings(view)
+        measuring = previous is not None and previous.reason == "measuring"
         if previous is not None and previous.size == self.plan.size:
-            return
+            if not measuring or self.plan.reason == "measuring":
+                return
         if previous is None and self.plan.reason == "measuring":
             return
         pace = self.ledger.pace

@@ -180,7 +180,7 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
 def share(view: View) -> int:
     """What one child may hold at its peak: the room the marks leave the pool, divided
     among its children."""
-    return max(view.marks.high - view.base, 0) // max(view.size, 1)
+    return _room(view) // max(view.size, 1)
 
 
 def recycle(view: View, ledger: Ledger, child: ChildState) -> bool:
@@ -240,6 +240,7 @@ class Plan:
     tasks_per_child: int | None
     rate: float | None  # tasks per second expected; None: not measured yet
     reason: str  # measuring | memory | throughput | kept
+    room: int = 0  # the bytes the marks left the children when it was chosen
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
         return None
     assert start is not None and idle is not None and task_cpu is not None
     found = Costs(
-        room=max(view.marks.high - view.base, 0),
+        room=_room(view),
         baseline=ledger.expected_baseline,
         peak=ledger.tasks.worst_peak,
         first_kept=int(pace.first_kept.value or 0),
@@ -351,7 +352,8 @@ def plan(
     rate of that pair (``Costs.rate``): many children replaced after every task win
     when a child is cheap to start, fewer children that keep a few tasks' leaks win
     when it is dear. Ties go to the larger pool. The current size stays unless another
-    is expected to be HYSTERESIS faster or it no longer fits. ``fewest_tasks``: sizes
+    is expected to be HYSTERESIS faster or it no longer fits, or the room moved by more
+    than HYSTERESIS (the limit changed: that is no noise). ``fewest_tasks``: sizes
     whose children would run fewer tasks than this between recycles are left out
     (CELERY_GUARD_MIN_TASKS_PER_CHILD when set)."""
     found = costs(view, ledger, cpus)
@@ -360,7 +362,7 @@ def plan(
             # the figures went back to not enough (a mean near a bound): a plan made
             # stays, the pool does not go back to what fits and then down again
             return replace(previous, reason="kept")
-        return Plan(_fitting(view, ledger), None, None, "measuring")
+        return Plan(_fitting(view, ledger), None, None, "measuring", _room(view))
     return best(found, view.requested, previous, fewest_tasks)
 
 
@@ -368,6 +370,10 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     """The fastest size up to ``requested`` at these costs (see ``plan``)."""
     if previous is not None and previous.reason not in ("throughput", "kept"):
         previous = None  # a size taken before measuring is no plan to keep
+    elif previous is not None and abs(found.room - previous.room) > previous.room * HYSTERESIS:
+        # the limit moved: a size it had ruled out (a pool shrunk for a lowered limit)
+        # is weighed afresh, not kept out by a margin meant for noisy figures
+        previous = None
     # a set minimum that not even one child could run is lowered to what one can
     fewest = max(min(fewest_tasks, found.most_tasks(1)), 1)
     pairs = {}
@@ -376,7 +382,7 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
         if tasks >= fewest:
             pairs[size] = (found.rate(size, tasks), tasks)
     if not pairs:
-        return Plan(1, 1, None, "memory")
+        return Plan(1, 1, None, "memory", found.room)
     best_rate = max(rate for rate, _ in pairs.values())
     size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
     reason = "throughput"
@@ -385,7 +391,12 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
         if kept_rate * (1 + HYSTERESIS) >= best_rate:
             size, reason = previous.size, "kept"
     rate, tasks = pairs[size]
-    return Plan(size, tasks if tasks < MOST_TASKS_PER_CHILD else None, rate, reason)
+    return Plan(size, tasks if tasks < MOST_TASKS_PER_CHILD else None, rate, reason, found.room)
+
+
+def _room(view: View) -> int:
+    """The bytes the high mark leaves for the children."""
+    return max(view.marks.high - view.base, 0)
 
 
 def _fitting(view: View, ledger: Ledger) -> int:
@@ -401,7 +412,7 @@ def _fitting(view: View, ledger: Ledger) -> int:
 def children_fitting(view: View, ledger: Ledger, baseline: int | None = None) -> int:
     """How many children fit under the high mark at their peak cost (``child_cost``,
     with ``baseline`` if given), whatever was asked for."""
-    return max(view.marks.high - view.base, 0) // child_cost(view, ledger, baseline)
+    return _room(view) // child_cost(view, ledger, baseline)
 
 
 # -- the safety net ------------------------------------------------------------------------

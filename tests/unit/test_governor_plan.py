@@ -186,3 +186,20 @@ def test_with_no_pace_the_recommended_size_is_what_fits_at_the_peaks_without_gc_
     budget.unfrozen_extra = 140 * MIB
     budget.tick()
     assert budget.planned == {"plan_vanilla_concurrency": 4}
+
+
+def test_the_first_plan_from_measured_figures_is_logged_though_its_size_stays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From ``measuring`` to a measured plan of the same size: one line says the size is
+    now chosen from figures (the figures it was chosen from are the news); the next
+    turns, the plan unchanged, add none."""
+    budget, _pool = governor(tmp_path, 4)
+    assert budget.plan is not None and budget.plan.reason == "measuring"
+    assert budget.plan.size == 4
+    budget.ledger = measured(start_cpu=0.001, kept=0)  # cheap children: 4 is fastest
+    with caplog.at_level(logging.INFO, logger="celery_guard"):
+        budget.tick()
+        budget.tick()
+    lines = guard_lines(caplog, "event", "plan")
+    assert [(line["target"], line["reason"]) for line in lines] == [(4, "throughput")]
