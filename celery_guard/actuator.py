@@ -424,16 +424,21 @@ class PoolControl:
         5 seconds later: a slot without a child all that time."""
         self.pool.maintain_pool()
 
-    def exited_unjoined(self) -> bool:
-        """A child has exited that the pool has not joined (see ``replace_exited``): one
-        it lost, or one billiard recycled (``--max-tasks-per-child``,
-        ``worker_max_memory_per_child``). Reaps it (waitpid, WNOHANG): billiard's join
+    def exited_unjoined(self) -> tuple[int, int]:
+        """Children that exited and the pool has not joined (see ``replace_exited``):
+        lost, recycled by the guard or by billiard (``--max-tasks-per-child``,
+        ``worker_max_memory_per_child``); and how many of them the pool missed: Celery
+        stops watching a child's sentinel once it fires (``_sentinel_poll`` None), so
+        one exited and still unjoined then waits for the maintenance. The others' exit
+        events are still to be handled. Reaps them (waitpid, WNOHANG): billiard's join
         takes the status it keeps."""
+        exited = missed = 0
         for process in list(self.pool._pool):
             popen = getattr(process, "_popen", None)
             if popen is not None and popen.poll() is not None:
-                return True
-        return False
+                exited += 1
+                missed += getattr(process, "_sentinel_poll", 0) is None
+        return exited, missed
 
     def recycle(self, pid: int, task_ended: bool = False) -> bool:
         """Replace an idle child: it exits (billiard's controlled termination) and the pool

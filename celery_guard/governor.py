@@ -35,9 +35,6 @@ from .sizes import mib
 FRESH = 0.02
 #: Seconds a replacement may take to be ready before its slot is no longer waited for.
 REPLACED_WITHIN = 30.0
-#: Seconds after a recycle with no replacement forked yet before the pool is asked to
-#: join its exited children (see ``PoolControl.replace_exited``).
-REPLACE_CHECK = 0.2
 
 
 def available_cpus() -> float:
@@ -440,14 +437,11 @@ class Governor:
                 self.crossed = None
             for action in self.safety.decide(view, self.ledger, now):
                 self._carry_out(action, view)
-            if self.replacing and now - self.replacing[0] > REPLACE_CHECK:
-                waiting = len(self.replacing)
-                self.control.replace_exited()  # a replacement late: its child exited
-                # forked now: billiard had missed those exits (a worker without the
-                # guard waits for its next maintenance)
-                self.ledger.pace.late_joins += waiting - len(self.replacing)
-            elif self.control.exited_unjoined():  # billiard's own exits, which it missed
+            exited, missed = self.control.exited_unjoined()
+            if exited:  # joined and replaced now, not at billiard's next maintenance
                 self.control.replace_exited()
+                # what a worker without the guard waits for: priced in its plan
+                self.ledger.pace.late_joins += missed
             if not self.safety.over:
                 self.control.release()
             self._give_back_overdue(now)

@@ -50,7 +50,6 @@ NOT_MEASURED = {
     "5 s": "billiard's pool maintenance interval (AsynPool.timers; ledger.BILLIARD_MAINTENANCE)",
     "0.5 s": "the safety net's horizon (policy LOOKAHEAD); the watchdog's longest wait",
     "20 ms": "how long a working-set reading serves the hand-over gate (governor.FRESH)",
-    "0.2 s": "a replacement this late has exited children joined (governor.REPLACE_CHECK)",
     "1 GiB": "the limit the demo, the integration tests and bisect_fit.py give",
     "1024 MiB": "bench/run.py's limits (768 and 1024 MiB)",
     "24 MiB": "bench/runtime.py's LEAK_MIB, kept by each leaky task",

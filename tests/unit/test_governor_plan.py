@@ -143,29 +143,24 @@ def test_the_recommended_pair_is_planned_for_children_that_copy_more_without_gc_
     assert budget.planned["plan_vanilla_concurrency"] >= 16
 
 
-def test_a_replacement_forked_only_when_the_governor_asks_is_counted_late(
-    tmp_path: Path,
-) -> None:
-    """0.2 s after a recycle with no replacement yet, the governor asks the pool to join
-    its exited children: a replacement forked then is one billiard had missed (a worker
-    without the guard waits for its next maintenance); none forked, none counted."""
+def test_only_exits_billiard_missed_are_counted_late(tmp_path: Path) -> None:
+    """At each turn the governor has the pool join its exited children. Those whose exit
+    billiard had handled, and missed (a worker without the guard waits for its next
+    maintenance), are counted late; those whose exit event is still to come are joined
+    too, not counted; with none exited, the pool is not asked."""
     budget, pool = governor(tmp_path, 1)
-    forks: list[int] = [201]
-
-    def replace_exited() -> None:  # the pool's maintenance, as billiard runs it
-        if forks:
-            budget.child_up(forks.pop())
-
-    pool.replace_exited = replace_exited  # type: ignore[method-assign]
-    budget.replacing.append(time.monotonic() - 0.1)  # recycled 0.1 s ago: not late yet
+    joins: list[int] = []
+    found = [(0, 0)]
+    pool.replace_exited = lambda: joins.append(1)  # type: ignore[method-assign]
+    pool.exited_unjoined = lambda: found[0]  # type: ignore[method-assign]
     budget.tick()
-    assert budget.ledger.pace.late_joins == 0 and forks == [201]
-    budget.replacing[0] -= 1.0
+    assert (budget.ledger.pace.late_joins, joins) == (0, [])
+    found[0] = (2, 1)  # two exited: one missed, one whose event is pending
     budget.tick()
-    assert budget.ledger.pace.late_joins == 1 and not budget.replacing
-    budget.replacing.append(time.monotonic() - 1.0)  # its child still exiting: nothing forked
+    assert (budget.ledger.pace.late_joins, joins) == (1, [1])
+    found[0] = (1, 0)
     budget.tick()
-    assert budget.ledger.pace.late_joins == 1
+    assert (budget.ledger.pace.late_joins, joins) == (1, [1, 1])
 
 
 def test_with_no_pace_the_recommended_size_is_what_fits_at_the_peaks_without_gc_freeze(

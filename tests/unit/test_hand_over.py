@@ -245,14 +245,17 @@ def test_a_child_that_exited_unjoined_is_found_and_reaped() -> None:
     pool._pool = [running, SimpleNamespace(_popen=None)]  # one not started yet
     control = PoolControl(SimpleNamespace(pool=SimpleNamespace(_pool=pool)))
     try:
-        assert control.exited_unjoined() is False
-        exited = child(exits=True)
-        pool._pool.append(exited)
+        assert control.exited_unjoined() == (0, 0)
+        exited, missed = child(exits=True), child(exits=True)
+        exited._sentinel_poll = 7  # Celery still watches its sentinel: the event to come
+        missed._sentinel_poll = None  # its event handled: billiard missed the exit
+        pool._pool += [exited, missed]
         deadline = time.monotonic() + 10
-        while not control.exited_unjoined() and time.monotonic() < deadline:
+        while control.exited_unjoined() != (2, 1) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert exited._popen.returncode == 0  # reaped; kept for billiard's join
+        assert exited._popen.returncode == 0 == missed._popen.returncode  # reaped, kept
         assert running._popen.returncode is None
+        assert control.exited_unjoined() == (2, 1)  # until the pool joins them
     finally:
         os.kill(running._popen.pid, 9)
         os.waitpid(running._popen.pid, 0)

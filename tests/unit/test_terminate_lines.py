@@ -51,8 +51,8 @@ class FakePool(PoolControl):
         self.killed.append((pid, shrink))
         return True
 
-    def exited_unjoined(self) -> bool:
-        return False
+    def exited_unjoined(self) -> tuple[int, int]:
+        return 0, 0
 
 
 class Hub:
