@@ -303,10 +303,13 @@ class Governor:
         previous = self.plan
         self.plan = policy.plan(view, self.ledger, self.cpus, previous, self.fewest_tasks)
         self.planned = self._as_settings(view)
-        measuring = previous is not None and previous.reason == "measuring"
-        if previous is not None and previous.size == self.plan.size:
-            if not measuring or self.plan.reason == "measuring":
-                return
+        first_measured = (
+            previous is not None
+            and previous.reason == "measuring"
+            and self.plan.reason != "measuring"
+        )
+        if previous is not None and previous.size == self.plan.size and not first_measured:
+            return
         if previous is None and self.plan.reason == "measuring":
             return
         pace = self.ledger.pace

@@ -240,7 +240,7 @@ class Plan:
     tasks_per_child: int | None
     rate: float | None  # tasks per second expected; None: not measured yet
     reason: str  # measuring | memory | throughput | kept
-    room: int = 0  # the bytes the marks left the children when it was chosen
+    room: int = 0  # the bytes the marks left the children when it was chosen (0: unknown)
 
 
 @dataclass(frozen=True)
