@@ -115,6 +115,10 @@ class PoolControl:
         #: ``pool_shrink``): children added, or taken away when negative.
         self.on_resize: Callable[[int], None] | None = None
         self._resizing = False  # the guard's own grow is under way
+        #: children the main process forked, and the seconds its thread spent on them
+        #: (billiard's set-up, Celery's collection before each fork, the fork itself)
+        self.forks = 0
+        self.fork_seconds = 0.0
         self._start_task: Callable[[Any], Any] | None = None
         self.installed = False
 
@@ -137,6 +141,7 @@ class PoolControl:
         if pool is None or handlers is None or not all(hasattr(pool, n) for n in needed):
             return False
         self._wrap_pool(pool, handlers)
+        self._wrap_fork(pool)
         self._wrap_resize(w.pool)
         if semaphore is not None and getattr(w, "process_task", None) == getattr(
             w, "_process_task_sem", None
@@ -209,6 +214,23 @@ class PoolControl:
             on_job_process_lost,
         )
         handlers[ACK], handlers[READY] = on_ack, on_ready
+
+    def _wrap_fork(self, pool: Any) -> None:
+        """Time what a fork costs the main process's one thread: its event loop waits
+        that long, once for every child replaced."""
+        create = getattr(pool, "_create_worker_process", None)
+        if create is None:
+            return
+
+        def create_worker_process(*args: Any, **kwargs: Any) -> Any:
+            began = time.thread_time()
+            try:
+                return create(*args, **kwargs)
+            finally:  # the main process only: billiard's child leaves through os._exit
+                self.fork_seconds += time.thread_time() - began
+                self.forks += 1
+
+        pool._create_worker_process = create_worker_process
 
     def _wrap_resize(self, task_pool: Any) -> None:
         """Hear a resize asked of Celery's pool by anyone but the guard."""

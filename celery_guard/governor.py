@@ -25,7 +25,7 @@ from . import brokers, cgroups, policy
 from .actuator import PoolControl
 from .config import Settings
 from .exits import ExitCauses, Kill
-from .footprint import StatmRss
+from .footprint import CollectorPages, StatmRss
 from .ledger import ChildState, Ledger, Record, TaskTable
 from .limit import LiveLimit
 from .logline import emit, logger
@@ -35,6 +35,10 @@ from .sizes import mib
 FRESH = 0.02
 #: Seconds a replacement may take to be ready before its slot is no longer waited for.
 REPLACED_WITHIN = 30.0
+#: Children whose share of the collector's pages is read (see ``_baseline_taken``): the
+#: first ones, then one in this many.
+UNFROZEN_FIRST = 8
+UNFROZEN_EVERY = 8
 
 
 def available_cpus() -> float:
@@ -68,6 +72,8 @@ class Governor:
         count_task: Callable[[str, str | None], None] = lambda kind, name: None,
         cpus: float | None = None,
         unfrozen_extra: int = 0,
+        collector: CollectorPages | None = None,
+        unfrozen_collect: float = 0.0,
     ) -> None:
         self.control = control
         self.settings = settings
@@ -84,8 +90,19 @@ class Governor:
         self.ledger = Ledger(estimate, TaskTable(limits))
         self.safety = policy.Safety()
         self.cpus = cpus if cpus is not None else available_cpus()
-        #: what a child copies more without gc.freeze: a vanilla worker's children do
+        #: what a child copies more without gc.freeze, as a vanilla worker's children do:
+        #: at most this (every page a full collection writes), until children measure it
         self.unfrozen_extra = unfrozen_extra
+        self.collector = collector
+        #: children whose first task was measured: how much of ``collector`` each still
+        #: shares is read at the next turn of the clock (UNFROZEN_FIRST, then 1 in
+        #: UNFROZEN_EVERY: one read takes about a millisecond)
+        self.unfrozen_due: list[int] = []
+        #: seconds of a full collection of the unfrozen heap, with the copies of the pages
+        #: it writes: a vanilla worker's main process runs one before every fork (Celery
+        #: issue #2927)
+        self.unfrozen_collect = unfrozen_collect
+        self.baselines_taken = 0
         #: The pool's size chosen for throughput (policy.plan), made again at each tick.
         self.plan: policy.Plan | None = None
         #: the plan as a vanilla worker's settings, for the summary's thread (replaced
@@ -94,6 +111,7 @@ class Governor:
         self.rss_at_baseline: int | None = None  # a measured child's RSS, less its leaks
         self.baseline_seen = estimate  # what a new child copies, as the last tick saw it
         self.main_cpu_at: tuple[float, int] | None = None  # (process CPU, tasks finished)
+        self.forks_at = (0, 0.0)  # (children forked, seconds), as the last tick read them
         #: When children were told to leave for a replacement, oldest first: the next
         #: child forked is taken for the oldest one's replacement, and the time from
         #: then to its first readiness is a slot's time without a child.
@@ -153,7 +171,26 @@ class Governor:
 
     def _absorb(self) -> None:
         while self.records:
-            self.ledger.take(self.records.popleft())
+            record = self.records.popleft()
+            child = self.ledger.children.get(record.pid)
+            young = child is not None and child.young
+            self.ledger.take(record)
+            if young and child is not None and not child.young:
+                self._baseline_taken(child.pid)
+
+    def _baseline_taken(self, pid: int) -> None:
+        taken, self.baselines_taken = self.baselines_taken, self.baselines_taken + 1
+        if self.collector is not None and (taken < UNFROZEN_FIRST or taken % UNFROZEN_EVERY == 0):
+            self.unfrozen_due.append(pid)
+
+    def _measure_unfrozen(self) -> None:
+        """What the children measured since the last turn still share of the pages a full
+        collection writes: what each would copy more in a vanilla worker."""
+        due, self.unfrozen_due = self.unfrozen_due, []
+        for pid in due:
+            shared = self.collector.shared(f"/proc/{pid}/pagemap") if self.collector else None
+            if shared is not None:  # else gone, or not ours to read: the bound stays
+                self.ledger.pace.unfrozen.add(shared)
 
     # -- the view ---------------------------------------------------------------------
     def _unreclaimable(self, now: float, fresh: float = FRESH) -> int:
@@ -165,6 +202,7 @@ class Governor:
             if found is None:  # unreadable now: the last figure, else nothing fits
                 return self.reading[1] if self.reading else self.live.limit
             self.reading = (now, found)
+            self.ledger.unread = 0  # the tasks finished so far are in this reading
         return self.reading[1]
 
     def view(self, now: float, fresh: float = FRESH) -> policy.View:
@@ -290,11 +328,18 @@ class Governor:
 
     def _main_cpu(self) -> None:
         """The main process' CPU per task since the last check (its threads included:
-        the hand-over, the results, the broker, the guard's own work)."""
+        the hand-over, the results, the broker, the guard's own work), and apart from
+        it, per child forked: a plan weighs the forks by how often it replaces."""
+        forks, seconds = self.control.forks, self.control.fork_seconds
+        last_forks, self.forks_at = self.forks_at, (forks, seconds)
+        forked = seconds - last_forks[1]
+        if forks > last_forks[0]:
+            self.ledger.pace.fork_main.add(forked, forks - last_forks[0])
         cpu, finished = time.process_time(), self.ledger.finished
         last, self.main_cpu_at = self.main_cpu_at, (cpu, finished)
         if last is not None and finished > last[1]:
-            self.ledger.pace.main_cpu.add(cpu - last[0], finished - last[1])
+            spent = max(cpu - last[0] - forked, 0.0)
+            self.ledger.pace.main_cpu.add(spent, finished - last[1])
 
     def _replan(self, view: policy.View) -> None:
         """The pool's size for throughput, again from the latest figures; one line when
@@ -323,6 +368,7 @@ class Governor:
             "task_cpu_ms": _ms(pace.task_cpu.value),
             "task_idle_ms": _ms(pace.idle_wall()),
             "main_cpu_ms": _ms(pace.main_cpu.value),
+            "fork_ms": _ms(pace.fork_main.value),
             "start_cpu_ms": _ms(pace.start_cpu),
             "replace_ms": _ms(pace.replace_wall.value),
             "replace_idle_ms": _ms(pace.replace_idle()),
@@ -427,6 +473,7 @@ class Governor:
         delay = self.settings.brake_interval
         try:
             self._absorb()
+            self._measure_unfrozen()
             now = time.monotonic()
             view = self.view(now, fresh=0.0)
             self._main_cpu()
@@ -587,6 +634,12 @@ class Governor:
             **self.planned,
         }
 
+    def vanilla_extra(self) -> int:
+        """Bytes a child copies more in a vanilla worker: what children were measured to
+        share of the pages a full collection writes, else all of them."""
+        measured = self.ledger.pace.unfrozen.value
+        return int(measured) if measured is not None else self.unfrozen_extra
+
     def _as_settings(self, view: policy.View) -> dict[str, Any]:
         """The plan, and the pair a vanilla worker should run with (the summary
         recommends it): the same measured pace, each child copying what it copies
@@ -604,16 +657,18 @@ class Governor:
             # at the children's peaks, at what a child copies without gc.freeze.
             if self.ledger.young_only():
                 return {}
-            baseline = self.ledger.expected_baseline + self.unfrozen_extra
+            baseline = self.ledger.expected_baseline + self.vanilla_extra()
             fits = policy.children_fitting(view, self.ledger, baseline)
             return {"plan_vanilla_concurrency": max(1, fits)}  # what fits, asked for or not
         fields: dict[str, Any] = {
             "plan_concurrency": plan.size, "plan_tasks_per_child": plan.tasks_per_child,
         }  # fmt: skip
+        vanilla_idle = self.ledger.pace.vanilla_replace_idle() or found.replace_idle
         found = replace(
             found,
-            baseline=found.baseline + self.unfrozen_extra,
-            replace_idle=self.ledger.pace.vanilla_replace_idle() or found.replace_idle,
+            baseline=found.baseline + self.vanilla_extra(),
+            replace_idle=vanilla_idle + self.unfrozen_collect,
+            fork_main=found.fork_main + self.unfrozen_collect,
         )
         # the pair recommended may run more children than were asked for, where they fit
         most = max(view.requested, found.room // max(found.holds(1), 1))

@@ -154,6 +154,13 @@ class Pace:
     #: seconds from a child told to leave to its replacement ready for work
     replace_wall: Mean = field(default_factory=Mean)
     main_cpu: Mean = field(default_factory=Mean)  # the main process' CPU seconds per task
+    #: seconds of the main process's thread per child forked (``actuator``): its loop
+    #: waits that long once per replacement, whatever the pool's size
+    fork_main: Mean = field(default_factory=Mean)
+    #: bytes of the pages a full collection writes that a child still shares after its
+    #: first task (``footprint.CollectorPages.shared``): what it copies more without
+    #: gc.freeze, as a vanilla worker's children do
+    unfrozen: Mean = field(default_factory=Mean)
     replacements: int = 0  # replacements timed
     #: of them, forked only when the governor asked the pool to join exited children:
     #: billiard had missed the child's exit (see ``actuator.PoolControl.replace_exited``)
@@ -263,6 +270,9 @@ class Ledger:
     baselines: deque[int] = field(default_factory=lambda: deque(maxlen=BASELINES_KEPT))
     pace: Pace = field(default_factory=Pace)
     finished: int = 0  # tasks finished in any child
+    #: bytes reserved for the tasks that finished since the cgroup was last read: what
+    #: they kept is in the cgroup now but not in that reading, and no longer to come
+    unread: int = 0
 
     # -- the figures the policy reads ----------------------------------------------------
     @property
@@ -329,6 +339,7 @@ class Ledger:
     def task_finished(self, pid: int) -> None:
         child = self.children.get(pid)
         if child is not None:
+            self.unread += child.task_peak
             child.task = child.task_id = None
             child.task_peak = 0
             child.tasks += 1

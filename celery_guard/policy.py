@@ -74,8 +74,10 @@ def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) 
     a young child all of it, one that copied less so far (its tasks read less of the
     app's data) the rest. Each task handed out reaches its expected peak. With
     ``rss_now`` a running task's growth so far is read and only the rest is counted (it
-    is already in the cgroup's figure); without, all of it counts (cautious, and no read)."""
-    total = sum(handed.peak for handed in ledger.starting.values())
+    is already in the cgroup's figure); without, all of it counts (cautious, and no read).
+    A task that finished since the cgroup was read counts as it did while it ran, until
+    the next reading (``Ledger.unread``): what it kept is not in that reading."""
+    total = ledger.unread + sum(handed.peak for handed in ledger.starting.values())
     expected = ledger.expected_baseline
     for child in ledger.children.values():  # on every hand-over: no call it can spare
         if child.leaving:
@@ -262,6 +264,9 @@ class Costs:
     #: CPU seconds the main process spends per task (receive, hand over, collect): its
     #: one thread bounds the rate of short tasks, and it shares the CPUs with the children
     main_cpu: float = 0.0
+    #: seconds of the main process's one thread per child forked (a replacement): its
+    #: loop hands nothing over meanwhile, so many children replaced often are bound by it
+    fork_main: float = 0.0
 
     def holds(self, tasks: int) -> int:
         """Bytes a child needs at the peak of its ``tasks``-th task."""
@@ -285,14 +290,16 @@ class Costs:
         """Tasks per second of ``size`` children that each run ``tasks`` tasks, then
         are replaced: bounded by the children (a task's wall time and the main
         process' hand-over of the next, the start of the next child), by the CPUs (each
-        task's CPU, the main process' for it, and its share of a start) and by the main
-        process' one thread."""
+        task's CPU, the main process' for it, and its share of a start and of a fork)
+        and by the main process' one thread (the hand-over of each task, and a fork
+        every ``tasks`` tasks: a cost no pool size spreads)."""
         per_task = self.task_cpu + self.task_idle + self.main_cpu
-        cpu = tasks * (self.task_cpu + self.main_cpu) + self.start_cpu
+        cpu = tasks * (self.task_cpu + self.main_cpu) + self.start_cpu + self.fork_main
         slot = tasks * per_task + self.start_cpu + self.replace_idle
+        main = tasks * self.main_cpu + self.fork_main
         by_children = size * tasks / max(slot, 1e-9)
         by_cpus = self.cpus * tasks / max(cpu, 1e-9)
-        by_main = 1 / self.main_cpu if self.main_cpu > 0 else by_cpus
+        by_main = tasks / main if main > 0 else by_cpus
         return min(by_children, by_cpus, by_main)
 
 
@@ -331,6 +338,7 @@ def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
         cpus=cpus,
         replace_idle=pace.replace_idle() or 0.0,
         main_cpu=pace.main_cpu.value or 0.0,
+        fork_main=pace.fork_main.value or 0.0,
     )
     if pace.replace_wall.samples >= MEASURED_REPLACEMENTS:
         return found

@@ -86,16 +86,28 @@ class Measured:
     child_source: str  # measured | history | env | config | option
     in_use: int
     decision: Decision
+    #: the pages a full collection writes, counted before the first fork (gc.freeze on)
+    collector: footprint.CollectorPages | None = None
+    #: seconds to write one page shared with a child (``footprint.copy_on_write_seconds``)
+    copy_seconds: float | None = None
+
+    @property
+    def collector_copy_seconds(self) -> float:
+        """Seconds a worker without gc.freeze spends, in the collection before each fork,
+        copying the pages it writes: the child forked last shares all of them."""
+        if self.collector is None or self.copy_seconds is None:
+            return 0.0
+        return len(self.collector.numbers) * self.copy_seconds
 
     @property
     def unfrozen_extra(self) -> int:
         """Bytes a child copies more in a worker that does not freeze the collector before
-        it forks (a vanilla worker, where this one does): its first full collection
-        writes the header of every object it tracks (``footprint.estimate_child``)."""
+        it forks (a vanilla worker, where this one does): the pages a full collection
+        writes (``footprint.CollectorPages``), counted at startup. At most that: a
+        child's tasks copy some of them anyway (the governor measures how many)."""
         if not self.settings.gc_freeze:
             return 0
-        unfrozen = footprint.estimate_child(self.parent, gc_freeze=False)
-        return max(unfrozen.bytes - self.estimate.bytes, 0)
+        return self.parent.collector_pages or 0
 
     def fields(self) -> dict[str, Any]:
         """The keys of the startup line, in its order."""
@@ -135,7 +147,16 @@ def measure(settings: Settings, pool: str, requested: int, forked: bool = True) 
     app_objects = None  # off mode, or a child cost given: the app's data is not walked
     if settings.mode != "off" and settings.child_memory is None:
         app_objects = census.census(sys.modules, census.library_roots()).bytes
-    parent = footprint.measure(allocators=footprint.read_allocators(), app_objects=app_objects)
+    # the pages a vanilla worker's children copy more (the pair the summary recommends)
+    collector = copy_seconds = None
+    if settings.gc_freeze and forked:
+        collector = footprint.CollectorPages.of()
+        copy_seconds = footprint.copy_on_write_seconds()
+    parent = footprint.measure(
+        allocators=footprint.read_allocators(),
+        app_objects=app_objects,
+        collector=collector.bytes if collector is not None else None,
+    )
     estimate = footprint.estimate_child(parent, forked=forked, gc_freeze=settings.gc_freeze)
     remembered = remembered_cost(settings, budget.physical)
     if settings.child_memory is not None:
@@ -156,8 +177,9 @@ def measure(settings: Settings, pool: str, requested: int, forked: bool = True) 
         pool=pool,
     )
     return Measured(
-        settings, pool, requested, budget, parent, estimate, child, child_source, in_use, decision
-    )
+        settings, pool, requested, budget, parent, estimate, child, child_source, in_use,
+        decision, collector, copy_seconds,
+    )  # fmt: skip
 
 
 __all__ = ["Budget", "Measured", "measure", "physical_bytes", "read_budget", "remembered_cost"]

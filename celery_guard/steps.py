@@ -97,6 +97,9 @@ class GuardState:
     drain: Callable[[], None] = lambda: None
     #: Called once the pool's hooks are in place (on the event loop's first tick).
     on_installed: list[Callable[[], None]] = field(default_factory=list)
+    #: Seconds the full collection before the first fork took (Protection, gc.freeze
+    #: on): what a worker without the freeze spends before every fork.
+    unfrozen_collect: Callable[[], float] = lambda: 0.0
 
 
 def state_of(w: Any) -> GuardState | None:
@@ -420,9 +423,11 @@ class Protection(bootsteps.StartStopStep):
             ChildOomScore(settings), weak=False, dispatch_uid="cg-oom-score"
         )
         if settings.gc_freeze:
+            freeze = FreezeBeforeFirstFork()
             signals.worker_before_create_process.connect(
-                FreezeBeforeFirstFork(), weak=False, dispatch_uid="cg-gc-freeze"
+                freeze, weak=False, dispatch_uid="cg-gc-freeze"
             )
+            guard.unfrozen_collect = lambda: freeze.collect_seconds
         if settings.max_worker_memory is not None and guard.pool not in FORKING_POOLS:
             watch = WorkerMemoryLimit(
                 settings.max_worker_memory, w.hostname, settings, guard.collector
@@ -629,6 +634,8 @@ class Governor(bootsteps.StartStopStep):
             count_task=collector.count_task,
             limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},
             unfrozen_extra=measured.unfrozen_extra,
+            collector=measured.collector,
+            unfrozen_collect=guard.unfrozen_collect() + measured.collector_copy_seconds,
         )
         self.governor.hold_bound = _hold_bound(w.app)
         collector.listeners.append(self.governor.take)

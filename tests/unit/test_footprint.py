@@ -15,6 +15,8 @@ import mmap
 import os
 import re
 import sys
+from array import array
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +24,9 @@ import needs
 import pytest
 
 from celery_guard.footprint import (
+    PAGEMAP_RUN,
     Allocators,
+    CollectorPages,
     Estimate,
     Footprint,
     estimate_child,
@@ -31,6 +35,7 @@ from celery_guard.footprint import (
     parse_pymalloc_stats,
     pymalloc_live_bytes,
     read_allocators,
+    read_kib_fields,
 )
 
 TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
@@ -486,3 +491,99 @@ def test_live_pymalloc_stats_leave_stderr_alone(capfd: pytest.CaptureFixture[str
     assert "through-sys-stderr" in err
     assert "allocated blocks" not in err
     assert fds_after == fds_before
+
+
+@pytest.mark.parametrize(
+    ("numbers", "expected"),
+    [
+        ([], []),
+        ([7], [(7, 1)]),
+        ([1, 2, 3, 9, 10, 20], [(1, 3), (9, 2), (20, 1)]),
+        (list(range(1000)), [(0, PAGEMAP_RUN), (PAGEMAP_RUN, 1000 - PAGEMAP_RUN)]),  # bounded
+        ([1 << 35, (1 << 35) + 1], [(1 << 35, 2)]),  # high addresses
+    ],
+)
+def test_collector_pages_are_read_in_runs(numbers: list[int], expected: list[tuple]) -> None:
+    assert list(CollectorPages(array("Q", numbers)).runs()) == expected
+
+
+def test_collector_pages_count_the_page_of_each_header() -> None:
+    """One page however many objects are on it; the header sits GC_HEADER bytes before
+    the object, so an object at the start of a page has its header on the page before."""
+    objects: list[list[int]] = [[] for _ in range(1000)]
+    pages = {(id(o) - 16) // mmap.PAGESIZE for o in objects}
+    counted = CollectorPages.of(objects)
+    assert list(counted.numbers) == sorted(pages)
+    assert counted.bytes == len(pages) * mmap.PAGESIZE < 1000 * mmap.PAGESIZE
+    assert CollectorPages.of([]).bytes == 0
+
+
+class _Forked:
+    """A forked child that waits for a word: ``collect`` (a full collection, then its
+    private bytes before and after) or ``exit``."""
+
+    def __init__(self) -> None:
+        self.orders_r, self.orders_w = os.pipe()
+        self.replies_r, self.replies_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child
+            try:
+                while os.read(self.orders_r, 16) == b"collect":
+                    before = _private("/proc/self/smaps_rollup")
+                    gc.collect()
+                    after = _private("/proc/self/smaps_rollup")
+                    os.write(self.replies_w, f"{before} {after}".encode())
+            finally:
+                os._exit(0)
+
+    def collect(self) -> tuple[int, int]:
+        os.write(self.orders_w, b"collect")
+        before, after = map(int, os.read(self.replies_r, 64).split())
+        return before, after
+
+    def close(self) -> None:
+        os.write(self.orders_w, b"exit")
+        os.waitpid(self.pid, 0)
+        for fd in (self.orders_r, self.orders_w, self.replies_r, self.replies_w):
+            os.close(fd)
+
+
+def _private(path: str) -> int:
+    fields = read_kib_fields(path)
+    return fields.get("Private_Dirty", 0) + fields.get("Private_Clean", 0)
+
+
+@pytest.fixture
+def records() -> Iterator[list[dict]]:
+    """200k tracked objects: the pages a full collection writes are tens of MiB."""
+    made = [{"id": i, "tags": [i]} for i in range(100_000)]
+    gc.collect()
+    yield made
+
+
+def test_collector_pages_are_what_a_forked_childs_full_collection_copies(
+    records: list[dict],
+) -> None:
+    """What a vanilla worker's child copies more: counted in the parent, it is what a real
+    forked child's ``gc.collect()`` copies; and read from the child's pagemap, it is
+    shared before that collection and no longer after."""
+    counted = CollectorPages.of()
+    child = _Forked()
+    try:
+        pagemap = f"/proc/{child.pid}/pagemap"
+        shared_before = counted.shared(pagemap)
+        before, after = child.collect()
+        shared_after = counted.shared(pagemap)
+    finally:
+        child.close()
+    assert len(records) == 100_000 and counted.bytes >= 20 * MIB
+    assert abs((after - before) - counted.bytes) <= 0.1 * counted.bytes
+    assert shared_before is not None and shared_before >= 0.9 * counted.bytes
+    assert shared_after is not None and shared_after <= 0.05 * counted.bytes
+
+
+def test_collector_pages_shared_by_no_process_read_none(tmp_path: Path) -> None:
+    counted = CollectorPages(array("Q", [1, 2]))
+    assert counted.shared(str(tmp_path / "gone" / "pagemap")) is None
+    (tmp_path / "short").write_bytes(b"\0" * 12)  # not whole entries: not a pagemap
+    assert counted.shared(str(tmp_path / "short")) is None

@@ -8,16 +8,19 @@ a recycled child's replacement is timed from the recycle to the new child's read
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
 
 import pytest
+from test_footprint import _Forked
 from test_plan_throughput import measured
 from test_terminate_lines import MIB, FakePool, Hub, cgroup_at
 
 from celery_guard.config import Settings
 from celery_guard.exits import ExitCauses
+from celery_guard.footprint import CollectorPages
 from celery_guard.governor import Governor
 from celery_guard.ledger import Record
 from celery_guard.limit import LiveLimit
@@ -198,3 +201,78 @@ def test_the_first_plan_from_measured_figures_is_logged_though_its_size_stays(
         budget.tick()
     lines = guard_lines(caplog, "event", "plan")
     assert [(line["target"], line["reason"]) for line in lines] == [(4, "throughput")]
+
+
+def test_a_vanilla_child_is_charged_what_measured_children_still_share_of_the_collectors_pages(
+    tmp_path: Path,
+) -> None:
+    """Without gc.freeze a child ends up with its own copy of every page a full collection
+    writes that it still shares: until a child is read, all of them count (the bound);
+    then what the children read still share. Real forked children stand for the pool's:
+    one that has written them (its own full collection) and one that has not."""
+    made = [{"id": i, "tags": [i]} for i in range(50_000)]
+    gc.collect()
+    collector = CollectorPages.of()
+    copied, fresh = _Forked(), _Forked()
+    try:
+        copied.collect()
+        pool = RecordingPool({copied.pid: 200, fresh.pid: 200})
+        settings = Settings()
+        budget = Governor(
+            pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
+            requested=2, estimate=30 * MIB, others=0, hostname="w1@test",
+            exits=ExitCauses(None), cpus=2, unfrozen_extra=collector.bytes, collector=collector,
+        )  # fmt: skip
+        budget.start(Hub())
+        assert budget.vanilla_extra() == collector.bytes
+        budget.take(Record(copied.pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+        budget.tick()
+        alone = budget.vanilla_extra()
+        budget.take(Record(fresh.pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+        budget.tick()
+        both = budget.vanilla_extra()
+    finally:
+        copied.close()
+        fresh.close()
+    assert len(made) == 50_000 and collector.bytes >= 10 * MIB
+    assert budget.ledger.pace.unfrozen.samples == 2
+    assert alone <= 0.05 * collector.bytes
+    assert 0.35 * collector.bytes <= both <= 0.65 * collector.bytes
+
+
+def test_the_collectors_pages_are_read_in_the_first_children_then_one_in_eight(
+    tmp_path: Path,
+) -> None:
+    """A read takes about a millisecond: the first UNFROZEN_FIRST children measured, then
+    one in UNFROZEN_EVERY; none without the pages (gc.freeze off)."""
+    pool = RecordingPool({pid: 200 for pid in range(101, 131)})
+    settings = Settings()
+    budget = Governor(
+        pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
+        requested=30, estimate=30 * MIB, others=0, hostname="w1@test",
+        exits=ExitCauses(None), cpus=2, collector=CollectorPages.of([]),
+    )  # fmt: skip
+    budget.start(Hub())
+    for pid in range(101, 131):
+        budget.take(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+        budget.take(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=2, tasks=2))
+    budget._absorb()
+    assert budget.unfrozen_due == [*range(101, 109), 109, 117, 125]
+    budget.collector = None
+    budget.unfrozen_due = []
+    budget._baseline_taken(200)
+    assert budget.unfrozen_due == []
+
+
+def test_a_fresh_reading_of_the_cgroup_takes_in_the_tasks_finished_before_it(
+    tmp_path: Path,
+) -> None:
+    """A finished task's reservation counts until the cgroup is read again: the clock's
+    reading holds what it kept."""
+    budget, _pool = governor(tmp_path, 2)
+    budget.ledger.tasks.observe("leak", 24 * MIB, 24 * MIB)
+    budget.ledger.task_accepted(101, "a", "leak")
+    budget.task_ready(101, "a")
+    assert budget.ledger.unread == 24 * MIB
+    budget.tick()
+    assert budget.ledger.unread == 0

@@ -68,6 +68,19 @@ def test_what_is_still_to_come_counts_young_children_and_running_tasks() -> None
     assert to_come(book, {}.get) == (20 + 0 + 60) * MIB
 
 
+def test_a_task_finished_since_the_cgroup_was_read_still_counts_until_it_is_read_again() -> None:
+    """What a finished task kept is in the cgroup, not in a reading older than its end:
+    its reservation stays in the projection until the next reading."""
+    book = ledger((1, 20, "leak"), (2, 20, None), peaks={"leak": 24})
+    assert to_come(book) == 24 * MIB
+    book.task_finished(1)
+    assert to_come(book) == 24 * MIB
+    book.task_accepted(1, "id-next", "leak")
+    assert to_come(book) == 2 * 24 * MIB  # the next run, and what the last one kept
+    book.unread = 0  # the governor read the cgroup
+    assert to_come(book) == 24 * MIB
+
+
 def test_a_child_that_copied_less_than_the_others_counts_the_rest_to_come() -> None:
     """Children measured after tasks that read little of the app's data will copy what
     the hungriest recent child copied once they run its kind of task."""
