@@ -56,9 +56,6 @@ class Footprint:
     page_tables: int
     allocators: Allocators | None = None
     app_objects: int | None = None  # bytes a task writes of the app's data (census)
-    #: bytes of the pages a full collection writes (``CollectorPages``): at most what a
-    #: child copies more where the collector was not frozen before the fork
-    collector_pages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,9 +165,9 @@ class CollectorPages:
     Without ``gc.freeze`` each child of a prefork pool gets its own copy of the ones
     it still shares: Celery collects in the main process before every fork (AsynPool,
     issue #2927), which copies the pages every child forked earlier shares with it,
-    and a child's own full collection does the same. Counted, not modelled: on seven
-    apps of ``bench/corpus`` a forked child's ``gc.collect()`` copied this within 0.5
-    MiB."""
+    and a child's own full collection does the same. Counted, not modelled:
+    ``test_footprint.py`` checks the count against what a forked child's
+    ``gc.collect()`` copies."""
 
     numbers: array[int]
     page: int = mmap.PAGESIZE
@@ -299,7 +296,6 @@ def measure(
     proc: str = "/proc/self",
     allocators: Allocators | None = None,
     app_objects: int | None = None,
-    collector: int | None = None,
 ) -> Footprint:
     """Read the footprint of the process whose /proc directory is ``proc``."""
     status = read_kib_fields(os.path.join(proc, "status"))
@@ -311,7 +307,6 @@ def measure(
         page_tables=status.get("VmPTE", 0),
         allocators=allocators,
         app_objects=app_objects,
-        collector_pages=collector,
     )
 
 

@@ -71,7 +71,6 @@ class Governor:
         limits: dict[str, int] | None = None,
         count_task: Callable[[str, str | None], None] = lambda kind, name: None,
         cpus: float | None = None,
-        unfrozen_extra: int = 0,
         collector: CollectorPages | None = None,
         unfrozen_collect: float = 0.0,
     ) -> None:
@@ -90,10 +89,11 @@ class Governor:
         self.ledger = Ledger(estimate, TaskTable(limits))
         self.safety = policy.Safety()
         self.cpus = cpus if cpus is not None else available_cpus()
+        #: the pages a full collection writes, counted at startup (gc.freeze on), and
         #: what a child copies more without gc.freeze, as a vanilla worker's children do:
-        #: at most this (every page a full collection writes), until children measure it
-        self.unfrozen_extra = unfrozen_extra
+        #: at most all of them, until children measure it (``vanilla_extra``)
         self.collector = collector
+        self.unfrozen_extra = collector.bytes if collector is not None else 0
         #: children whose first task was measured: how much of ``collector`` each still
         #: shares is read at the next turn of the clock (UNFROZEN_FIRST, then 1 in
         #: UNFROZEN_EVERY: one read takes about a millisecond)

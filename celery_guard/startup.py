@@ -99,16 +99,6 @@ class Measured:
             return 0.0
         return len(self.collector.numbers) * self.copy_seconds
 
-    @property
-    def unfrozen_extra(self) -> int:
-        """Bytes a child copies more in a worker that does not freeze the collector before
-        it forks (a vanilla worker, where this one does): the pages a full collection
-        writes (``footprint.CollectorPages``), counted at startup. At most that: a
-        child's tasks copy some of them anyway (the governor measures how many)."""
-        if not self.settings.gc_freeze:
-            return 0
-        return self.parent.collector_pages or 0
-
     def fields(self) -> dict[str, Any]:
         """The keys of the startup line, in its order."""
         return {
@@ -152,11 +142,7 @@ def measure(settings: Settings, pool: str, requested: int, forked: bool = True) 
     if settings.gc_freeze and forked:
         collector = footprint.CollectorPages.of()
         copy_seconds = footprint.copy_on_write_seconds()
-    parent = footprint.measure(
-        allocators=footprint.read_allocators(),
-        app_objects=app_objects,
-        collector=collector.bytes if collector is not None else None,
-    )
+    parent = footprint.measure(allocators=footprint.read_allocators(), app_objects=app_objects)
     estimate = footprint.estimate_child(parent, forked=forked, gc_freeze=settings.gc_freeze)
     remembered = remembered_cost(settings, budget.physical)
     if settings.child_memory is not None:

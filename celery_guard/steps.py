@@ -633,7 +633,6 @@ class Governor(bootsteps.StartStopStep):
             count=collector.count_pressure,
             count_task=collector.count_task,
             limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},
-            unfrozen_extra=measured.unfrozen_extra,
             collector=measured.collector,
             unfrozen_collect=guard.unfrozen_collect() + measured.collector_copy_seconds,
         )

@@ -221,7 +221,7 @@ def test_a_vanilla_child_is_charged_what_measured_children_still_share_of_the_co
         budget = Governor(
             pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
             requested=2, estimate=30 * MIB, others=0, hostname="w1@test",
-            exits=ExitCauses(None), cpus=2, unfrozen_extra=collector.bytes, collector=collector,
+            exits=ExitCauses(None), cpus=2, collector=collector,
         )  # fmt: skip
         budget.start(Hub())
         assert budget.vanilla_extra() == collector.bytes
