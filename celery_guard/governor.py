@@ -134,7 +134,8 @@ class Governor:
         self.hub: Any = None
         #: callbacks scheduled for the loop's next turn (a re-check, a new view)
         self.pending: set[Callable[[], None]] = set()
-        self.rechecking = False  # the gate runs in that re-check: it may read
+        #: while the held tasks are weighed again (``_recheck``): the figures read for it
+        self.rechecked: policy.View | None = None
         #: observe: decide and log as usual, act on nothing (CELERY_GUARD_GOVERNOR=observe)
         self.observing = settings.governor == "observe"
         self.observed: dict[tuple[str, int], float] = {}  # (action, pid) -> last logged
@@ -306,7 +307,7 @@ class Governor:
         self._log_recycle(child, view)
         if self.observing:
             return False
-        child.leaving = True
+        self.ledger.leave(child.pid)
         self.replacing.append(now)
         return True
 
@@ -319,7 +320,7 @@ class Governor:
             return False
         if not self.control.retire(child.pid, task_ended=True):
             return False
-        child.leaving = True
+        self.ledger.leave(child.pid)
         self._pressure(
             "retire", "plan", view.unreclaimable, pid=child.pid, private_mib=mib(child.private),
             target=self.plan.size,
@@ -390,11 +391,11 @@ class Governor:
         now = time.monotonic()
         self.ledger.forget_stale(now)
         view = self.view(now)
-        if self.rechecking:
-            view = replace(view, fresh=self.fresh_view)
+        if self.rechecked is not None:
+            view = replace(view, fresh=self._rechecked)
         verdict = policy.admit(view, self.ledger, request.name, self.safety.over)
         decided = time.perf_counter() - began
-        if verdict.reason == "no_room" and not self.rechecking:
+        if verdict.reason == "no_room" and self.rechecked is None:
             self._recheck_soon()
         if self.observing and not verdict.admit:
             if verdict.reason not in ("learning", "no_child"):
@@ -442,14 +443,24 @@ class Governor:
         self._soon(self._recheck)
 
     def _recheck(self) -> None:
+        """Read the cgroup and the running children's RSS once, then hand over the held
+        tasks that fit on those figures (the ones admitted meanwhile are in the ledger)."""
         self.pending.discard(self._recheck)
         if self.stopped:
             return
-        self.rechecking = True
+        fresh, rss = self.fresh_view(), {}
+        for child in self.ledger.children.values():  # once per re-check, not per task
+            if child.task is not None and not child.leaving:
+                rss[child.pid] = self.control.rss(child.pid)
+        self.rechecked = replace(fresh, rss_now=rss.get)
         try:
             self.control.release()
         finally:
-            self.rechecking = False
+            self.rechecked = None
+
+    def _rechecked(self) -> policy.View:
+        assert self.rechecked is not None
+        return self.rechecked
 
     def _held(
         self, request: Any, verdict: policy.Admission, view: policy.View, decided: float
@@ -547,7 +558,7 @@ class Governor:
             done = self.control.retire(child.pid)
         if not done:
             return
-        child.leaving = True
+        self.ledger.leave(child.pid)
         self._note_reaction()
         extra: dict[str, Any] = {"pid": child.pid, "private_mib": mib(child.private)}
         if action.action == "kill":

@@ -10,7 +10,7 @@ fed by the governor on the event loop and read by the policy.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 #: Distinct task names kept; past this, a name is measured under OTHER.
@@ -79,6 +79,7 @@ class TaskTable:
         self.by_name: dict[str, TaskMemory] = {}
         #: Declared hard limits (bytes) by task name: an upper bound on an unmeasured peak.
         self.limits = dict(limits or {})
+        self._worst_peak = 0  # a name's peak only rises: the largest so far, kept
 
     def _key(self, name: str) -> str:
         if name in self.by_name or len(self.by_name) < MAX_TASK_NAMES:
@@ -89,6 +90,7 @@ class TaskTable:
         memory = self.by_name.setdefault(self._key(name), TaskMemory())
         memory.runs += 1
         memory.peak = max(memory.peak, peak, 0)
+        self._worst_peak = max(self._worst_peak, memory.peak)
         memory.retained += max(retained, 0)
 
     def known(self, name: str) -> bool:
@@ -105,7 +107,7 @@ class TaskTable:
     def worst_peak(self) -> int:
         """The largest growth of any run seen: what an unknown task may do. Declared
         limits bound only their own task (a large limit is not a large peak)."""
-        return max((m.peak for m in self.by_name.values()), default=0)
+        return self._worst_peak
 
     @property
     def worst_retained(self) -> int:
@@ -260,7 +262,12 @@ class ChildState:
 
 @dataclass
 class Ledger:
-    """Every live child, the tasks in flight and the task table."""
+    """Every live child, the tasks in flight and the task table.
+
+    The sums a hand-over weighs (children free, bytes reserved for running tasks, bytes
+    of children on their way out, what young children will still copy) are kept as the
+    events come, so that no decision walks the children: change a child only through
+    the events below (``leave`` included), never by setting its fields."""
 
     estimate: int  # bytes: the startup estimate of a child's baseline
     tasks: TaskTable = field(default_factory=TaskTable)
@@ -273,13 +280,25 @@ class Ledger:
     #: bytes reserved for the tasks that finished since the cgroup was last read: what
     #: they kept is in the cgroup now but not in that reading, and no longer to come
     unread: int = 0
+    # -- kept as the events come (see ``_count``) --
+    busy: int = field(default=0, init=False)  # children running a task, leaving ones too
+    idle: int = field(default=0, init=False)  # staying children with no task
+    running_peaks: int = field(default=0, init=False)  # reserved for staying children's tasks
+    starting_peaks: int = field(default=0, init=False)  # reserved for tasks not accepted yet
+    leaving_bytes: int = field(default=0, init=False)  # held by children on their way out
+    #: tasks in flight (handed or running) by name
+    in_flight: Counter[str] = field(default_factory=Counter, init=False)
+    _expected: int | None = field(default=None, init=False)  # max(baselines), once per change
+    _gap: tuple[int, int] | None = field(default=None, init=False)  # (expected, baseline_gap)
 
     # -- the figures the policy reads ----------------------------------------------------
     @property
     def expected_baseline(self) -> int:
         """What the next child will copy: the largest of the last children's baselines,
         else the startup estimate."""
-        return max(self.baselines, default=self.estimate)
+        if self._expected is None:
+            self._expected = max(self.baselines, default=self.estimate)
+        return self._expected
 
     @property
     def growth_baseline(self) -> int:
@@ -288,6 +307,20 @@ class Ledger:
         tasks may read less of the app's data than later ones)."""
         measured = self.expected_baseline
         return measured if self.finished >= PRIOR_TASKS else max(measured, self.estimate)
+
+    @property
+    def baseline_gap(self) -> int:
+        """Bytes the staying children will still copy: all of ``expected_baseline`` for a
+        young one, the rest of it for one that copied less so far. Summed again only when
+        a child comes, goes, leaves or is measured, or the expectation moves: not per task."""
+        expected = self.expected_baseline
+        if self._gap is None or self._gap[0] != expected:
+            gap = 0
+            for child in self.children.values():
+                if not child.leaving:
+                    gap += expected if child.baseline is None else max(expected - child.baseline, 0)
+            self._gap = (expected, gap)
+        return self._gap[1]
 
     def expected_peak(self, name: str) -> int | None:
         return self.tasks.peak(name)
@@ -301,24 +334,66 @@ class Ledger:
 
     def free(self) -> int:
         """Children that could take a task now: idle, staying, none promised to them."""
-        idle = sum(1 for c in self.children.values() if not c.leaving and c.task is None)
-        return idle - len(self.starting)
+        return self.idle - len(self.starting)
 
     def learning(self, name: str) -> bool:
         """A run of ``name``, never measured, is already in flight."""
-        return any(h.name == name for h in self.starting.values()) or any(
-            c.task == name for c in self.children.values()
-        )
+        return self.in_flight[name] > 0
+
+    # -- the sums ----------------------------------------------------------------------
+    def _count(self, child: ChildState, sign: int) -> None:
+        """Add (``sign`` 1) or take out (-1) what ``child`` adds to the sums: called with
+        -1 before a child changes and 1 after."""
+        if child.task is not None:
+            self.busy += sign
+            self.in_flight[child.task] += sign
+        if child.leaving:
+            self.leaving_bytes += sign * child.private
+        elif child.task is None:
+            self.idle += sign
+        else:
+            self.running_peaks += sign * child.task_peak
+
+    def _handed(self, handed: Handed, sign: int) -> None:
+        self.starting_peaks += sign * handed.peak
+        self.in_flight[handed.name] += sign
+
+    def _add_baseline(self, baseline: int) -> None:
+        self.baselines.append(baseline)
+        self._expected = None
+        self._gap = None
 
     # -- events -----------------------------------------------------------------------
     def child_up(self, pid: int, rss: int = 0) -> None:
-        self.children[pid] = ChildState(pid, rss=rss)
+        self.child_down(pid)  # a pid seen again: the old child is gone
+        child = self.children[pid] = ChildState(pid, rss=rss)
+        self._count(child, 1)
+        self._gap = None
 
     def child_down(self, pid: int) -> ChildState | None:
-        return self.children.pop(pid, None)
+        child = self.children.pop(pid, None)
+        if child is not None:
+            self._count(child, -1)
+            self._gap = None
+        return child
+
+    def leave(self, pid: int) -> None:
+        """The child is on its way out (recycled, retired, killed): what it holds is
+        freed when it exits, and no task is given to it."""
+        child = self.children.get(pid)
+        if child is None or child.leaving:
+            return
+        self._count(child, -1)
+        child.leaving = True
+        self._count(child, 1)
+        self._gap = None
 
     def task_handed(self, task_id: str, name: str, peak: int, now: float) -> None:
-        self.starting[task_id] = Handed(name, peak, now)
+        old = self.starting.pop(task_id, None)
+        if old is not None:
+            self._handed(old, -1)
+        handed = self.starting[task_id] = Handed(name, peak, now)
+        self._handed(handed, 1)
 
     def forget_stale(self, now: float) -> None:
         """Tasks handed over that no child accepted in ACCEPT_WITHIN seconds."""
@@ -327,22 +402,29 @@ class Ledger:
             if now - handed.when < ACCEPT_WITHIN:
                 return
             del self.starting[task_id]
+            self._handed(handed, -1)
 
     def task_accepted(self, pid: int, task_id: str, name: str) -> None:
         entry = self.starting.pop(task_id, None)
+        if entry is not None:
+            self._handed(entry, -1)
         child = self.children.get(pid)
         if child is None:
             return
         peak = entry.peak if entry else (self.tasks.peak(name) or self.tasks.worst_peak)
+        self._count(child, -1)
         child.task, child.task_id, child.task_peak, child.task_rss = name, task_id, peak, child.rss
+        self._count(child, 1)
 
     def task_finished(self, pid: int) -> None:
         child = self.children.get(pid)
         if child is not None:
             self.unread += child.task_peak
+            self._count(child, -1)
             child.task = child.task_id = None
             child.task_peak = 0
             child.tasks += 1
+            self._count(child, 1)
         self.finished += 1
 
     def take(self, record: Record) -> None:
@@ -352,6 +434,13 @@ class Ledger:
         child = self.children.get(record.pid)
         if child is None:
             return
+        self._count(child, -1)
+        try:
+            self._measured(child, record)
+        finally:
+            self._count(child, 1)
+
+    def _measured(self, child: ChildState, record: Record) -> None:
         child.rss = record.rss
         self.pace.from_record(child, record)
         if record.private is None:
@@ -362,7 +451,7 @@ class Ledger:
             kept = max(record.retained, 0)
             child.baseline = max(record.private - kept, 0)
             child.rss_at_baseline = record.rss - kept
-            self.baselines.append(child.baseline)
+            self._add_baseline(child.baseline)
             self.pace.first_kept.add(kept)
         elif child.private_read is not None:
             # Private memory that grew more than the RSS did since it was last read:
@@ -372,7 +461,7 @@ class Ledger:
             copied = (record.private - last_private) - (record.rss - last_rss)
             if copied > 0:
                 child.baseline += copied
-                self.baselines.append(child.baseline)
+                self._add_baseline(child.baseline)
         child.private_read = (record.private, record.rss)
 
 

@@ -72,25 +72,17 @@ def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) 
 
     Every child will copy what the children measured last copied (``expected_baseline``):
     a young child all of it, one that copied less so far (its tasks read less of the
-    app's data) the rest. Each task handed out reaches its expected peak. With
-    ``rss_now`` a running task's growth so far is read and only the rest is counted (it
-    is already in the cgroup's figure); without, all of it counts (cautious, and no read).
-    A task that finished since the cgroup was read counts as it did while it ran, until
-    the next reading (``Ledger.unread``): what it kept is not in that reading."""
-    total = ledger.unread + sum(handed.peak for handed in ledger.starting.values())
-    expected = ledger.expected_baseline
-    for child in ledger.children.values():  # on every hand-over: no call it can spare
-        if child.leaving:
-            continue
-        baseline = child.baseline
-        if baseline is None:
-            total += expected
-        elif baseline < expected:
-            total += expected - baseline
-        if child.task is None:
-            continue
-        if rss_now is None:
-            total += child.task_peak
+    app's data) the rest (``Ledger.baseline_gap``). Each task handed out reaches its
+    expected peak. With ``rss_now`` a running task's growth so far is read and only the
+    rest is counted (it is already in the cgroup's figure); without, all of it counts
+    (cautious, and no read: the ledger's sums, no walk of the children). A task that
+    finished since the cgroup was read counts as it did while it ran, until the next
+    reading (``Ledger.unread``): what it kept is not in that reading."""
+    total = ledger.unread + ledger.starting_peaks + ledger.baseline_gap
+    if rss_now is None:
+        return total + ledger.running_peaks
+    for child in ledger.children.values():  # a re-check, off the per-task path
+        if child.task is None or child.leaving:
             continue
         now = rss_now(child.pid)
         grown = max(now - child.task_rss, 0) if now is not None else child.task_peak
@@ -128,7 +120,7 @@ def overrun(ledger: Ledger, rss_now: Callable[[int], int | None]) -> int:
 def leaving(ledger: Ledger) -> int:
     """Bytes held by children on their way out (recycled, retired): the cgroup
     still counts them, and soon will not."""
-    return sum(c.private for c in ledger.children.values() if c.leaving)
+    return ledger.leaving_bytes
 
 
 def fits(view: View, ledger: Ledger, adding: int, read: bool = False) -> tuple[bool, int]:
@@ -162,8 +154,7 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
       told, then reading the running children's RSS.
     """
     peak = expected_peak(ledger, name)
-    running = any(c.task is not None for c in ledger.children.values())
-    idle = not ledger.starting and not running and not leaving(ledger)
+    idle = not ledger.starting and not ledger.busy and not leaving(ledger)
     if idle:
         return Admission(True, "idle", peak, view.unreclaimable + peak)
     if not ledger.tasks.known(name) and ledger.learning(name):

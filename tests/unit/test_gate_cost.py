@@ -118,7 +118,71 @@ def test_a_task_that_does_not_fit_is_held_without_a_read_then_weighed_with_one(
     assert len(rechecks) == 1
     pool.release()  # held again: one re-check is scheduled, not one per attempt
     assert [c for _, c in budget.hub.later if c == budget._recheck] == rechecks
+    # the re-check reads the cgroup and the running child's growth once, before it
+    # weighs the held tasks: the decisions themselves read nothing
+    order: list[str] = []
+    gate = budget.gate
+
+    def deciding(request: Request) -> bool | None:
+        order.append("decide")
+        return gate(request)
+
+    def reading(pid: int) -> int:
+        order.append("read")
+        return rss(pid)
+
+    pool.gate, pool.rss = deciding, reading  # type: ignore[method-assign]
+    second = Request("id-held-2")
+    pool.held.append(second)
     rechecks[0]()
-    assert started == [request] and not pool.held
+    assert started == [request, second] and not pool.held
     assert budget.reading is not None and budget.reading[1] == 300 * MIB
-    assert rss.calls >= 1  # the running child's growth, read now
+    assert order == ["read", "decide", "decide"]  # the running child's growth, read first
+
+
+class Walked(dict):
+    """The ledger's children, counting every walk of them."""
+
+    walks = 0
+
+    def _walked(self) -> None:
+        type(self).walks += 1
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self._walked()
+        return super().values()
+
+    def items(self):  # type: ignore[no-untyped-def]
+        self._walked()
+        return super().items()
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        self._walked()
+        return super().keys()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self._walked()
+        return super().__iter__()
+
+
+def test_a_hand_over_walks_no_child_whether_the_task_is_admitted_or_held(tmp_path: Path) -> None:
+    """What a decision weighs is summed as the events come (``Ledger._count``): the
+    gate and a task's end look children up by pid, and never walk all of them (what
+    the children will still copy is summed again only when one comes, goes, leaves or
+    is measured: here, once, at the first decision)."""
+    budget, _ = governor(tmp_path, 4)
+    budget.task_accepted(101, "id-101", "t")  # one task in flight: no "idle" shortcut
+    budget.reading = (time.monotonic() + 3600, 300 * MIB)  # fresh all along
+    budget.fresh_view()
+    assert budget.gate(Request("id-first")) is True
+    budget.ledger.children = Walked(budget.ledger.children)
+    Walked.walks = 0
+    for n in range(20):
+        assert budget.gate(Request(f"id-{n}")) is True
+        budget.handed(Request(f"id-{n}"))
+        budget.task_accepted(102, f"id-{n}", "t")
+        budget.task_ready(102, f"id-{n}")
+    assert Walked.walks == 0
+    budget.reading = (time.monotonic() + 3600, int(LIMIT * 0.95) + 10 * MIB)  # past high
+    assert budget.gate(Request("id-held")) is False
+    assert Walked.walks == 0

@@ -134,7 +134,7 @@ def test_children_on_their_way_out_take_no_task() -> None:
     ledger = Ledger(estimate=0)
     ledger.child_up(1)
     ledger.child_up(2)
-    ledger.children[1].leaving = True
+    ledger.leave(1)
     assert ledger.free() == 1 and [c.pid for c in ledger.live()] == [2]
 
 
@@ -221,3 +221,78 @@ def test_a_vanilla_replacement_waits_for_billiards_maintenance_as_often_as_it_wa
     pace.replacements, pace.late_joins = 4, 1
     assert pace.replace_idle() == pytest.approx(0.6)
     assert pace.vanilla_replace_idle() == pytest.approx(0.6 + BILLIARD_MAINTENANCE / 2 / 4)
+
+
+# -- the sums a hand-over weighs, kept as the events come ----------------------------------
+PIDS = st.integers(1, 5)
+NAMES = st.sampled_from(["a", "b", "c"])
+EVENTS = st.one_of(
+    st.tuples(st.just("up"), PIDS, st.integers(0, 300)),
+    st.tuples(st.just("down"), PIDS),
+    st.tuples(st.just("leave"), PIDS),
+    st.tuples(st.just("handed"), st.integers(0, 9), NAMES, st.integers(0, 90)),
+    st.tuples(st.just("accepted"), PIDS, st.integers(0, 9), NAMES),
+    st.tuples(st.just("finished"), PIDS),
+    st.tuples(st.just("stale"), st.integers(0, 20)),
+    st.tuples(
+        st.just("record"),
+        PIDS,
+        NAMES,
+        st.integers(-50, 50),
+        st.integers(0, 400),
+        st.one_of(st.none(), st.integers(0, 300)),
+    ),
+)
+
+
+def apply(ledger: Ledger, event: tuple, clock: list[float]) -> None:
+    kind, *args = event
+    clock[0] += 1.0
+    if kind == "up":
+        ledger.child_up(args[0], args[1] * MIB)
+    elif kind == "down":
+        ledger.child_down(args[0])
+    elif kind == "leave":
+        ledger.leave(args[0])
+    elif kind == "handed":
+        ledger.task_handed(f"id-{args[0]}", args[1], args[2] * MIB, clock[0])
+    elif kind == "accepted":
+        ledger.task_accepted(args[0], f"id-{args[1]}", args[2])
+    elif kind == "finished":
+        ledger.task_finished(args[0])
+    elif kind == "stale":
+        ledger.forget_stale(clock[0] + args[0])
+    else:
+        pid, name, retained, rss, private = args
+        ledger.take(record(pid, name, 10 * MIB, retained * MIB, rss * MIB,
+                           None if private is None else private * MIB))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(EVENTS, max_size=40))
+def test_the_sums_a_hand_over_weighs_are_what_walking_the_children_gives_after_any_events(
+    events: list[tuple],
+) -> None:
+    """The ledger keeps them as the events come so that no decision walks the children;
+    after any sequence of events each must equal its definition, walked here."""
+    ledger, clock = Ledger(estimate=25 * MIB), [0.0]
+    for event in events:
+        apply(ledger, event, clock)
+        children = list(ledger.children.values())
+        staying = [c for c in children if not c.leaving]
+        expected = max(ledger.baselines, default=ledger.estimate)
+        assert ledger.expected_baseline == expected
+        assert ledger.busy == sum(c.task is not None for c in children)
+        assert ledger.free() == sum(c.task is None for c in staying) - len(ledger.starting)
+        assert ledger.running_peaks == sum(c.task_peak for c in staying if c.task is not None)
+        assert ledger.starting_peaks == sum(h.peak for h in ledger.starting.values())
+        assert ledger.leaving_bytes == sum(c.private for c in children if c.leaving)
+        assert ledger.baseline_gap == sum(
+            expected if c.baseline is None else max(expected - c.baseline, 0) for c in staying
+        )
+        for name in ("a", "b", "c"):
+            in_flight = [h.name for h in ledger.starting.values()] + [c.task for c in children]
+            assert ledger.learning(name) == (name in in_flight)
+        assert ledger.tasks.worst_peak == max(
+            (m.peak for m in ledger.tasks.by_name.values()), default=0
+        )

@@ -92,7 +92,7 @@ def test_a_child_that_copied_less_than_the_others_counts_the_rest_to_come() -> N
 def test_children_on_their_way_out_count_once_they_are_gone_but_not_past_the_hard_mark() -> None:
     book = ledger((1, 20, None), (2, 20, None), peaks={"t": 50})
     book.take(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))  # child 2 holds 120
-    book.children[2].leaving = True
+    book.leave(2)
     assert leaving(book) == 120 * MIB
     # 880 + 50 = 930: over the high mark now, 810 once child 2 is gone; under the hard
     assert fits(view(880), book, 50 * MIB) == (True, 810 * MIB)
@@ -134,7 +134,7 @@ def test_nothing_in_flight_is_not_idle_while_a_child_on_its_way_out_holds_memory
     the task waits for the exit instead of starting because nothing is in flight."""
     book = ledger((1, 20, None), (2, 20, None), peaks={"hog": 60})
     book.take(Record(1, "hog", 0, False, 280 * MIB, 480 * MIB, None))  # holds 300
-    book.children[1].leaving = True
+    book.leave(1)
     verdict = admit(view(930), book, "hog")
     assert (verdict.admit, verdict.reason) == (False, "no_room")
     book.child_down(1)  # gone: nothing in flight, nothing held by a leaving child
@@ -223,7 +223,7 @@ def test_growth_it_admitted_is_not_stopped_however_fast_it_rises() -> None:
     nothing is stopped (the tasks were admitted to fit). Children on their way out hold
     memory that will be freed: the working set less theirs is what holds new tasks."""
     book = ledger((1, 20, "hog"), (2, 20, "hog"), (3, 20, None), peaks={"hog": 60})
-    book.children[3].leaving = True
+    book.leave(3)
     book.take(Record(3, "t", 0, False, 100 * MIB, 300 * MIB, None))  # holds 120 MiB
     safety = Safety()
     safety.decide(view(700), book, now=0.0)
@@ -264,7 +264,7 @@ def test_it_grows_only_once_children_on_their_way_out_are_gone() -> None:
     would copy and take tasks on memory that is not free yet."""
     book = ledger((1, 20, None), (2, 20, None), peaks={"t": 30})
     book.take(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))
-    book.children[2].leaving = True
+    book.leave(2)
     assert Safety().decide(view(300, size=2), book, now=0.0) == []
     book.child_down(2)
     actions = Safety().decide(view(200, size=1), book, now=0.0)
@@ -325,7 +325,8 @@ def test_the_rules_stay_within_the_pool_and_the_marks(
             book.children[pid].rss = (100 + retained) * MIB
         if task is not None:
             book.task_accepted(pid, f"id{pid}", task)
-        book.children[pid].leaving = gone
+        if gone:
+            book.leave(pid)
     size = len(children)
     v = view(ws, size=size, requested=requested, base=base, per_child=per_child)
     assert 1 <= target_size(v, book) <= requested
