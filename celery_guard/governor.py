@@ -273,7 +273,9 @@ class Governor:
             self.replacements[pid] = self.replacing.popleft()
 
     def child_alive(self, pid: int) -> None:
-        """A child is ready for work: for a replacement, how long its slot was empty."""
+        """A child is ready for work (the pool may grow on it: ``Safety``); for a
+        replacement, how long its slot was empty."""
+        self.ledger.child_ready(pid)
         emptied = self.replacements.pop(pid, None)
         if emptied is not None:
             self.ledger.pace.replace_wall.add(time.monotonic() - emptied)

@@ -246,6 +246,9 @@ class ChildState:
     leaving: bool = False  # recycled, retired or killed: on its way out
     last_record: Record | None = None  # its last record that carried its CPU time
     private_read: tuple[int, int] | None = None  # (private, RSS) when it last read both
+    #: it said it is ready for work (billiard's WORKER_UP, after ``worker_process_init``)
+    #: or sent a record: its start is paid
+    ready: bool = False
 
     @property
     def young(self) -> bool:
@@ -377,6 +380,17 @@ class Ledger:
             self._gap = None
         return child
 
+    def child_ready(self, pid: int) -> None:
+        child = self.children.get(pid)
+        if child is not None:
+            child.ready = True
+
+    def starting_children(self) -> tuple[int, int]:
+        """(ready, still starting) of the staying children."""
+        live = self.live()
+        ready = sum(1 for c in live if c.ready)
+        return ready, len(live) - ready
+
     def leave(self, pid: int) -> None:
         """The child is on its way out (recycled, retired, killed): what it holds is
         freed when it exits, and no task is given to it."""
@@ -442,6 +456,7 @@ class Ledger:
 
     def _measured(self, child: ChildState, record: Record) -> None:
         child.rss = record.rss
+        child.ready = True
         self.pace.from_record(child, record)
         if record.private is None:
             return

@@ -439,21 +439,20 @@ class Safety:
     - Past the high mark: hold every task (``over``); recycle idle children that hold
       retained memory, and retire idle ones above the target size (the limit fell),
       the largest first, until under the high mark.
-    - Else: grow towards the target size, one child at a time, when the projected peak
-      with one more child fits; above the target, retire idle children. Above the low
-      mark it checks every FAST seconds.
+    - Else: grow towards the target size as many children as fit at their projected
+      peak, at most as many as there are children ready for work, less those still
+      starting (``_resize``); above the target, retire idle children. Above the low mark
+      it checks every FAST seconds.
     """
 
     LOOKAHEAD = 0.5  # seconds
     FAST = 0.05  # seconds between checks above the low mark
     COOLDOWN = 0.3  # seconds after shedding: time for the children to exit
-    GROW_EVERY = 0.5  # seconds between two grows
 
     def __init__(self) -> None:
         self.last: tuple[float, int] | None = None
         self.rate = 0.0  # bytes per second the unreclaimable memory rose by
         self.quiet_until = 0.0
-        self.grow_after = 0.0
         self.over = False
 
     def project(self, held: int, now: float) -> int:
@@ -551,8 +550,13 @@ class Safety:
         return actions
 
     def _resize(self, view: View, ledger: Ledger, now: float) -> list[Action]:
-        """Towards the target size: retire an idle child above it; below it, add one
-        when a new child (its baseline and a task's peak) fits (``fits``)."""
+        """Towards the target size: retire an idle child above it; below it, add the
+        children that fit at their projected peak (``fits``), in waves: no more than are
+        ready for work, less those still starting. A pool started with its first wave
+        (``steps.Governor``) doubles at most once per start, so a dear start (a child
+        that loads a model in ``worker_process_init``) is paid by a few children, not by
+        all of those asked for, before the plan has weighed it; cheap children are ready
+        within a tick or two."""
         target = target_size(view, ledger)
         if view.size > target and now >= self.quiet_until:
             idle = [c for c in ledger.live() if c.task is None]
@@ -561,15 +565,20 @@ class Safety:
                 child = _largest_first(idle, lambda c: c.private)[0]
                 return [Action("retire", child.pid, "low", child)]
             return []
-        if view.size >= target or now < self.grow_after or leaving(ledger):
+        if view.size >= target or leaving(ledger):
             return []  # children on their way out: grow once their memory is free
+        ready, starting = ledger.starting_children()
+        wave = max(ready, 1) - starting
         each = ledger.growth_baseline + ledger.tasks.worst_peak
         count = 0  # as many as fit, up to the target (the tick's reading is fresh)
-        while view.size + count < target and fits(view, ledger, each * (count + 1), True)[0]:
+        while (
+            count < wave
+            and view.size + count < target
+            and fits(view, ledger, each * (count + 1), True)[0]
+        ):
             count += 1
         if not count:
             return []
-        self.grow_after = now + self.GROW_EVERY
         return [Action("grow", level="low", count=count)]
 
 

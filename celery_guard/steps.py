@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,11 @@ class GuardState:
     #: Seconds the full collection before the first fork took (Protection, gc.freeze
     #: on): what a worker without the freeze spends before every fork.
     unfrozen_collect: Callable[[], float] = lambda: 0.0
+    #: The pool's size when it started with its first wave only (``Governor``): the
+    #: governor forks the rest; None: it started whole.
+    whole: int | None = None
+    #: Called when the pool's hooks cannot be placed: the guard leaves the pool alone.
+    on_not_installed: list[Callable[[], None]] = field(default_factory=list)
 
 
 def state_of(w: Any) -> GuardState | None:
@@ -324,6 +330,8 @@ class Telemetry(bootsteps.StartStopStep):
         if control is None or collector is None or control.installed:
             return  # installed at the first registration: once
         if not control.install():
+            for callback in guard.on_not_installed:
+                callback()
             return
         control.listeners.append(_ExitListener(collector, self.sampler))
         control.on_lost = collector.on_lost
@@ -588,6 +596,31 @@ class Governor(bootsteps.StartStopStep):
         self.governor: Budget | None = None
         self.registered = False
         self.enabled = bool(guard and self._applies(w, guard))
+        if self.enabled and guard is not None:
+            self._first_wave(w, guard)
+
+    @staticmethod
+    def _first_wave(w: Any, guard: GuardState) -> None:
+        """Have the pool forked with as many children as there are CPUs (Celery forks
+        ``min_concurrency`` children, as it does for ``--autoscale``): the governor adds
+        the rest in waves, each once the last is ready for work (``policy.Safety``), so
+        a child that is dear to start is measured on a few before it is paid by all.
+        Only where the governor acts on the pool."""
+        from .governor import available_cpus
+
+        if guard.settings.mode != "scale" or guard.settings.governor != "on":
+            return
+        first = max(math.ceil(available_cpus()), 1)
+        if w.min_concurrency > first:
+            guard.whole, w.min_concurrency = w.min_concurrency, first
+            guard.on_not_installed.append(lambda: _fork_whole(w, guard))
+
+    def start(self, parent: Any) -> None:
+        """After the Pool step's start: the pool's size as ``celery inspect stats`` shows
+        it (``max-concurrency``) is the whole, not the first wave it was forked with."""
+        guard = state_of(parent)
+        if guard is not None and guard.whole is not None and parent.pool is not None:
+            parent.pool.limit = guard.whole
 
     @staticmethod
     def _applies(w: Any, guard: GuardState) -> bool:
@@ -614,6 +647,13 @@ class Governor(bootsteps.StartStopStep):
         guard.on_installed.append(lambda: self._start(w, guard, hub))
 
     def _start(self, w: Any, guard: GuardState, hub: Any) -> None:
+        try:
+            self._run(w, guard, hub)
+        except Exception:  # noqa: BLE001 - never take the worker down by accident
+            logger.exception("celery-guard event=error stage=governor")
+            _fork_whole(w, guard)
+
+    def _run(self, w: Any, guard: GuardState, hub: Any) -> None:
         from .governor import Governor as Budget
 
         measured, collector, control = guard.measured, guard.collector, guard.control
@@ -707,6 +747,16 @@ class MemoryGuard(bootsteps.Step):
     label = "MemoryGuard"
     name = "celery_guard.MemoryGuard"
     requires = (Fit, Telemetry, Protection, TaskLimits, Governor, Metrics)
+
+
+def _fork_whole(w: Any, guard: GuardState) -> None:
+    """No governor will add the rest of a pool started with its first wave: add it now."""
+    whole, guard.whole = guard.whole, None
+    if whole is not None and whole > _pool_size(w):
+        w.pool.grow(whole - _pool_size(w))
+        maintain = getattr(w.pool, "maintain_pool", None)
+        if maintain is not None:  # fork them now, not at billiard's next maintenance
+            maintain()
 
 
 def _pool_size(w: Any) -> int:

@@ -5,6 +5,8 @@ as a hand-tuner would, and recommends that same pair."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 
 import harness
@@ -75,3 +77,34 @@ def test_cheap_children_of_slow_tasks_stay_many_and_are_replaced_after_a_task_or
     last = plans[-1]
     assert int(last["target"]) >= 12
     assert int(last["tasks_per_child"]) <= 2
+
+
+@pytest.mark.cgroup
+def test_a_pool_of_dear_children_is_forked_in_waves_each_once_the_last_is_ready(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """Asked for -c 8, with children that spend 0.3 s of CPU starting: the pool is
+    forked with one child per CPU, then doubles each time the children forked last
+    are ready for work, and no task is needed for it to reach 8. The startup line and
+    ``celery inspect stats`` give the whole pool's size."""
+    from celery_guard.governor import available_cpus
+
+    group = make_cgroup(768 * MIB)
+    env = harness.worker_env(redis, {**SMALL_APP, "HEAVY_APP_CHILD_START_SECONDS": "0.3"})
+    worker = make_worker(["-c", "8"], env, group)
+    worker.wait_ready(90)
+    assert worker.startup()["concurrency"] == "8"
+    assert harness.eventually(lambda: worker.forks() == 8, 60), worker.log[-3000:]
+    first = max(math.ceil(available_cpus()), 1)
+    waves, size = [], first
+    while size < 8:
+        waves.append(min(size, 8 - size))
+        size += waves[-1]
+    grows = [p for p in worker.events("pressure") if p["action"] == "grow"]
+    assert [int(g["added"]) for g in grows] == waves
+    before_first_grow = worker.log.split("action=grow", 1)[0]
+    assert before_first_grow.count("heavy_app pool child started") == first
+    node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+    stats = harness.run_celery(["inspect", "stats", "--json", "--timeout", "10", "-d", node], env)
+    assert json.loads(stats.stdout)[node]["pool"]["max-concurrency"] == 8, stats
+    assert group.oom_kills() == 0

@@ -250,13 +250,42 @@ def test_past_the_high_mark_it_sheds_idle_children_that_hold_retained_memory() -
 
 
 def test_below_the_marks_it_grows_as_many_as_fit_towards_the_target() -> None:
-    book = ledger((1, 20, None), peaks={"t": 30})
+    book = ledger(*[(pid, 20, None) for pid in range(1, 8)], peaks={"t": 30})
     safety = Safety()
-    # target: 700 // (20 + 30) = 14; each new child adds 50: from 300, (900 - 300) // 50
-    actions = safety.decide(view(300, size=1), book, now=0.0)
-    assert [(a.action, a.count) for a in actions] == [("grow", 12)]
-    assert safety.decide(view(300, size=13), book, now=0.1) == []  # GROW_EVERY
-    assert safety.decide(view(300, size=14), book, now=10.0) == []  # at the target
+    # target: 700 // (20 + 30) = 14; seven ready children may bring seven more, but each
+    # adds 50 and from 700 only (900 - 700) // 50 = 4 fit under the high mark
+    actions = safety.decide(view(700, size=7), book, now=0.0)
+    assert [(a.action, a.count) for a in actions] == [("grow", 4)]
+    # from 300, twelve would fit: the seven to the target
+    assert [(a.action, a.count) for a in safety.decide(view(300, size=7), book, now=1.0)] == [
+        ("grow", 7)
+    ]
+    assert safety.decide(view(300, size=14), book, now=2.0) == []  # at the target
+
+
+def test_it_grows_in_waves_no_more_than_the_children_ready_less_those_starting() -> None:
+    """A pool started with its first wave (two children) doubles once they are ready:
+    a child dear to start is paid by a few before the plan has weighed it."""
+    book = ledger((1, 20, None), (2, 20, None), peaks={"t": 30})
+    safety = Safety()
+    assert [(a.action, a.count) for a in safety.decide(view(300, size=2), book, 0.0)] == [
+        ("grow", 2)
+    ]
+    book.child_up(3)
+    book.child_up(4)
+    assert safety.decide(view(300, size=4), book, now=0.1) == []  # both still starting
+    book.child_ready(3)
+    assert [(a.action, a.count) for a in safety.decide(view(300, size=4), book, 0.2)] == [
+        ("grow", 2)  # three ready, one still starting
+    ]
+    book.child_up(5)
+    book.child_up(6)
+    book.take(Record(4, "t", 0, False, 0, 200 * MIB, 20 * MIB))  # a record: it is ready
+    for pid in (5, 6):
+        book.child_ready(pid)
+    assert [(a.action, a.count) for a in safety.decide(view(300, size=6), book, 0.3)] == [
+        ("grow", 6)  # six ready: the pool may double
+    ]
 
 
 def test_it_grows_only_once_children_on_their_way_out_are_gone() -> None:
