@@ -239,7 +239,8 @@ def _guard_figures(worker: harness.Worker, outcome: Outcome) -> None:
     sizes = [int(s["concurrency"]) for s in startup[:1]]
     pressure = worker.events("pressure")
     recycles = [r for r in worker.events("recycle") if r.get("reason") == "budget"]
-    sizes += [int(line["concurrency"]) for line in pressure + recycles]
+    smallest = worker.smallest_pool()  # once forked: the start's waves are no shrinking
+    sizes += [smallest] if smallest is not None else []
     outcome.smallest_pool = min(sizes) if sizes else None
     outcome.stopped = sum(p["action"] == "terminate" for p in pressure)
     outcome.turns = worker.turns_after_plan()

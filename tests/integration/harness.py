@@ -350,10 +350,26 @@ class Worker:
             return {key: str(value) for key, value in json.loads(text).items()}
         return parse_line(text)
 
-    def events(self, event: str) -> list[dict[str, str]]:
-        """Every text-format celery-guard line of that event, parsed."""
+    def events(self, event: str, since: int = 0) -> list[dict[str, str]]:
+        """Every text-format celery-guard line of that event, parsed; with ``since``,
+        only those after that offset of the log (``len(worker.log)`` taken earlier)."""
         marker = f"celery-guard event={event} "
-        return [parse_line(line) for line in self.log.splitlines() if marker in line]
+        return [parse_line(line) for line in self.log[since:].splitlines() if marker in line]
+
+    def smallest_pool(self) -> int | None:
+        """The smallest pool size the guard's lines (pressure, recycle) report once the
+        pool has been forked: the sizes it reports while its first waves are forked
+        (they rise to a first peak) are not a pool brought down. None: no such line."""
+        sizes = []
+        for line in self.log.splitlines():
+            if "celery-guard event=pressure " in line or "celery-guard event=recycle " in line:
+                fields = parse_line(line)
+                if "concurrency" in fields:
+                    sizes.append(int(fields["concurrency"]))
+        peak = 0
+        while peak + 1 < len(sizes) and sizes[peak + 1] >= sizes[peak]:
+            peak += 1
+        return min(sizes[peak:]) if sizes else None
 
     def still_moving(self, quiet: float = 5.0) -> bool:
         """Did the guard change the pool (or act on pressure) in the last ``quiet``

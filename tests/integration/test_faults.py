@@ -82,6 +82,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
 
     working_set = group.working_set()
     lowered_mib = working_set // 0.97 // MIB  # high (95%) below the working set
+    lowered_at = len(worker.log)  # the pool's lines from here on (not its start's waves)
     (group.path / "memory.limit_in_bytes").write_text(str(int(lowered_mib * MIB)))
     lowered = worker.wait_for(rf"celery-guard event=limit .*new_mib={lowered_mib}", 10)
     assert "old_mib=1024.0" in lowered.group(0)
@@ -93,9 +94,10 @@ def test_a_limit_changed_at_run_time_is_noticed(
         assert time.monotonic() < deadline, f"no measured plan: {worker.events('plan')}"
         results = harness.send_tasks(redis, worker.queue, "walk", 8)
         assert harness.wait_for_results(results, 180, group)
-    shrunk = min(int(p["concurrency"]) for p in worker.events("pressure"))
+    shrunk = min(int(p["concurrency"]) for p in worker.events("pressure", since=lowered_at))
     assert shrunk < 4
 
+    raised_at = len(worker.log)
     (group.path / "memory.limit_in_bytes").write_text(str(2 * GIB))
     worker.wait_for(r"celery-guard event=limit .*new_mib=2048\.0", 10)
     deadline = time.monotonic() + 60
@@ -103,7 +105,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
         results = harness.send_tasks(redis, worker.queue, "walk", 4)
         assert harness.wait_for_results(results, 60, group)
         if any(p["action"] == "grow" and p["concurrency"] == "4"
-               for p in worker.events("pressure")):  # fmt: skip
+               for p in worker.events("pressure", since=raised_at)):  # fmt: skip
             break
     else:
         pytest.fail(f"the pool did not grow back to 4:\n{worker.events('pressure')}")

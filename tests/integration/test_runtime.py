@@ -31,13 +31,11 @@ ACKS = {"early": {}, "late": {"HEAVY_APP_ACKS_LATE": "1"}}
 
 
 def smallest_pool(worker: Worker) -> int:
-    """The smallest pool size the guard's lines report after the startup decision."""
-    sizes = [int(line["concurrency"]) for line in worker.events("pressure")]
-    sizes += [
-        int(line["concurrency"]) for line in worker.events("recycle") if "concurrency" in line
-    ]
-    sizes.append(int(worker.startup()["concurrency"]))
-    return min(sizes)
+    """The smallest pool size the guard's lines report once the pool was forked (its
+    start's waves apart: ``Worker.smallest_pool``), or the startup decision's."""
+    smallest = worker.smallest_pool()
+    decided = int(worker.startup()["concurrency"])
+    return decided if smallest is None else min(smallest, decided)
 
 
 def guard_stopped(worker: Worker) -> list[dict[str, str]]:

@@ -214,7 +214,7 @@ def test_json_log_format(redis: harness.RedisServer, make_worker: MakeWorker) ->
     assert record["action"] == "scaled" and 1 <= record["concurrency"] < 16
     assert "celery-guard" not in worker.log  # no text prefix anywhere
     worker.wait_ready(60)
-    assert harness.eventually(lambda: worker.forks() == record["concurrency"], 30)
+    assert f".> concurrency: {record['concurrency']} (prefork)" in worker.log
 
 
 @pytest.mark.parametrize("pool,banner", [("solo", "16 (solo)"), ("threads", "16 (thread)")])
