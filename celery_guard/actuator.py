@@ -428,6 +428,18 @@ class PoolControl:
             return None
         return child
 
+    def ready(self, pid: int) -> bool:
+        """Has the child said it is ready for work (billiard's WORKER_UP)? For children
+        forked before the hooks were in place, whose message may have come before them:
+        AsynPool keeps the children it still waits for in ``_waiting_to_start``. A pool
+        that does not say, or a child not known, counts as ready, as before waves."""
+        child = self.children.get(pid)
+        if child is None or child.process is None:
+            return True
+        waiting = getattr(getattr(getattr(self.w, "pool", None), "_pool", None),
+                          "_waiting_to_start", None)  # fmt: skip
+        return waiting is None or child.process not in waiting
+
     # -- acting ----------------------------------------------------------------------
     def grow(self, count: int = 1) -> None:
         """Add children now: billiard forks them at its next maintenance (every few

@@ -155,6 +155,8 @@ class Governor:
         self.hub = hub
         for pid in self.control.children:  # forked before the hooks were in place
             self.child_up(pid)
+            if self.control.ready(pid):  # its WORKER_UP came before the hooks
+                self.ledger.child_ready(pid)
         self.control.listeners.append(self)
         self.control.gate = self.gate
         self.control.on_alive = self.child_alive

@@ -483,8 +483,11 @@ class Safety:
             ahead = held + to_come(ledger, view.rss_now)
             if overrun(ledger, view.rss_now) > 0:
                 ahead = max(ahead, rising)
-            if ahead >= marks.hard:
-                return self._stop(view, ledger, ahead)
+            stopping = self._stop(view, ledger, ahead) if ahead >= marks.hard else []
+            if stopping:
+                return stopping
+            # nothing to stop (what is ahead is idle children's copies yet to come, a
+            # young child's baseline): shed and retire as below the hard mark
         if self.over:
             return self._shed(view, ledger, now, "high")
         return self._resize(view, ledger, now)

@@ -12,12 +12,14 @@ import gc
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_footprint import _Forked
 from test_plan_throughput import measured
 from test_terminate_lines import MIB, FakePool, Hub, cgroup_at
 
+from celery_guard.actuator import Child
 from celery_guard.config import Settings
 from celery_guard.exits import ExitCauses
 from celery_guard.footprint import CollectorPages
@@ -276,3 +278,28 @@ def test_a_fresh_reading_of_the_cgroup_takes_in_the_tasks_finished_before_it(
     assert budget.ledger.unread == 24 * MIB
     budget.tick()
     assert budget.ledger.unread == 0
+
+
+def test_children_forked_before_the_hooks_are_ready_unless_billiard_still_waits_for_them(
+    tmp_path: Path,
+) -> None:
+    """Their WORKER_UP may have come before the guard's hooks: the pool's own list of the
+    children it still waits for says which are ready, so the first wave's growth need not
+    wait for a first task's record."""
+    up, starting = object(), object()
+    pool = RecordingPool({})
+    pool.children = {101: Child(101, None, up), 102: Child(102, None, starting)}
+    pool.rss_mib = {101: 200, 102: 200}
+    pool.w = SimpleNamespace(
+        pool=SimpleNamespace(_pool=SimpleNamespace(_waiting_to_start={starting}))
+    )
+    settings = Settings()
+    budget = Governor(
+        pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
+        requested=4, estimate=30 * MIB, others=0, hostname="w1@test",
+        exits=ExitCauses(None), cpus=2,
+    )  # fmt: skip
+    budget.start(Hub())
+    assert budget.ledger.starting_children() == (1, 1)
+    budget.child_alive(102)  # its WORKER_UP, through the hook
+    assert budget.ledger.starting_children() == (2, 0)

@@ -288,6 +288,19 @@ def test_it_grows_in_waves_no_more_than_the_children_ready_less_those_starting()
     ]
 
 
+def test_past_the_high_mark_with_nothing_to_stop_it_retires_idle_children_above_the_target() -> (
+    None
+):
+    """What is ahead is idle young children's copies (a wave forked just before the limit
+    fell): no task to stop, so it retires idle children above the target as it does below
+    the hard mark, rather than nothing at each check while the pool stays too large."""
+    book = ledger((1, 20, None), (2, None, None), (3, None, None), peaks={"t": 30})
+    # 940 held, past the high mark (900); the two young ones will copy 20 each: 980 ahead,
+    # past the hard mark (970), and nothing runs
+    actions = Safety().decide(replace(view(940, size=3), target=1), book, now=0.0)
+    assert [(a.action, a.pid) for a in actions] == [("retire", 1), ("retire", 2)]
+
+
 def test_it_grows_only_once_children_on_their_way_out_are_gone() -> None:
     """Their memory is freed only when they have exited: new children forked before
     would copy and take tasks on memory that is not free yet."""
