@@ -449,7 +449,9 @@ class PoolControl:
             self.w.pool.grow(count)
         finally:
             self._resizing = False
-        self.pool.maintain_pool()
+        maintain = getattr(getattr(self.w.pool, "_pool", None), "maintain_pool", None)
+        if maintain is not None:  # a pool without it forks them at its own pace
+            maintain()
 
     def replace_exited(self) -> None:
         """Join children that exited and fork their replacements now. The pool does it

@@ -558,8 +558,8 @@ class Safety:
         ready for work, less those still starting. A pool started with its first wave
         (``steps.Governor``) doubles at most once per start, so a dear start (a child
         that loads a model in ``worker_process_init``) is paid by a few children, not by
-        all of those asked for, before the plan has weighed it; cheap children are ready
-        within a tick or two."""
+        all of those asked for, before the plan has weighed it; a pool of cheap children
+        is whole after a few waves (the pool over the CPUs, doubled each wave)."""
         target = target_size(view, ledger)
         if view.size > target and now >= self.quiet_until:
             idle = [c for c in ledger.live() if c.task is None]

@@ -752,11 +752,8 @@ class MemoryGuard(bootsteps.Step):
 def _fork_whole(w: Any, guard: GuardState) -> None:
     """No governor will add the rest of a pool started with its first wave: add it now."""
     whole, guard.whole = guard.whole, None
-    if whole is not None and whole > _pool_size(w):
-        w.pool.grow(whole - _pool_size(w))
-        maintain = getattr(w.pool, "maintain_pool", None)
-        if maintain is not None:  # fork them now, not at billiard's next maintenance
-            maintain()
+    if whole is not None and guard.control is not None and whole > _pool_size(w):
+        guard.control.grow(whole - _pool_size(w))
 
 
 def _pool_size(w: Any) -> int:
