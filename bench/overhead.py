@@ -6,7 +6,10 @@ Usage (redis-server installed; from the repository, after ``bash tests/run.sh``)
     .venv/bin/python bench/overhead.py [--tasks 1000] [--rounds 15] [--concurrency 2]
 
 It starts an unguarded and a guarded worker of the example app (small data, Redis broker
-and result backend, default guard settings) side by side, then runs them in turn, the
+and result backend, default guard settings) side by side, each in a memory cgroup of its
+own whose limit (``--limit-mib``) is far above what they use: the guard's governor (the
+gate every task passes, the ledger) acts only under a cgroup's limit, and a figure taken
+without it would leave out the main process' share of the cost. Then it runs them in turn, the
 order swapped every round: a burst queues ``--tasks`` no-op tasks where the worker does
 not consume, tells the worker to consume that queue (``add_consumer``) and waits for the
 last result. The sender's work is not in the figure. Each burst is timed by the wall
@@ -45,6 +48,7 @@ from celery_guard.config import load_settings  # noqa: E402
 from celery_guard.telemetry import ChildProbe  # noqa: E402
 
 SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
+MIB = 1024 * 1024
 
 
 @dataclass
@@ -82,22 +86,42 @@ class Contender:
     """One worker, started once, run in bursts of queued tasks."""
 
     def __init__(
-        self, redis: harness.RedisServer, workdir: Path, concurrency: int, guard: bool
+        self,
+        redis: harness.RedisServer,
+        workdir: Path,
+        concurrency: int,
+        guard: bool,
+        limit_mib: int,
     ) -> None:
         from celery import Celery
 
         self.redis, self.guard = redis, guard
+        self.cgroup = harness.Cgroup(harness.own_memory_cgroup(), limit=limit_mib * MIB)
         env = harness.worker_env(redis, SMALL_APP, guard=guard)
         self.worker = harness.Worker(
             args=["-c", str(concurrency), "-l", "warning"],
             env=env,
             log_path=workdir / f"w-{concurrency}-{int(guard)}.log",
+            cgroup=self.cgroup,
         )
         self.worker.start()
         self.node = f"{self.worker.queue}@{socket.gethostname()}"
         self.client = Celery("client", broker=redis.url(0), backend=redis.url(1))
         self.bursts = 0
         _wait_last(harness.send_tasks(redis, self.worker.queue, "noop", 200), 120)
+        if guard and self.governor() is None:
+            self.stop()
+            raise SystemExit(
+                "the guarded worker runs no governor (guard_stats has no 'governor'):"
+                " its gate would not be in the figure"
+            )
+
+    def governor(self) -> dict | None:
+        """The governor's section of ``guard_stats``: present when its gate runs."""
+        (reply,) = self.client.control.broadcast(
+            "guard_stats", reply=True, destination=[self.node], timeout=10
+        )
+        return reply[self.node].get("governor")
 
     def burst(self, tasks: int) -> Burst:
         """Queue ``tasks`` where the worker does not consume, then let it consume them."""
@@ -117,14 +141,14 @@ class Contender:
         return Burst(wall, sum(after) - sum(before), after[0] - before[0])
 
     def hold_decision_p50_us(self) -> float | None:
-        (reply,) = self.client.control.broadcast(
-            "guard_stats", reply=True, destination=[self.node], timeout=10
-        )
-        value = (reply[self.node].get("governor") or {}).get("hold_decision_p50_us")
+        value = (self.governor() or {}).get("hold_decision_p50_us")
         return float(value) if value is not None else None
 
     def stop(self) -> None:
-        self.worker.stop()
+        try:
+            self.worker.stop()
+        finally:
+            self.cgroup.close()
 
 
 def hook_cost() -> float:
@@ -176,8 +200,9 @@ def compare(
     tasks: int,
     rounds: int,
     verbose: bool = False,
+    limit_mib: int = 4096,
 ) -> Comparison:
-    contenders = {g: Contender(redis, workdir, concurrency, g) for g in (False, True)}
+    contenders = {g: Contender(redis, workdir, concurrency, g, limit_mib) for g in (False, True)}
     try:
         pairs: list[dict[bool, Burst]] = []
         for index in range(rounds):
@@ -204,6 +229,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="tasks per burst")
     parser.add_argument("--rounds", type=int, default=15, help="bursts per worker")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2])
+    parser.add_argument(
+        "--limit-mib", type=int, default=4096, help="each worker's cgroup limit (MiB)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every burst")
     options = parser.parse_args()
     print(f"the child's per-task hooks alone: {hook_cost() * 1e6:.2f} us per task")
@@ -213,8 +241,9 @@ def main() -> None:
         try:
             for concurrency in options.concurrency:
                 found = compare(
-                    redis, workdir, concurrency, options.tasks, options.rounds, options.verbose
-                )
+                    redis, workdir, concurrency, options.tasks, options.rounds,
+                    options.verbose, options.limit_mib,
+                )  # fmt: skip
                 report(found)
         finally:
             redis.close()

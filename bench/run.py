@@ -693,7 +693,9 @@ def render(
     lines += ["## Overhead", ""]
     lines.append(
         f"No-op tasks in bursts of {TASKS}, {ROUNDS} pairs of bursts: an unguarded and a "
-        "guarded worker run side by side and take the bursts in turn, the order swapped "
+        "guarded worker run side by side, each in a memory cgroup whose limit (4 GiB) "
+        "it does not approach, so that the guard's governor and its gate run as in "
+        "production; they take the bursts in turn, the order swapped "
         "every pair (`bench/overhead.py`). Each burst is queued first and timed from the "
         "worker's `add_consumer` to its last result, by the wall clock and by the CPU time "
         "of the worker's processes. The ratio is the median of the pairs' ratios "

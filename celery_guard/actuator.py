@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from billiard.pool import ACK, READY
 from celery.concurrency.asynpool import WORKER_UP  # type: ignore[attr-defined]
+from celery.worker import state as worker_state
 
 from .exits import LostJob
 
@@ -114,6 +115,10 @@ class PoolControl:
         #: Told of a resize the guard did not make (remote control ``pool_grow`` and
         #: ``pool_shrink``): children added, or taken away when negative.
         self.on_resize: Callable[[int], None] | None = None
+        #: Reads the children's records now: once before the listeners hear a task's
+        #: end or a child's exit (the child wrote its record before its result, but the
+        #: result's pipe may be read first).
+        self.read_records: Callable[[], None] | None = None
         self._resizing = False  # the guard's own grow is under way
         #: children the main process forked, and the seconds its thread spent on them
         #: (billiard's set-up, Celery's collection before each fork, the fork itself)
@@ -292,6 +297,8 @@ class PoolControl:
         pid = process.pid
         self.children.pop(pid, None)
         self.recycling.discard(pid)
+        if self.read_records is not None:
+            self._guarded("records", self.read_records)
         for listener in self.listeners:
             listener.child_down(pid, process.exitcode, task)
 
@@ -311,6 +318,8 @@ class PoolControl:
         if not pids:
             return None
         pid, task_id = pids[0], result.correlation_id
+        if self.read_records is not None:
+            self._guarded("records", self.read_records)
         recycle = False
         for listener in self.listeners:
             recycle = listener.task_ready(pid, task_id) or recycle
@@ -321,9 +330,7 @@ class PoolControl:
     def _lost(self, job: Any, pid: int, exitcode: int | None) -> Exception | None:
         if self.on_lost is None:
             return None
-        from celery.worker import state
-
-        request = state.requests.get(job.correlation_id)
+        request = worker_state.requests.get(job.correlation_id)
         task = getattr(request, "task", None)
         lost = LostJob(
             pid,
@@ -338,9 +345,7 @@ class PoolControl:
     @staticmethod
     def _task_of(job: Any) -> tuple[str, str]:
         """(name, id) of a billiard job: its correlation id is the task id."""
-        from celery.worker import state
-
-        request = state.requests.get(job.correlation_id)
+        request = worker_state.requests.get(job.correlation_id)
         return (request.name if request is not None else "?"), job.correlation_id
 
     # -- the hand-over gate ----------------------------------------------------------

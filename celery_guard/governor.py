@@ -66,7 +66,6 @@ class Governor:
         others: int,
         hostname: str,
         exits: ExitCauses,
-        drain: Callable[[], None] = lambda: None,
         count: Callable[[str], None] = lambda action: None,
         limits: dict[str, int] | None = None,
         count_task: Callable[[str, str | None], None] = lambda kind, name: None,
@@ -82,7 +81,6 @@ class Governor:
         self.others = others  # bytes in the cgroup at startup that are not this worker
         self.hostname = hostname
         self.exits = exits
-        self.drain = drain
         self.count = count
         self.count_task = count_task  # by task name: holds, recycles, memory kills
         #: declared hard limits bound the peak of tasks not measured yet
@@ -294,14 +292,16 @@ class Governor:
     def task_ready(self, pid: int, task_id: str) -> bool:
         """A task ended in ``pid``: take its record, then recycle the child if it has
         outgrown its share. The held tasks are released after (PoolControl)."""
-        self.drain()  # the child wrote its record before it sent the result
-        self._absorb()
+        self._absorb()  # its record came first (PoolControl reads them before this)
         child = self.ledger.children.get(pid)
         last = child.task if child is not None else None
         now = time.monotonic()
         self.ledger.task_finished(pid)
         if child is None or not self.settings.recycle or self.stopped:
             return False
+        above_plan = self.plan is not None and self.control.size > self.plan.size
+        if not above_plan and not policy.worth_a_fork(self.ledger, child):
+            return False  # the common end of a task: no view needed
         view = self.view(now)
         if self._retire_above_plan(child, view):
             return False

@@ -180,13 +180,20 @@ def recycle(view: View, ledger: Ledger, child: ChildState) -> bool:
     """Replace ``child`` now that its task ended? When what it holds plus the peak of the
     next task it may run (the worst seen) would pass its share, and what it holds beyond
     what a new child copies is worth a fork (MIN_RETAINED)."""
-    if child.young or child.leaving or child.task is not None:
+    if not worth_a_fork(ledger, child):
         return False
     room = share(view)
-    gain = child.private - ledger.expected_baseline
-    if gain < max(MIN_RETAINED, room // 8):
+    if child.private - ledger.expected_baseline < room // 8:
         return False
     return child.private + ledger.tasks.worst_peak > room
+
+
+def worth_a_fork(ledger: Ledger, child: ChildState) -> bool:
+    """Could ``child`` be recycled at all: measured, idle, staying, and holding more than
+    a new child copies by MIN_RETAINED? Told without a view: most tasks' ends stop here."""
+    if child.young or child.leaving or child.task is not None:
+        return False
+    return child.private - ledger.expected_baseline >= MIN_RETAINED
 
 
 # -- the pool's size -----------------------------------------------------------------------

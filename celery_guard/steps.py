@@ -94,8 +94,6 @@ class GuardState:
     #: The worker's event loop, once registered; the governor, once it runs.
     hub: Any = None
     governed: bool = False
-    #: Reads the children's records now (the sampler's drain, once it runs).
-    drain: Callable[[], None] = lambda: None
     #: Called once the pool's hooks are in place (on the event loop's first tick).
     on_installed: list[Callable[[], None]] = field(default_factory=list)
     #: Seconds the full collection before the first fork took (Protection, gc.freeze
@@ -264,7 +262,6 @@ class Telemetry(bootsteps.StartStopStep):
         self.sampler = telemetry.Sampler(
             collector, self.channel_read, collector.log_summary, guard.watches
         )
-        guard.drain = self.sampler.drain
         self.sampler.start()
 
     def register_with_event_loop(self, w: Any, hub: Any) -> None:
@@ -333,7 +330,9 @@ class Telemetry(bootsteps.StartStopStep):
             for callback in guard.on_not_installed:
                 callback()
             return
-        control.listeners.append(_ExitListener(collector, self.sampler))
+        if self.sampler is not None:
+            control.read_records = self.sampler.drain
+        control.listeners.append(_ExitListener(collector))
         control.on_lost = collector.on_lost
         for callback in guard.on_installed:
             callback()
@@ -388,16 +387,13 @@ class _ExitListener:
     """Tells the collector of children gone (the rest of the pool's events it reads from
     the children's own records)."""
 
-    def __init__(self, collector: telemetry.Collector, sampler: telemetry.Sampler | None):
+    def __init__(self, collector: telemetry.Collector):
         self.collector = collector
-        self.sampler = sampler
 
     def child_up(self, pid: int) -> None:
         self.collector.on_child_up(pid)
 
     def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
-        if self.sampler is not None:
-            self.sampler.drain()  # the child's last record, written before it exited
         self.collector.on_exit(pid, exitcode, task)
 
     def task_accepted(self, pid: int, task_id: str, name: str) -> None:
@@ -557,8 +553,7 @@ class TaskLimits(bootsteps.StartStopStep):
     def task_ready(self, pid: int, task_id: str) -> bool:
         """Replace a child whose task passed its hard limit: the exception freed what the
         task held, but what the child's allocator kept is not worth keeping."""
-        self.guard.drain()  # the child wrote its record before its result
-        if pid not in self.recycle_after:
+        if pid not in self.recycle_after:  # its record was read first (PoolControl)
             return False
         self.recycle_after.discard(pid)
         if self.guard.collector is not None:
@@ -669,7 +664,6 @@ class Governor(bootsteps.StartStopStep):
             others=max(measured.in_use - measured.parent.rss, 0),
             hostname=w.hostname,
             exits=collector.exits,
-            drain=guard.drain,
             count=collector.count_pressure,
             count_task=collector.count_task,
             limits={n: lim.hard for n, lim in guard.task_limits.items() if lim.hard},

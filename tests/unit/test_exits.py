@@ -135,6 +135,6 @@ def test_a_reused_pid_is_not_answered_with_the_last_childs_cause() -> None:
     counter = 0
     watched.exits.seen = 0
     assert watched.exit_cause(100, KILLED) == OTHER
-    _ExitListener(watched, None).child_up(100)  # billiard forks a child with pid 100
+    _ExitListener(watched).child_up(100)  # billiard forks a child with pid 100
     counter = 1  # and the kernel kills it
     assert watched.exit_cause(100, KILLED) == OOM

@@ -186,3 +186,30 @@ def test_a_hand_over_walks_no_child_whether_the_task_is_admitted_or_held(tmp_pat
     budget.reading = (time.monotonic() + 3600, int(LIMIT * 0.95) + 10 * MIB)  # past high
     assert budget.gate(Request("id-held")) is False
     assert Walked.walks == 0
+
+
+def test_a_tasks_end_builds_no_view_unless_its_child_may_be_recycled_or_retired(
+    tmp_path: Path,
+) -> None:
+    """Most tasks end in a child that keeps less than a fork is worth: the governor
+    tells it from the ledger alone, without the view a recycle is weighed on."""
+    budget, _ = governor(tmp_path, 4)
+    budget.reading = (time.monotonic() + 3600, 300 * MIB)  # fresh all along
+    budget.fresh_view()
+    views: list[float] = []
+    view = budget.view
+
+    def counted(now: float, fresh: float = FRESH):  # type: ignore[no-untyped-def]
+        views.append(now)
+        return view(now, fresh)
+
+    budget.view = counted  # type: ignore[method-assign]
+    child = budget.ledger.children[102]
+    budget.task_accepted(102, "id-0", "t")
+    budget.task_ready(102, "id-0")
+    assert views == []  # it keeps nothing beyond its baseline
+    assert not child.young
+    child.rss += 64 * MIB  # its next task kept 64 MiB
+    budget.task_accepted(102, "id-1", "t")
+    budget.task_ready(102, "id-1")
+    assert len(views) == 1

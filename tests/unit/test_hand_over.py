@@ -259,3 +259,39 @@ def test_a_child_that_exited_unjoined_is_found_and_reaped() -> None:
     finally:
         os.kill(running._popen.pid, 9)
         os.waitpid(running._popen.pid, 0)
+
+
+class Heard:
+    """A listener that notes each event with what the records reader had read by then."""
+
+    def __init__(self, read: list[int]) -> None:
+        self.read, self.events = read, []  # type: list[tuple[str, int]]
+
+    def child_up(self, pid: int) -> None:
+        pass
+
+    def child_down(self, pid: int, exitcode: int | None, task: Any) -> None:
+        self.events.append(("down", len(self.read)))
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        pass
+
+    def task_ready(self, pid: int, task_id: str) -> bool:
+        self.events.append(("ready", len(self.read)))
+        return False
+
+
+def test_the_records_are_read_once_before_the_listeners_hear_a_task_end_or_an_exit() -> None:
+    """A child writes its record before its result and before it exits, but the pool may
+    read the result's pipe first: every listener must see the record, read once."""
+    w, control = installed()
+    read: list[int] = []
+    control.read_records = lambda: read.append(1)
+    first, second = Heard(read), Heard(read)
+    control.listeners += [first, second]
+    pool = w.pool._pool
+    pool._cache[7] = SimpleNamespace(worker_pids=lambda: [101], correlation_id="t-7")
+    pool._result_handler.state_handlers[READY](7, 0, None, 3)
+    pool.on_process_down(SimpleNamespace(pid=101, exitcode=0))
+    assert first.events == second.events == [("ready", 1), ("down", 2)]
+    assert pool.results == [7]

@@ -25,6 +25,7 @@ from celery_guard.policy import (
     share,
     target_size,
     to_come,
+    worth_a_fork,
 )
 
 MIB = 1024 * 1024
@@ -184,6 +185,8 @@ def test_recycle(name: str, retained: int, task: str | None, young: bool, recycl
     child = book.children[1]
     child.rss = (200 + retained) * MIB
     assert recycle(view(500), book, child) is recycled
+    # what the governor asks first, without a view: never "no" to a child it recycles
+    assert worth_a_fork(book, child) is (name in ("over-share", "within-share"))
 
 
 # -- the pool's size -----------------------------------------------------------------------
