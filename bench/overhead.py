@@ -13,8 +13,11 @@ without it would leave out the main process' share of the cost. Then it runs the
 order swapped every round: a burst queues ``--tasks`` no-op tasks where the worker does
 not consume, tells the worker to consume that queue (``add_consumer``) and waits for the
 last result. The sender's work is not in the figure. Each burst is timed by the wall
-clock and by the CPU time of the worker's processes (the main process and its pool
-children, user + system, from psutil); the main process' CPU is also shown alone (its one
+clock, from the first task's end to the last's as the worker stored them (the results'
+``date_done``: the time Redis' transport takes to notice a new queue, up to its
+``brpop_timeout`` of 1 s, is left out), and by the CPU time of the worker's processes
+over the whole burst (the main process and its pool children, user + system, from
+psutil); the main process' CPU is also shown alone (its one
 thread limits Celery's throughput of short tasks). The speed of this shared machine's
 CPUs drifts by tens of percent within a minute, so the figure is the median of the
 ratios of bursts run next to each other (guarded/unguarded), with its quartiles; and the
@@ -28,6 +31,7 @@ on a shared 2-CPU machine fails for reasons that are not the code's).
 from __future__ import annotations
 
 import argparse
+import datetime
 import socket
 import statistics
 import sys
@@ -36,6 +40,7 @@ import time
 import timeit
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -51,9 +56,14 @@ SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
 MIB = 1024 * 1024
 
 
+def _date_done(result: Any) -> datetime.datetime:
+    done = result.date_done
+    return done if isinstance(done, datetime.datetime) else datetime.datetime.fromisoformat(done)
+
+
 @dataclass
 class Burst:
-    wall: float  # seconds from add_consumer to the last result
+    wall: float  # seconds from the first task's end to the last's, by the worker's clock
     cpu: float  # CPU seconds of the worker's processes over that time
     main_cpu: float  # of its main process alone
 
@@ -132,12 +142,12 @@ class Contender:
         main = psutil.Process(self.worker.process.pid)
         processes = [main, *main.children(recursive=True)]
         before = [_cpu(p) for p in processes]
-        start = time.perf_counter()
         self.client.control.add_consumer(queue, destination=[self.node], reply=True, timeout=10)
         _wait_last(results, 600)
-        wall = time.perf_counter() - start
         after = [_cpu(p) for p in processes]
         self.client.control.cancel_consumer(queue, destination=[self.node], reply=True)
+        done = [_date_done(result) for result in results]
+        wall = (max(done) - min(done)).total_seconds()
         return Burst(wall, sum(after) - sum(before), after[0] - before[0])
 
     def hold_decision_p50_us(self) -> float | None:

@@ -696,10 +696,11 @@ def render(
         "guarded worker run side by side, each in a memory cgroup whose limit (4 GiB) "
         "it does not approach, so that the guard's governor and its gate run as in "
         "production; they take the bursts in turn, the order swapped "
-        "every pair (`bench/overhead.py`). Each burst is queued first and timed from the "
-        "worker's `add_consumer` to its last result, by the wall clock and by the CPU time "
-        "of the worker's processes. The ratio is the median of the pairs' ratios "
-        "(guarded/unguarded), with their quartiles. Target: <= 1.02 in both."
+        "every pair (`bench/overhead.py`). Each burst is queued first, then consumed; it is "
+        "timed by the wall clock from its first task's end to its last's (the results' "
+        "`date_done`), and by the CPU time of the worker's processes. The ratio is the "
+        "median of the pairs' ratios (guarded/unguarded), with their quartiles. "
+        "Target: <= 1.02 in both."
     )
     lines += [
         "",

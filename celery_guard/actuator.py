@@ -262,9 +262,11 @@ class PoolControl:
         clear = semaphore.clear
 
         def process_task(request: Any) -> None:
-            self.held.append(request)
-            self.held_since.setdefault(request.id, time.monotonic())
-            self._guarded("release", self.release)
+            if self.held:  # behind the ones held: in order
+                self._hold(request)
+                self._guarded("release", self.release)
+            else:
+                self._guarded("release", self._offer, request)
 
         def clear_semaphore() -> None:
             # Celery clears its semaphore when the broker connection is lost: the
@@ -354,8 +356,7 @@ class PoolControl:
         gate only defers (None: its kind is being measured) does not block the ones
         behind, one it refuses (False) does. A gate that fails hands the request over:
         no request is ever dropped here."""
-        start = self._start_task
-        if start is None:
+        if not self.held or self._start_task is None:
             return
         kept: deque[Any] = deque()
         while self.held:
@@ -363,9 +364,7 @@ class PoolControl:
             verdict = self._verdict(request)
             if verdict is True:
                 self.held_since.pop(request.id, None)
-                self._guarded("hand_over", start, request)
-                if self.on_handed is not None and reached_pool(request):
-                    self._guarded("handed", self.on_handed, request)
+                self._hand_over(request)
             elif verdict is None:  # deferred: try the next one
                 kept.append(request)
             else:  # no room or no child: keep the order
@@ -373,6 +372,24 @@ class PoolControl:
                 kept.extend(self.held)
                 self.held.clear()
         self.held = kept
+
+    def _offer(self, request: Any) -> None:
+        """A request with none held before it (most of them): the gate's verdict now,
+        without a trip through the queue of held ones; held unless handed over."""
+        if self._start_task is not None and self._verdict(request) is True:
+            self._hand_over(request)
+        else:
+            self._hold(request)
+
+    def _hold(self, request: Any) -> None:
+        self.held.append(request)
+        self.held_since.setdefault(request.id, time.monotonic())
+
+    def _hand_over(self, request: Any) -> None:
+        assert self._start_task is not None
+        self._guarded("hand_over", self._start_task, request)
+        if self.on_handed is not None and reached_pool(request):
+            self._guarded("handed", self.on_handed, request)
 
     def overdue(self, now: float, bound: float) -> list[Any]:
         """Held requests that have waited ``bound`` seconds or more."""

@@ -219,7 +219,7 @@ class Telemetry(bootsteps.StartStopStep):
         guard.channel = channel_write
         probe = telemetry.ChildProbe(channel_write, w.hostname, settings, max_kib)
         signals.worker_process_init.connect(
-            probe.on_child_start, weak=False, dispatch_uid="cg-init"
+            lambda **_: _child_started(probe), weak=False, dispatch_uid="cg-init"
         )
         signals.task_prerun.connect(probe.before_task, weak=False, dispatch_uid="cg-prerun")
         signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
@@ -381,6 +381,23 @@ def _hold_bound(app: Any) -> Any:
         transport = ""
     options = app.conf.broker_transport_options or {}
     return brokers.hold_bound(transport, options if isinstance(options, dict) else {})
+
+
+def _child_started(probe: telemetry.ChildProbe) -> None:
+    """In a new child: fresh figures, and the hooks around Celery's tracer in place of
+    its task signals where the tracer can be wrapped (the signals stay elsewhere)."""
+    from celery import signals
+    from celery.app import trace
+
+    probe.on_child_start()
+    try:
+        wrapped = probe.wrap_tracer(trace)
+    except Exception:  # noqa: BLE001 - the signals still run the hooks
+        logger.warning("celery-guard event=error stage=child_tracer", exc_info=True)
+        return
+    if wrapped:
+        signals.task_prerun.disconnect(dispatch_uid="cg-prerun")
+        signals.task_postrun.disconnect(dispatch_uid="cg-postrun")
 
 
 class _ExitListener:
