@@ -164,6 +164,7 @@ class ChildProbe:
                 self.after_task(task_id=uuid, name=task)
 
         traced.__celery_guard_traced__ = traced.__wrapped__ = trace  # type: ignore[attr-defined]
+        traced.__self__ = self  # type: ignore[attr-defined]  # the probe, as a bound hook shows it
         return traced
 
     def _after_task(self, task_id: str | None, name: str) -> None:

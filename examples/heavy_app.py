@@ -244,9 +244,13 @@ def stubborn(mib: int) -> int:
 def forge() -> int:
     """Write garbage to the guard's pipe, as anything a task forks could: records with
     huge numbers, unknown pids, binary, a line cut short. Returns the bytes written."""
+    from celery.app import trace
+
     written = 0
-    for receiver in signals.task_postrun.receivers:  # the guard's probe is one of them
-        probe = getattr(receiver[1], "__self__", None)
+    # the guard's probe: around Celery's tracer in a child, else a task signal's receiver
+    hooks = [trace.fast_trace_task, *(r[1] for r in signals.task_postrun.receivers)]
+    for hook in hooks:
+        probe = getattr(hook, "__self__", None)
         channel = getattr(probe, "channel", None)
         if channel is None:
             continue
