@@ -356,7 +356,8 @@ class PoolControl:
         gate only defers (None: its kind is being measured) does not block the ones
         behind, one it refuses (False) does. A gate that fails hands the request over:
         no request is ever dropped here."""
-        if not self.held or self._start_task is None:
+        start = self._start_task
+        if not self.held or start is None:
             return
         kept: deque[Any] = deque()
         while self.held:
@@ -364,7 +365,7 @@ class PoolControl:
             verdict = self._verdict(request)
             if verdict is True:
                 self.held_since.pop(request.id, None)
-                self._hand_over(request)
+                self._hand_over(request, start)
             elif verdict is None:  # deferred: try the next one
                 kept.append(request)
             else:  # no room or no child: keep the order
@@ -376,8 +377,9 @@ class PoolControl:
     def _offer(self, request: Any) -> None:
         """A request with none held before it (most of them): the gate's verdict now,
         without a trip through the queue of held ones; held unless handed over."""
-        if self._start_task is not None and self._verdict(request) is True:
-            self._hand_over(request)
+        start = self._start_task
+        if start is not None and self._verdict(request) is True:
+            self._hand_over(request, start)
         else:
             self._hold(request)
 
@@ -385,9 +387,8 @@ class PoolControl:
         self.held.append(request)
         self.held_since.setdefault(request.id, time.monotonic())
 
-    def _hand_over(self, request: Any) -> None:
-        assert self._start_task is not None
-        self._guarded("hand_over", self._start_task, request)
+    def _hand_over(self, request: Any, start: Callable[[Any], Any]) -> None:
+        self._guarded("hand_over", start, request)
         if self.on_handed is not None and reached_pool(request):
             self._guarded("handed", self.on_handed, request)
 

@@ -299,8 +299,7 @@ class Governor:
         self.ledger.task_finished(pid)
         if child is None or not self.settings.recycle or self.stopped:
             return False
-        above_plan = self.plan is not None and self.control.size > self.plan.size
-        if not above_plan and not policy.worth_a_fork(self.ledger, child):
+        if self._outgrown_plan() is None and not policy.worth_a_fork(self.ledger, child):
             return False  # the common end of a task: no view needed
         view = self.view(now)
         if self._retire_above_plan(child, view):
@@ -318,18 +317,24 @@ class Governor:
     def _retire_above_plan(self, child: ChildState, view: policy.View) -> bool:
         """The pool is larger than its plan: the child that just finished leaves it (one
         at a time: the next task's end retires the next)."""
-        if self.plan is None or self.observing:
+        plan = self._outgrown_plan()
+        if plan is None or self.observing:
             return False
-        if view.size <= self.plan.size or child.leaving or len(self.ledger.live()) <= 1:
+        if child.leaving or len(self.ledger.live()) <= 1:
             return False
         if not self.control.retire(child.pid, task_ended=True):
             return False
         self.ledger.leave(child.pid)
         self._pressure(
             "retire", "plan", view.unreclaimable, pid=child.pid, private_mib=mib(child.private),
-            target=self.plan.size,
+            target=plan.size,
         )  # fmt: skip
         return True
+
+    def _outgrown_plan(self) -> policy.Plan | None:
+        """The plan, when the pool is larger than it (children are retired down to it)."""
+        plan = self.plan
+        return plan if plan is not None and self.control.size > plan.size else None
 
     def _main_cpu(self) -> None:
         """The main process' CPU per task since the last check (its threads included:

@@ -141,7 +141,7 @@ class ChildProbe:
 
     def wrap_tracer(self, module: Any) -> bool:
         """In a child: run the hooks around Celery's tracer functions instead of from its
-        task signals, which cost twice as much per task. The pool sends each job with
+        task signals, whose dispatch costs more than the hooks. The pool sends each job with
         its tracer pickled by name, so the child's own module attribute is what runs.
         False, nothing changed, where the module has not both functions."""
         found: list[Callable[..., Any]] = []
