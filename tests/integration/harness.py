@@ -534,6 +534,21 @@ def wait_for_results(results: list[Any], timeout: float, group: Cgroup | None = 
     return False
 
 
+def outcome(results: list[Any], group: Cgroup | None, worker: Worker | None = None) -> str:
+    """Why a wait for results failed, for the assertion's message: the OOM kills, each
+    task's state and the worker's guard lines (its log is gone once the test ends)."""
+    states = sorted(str(r.state) for r in results)
+    parts = [f"states={states}"]
+    if group is not None:
+        parts.append(f"oom_kills={group.oom_kills()}")
+    if worker is not None:
+        lines = [
+            line for line in worker.log.splitlines() if "celery-guard" in line or "Error" in line
+        ]
+        parts.append("\n".join(lines[-60:]))
+    return "\n".join(parts)
+
+
 def runs_walk_workload(
     redis: RedisServer, group: Cgroup, concurrency: int, log_path: Path, guard: bool = False
 ) -> bool:

@@ -78,7 +78,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
     worker = make_worker(["-c", "4"], harness.worker_env(redis, {**acks, **FAST}), group)
     worker.wait_ready(60)
     results = harness.send_tasks(redis, worker.queue, "walk", 8)
-    assert harness.wait_for_results(results, 120, group)
+    assert harness.wait_for_results(results, 120, group), harness.outcome(results, group, worker)
 
     working_set = group.working_set()
     lowered_mib = working_set // 0.97 // MIB  # high (95%) below the working set
@@ -93,7 +93,9 @@ def test_a_limit_changed_at_run_time_is_noticed(
         # while: its size is then the fastest that fits, not only what fits
         assert time.monotonic() < deadline, f"no measured plan: {worker.events('plan')}"
         results = harness.send_tasks(redis, worker.queue, "walk", 8)
-        assert harness.wait_for_results(results, 180, group)
+        assert harness.wait_for_results(results, 180, group), harness.outcome(
+            results, group, worker
+        )
     shrunk = min(int(p["concurrency"]) for p in worker.events("pressure", since=lowered_at))
     assert shrunk < 4
 
@@ -103,7 +105,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         results = harness.send_tasks(redis, worker.queue, "walk", 4)
-        assert harness.wait_for_results(results, 60, group)
+        assert harness.wait_for_results(results, 60, group), harness.outcome(results, group, worker)
         if any(p["action"] == "grow" and p["concurrency"] == "4"
                for p in worker.events("pressure", since=raised_at)):  # fmt: skip
             break
