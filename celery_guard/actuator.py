@@ -515,13 +515,18 @@ class PoolControl:
         child = self._current(pid)
         if child is None or self.size <= 1 or (not task_ended and self._written_to(child)):
             return False
+        self._one_slot_fewer()
+        self._leave(child)
+        return True
+
+    def _one_slot_fewer(self) -> None:
+        """The pool one smaller, as billiard's own ``Pool.shrink`` makes it (its slot count,
+        its put lock, its hook); the child in that slot is told to leave by the caller."""
         pool = self.pool
         pool._processes -= 1
         if pool._putlock:
             pool._putlock.shrink()
-        self._leave(child)
         pool.on_shrink(1)
-        return True
 
     def _written_to(self, child: Child) -> bool:
         """Has the pool scheduled a job for this child that it has not accepted yet? The
@@ -545,16 +550,12 @@ class PoolControl:
         child = self._current(pid)
         if child is None:
             return False
-        pool = self.pool
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return False
         if shrink and self.size > 1:
-            pool._processes -= 1
-            if pool._putlock:
-                pool._putlock.shrink()
-            pool.on_shrink(1)
+            self._one_slot_fewer()
         return True
 
 

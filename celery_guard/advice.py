@@ -34,7 +34,7 @@ class Facts:
     parent_rss: int  # bytes
     max_memory_per_child_kib: int = 0
     max_worker_memory: int | None = None
-    brake: bool = True
+    governed: bool = True  # the run-time budget acts (it may stop a child)
     acks_late: bool = False
     reject_on_worker_lost: bool = False
     oom_group: bool = False
@@ -63,7 +63,7 @@ class Facts:
             parent_rss=parent_rss,
             max_memory_per_child_kib=max_memory_per_child_kib,
             max_worker_memory=settings.max_worker_memory,
-            brake=settings.brake,
+            governed=settings.governor != "off",
             acks_late=bool(conf.get("task_acks_late")),
             reject_on_worker_lost=bool(conf.get("task_reject_on_worker_lost")),
             oom_group=oom_group,
@@ -113,7 +113,7 @@ def _max_worker_memory(f: Facts) -> list[Advice]:
 
 
 def _acks(f: Facts) -> list[Advice]:
-    if not f.brake or f.pool not in FORKING_POOLS or (f.acks_late and f.reject_on_worker_lost):
+    if not f.governed or f.pool not in FORKING_POOLS or (f.acks_late and f.reject_on_worker_lost):
         return []
     return [
         Advice(

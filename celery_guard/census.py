@@ -193,11 +193,6 @@ def _is_lxml_element(obj: object) -> bool:
     return type(obj).__module__ == "lxml.etree" and hasattr(obj, "iter")
 
 
-def _skipped_type(kind: type) -> bool:
-    """Instances that are Celery's own: the app object, tasks, settings."""
-    return kind.__module__.partition(".")[0] in FRAMEWORK
-
-
 def _distinct(ids: list[int], population: int) -> float:
     """How many distinct objects ``population`` references hold, from the ids of a sample
     drawn with replacement (or of all of them): equal pairs in the sample tell how often

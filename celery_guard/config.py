@@ -429,4 +429,6 @@ def load_settings(
             "CELERY_GUARD_LOW_WATER < CELERY_GUARD_HIGH_WATER < CELERY_GUARD_HARD_WATER",
             sources["high_water"],
         )
+    if not values["brake"]:  # the older switch: the run-time budget off, one way to read it
+        values["governor"] = "off"
     return Settings(**values, sources=sources)

@@ -15,8 +15,11 @@ from . import steps
 
 @inspect_command()
 def guard_stats(state: Any, **_: Any) -> dict[str, Any]:
-    """Limit, usage, children's memory, growth by task and the recommendations."""
-    collector = steps.ACTIVE.get("collector")
+    """Limit, usage, children's memory, growth by task and the recommendations. The
+    worker is reached the way Celery's own commands reach it: the consumer's controller."""
+    worker = getattr(getattr(state, "consumer", None), "controller", None)
+    guard = steps.state_of(worker)
+    collector = guard.collector if guard is not None else None
     if collector is None:
         return {"error": "celery-guard collects nothing in this worker (mode off or not a worker)"}
     return collector.stats()

@@ -138,9 +138,7 @@ def table(rows: list[Any], columns: list[tuple[str, str]]) -> str:
     they are, so a name with a control character is shown escaped."""
     cells = [[heading for _, heading in columns]]
     for row in rows:
-        cells.append(
-            [_cell(getattr(row, name)).encode("unicode_escape").decode() for name, _ in columns]
-        )
+        cells.append([_escaped(_cell(getattr(row, name))) for name, _ in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()

@@ -8,19 +8,24 @@ it does not write stays shared: code and other file-backed pages, the payload of
 buffers (arrays, byte strings, big hash tables: glibc serves each from an mmap chunk of
 its own), and the tables the interpreter and Celery built at import.
 
-So one child is estimated, from the parent's own allocators, as::
+So ``estimate_child`` counts what a child's tasks will write, first from the census of
+the app's data (:mod:`celery_guard.census`), plus what any child costs (``CHILD_BASE``)
+and the parent's page tables (VmPTE: the child gets its own copy). Without ``gc.freeze()``
+before the fork, the first full collection in a child writes every tracked container's
+header, so the larger of the census and pymalloc's live small objects is counted.
+
+Where no census was taken, the parent's own allocators give the bound::
 
     live small objects              (pymalloc: "bytes in allocated blocks")
     + malloc heap grown since celery_guard was imported
-                                    (medium objects over 512 bytes: the app's data)
     + one page per large malloc chunk (its object header is written)
-    + the parent's page tables      (VmPTE: the child gets its own copy)
+    + the page tables
 
-Checked against real children in a real cgroup by tests/integration/test_startup.py.
-
-When the allocators cannot be asked (another allocator, PYTHONMALLOC=malloc, musl), the
-estimate falls back to an upper bound read from the memory map alone: anonymous memory
-minus large malloc chunks, which also counts framework state that children never write.
+and where they cannot be asked (another allocator, PYTHONMALLOC=malloc, musl), the
+memory map alone: anonymous memory minus large malloc chunks, which also counts
+framework state that children never write. A spawned child shares nothing: about the
+parent's anonymous memory. Checked against real children in real cgroups by
+tests/integration/test_startup.py and, on the corpus of real apps, by bench/probe.py.
 """
 
 from __future__ import annotations

@@ -11,11 +11,23 @@ fed by the governor on the event loop and read by the policy.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Distinct task names kept; past this, a name is measured under OTHER.
 MAX_TASK_NAMES = 200
 OTHER = "other"
+
+
+def name_key(table: Mapping[str, Any], name: str) -> str:
+    """The key ``name`` is counted under in a per-task-name table: itself while the table
+    has room for it, OTHER past MAX_TASK_NAMES names (a worker may run any number)."""
+    if name in table or len(table) < MAX_TASK_NAMES:
+        return name
+    return OTHER
+
+
 #: Baselines of the last children kept to predict the next child's.
 BASELINES_KEPT = 32
 #: Seconds a task handed to the pool may wait for a child to accept it before the ledger
@@ -52,7 +64,6 @@ class Record:
     retained: int  # bytes the child's RSS grew by over the task (negative: it shrank)
     rss: int  # bytes: the child's RSS after the task
     private: int | None  # bytes: its private memory, when the child read it
-    recycling: bool = False  # billiard recycles it now (worker_max_memory_per_child)
     cpu: int | None = None  # microseconds of CPU the child used since it was forked
     wait: int | None = None  # microseconds it waited for a CPU since (None: unknown)
     busy: int | None = None  # microseconds of wall time inside tasks since
@@ -81,13 +92,8 @@ class TaskTable:
         self.limits = dict(limits or {})
         self._worst_peak = 0  # a name's peak only rises: the largest so far, kept
 
-    def _key(self, name: str) -> str:
-        if name in self.by_name or len(self.by_name) < MAX_TASK_NAMES:
-            return name
-        return OTHER
-
     def observe(self, name: str, peak: int, retained: int) -> None:
-        memory = self.by_name.setdefault(self._key(name), TaskMemory())
+        memory = self.by_name.setdefault(name_key(self.by_name, name), TaskMemory())
         memory.runs += 1
         memory.peak = max(memory.peak, peak, 0)
         self._worst_peak = max(self._worst_peak, memory.peak)
@@ -491,4 +497,5 @@ __all__ = [
     "Record",
     "TaskMemory",
     "TaskTable",
+    "name_key",
 ]

@@ -33,6 +33,11 @@ class LiveLimit:
     def limit(self) -> int:
         return self.marks.limit
 
+    @property
+    def headroom(self) -> int:
+        """Bytes of the limit kept free, as the startup decision kept them (a fraction)."""
+        return int(self.marks.limit * self.settings.headroom)
+
     def set(self, limit: int) -> None:
         self.marks = self._marks(limit)
 

@@ -32,7 +32,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.components import Pool
 
-from . import advice, cgroups, history, plan, startup, task_limits, telemetry, watchdog
+from . import advice, cgroups, governor, history, plan, startup, task_limits, telemetry, watchdog
 from .actuator import PoolControl
 from .config import ConfigError, Settings, error_fields, given_options, load_settings
 from .exits import Kill
@@ -43,8 +43,6 @@ from .sizes import mib
 from .task_limits import TaskLimit
 
 EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
-#: The running worker's collector, for ``celery inspect guard_stats`` (one worker a process).
-ACTIVE: dict[str, Any] = {}
 
 _LEVELS = {
     "kept": logging.INFO,
@@ -232,7 +230,6 @@ class Telemetry(bootsteps.StartStopStep):
             hostname=w.hostname,
             settings=settings,
             live=guard.live,
-            headroom=guard.measured.decision.headroom,
             parent_rss=guard.measured.parent.rss,
             cgroup=budget.own,
             children=control.pids if control is not None else (lambda: []),
@@ -248,7 +245,6 @@ class Telemetry(bootsteps.StartStopStep):
         collector.estimate = guard.measured.child
         collector.requested = guard.requested
         collector.on_calibrated.append(lambda measured: self._calibrated(w, guard, measured))
-        ACTIVE["collector"] = collector
         if budget.own is not None and budget.source.startswith("cgroup"):
             # Only a limit read from the cgroup can change under the worker's feet.
             watch = LimitWatch(budget.own, budget.physical, guard.live, w.hostname)
@@ -287,12 +283,13 @@ class Telemetry(bootsteps.StartStopStep):
         guard.hub.call_soon(self._resize, w, guard, measured)
 
     def _resize(self, w: Any, guard: GuardState, measured: int) -> None:
-        """On the event loop: the concurrency that fits at the measured cost, as the
-        startup decision would have made it; the autoscaler's max, or the pool itself."""
-        m = guard.measured
-        if m is None or guard.governed:
+        """On the event loop: the concurrency that fits at the measured cost in the limit
+        of now, as the startup decision would have made it; the autoscaler's max, or the
+        pool itself."""
+        m, live = guard.measured, guard.live
+        if m is None or live is None or guard.governed:
             return
-        fits = plan.largest_fit(m.budget.limit, m.decision.headroom, m.in_use, measured)
+        fits = plan.largest_fit(live.limit, live.headroom, m.in_use, measured)
         target = max(min(guard.requested, fits), guard.settings.min_concurrency)
         autoscaler = getattr(w, "autoscaler", None)
         if w.autoscale and autoscaler is not None:
@@ -602,10 +599,8 @@ class Governor(bootsteps.StartStopStep):
 
     def __init__(self, w: Any, **kwargs: Any) -> None:
         super().__init__(w, **kwargs)
-        from .governor import Governor as Budget
-
         guard = state_of(w)
-        self.governor: Budget | None = None
+        self.governor: governor.Governor | None = None
         self.registered = False
         self.enabled = bool(guard and self._applies(w, guard))
         if self.enabled and guard is not None:
@@ -618,11 +613,9 @@ class Governor(bootsteps.StartStopStep):
         the rest in waves, each once the last is ready for work (``policy.Safety``), so
         a child that is dear to start is measured on a few before it is paid by all.
         Only where the governor acts on the pool."""
-        from .governor import available_cpus
-
         if guard.settings.mode != "scale" or guard.settings.governor != "on":
             return
-        first = max(math.ceil(available_cpus()), 1)
+        first = max(math.ceil(governor.available_cpus()), 1)
         if w.min_concurrency > first:
             guard.whole, w.min_concurrency = w.min_concurrency, first
             guard.on_not_installed.append(lambda: _fork_whole(w, guard))
@@ -640,8 +633,7 @@ class Governor(bootsteps.StartStopStep):
         own: with ``--autoscale`` Celery's autoscaler owns the size."""
         measured = guard.measured
         return bool(
-            guard.settings.brake
-            and guard.settings.governor != "off"
+            guard.settings.governor != "off"
             and guard.control is not None
             and measured is not None
             and measured.budget.cgroup is not None
@@ -666,12 +658,10 @@ class Governor(bootsteps.StartStopStep):
             _fork_whole(w, guard)
 
     def _run(self, w: Any, guard: GuardState, hub: Any) -> None:
-        from .governor import Governor as Budget
-
         measured, collector, control = guard.measured, guard.collector, guard.control
         assert measured is not None and collector is not None and control is not None
         assert guard.live is not None and measured.budget.cgroup is not None
-        self.governor = Budget(
+        self.governor = governor.Governor(
             control,
             guard.settings,
             measured.budget.cgroup,
@@ -775,7 +765,6 @@ def _pool_size(w: Any) -> int:
 
 
 __all__ = [
-    "ACTIVE",
     "EX_CONFIG",
     "Fit",
     "Governor",

@@ -26,7 +26,7 @@ from . import cgroups, heap
 from .config import Settings
 from .exits import OOM, ExitCauses, LostJob, MemoryFailures, Outcome
 from .footprint import StatmRss, read_kib_fields
-from .ledger import Record
+from .ledger import Record, name_key
 from .limit import LiveLimit
 from .logline import emit, logger
 from .protect import signals_to_the_main_thread
@@ -39,8 +39,6 @@ PRIVATE_EVERY = 100
 #: A child's record goes at least this often (in tasks), changed or not: the governor's
 #: plan is paced by the CPU and wall time the records carry.
 RECORD_EVERY = 32
-#: Distinct task names kept for the growth table; past this, growth goes to "other".
-MAX_TASK_NAMES = 200
 #: A child reports a task whose figures changed nothing only for the first runs of each
 #: name in that child, up to this many names.
 NAMES_REPORTED = 256
@@ -258,7 +256,7 @@ def parse_record(line: str) -> tuple[str, int, Record] | None:
         return None
     record = Record(
         pid, name, max(peak, 0), bool(exact), retained, rss,
-        None if private < 0 else private, parts[0] == "R",
+        None if private < 0 else private,
         None if cpu < 0 else cpu, None if wait < 0 else wait, None if busy < 0 else busy,
         tasks,
     )  # fmt: skip
@@ -338,7 +336,6 @@ class Collector:
     hostname: str
     settings: Settings
     live: LiveLimit  # the limit now (the limit watch replaces it)
-    headroom: int
     parent_rss: int
     cgroup: cgroups.Cgroup | None
     children: Callable[[], list[int]]
@@ -411,9 +408,7 @@ class Collector:
                 continue
             kind, delta, record = parsed
             with self.lock:
-                name = record.name
-                if name not in self.tasks and len(self.tasks) >= MAX_TASK_NAMES:
-                    name = "other"
+                name = name_key(self.tasks, record.name)
                 growth = self.tasks.setdefault(name, TaskGrowth())
                 if delta > 0:
                     growth.events += 1
@@ -454,9 +449,7 @@ class Collector:
             self.dropped += 1
             return
         with self.lock:
-            name = hit.name
-            if name not in self.limit_hits and len(self.limit_hits) >= MAX_TASK_NAMES:
-                name = "other"
+            name = name_key(self.limit_hits, hit.name)
             counts = self.limit_hits.setdefault(name, {})
             counts[hit.kind] = counts.get(hit.kind, 0) + 1
         for listener in self.limit_listeners:
@@ -467,12 +460,9 @@ class Collector:
             self.pressure[action] = self.pressure.get(action, 0) + 1
 
     def count_task(self, kind: str, name: str | None) -> None:
-        """One more ``kind`` (TASK_EVENTS) for the task ``name``: bounded at
-        MAX_TASK_NAMES names, the rest counted as ``other``."""
-        name = name or "?"
+        """One more ``kind`` (TASK_EVENTS) for the task ``name`` (bounded: ``name_key``)."""
         with self.lock:
-            if name not in self.task_events and len(self.task_events) >= MAX_TASK_NAMES:
-                name = "other"
+            name = name_key(self.task_events, name or "?")
             counts = self.task_events.setdefault(name, {})
             counts[kind] = counts.get(kind, 0) + 1
 
@@ -583,7 +573,7 @@ class Collector:
                 "worker": self.hostname,
                 "final": final,
                 "limit_mib": mib(self.limit),
-                "headroom_mib": mib(self.headroom),
+                "headroom_mib": mib(self.live.headroom),
                 "parent_rss_mib": mib(self.parent_rss),
                 "usage_mib": _mib_or_none(self.usage),
                 "working_set_mib": _mib_or_none(self.working_set),

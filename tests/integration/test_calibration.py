@@ -56,6 +56,33 @@ def test_an_estimate_far_too_high_is_corrected_for_the_autoscaler(
     assert group.oom_kills() == 0
 
 
+@pytest.mark.cgroup
+def test_the_autoscalers_max_is_sized_in_the_limit_of_now(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """The limit lowered under the running worker before its first child is measured:
+    the autoscaler's max is sized in the lowered limit, not in the one read at startup
+    (which had room for all 8)."""
+    group = make_cgroup(1024 * MIB)
+    worker = make_worker(["--autoscale", "8,1"], harness.worker_env(redis, SMALL_APP), group)
+    startup = worker.startup()
+    assert startup["concurrency"] == "8"
+    in_use = float(startup["in_use_mib"])
+    worker.wait_ready(60)
+    lowered = int((in_use + 40) / 0.9)  # after the headroom, 40 MiB for the children
+    (group.path / "memory.limit_in_bytes").write_text(str(lowered * MIB))
+    worker.wait_for(rf"celery-guard event=limit .*new_mib={lowered}\.0", 10)
+    assert harness.wait_for_results(harness.send_tasks(redis, worker.queue, "add", 2, (1, 1)), 60)
+    worker.wait_for(r"celery-guard event=pressure .*level=calibration .*what=autoscale_max")
+    (calibration,) = worker.events("calibration")
+    (line,) = [p for p in worker.events("pressure") if p.get("level") == "calibration"]
+    fits = int((lowered * 0.9 - in_use) // float(calibration["measured_mib"]))
+    # the logged figures are rounded to 0.1 MiB: one child either way
+    assert abs(int(line["concurrency"]) - max(fits, 1)) <= 1, (line, calibration)
+    assert int(line["concurrency"]) < 8
+    assert group.oom_kills() == 0
+
+
 def test_an_estimate_far_too_high_is_corrected_without_a_cgroup(
     redis: harness.RedisServer, make_worker: MakeWorker
 ) -> None:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from celery_guard import actuator, telemetry
 from celery_guard.config import load_settings
+from celery_guard.ledger import MAX_TASK_NAMES
 from celery_guard.limit import LiveLimit
 from celery_guard.protect import WorkerMemoryLimit, active_task_names
 
@@ -41,7 +42,6 @@ def collector(known: set[int] = KNOWN) -> telemetry.Collector:
         hostname="w@h",
         settings=config,
         live=LiveLimit(1024 * MIB, config),
-        headroom=0,
         parent_rss=100 * MIB,
         cgroup=None,
         children=lambda: [],
@@ -135,10 +135,10 @@ def test_records_of_any_figures_keep_every_table_sane(
 def test_a_flood_of_invented_task_names_is_bounded() -> None:
     c = collector()
     c.take([record(name=f"forged.{i}") for i in range(5000)])
-    assert len(c.tasks) == telemetry.MAX_TASK_NAMES + 1  # the rest under "other"
-    assert c.tasks["other"].events == 5000 - telemetry.MAX_TASK_NAMES
+    assert len(c.tasks) == MAX_TASK_NAMES + 1  # the rest under "other"
+    assert c.tasks["other"].events == 5000 - MAX_TASK_NAMES
     c.take(["L 101 hard 1048576 1048576 id-" + str(i) + " forged." + str(i) for i in range(5000)])
-    assert len(c.limit_hits) == telemetry.MAX_TASK_NAMES + 1
+    assert len(c.limit_hits) == MAX_TASK_NAMES + 1
 
 
 # -- the sampler: cut records, a descriptor above 1024, failing steps ---------------------------

@@ -34,7 +34,7 @@ WORKER = [
     ("max-worker-memory-on-gevent", {"pool": "gevent", "max_worker_memory": 1 << 30}, []),
     ("acks-early", {"acks_late": False}, ["acks_early"]),
     ("acks-late-without-reject", {"reject_on_worker_lost": False}, ["acks_early"]),
-    ("acks-early-brake-off", {"acks_late": False, "brake": False}, []),
+    ("acks-early-governor-off", {"acks_late": False, "governed": False}, []),
     ("acks-early-threads", {"acks_late": False, "pool": "threads"}, []),
     ("oom-group", {"oom_group": True}, ["oom_group"]),
     ("in-order", {"max_memory_per_child_kib": 1, "acks_late": False, "oom_group": True},

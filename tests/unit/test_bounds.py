@@ -7,8 +7,8 @@ from celery import Celery
 from test_adversarial_pipe import collector
 
 import celery_guard
-from celery_guard import telemetry
 from celery_guard.config import OPTIONS
+from celery_guard.ledger import MAX_TASK_NAMES
 from celery_guard.steps import MemoryGuard
 
 MIB = 1024 * 1024
@@ -22,7 +22,7 @@ def test_the_task_name_after_the_200th_is_counted_as_other() -> None:
     """A worker that runs endless distinct task names (generated, or a name per tenant)
     must not grow its tables without end: 200 names are kept, the 201st and later are
     summed under ``other``, and a name already kept goes on counting as itself."""
-    assert telemetry.MAX_TASK_NAMES == 200
+    assert MAX_TASK_NAMES == 200
     c = collector({101})
     c.take([record(f"app.t{i}") for i in range(200)])
     assert len(c.tasks) == 200 and "other" not in c.tasks

@@ -426,3 +426,10 @@ def test_a_bad_env_value_names_no_option() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({"CELERY_GUARD_MODE": "sometimes"}, {}, {"mode": None})
     assert caught.value.flag == ""
+
+
+@pytest.mark.parametrize("env", [{"CELERY_GUARD_BRAKE": "0"}, {"CELERY_GUARD_GOVERNOR": "off"}])
+def test_the_two_switches_turn_off_one_run_time_budget(env: dict[str, str]) -> None:
+    """``CELERY_GUARD_BRAKE=0`` (the older switch) and ``CELERY_GUARD_GOVERNOR=off`` say
+    the same: the rest of the guard reads only ``governor``."""
+    assert load_settings(env, {}).governor == "off"

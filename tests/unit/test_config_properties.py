@@ -225,7 +225,10 @@ def test_load_settings_raises_only_config_errors_that_name_the_variable(
         raw, source = _given(option, env, conf, options)
         assert result.source(option.name) == source
         if isinstance(raw, str):
-            assert getattr(result, option.name) == option.parse(raw)
+            parsed = option.parse(raw)
+            if option.name == "governor" and not result.brake:
+                parsed = "off"  # the older switch says the same (load_settings)
+            assert getattr(result, option.name) == parsed
 
 
 # ---------------------------------------------------------------------------------------

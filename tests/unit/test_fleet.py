@@ -56,6 +56,8 @@ def test_text_is_aligned_and_escaped_and_json_is_one_object() -> None:
     first, second = text.splitlines()
     assert first.index("concurrency") == second.index("4")
     assert "a\\nb@h" in second
+    (_, accented) = table(worker_rows({"café@h": A}, {}), [("hostname", "worker")]).splitlines()
+    assert accented == "café@h"  # printable: as it is
     data = json.loads(render(rows, queue_rows(rows), "json"))
     assert data["workers"][0]["hostname"] == "a\nb@h"
     assert data["queues"][0]["queue"] == "q"

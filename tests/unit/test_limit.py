@@ -76,3 +76,13 @@ def test_a_limit_that_disappears_falls_back_to_physical_memory(
     assert (first["new_mib"], first["limit_source"]) == ("4096.0", "physical")
     assert (again["old_mib"], again["new_mib"]) == ("4096.0", "768.0")
     assert limit.live.limit == 768 * MIB
+
+
+def test_the_headroom_follows_the_limit(tmp_path: Path) -> None:
+    """The bytes kept free are the headroom's fraction of the limit of now, so a pool sized
+    again after a change keeps the same share free as the startup decision did."""
+    limit, leaf = watch(tmp_path, 1000 * MIB)
+    assert limit.live.headroom == 100 * MIB
+    (leaf / "memory.max").write_text(f"{500 * MIB}\n")
+    limit.check()
+    assert limit.live.headroom == 50 * MIB
