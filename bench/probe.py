@@ -41,7 +41,7 @@ PROBE = r"""
 import gc, importlib, json, os, sys, time
 from celery_guard import startup
 from celery_guard.config import load_settings
-from celery_guard.telemetry import read_private
+from celery_guard.procfs import known, private
 
 module = importlib.import_module(os.environ["APP"])
 app = getattr(module, "app")
@@ -64,7 +64,7 @@ def child(walk):
             for obj in tracked:
                 gc.get_referents(obj)
         seconds = time.perf_counter() - began
-        os.write(write, json.dumps([read_private(), seconds]).encode())
+        os.write(write, json.dumps([known(private()), seconds]).encode())
         os._exit(0)
     os.close(write)
     data = b""

@@ -21,7 +21,6 @@ checked in Celery 5.7.0 and billiard 4.3.2 (see the README's how-it-works):
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import signal
 import time
@@ -34,6 +33,7 @@ from billiard.pool import ACK, READY
 from celery.concurrency.asynpool import WORKER_UP  # type: ignore[attr-defined]
 from celery.worker import state as worker_state
 
+from . import procfs
 from .exits import LostJob
 
 
@@ -44,31 +44,6 @@ class Listener(Protocol):
     def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None: ...
     def task_accepted(self, pid: int, task_id: str, name: str) -> None: ...
     def task_ready(self, pid: int, task_id: str) -> bool: ...
-
-
-def start_time(pid: int, proc: str = "/proc") -> int | None:
-    """A process's start time in clock ticks since boot (field 22 of ``stat``): with the
-    pid, it names one process for good, whatever reuses the pid later."""
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as file:
-            data = file.read(4096)
-    except OSError:
-        return None
-    end = data.rfind(b")")  # the name may hold spaces and parentheses
-    fields = data[end + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def read_rss(pid: int, proc: str = "/proc") -> int | None:
-    """A process's RSS in bytes from ``statm`` (about 10 us); None when it is gone."""
-    try:
-        with open(f"{proc}/{pid}/statm", "rb") as file:
-            return int(file.read(200).split()[1]) * mmap.PAGESIZE
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 @dataclass
@@ -94,8 +69,9 @@ def _name(request: Any) -> str:
 class PoolControl:
     """Hears the pool and acts on it; holds the tasks the governor does not start yet."""
 
-    def __init__(self, w: Any) -> None:
+    def __init__(self, w: Any, proc: str = procfs.ROOT) -> None:
         self.w = w
+        self.proc = proc  # where the children's /proc files are read
         self.children: dict[int, Child] = {}
         self.listeners: list[Listener] = []
         self.held: deque[Any] = deque()  # requests that took a slot, not handed over
@@ -291,7 +267,7 @@ class PoolControl:
     # -- events ----------------------------------------------------------------------
     def _up(self, process: Any) -> None:
         pid = process.pid
-        self.children[pid] = Child(pid, start_time(pid), process)
+        self.children[pid] = Child(pid, procfs.known(procfs.start_time(pid, self.proc)), process)
         for listener in self.listeners:
             listener.child_up(pid)
 
@@ -439,16 +415,19 @@ class PoolControl:
         return list(self.children.copy())
 
     def rss(self, pid: int) -> int | None:
-        return read_rss(pid)
+        return procfs.known(procfs.rss(pid, self.proc))
 
     def _current(self, pid: int) -> Child | None:
         """The child ``pid`` if it is still the process that was forked: alive, in the
-        pool, and with the start time it had then (the pid was not reused)."""
+        pool, and with the start time it had then (the pid was not reused). A start time
+        the guard may not read (``hidepid``) leaves the pool's word standing."""
         child = self.children.get(pid)
         if child is None or child.process.exitcode is not None:
             return None
-        if child.started is not None and start_time(pid) != child.started:
-            return None
+        if child.started is not None:
+            now = procfs.start_time(pid, self.proc)
+            if now is procfs.Unread.GONE or (isinstance(now, int) and now != child.started):
+                return None
         return child
 
     def ready(self, pid: int) -> bool:
@@ -559,4 +538,4 @@ class PoolControl:
         return True
 
 
-__all__ = ["Child", "Listener", "PoolControl", "read_rss", "start_time"]
+__all__ = ["Child", "Listener", "PoolControl"]

@@ -43,6 +43,8 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from . import procfs
+
 
 @dataclass(frozen=True)
 class Allocators:
@@ -75,19 +77,6 @@ class Estimate:
 #: ``bench/estimate.py`` measures it (its ``baseline`` row: an app with no data) at 10.6
 #: to 10.7 MiB with Celery 5.7 and CPython 3.11, 0.2 MiB of it page tables.
 CHILD_BASE = 10 * 1024 * 1024 + 400 * 1024
-
-
-def parse_kib_fields(text: str) -> dict[str, int]:
-    """``Name:   1234 kB`` lines (smaps_rollup, status) to bytes; other lines are skipped."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        digits = parts[0] if len(parts) == 2 and parts[1] == "kB" else ""
-        # at most 20 digits: a figure no machine has is garbage, and int() refuses 4300+
-        if digits.isascii() and digits.isdigit() and len(digits) <= 20:
-            fields[name.strip()] = int(digits) * 1024
-    return fields
 
 
 #: at most 27 digits and commas: a figure no machine has is garbage, and int() refuses 4300+
@@ -273,38 +262,15 @@ def read_allocators() -> Allocators | None:
     )
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            return file.read()
-    except OSError:
-        return ""
-
-
-def read_kib_fields(path: str) -> dict[str, int]:
-    """The ``kB`` fields of a /proc file; empty when it is gone (an exited child)."""
-    return parse_kib_fields(_read(path))
-
-
-class StatmRss:
-    """This process's RSS from /proc/self/statm through a descriptor kept open: about
-    1.4 us a read, cheap enough for every task. Open it in the process it measures."""
-
-    def __init__(self) -> None:
-        self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-
-    def __call__(self) -> int:
-        return int(os.pread(self.fd, 64, 0).split()[1]) * mmap.PAGESIZE
-
-
 def measure(
-    proc: str = "/proc/self",
+    pid: int | str = "self",
+    proc: str = procfs.ROOT,
     allocators: Allocators | None = None,
     app_objects: int | None = None,
 ) -> Footprint:
-    """Read the footprint of the process whose /proc directory is ``proc``."""
-    status = read_kib_fields(os.path.join(proc, "status"))
-    rollup = read_kib_fields(os.path.join(proc, "smaps_rollup"))
+    """Read the footprint of process ``pid``; what cannot be read counts as nothing."""
+    status = _fields(procfs.kib_fields(pid, "status", proc))
+    rollup = _fields(procfs.kib_fields(pid, "smaps_rollup", proc))
     rss = rollup.get("Rss", status.get("VmRSS", 0))
     return Footprint(
         rss=rss,
@@ -313,6 +279,10 @@ def measure(
         allocators=allocators,
         app_objects=app_objects,
     )
+
+
+def _fields(found: dict[str, int] | procfs.Unread) -> dict[str, int]:
+    return {} if isinstance(found, procfs.Unread) else found
 
 
 def estimate_child(footprint: Footprint, forked: bool = True, gc_freeze: bool = True) -> Estimate:

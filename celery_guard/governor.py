@@ -25,10 +25,11 @@ from . import brokers, cgroups, policy
 from .actuator import PoolControl
 from .config import Settings
 from .exits import ExitCauses, Kill
-from .footprint import CollectorPages, StatmRss
+from .footprint import CollectorPages
 from .ledger import ChildState, Ledger, Record, TaskTable
 from .limit import LiveLimit
 from .logline import emit, logger
+from .procfs import StatmRss, path
 from .sizes import mib
 
 #: How long a working-set reading serves the gate before it is read again (seconds).
@@ -189,7 +190,7 @@ class Governor:
         collection writes: what each would copy more in a vanilla worker."""
         due, self.unfrozen_due = self.unfrozen_due, []
         for pid in due:
-            shared = self.collector.shared(f"/proc/{pid}/pagemap") if self.collector else None
+            shared = self.collector.shared(path(pid, "pagemap")) if self.collector else None
             if shared is not None:  # else gone, or not ours to read: the bound stays
                 self.ledger.pace.unfrozen.add(shared)
 

@@ -11,10 +11,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from . import cgroups
+from . import cgroups, procfs
 from .logline import emit
 from .protect import threads_without_signals
-from .telemetry import PEAK_BUCKETS, Collector, read_private
+from .telemetry import PEAK_BUCKETS, Collector
 
 PREFIX = "celery_guard_"
 #: The port the documentation and the examples use: outside Prometheus' allocated range
@@ -150,8 +150,8 @@ class GuardCollector:
         """The children's private memory now (USS, read when scraped), as one histogram."""
         counts, total = [0] * (len(CHILD_BUCKETS) + 1), 0
         for pid in pids:
-            value = read_private(pid)
-            if value is None:  # it exited between the listing and the read
+            value = procfs.private(pid)
+            if isinstance(value, procfs.Unread):  # it exited between the listing and the read
                 continue
             index = next((i for i, b in enumerate(CHILD_BUCKETS) if value <= b), -1)
             counts[index] += 1

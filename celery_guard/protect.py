@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from . import procfs
 from .config import Settings
-from .footprint import StatmRss
 from .logline import emit
 from .sizes import mib
 
@@ -57,7 +57,7 @@ def threads_without_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def set_oom_score_adj(value: int, path: str = "/proc/self/oom_score_adj") -> str:
+def set_oom_score_adj(value: int, path: str = procfs.path("self", "oom_score_adj")) -> str:
     """Write ``value``; return "" or why it could not be written (lowering needs privilege)."""
     try:
         with open(path, "w") as file:
@@ -130,7 +130,7 @@ class WorkerMemoryLimit:
         self.hostname = hostname
         self.collector = collector
         self.tripped = False
-        self.rss = StatmRss()
+        self.rss = procfs.StatmRss()
 
     def check(self) -> None:
         if self.tripped:

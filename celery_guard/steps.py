@@ -32,7 +32,18 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.components import Pool
 
-from . import advice, cgroups, governor, history, plan, startup, task_limits, telemetry, watchdog
+from . import (
+    advice,
+    cgroups,
+    governor,
+    history,
+    plan,
+    procfs,
+    startup,
+    task_limits,
+    telemetry,
+    watchdog,
+)  # fmt: skip
 from .actuator import PoolControl
 from .config import ConfigError, Settings, error_fields, given_options, load_settings
 from .exits import Kill
@@ -527,7 +538,7 @@ class TaskLimits(bootsteps.StartStopStep):
                     os.write(channel, record.encode()[:4000])
 
         watchdog.WATCHDOG.start(
-            send, telemetry.read_private, guard.collector.hostname if guard.collector else "",
+            send, _private_now, guard.collector.hostname if guard.collector else "",
         )  # fmt: skip
 
     def _listen(self) -> None:
@@ -755,6 +766,10 @@ def _fork_whole(w: Any, guard: GuardState) -> None:
     whole, guard.whole = guard.whole, None
     if whole is not None and guard.control is not None and whole > _pool_size(w):
         guard.control.grow(whole - _pool_size(w))
+
+
+def _private_now() -> int | None:
+    return procfs.known(procfs.private())
 
 
 def _pool_size(w: Any) -> int:

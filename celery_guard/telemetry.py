@@ -22,10 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import cgroups, heap
+from . import cgroups, heap, procfs
 from .config import Settings
 from .exits import OOM, ExitCauses, LostJob, MemoryFailures, Outcome
-from .footprint import StatmRss, read_kib_fields
 from .ledger import Record, name_key
 from .limit import LiveLimit
 from .logline import emit, logger
@@ -47,44 +46,6 @@ MIB = 1024 * 1024
 MAX_FIGURE = 1 << 50
 MAX_NAME = 200  # characters of a task name in a record
 PID_MAX = 1 << 22  # the kernel's largest pid_max
-
-
-def private_bytes(fields: dict[str, int]) -> int | None:
-    """A process's private memory (USS) from its smaps_rollup fields."""
-    if "Private_Dirty" not in fields:
-        return None
-    return fields["Private_Dirty"] + fields.get("Private_Clean", 0)
-
-
-def read_private(pid: int | str = "self") -> int | None:
-    """A process's private memory now (0.1-5 ms: it walks the page tables); None when
-    the process is gone."""
-    return private_bytes(read_kib_fields(f"/proc/{pid}/smaps_rollup"))
-
-
-class SchedWait:
-    """Microseconds this process has waited for a CPU (``/proc/self/schedstat``'s second
-    field, nanoseconds) through a descriptor kept open: what tells a task slowed by too
-    many children for the CPUs from one that sleeps or waits on I/O."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    @classmethod
-    def open(cls, path: str = "/proc/self/schedstat") -> SchedWait:
-        try:
-            return cls(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        except OSError:  # a kernel without schedstat: the wait is unknown
-            return cls(None)
-
-    def __call__(self) -> int:
-        """The wait so far, or -1 when it cannot be read."""
-        if self.fd is None:
-            return -1
-        try:
-            return int(os.pread(self.fd, 128, 0).split()[1]) // 1000
-        except (OSError, IndexError, ValueError):
-            return -1
 
 
 #: Celery's tracers a prefork child runs a job through (``celery.app.trace``): the
@@ -111,12 +72,12 @@ class ChildProbe:
         """Fresh state per process: the figures of the parent do not belong to the child."""
         self.pid = os.getpid()
         self.tasks = 0
-        self.rss = StatmRss()
+        self.rss = procfs.StatmRss()
         self.last_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.last_rss = self.sent_rss = self.rss()
         self.logged_peak = self.last_peak
         self.names: set[str] = set()
-        self.waited = SchedWait.open()
+        self.waited = procfs.SchedWait()
         self.busy = 0.0  # seconds of wall time inside tasks
 
     def before_task(self, **_: Any) -> None:
@@ -189,7 +150,7 @@ class ChildProbe:
         if new_name:
             self.names.add(name)
         again = logged and self.tasks % PRIVATE_EVERY == 1
-        private = read_private() if first or new_name or again else None
+        private = procfs.known(procfs.private()) if first or new_name or again else None
         recycling = 0 < self.max_memory_kib < peak // 1024
         self.last_peak, self.last_rss = peak, rss
         # And now and then whatever changed: the CPU and wall figures pace the plan
@@ -472,11 +433,13 @@ class Collector:
             usage = cgroups.read_usage(self.cgroup)
             self.usage, self.working_set = usage.usage, usage.working_set
         for pid in self.children():
-            rollup = read_kib_fields(f"/proc/{pid}/smaps_rollup")
-            status = read_kib_fields(f"/proc/{pid}/status")
-            private = private_bytes(rollup)
-            if private is None or "VmHWM" not in status or "Rss" not in rollup:
+            rollup = procfs.kib_fields(pid, "smaps_rollup")
+            status = procfs.kib_fields(pid, "status")
+            if isinstance(rollup, procfs.Unread) or isinstance(status, procfs.Unread):
                 continue  # the child exited between the listing and the read
+            private = procfs.private_bytes(rollup)
+            if private is None or "VmHWM" not in status or "Rss" not in rollup:
+                continue
             with self.lock:
                 self.private.add(private)
                 self.peak_rss.add(status["VmHWM"])
@@ -828,4 +791,4 @@ def open_channel() -> tuple[int, int]:
     return read_end, write_end
 
 
-__all__ = ["ChildProbe", "Collector", "Sampler", "open_channel", "private_bytes", "read_private"]
+__all__ = ["ChildProbe", "Collector", "Sampler", "open_channel"]

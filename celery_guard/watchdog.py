@@ -21,7 +21,6 @@ safety net instead.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import signal
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 
 from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
 from .logline import emit
+from .procfs import StatmAnon
 from .protect import signals_to_the_main_thread
 from .sizes import mib
 from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, next_check
@@ -197,18 +197,6 @@ class Watchdog:
         level = logging.WARNING if kind == SOFT else logging.ERROR
         emit(level, "task_memory_limit", fields)
         self.send(f"L {os.getpid()} {kind} {limit} {max(held, 0)} {task_id} {name}\n")
-
-
-class StatmAnon:
-    """This process's anonymous resident memory (``statm``'s resident less shared)
-    through a descriptor kept open: cheap enough to read as every limited task starts."""
-
-    def __init__(self) -> None:
-        self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-
-    def __call__(self) -> int:
-        fields = os.pread(self.fd, 128, 0).split()
-        return (int(fields[1]) - int(fields[2])) * mmap.PAGESIZE
 
 
 #: This process's watchdog: started in each pool child, inert elsewhere.

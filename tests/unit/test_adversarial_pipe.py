@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from celery_guard import actuator, telemetry
+from celery_guard import actuator, procfs, telemetry
 from celery_guard.config import load_settings
 from celery_guard.ledger import MAX_TASK_NAMES
 from celery_guard.limit import LiveLimit
@@ -256,23 +256,39 @@ def test_a_child_whose_pid_was_reused_is_never_signalled(tmp_path: Path) -> None
     (proc / "4242").mkdir(parents=True)
     stat = "4242 (celery: a (weird) name) S " + " ".join(["0"] * 18) + " 777 0 0"
     (proc / "4242" / "stat").write_text(stat)
-    assert actuator.start_time(4242, str(proc)) == 777
+    assert procfs.start_time(4242, str(proc)) == 777
     (proc / "4242" / "stat").write_text(stat.replace(" 777 ", " 778 "))
-    assert actuator.start_time(4242, str(proc)) == 778
-    assert actuator.start_time(4343, str(proc)) is None  # gone
+    assert procfs.start_time(4242, str(proc)) == 778
+    assert procfs.start_time(4343, str(proc)) is procfs.Unread.GONE
     (proc / "4242" / "stat").write_text("garbage")
-    assert actuator.start_time(4242, str(proc)) is None
+    assert procfs.start_time(4242, str(proc)) is procfs.Unread.ODD
 
     process = SimpleNamespace(pid=os.getpid(), exitcode=None)
     control = actuator.PoolControl(SimpleNamespace())
     control.children[os.getpid()] = actuator.Child(os.getpid(), 1, process)  # a wrong time
     assert control._current(os.getpid()) is None
     control.children[os.getpid()] = actuator.Child(
-        os.getpid(), actuator.start_time(os.getpid()), process
+        os.getpid(), procfs.known(procfs.start_time(os.getpid())), process
     )
     assert control._current(os.getpid()) is not None
     process.exitcode = 0  # reaped: gone, whatever its pid says
     assert control._current(os.getpid()) is None
+
+
+def test_a_start_time_the_guard_may_not_read_leaves_the_pools_word(tmp_path: Path) -> None:
+    """Gone from /proc, or another start time: not the child forked. A stat file that
+    cannot be read or makes no sense (hidepid, an odd kernel) proves neither: the pool's
+    own word (its exit code) stands, so the guard does not drop a live child."""
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    control = actuator.PoolControl(SimpleNamespace(), proc=str(proc))
+    control.children[4242] = actuator.Child(4242, 777, SimpleNamespace(pid=4242, exitcode=None))
+    assert control._current(4242) is None  # no stat: gone
+    (proc / "4242" / "stat").write_text("garbage")
+    assert control._current(4242) is not None
+    stat = "4242 (celery) S " + " ".join(["0"] * 18) + " 778 0 0"
+    (proc / "4242" / "stat").write_text(stat)
+    assert control._current(4242) is None  # another process with that pid
 
 
 def test_collecting_while_children_come_and_go_never_raises() -> None:

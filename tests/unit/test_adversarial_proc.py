@@ -28,7 +28,8 @@ from celery_guard.cgroups import (
     read_oom_kills,
     read_usage,
 )
-from celery_guard.footprint import parse_kib_fields, parse_pymalloc_stats
+from celery_guard.footprint import parse_pymalloc_stats
+from celery_guard.procfs import parse_kib_fields
 
 FILES = settings(max_examples=150, deadline=None, database=None)
 MIB = 1 << 20

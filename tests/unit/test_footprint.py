@@ -31,12 +31,11 @@ from celery_guard.footprint import (
     Footprint,
     estimate_child,
     measure,
-    parse_kib_fields,
     parse_pymalloc_stats,
     pymalloc_live_bytes,
     read_allocators,
-    read_kib_fields,
 )
+from celery_guard.procfs import kib_fields, parse_kib_fields
 
 TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
 DATA = TESTDATA / "proc"
@@ -186,12 +185,12 @@ MEASURE = [
 )
 def test_measure(case: str, allocators: Allocators | None, expected: Footprint) -> None:
     """smaps_rollup first, then status (RssAnon, VmRSS); a missing directory gives zeros."""
-    assert measure(str(DATA / case), allocators=allocators) == expected
+    assert measure(case, str(DATA), allocators=allocators) == expected
 
 
 def test_measure_allocators_default_none() -> None:
     """Without allocator figures the footprint says so, and the estimate cannot use objects."""
-    footprint = measure(str(DATA / "with_rollup"))
+    footprint = measure("with_rollup", str(DATA))
     assert footprint.allocators is None
     assert estimate_child(footprint).method == "anonymous"
 
@@ -389,7 +388,7 @@ def test_estimate_child_default_is_forked() -> None:
 
 def test_estimate_from_fixture() -> None:
     """measure() and estimate_child() together on the main-process fixture."""
-    footprint = measure(str(DATA / "with_rollup"), allocators=NO_PYMALLOC)
+    footprint = measure("with_rollup", str(DATA), allocators=NO_PYMALLOC)
     assert estimate_child(footprint) == Estimate(
         120832 * KIB - 40 * MIB + 3 * PAGE + 664 * KIB, "anonymous"
     )
@@ -416,7 +415,7 @@ def live() -> None:
 
 def _live() -> tuple[Footprint, Estimate]:
     gc.collect()  # as the bootstep does before measuring: no garbage in either reading
-    footprint = measure("/proc/self", allocators=read_allocators())
+    footprint = measure(allocators=read_allocators())
     return footprint, estimate_child(footprint)
 
 
@@ -529,9 +528,9 @@ class _Forked:
         if self.pid == 0:  # pragma: no cover - the child
             try:
                 while os.read(self.orders_r, 16) == b"collect":
-                    before = _private("/proc/self/smaps_rollup")
+                    before = _private()
                     gc.collect()
-                    after = _private("/proc/self/smaps_rollup")
+                    after = _private()
                     os.write(self.replies_w, f"{before} {after}".encode())
             finally:
                 os._exit(0)
@@ -548,8 +547,9 @@ class _Forked:
             os.close(fd)
 
 
-def _private(path: str) -> int:
-    fields = read_kib_fields(path)
+def _private() -> int:
+    fields = kib_fields("self", "smaps_rollup")
+    assert isinstance(fields, dict)
     return fields.get("Private_Dirty", 0) + fields.get("Private_Clean", 0)
 
 

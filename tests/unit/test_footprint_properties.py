@@ -16,9 +16,9 @@ from celery_guard.footprint import (
     Footprint,
     estimate_child,
     measure,
-    parse_kib_fields,
     parse_pymalloc_stats,
 )
+from celery_guard.procfs import parse_kib_fields
 
 KIB_NAME = st.text(
     alphabet=st.characters(exclude_categories=("Cs", "Cc", "Zl", "Zp"), exclude_characters=":"),
@@ -119,7 +119,7 @@ def test_footprint_of_a_garbled_proc_directory(
     with tempfile.TemporaryDirectory() as tmp:
         _put(Path(tmp) / "status", status)
         _put(Path(tmp) / "smaps_rollup", rollup)
-        footprint = measure(tmp, allocators)
+        footprint = measure(Path(tmp).name, str(Path(tmp).parent), allocators)
     assert isinstance(footprint, Footprint)
     assert min(footprint.rss, footprint.anonymous, footprint.page_tables) >= 0
     estimate = estimate_child(footprint, forked)
