@@ -113,6 +113,11 @@ def _oserror(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class Missing(str):
+    """The reason a file was not read when it is not there at all (a level that does not
+    set it), as against one there and unreadable."""
+
+
 def _read(path: str, display: str) -> tuple[str | None, str]:
     """Read a whole text file; (None, reason) instead of raising. No newline translation:
     a carriage return in a cgroup's name is part of the name, not a line end."""
@@ -120,7 +125,7 @@ def _read(path: str, display: str) -> tuple[str | None, str]:
         with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             return f.read(), ""
     except FileNotFoundError:
-        return None, f"missing {display}"
+        return None, Missing(f"missing {display}")
     except (OSError, ValueError) as exc:
         return None, f"unreadable {display}: {_oserror(exc)}"
 
@@ -372,7 +377,7 @@ def read_limit(cgroup: Cgroup, physical: int | None) -> Limit:
                 display = f"{name} in {level}"
                 text, why = _read(os.path.join(directory, name), display)
                 if text is None:
-                    if not why.startswith("missing"):
+                    if not isinstance(why, Missing):
                         problems.append(why)
                     continue
                 files_seen += name == "memory.max"

@@ -167,7 +167,7 @@ class Governor:
         self.stopped = True
         self.control.gate = self.control.on_handed = self.control.on_resize = None
 
-    def take(self, record: Record) -> None:
+    def post(self, record: Record) -> None:
         """A child's record, from whichever thread read it; absorbed on the loop."""
         self.records.append(record)
 
@@ -176,7 +176,7 @@ class Governor:
             record = self.records.popleft()
             child = self.ledger.children.get(record.pid)
             young = child is not None and child.young
-            self.ledger.take(record)
+            self.ledger.after_task(record)
             if young and child is not None and not child.young:
                 self._baseline_taken(child.pid)
 

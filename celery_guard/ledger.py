@@ -447,7 +447,7 @@ class Ledger:
             self._count(child, 1)
         self.finished += 1
 
-    def take(self, record: Record) -> None:
+    def after_task(self, record: Record) -> None:
         """A child's report after a task: its figures, and the task's."""
         if record.exact or not self.tasks.known(record.name):
             self.tasks.observe(record.name, record.peak, record.retained)

@@ -689,7 +689,7 @@ class Governor(bootsteps.StartStopStep):
             unfrozen_collect=guard.unfrozen_collect() + measured.collector_copy_seconds,
         )
         self.governor.hold_bound = _hold_bound(w.app)
-        collector.listeners.append(self.governor.take)
+        collector.listeners.append(self.governor.post)
         guard.governed = True
         collector.summary_extras.append(self.governor.figures)
         collector.stats_sections["governor"] = self.governor.info

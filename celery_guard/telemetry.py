@@ -358,10 +358,10 @@ class Collector:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- records from the children -------------------------------------------------
-    def take(self, lines: list[str]) -> None:
+    def read_lines(self, lines: list[str]) -> None:
         for line in lines:
             if line.startswith("L "):
-                self._take_limit_hit(line)
+                self._read_limit_hit(line)
                 continue
             parsed = parse_record(line)
             if parsed is None or not self.known(parsed[2].pid):
@@ -404,7 +404,7 @@ class Collector:
         for callback in self.on_calibrated:
             callback(measured)
 
-    def _take_limit_hit(self, line: str) -> None:
+    def _read_limit_hit(self, line: str) -> None:
         hit = parse_limit_hit(line)
         if hit is None or not self.known(hit.pid):
             self.dropped += 1
@@ -718,7 +718,7 @@ class Sampler(threading.Thread):
                     return
                 lines = (self.partial + data).split(b"\n")
                 self.partial = lines.pop()[-4096:]  # a record never spans more than that
-                self.collector.take([line.decode(errors="replace") for line in lines])
+                self.collector.read_lines([line.decode(errors="replace") for line in lines])
 
     def on_loop(self, hub: Any) -> None:
         """Let the worker's event loop read the children's records as they come: the

@@ -58,7 +58,7 @@ def record(pid: int = 101, name: str = "app.t", delta: int = MIB, private: int =
 def test_a_task_name_with_spaces_keeps_its_growth() -> None:
     """Finding 9: a name with a space split the record into six parts and it was dropped."""
     c = collector()
-    c.take([record(name="reports: build the monthly one")])
+    c.read_lines([record(name="reports: build the monthly one")])
     assert c.tasks["reports: build the monthly one"].total == MIB
     assert c.dropped == 0
 
@@ -85,7 +85,7 @@ def test_a_hostile_record_is_dropped_and_nothing_breaks(line: str) -> None:
     """Finding 2: one record with a 3,900-digit number made every later summary and
     guard_stats raise OverflowError. Refused records are counted and go no further."""
     c = collector()
-    c.take([line, record()])
+    c.read_lines([line, record()])
     assert c.dropped == 1
     assert c.tasks["app.t"].total == MIB
     c.summary_fields(final=True)  # every figure still formats
@@ -96,7 +96,7 @@ def test_a_hostile_record_is_dropped_and_nothing_breaks(line: str) -> None:
 @given(st.lists(st.text(max_size=120), max_size=50))
 def test_any_text_on_the_pipe_never_raises(lines: list[str]) -> None:
     c = collector()
-    c.take(lines)
+    c.read_lines(lines)
     fields = c.summary_fields()
     assert fields["worker"] == "w@h"
 
@@ -122,7 +122,7 @@ def test_records_of_any_figures_keep_every_table_sane(
         f"T {pid} {delta} {exact} {peak} {kept} {rss} {private} -1 -1 -1 1 {name}"
         for delta, exact, peak, kept, rss, private, name, pid in rows
     ]
-    c.take(lines)
+    c.read_lines(lines)
     for item in seen:  # what got through is within bounds, from a known child
         assert item.pid in KNOWN and 0 <= item.rss < 1 << 50 and item.peak >= 0
         assert len(item.name) <= telemetry.MAX_NAME and item.name.isprintable()
@@ -134,10 +134,12 @@ def test_records_of_any_figures_keep_every_table_sane(
 
 def test_a_flood_of_invented_task_names_is_bounded() -> None:
     c = collector()
-    c.take([record(name=f"forged.{i}") for i in range(5000)])
+    c.read_lines([record(name=f"forged.{i}") for i in range(5000)])
     assert len(c.tasks) == MAX_TASK_NAMES + 1  # the rest under "other"
     assert c.tasks["other"].events == 5000 - MAX_TASK_NAMES
-    c.take(["L 101 hard 1048576 1048576 id-" + str(i) + " forged." + str(i) for i in range(5000)])
+    c.read_lines(
+        ["L 101 hard 1048576 1048576 id-" + str(i) + " forged." + str(i) for i in range(5000)]
+    )
     assert len(c.limit_hits) == MAX_TASK_NAMES + 1
 
 

@@ -24,9 +24,9 @@ def test_the_task_name_after_the_200th_is_counted_as_other() -> None:
     summed under ``other``, and a name already kept goes on counting as itself."""
     assert MAX_TASK_NAMES == 200
     c = collector({101})
-    c.take([record(f"app.t{i}") for i in range(200)])
+    c.read_lines([record(f"app.t{i}") for i in range(200)])
     assert len(c.tasks) == 200 and "other" not in c.tasks
-    c.take([record("app.t200", 2 * MIB), record("app.t201", 3 * MIB), record("app.t0")])
+    c.read_lines([record("app.t200", 2 * MIB), record("app.t201", 3 * MIB), record("app.t0")])
     assert len(c.tasks) == 201
     assert c.tasks["other"].events == 2 and c.tasks["other"].total == 5 * MIB
     assert "app.t200" not in c.tasks and "app.t201" not in c.tasks

@@ -62,7 +62,7 @@ def governor(tmp_path: Path, children: int) -> tuple[Governor, RecordingPool]:
     )  # fmt: skip
     budget.start(Hub())
     for pid in pool.children:
-        budget.take(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+        budget.post(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
     budget.tick()
     return budget, pool
 
@@ -113,7 +113,7 @@ def test_a_replacement_is_timed_from_the_recycle_to_the_new_childs_readiness(
     budget, _pool = governor(tmp_path, 1)
     # child 101 has kept 1000 MiB: past its share (less than the 950 MiB high mark) with
     # the next task's peak, recycled
-    budget.take(Record(101, "t", 10 * MIB, True, 1000 * MIB, 1200 * MIB, None, cpu=2, tasks=2))
+    budget.post(Record(101, "t", 10 * MIB, True, 1000 * MIB, 1200 * MIB, None, cpu=2, tasks=2))
     budget.task_accepted(101, "id-2", "t")
     began = time.monotonic()
     assert budget.task_ready(101, "id-2") is True
@@ -227,10 +227,10 @@ def test_a_vanilla_child_is_charged_what_measured_children_still_share_of_the_co
         )  # fmt: skip
         budget.start(Hub())
         assert budget.vanilla_extra() == collector.bytes
-        budget.take(Record(copied.pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+        budget.post(Record(copied.pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
         budget.tick()
         alone = budget.vanilla_extra()
-        budget.take(Record(fresh.pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+        budget.post(Record(fresh.pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
         budget.tick()
         both = budget.vanilla_extra()
     finally:
@@ -256,8 +256,8 @@ def test_the_collectors_pages_are_read_in_the_first_children_then_one_in_eight(
     )  # fmt: skip
     budget.start(Hub())
     for pid in range(101, 131):
-        budget.take(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
-        budget.take(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=2, tasks=2))
+        budget.post(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+        budget.post(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=2, tasks=2))
     budget._absorb()
     assert budget.unfrozen_due == [*range(101, 109), 109, 117, 125]
     budget.collector = None

@@ -31,7 +31,7 @@ def test_the_first_record_sets_the_baseline_without_what_the_task_kept() -> None
     leak; its private memory is both."""
     ledger = Ledger(estimate=100 * MIB, finished=PRIOR_TASKS)
     ledger.child_up(7, rss=180 * MIB)
-    ledger.take(record(7, peak=24 * MIB, retained=24 * MIB, rss=204 * MIB, private=35 * MIB))
+    ledger.after_task(record(7, peak=24 * MIB, retained=24 * MIB, rss=204 * MIB, private=35 * MIB))
     child = ledger.children[7]
     assert child.baseline == 11 * MIB
     assert child.private == 35 * MIB
@@ -41,10 +41,10 @@ def test_the_first_record_sets_the_baseline_without_what_the_task_kept() -> None
 def test_private_memory_follows_the_rss_of_later_records() -> None:
     ledger = Ledger(estimate=0)
     ledger.child_up(7)
-    ledger.take(record(7, rss=200 * MIB, private=20 * MIB))
-    ledger.take(record(7, peak=24 * MIB, retained=24 * MIB, rss=224 * MIB))
+    ledger.after_task(record(7, rss=200 * MIB, private=20 * MIB))
+    ledger.after_task(record(7, peak=24 * MIB, retained=24 * MIB, rss=224 * MIB))
     assert ledger.children[7].private == 44 * MIB
-    ledger.take(record(7, retained=-30 * MIB, rss=190 * MIB))  # it gave memory back
+    ledger.after_task(record(7, retained=-30 * MIB, rss=190 * MIB))  # it gave memory back
     assert ledger.children[7].private == 20 * MIB  # never below its baseline
 
 
@@ -53,7 +53,7 @@ def test_the_expected_baseline_is_the_startup_estimate_until_a_child_reports() -
     assert ledger.expected_baseline == 100 * MIB
     for pid, private in ((1, 20), (2, 30), (3, 25)):
         ledger.child_up(pid)
-        ledger.take(record(pid, private=private * MIB))
+        ledger.after_task(record(pid, private=private * MIB))
     assert ledger.expected_baseline == 30 * MIB  # the largest of the last children
 
 
@@ -64,7 +64,7 @@ def test_the_pool_grows_on_a_lower_measure_only_after_the_first_tasks() -> None:
     The projection takes the measure at once."""
     ledger = Ledger(estimate=100 * MIB)
     ledger.child_up(1)
-    ledger.take(record(1, private=20 * MIB))
+    ledger.after_task(record(1, private=20 * MIB))
     assert ledger.expected_baseline == 20 * MIB
     for _ in range(PRIOR_TASKS - 1):
         ledger.task_finished(1)
@@ -72,7 +72,7 @@ def test_the_pool_grows_on_a_lower_measure_only_after_the_first_tasks() -> None:
     ledger.task_finished(1)
     assert ledger.growth_baseline == 20 * MIB
     ledger.child_up(2)
-    ledger.take(record(2, private=150 * MIB))
+    ledger.after_task(record(2, private=150 * MIB))
     assert ledger.growth_baseline == ledger.expected_baseline == 150 * MIB
 
 
@@ -81,10 +81,10 @@ def test_a_bound_does_not_lower_a_measured_peak() -> None:
     counts for a task never measured, never against a measured one."""
     table = TaskTable()
     ledger = Ledger(estimate=0, tasks=table)
-    ledger.take(record(name="new", peak=8 * MIB, exact=False))
+    ledger.after_task(record(name="new", peak=8 * MIB, exact=False))
     assert table.peak("new") == 8 * MIB  # the bound is all there is: taken
-    ledger.take(record(name="hog", peak=60 * MIB))
-    ledger.take(record(name="hog", peak=2 * MIB, exact=False))
+    ledger.after_task(record(name="hog", peak=60 * MIB))
+    ledger.after_task(record(name="hog", peak=2 * MIB, exact=False))
     assert table.peak("hog") == 60 * MIB
     assert table.by_name["hog"].runs == 1
 
@@ -152,7 +152,7 @@ def test_a_task_no_child_accepted_is_forgotten(age: float, kept: int) -> None:
 
 def test_records_of_children_it_does_not_know_still_teach_the_task_table() -> None:
     ledger = Ledger(estimate=0)
-    ledger.take(record(99, name="t", peak=5 * MIB, private=10 * MIB))
+    ledger.after_task(record(99, name="t", peak=5 * MIB, private=10 * MIB))
     assert ledger.tasks.peak("t") == 5 * MIB and 99 not in ledger.children
 
 
@@ -178,7 +178,7 @@ def test_any_stream_of_records_keeps_the_figures_sane(
     for pid in range(1, 5):
         ledger.child_up(pid)
     for pid, name, peak, retained, rss, private, exact in stream:
-        ledger.take(Record(pid, name, peak, exact, retained, rss, private))
+        ledger.after_task(Record(pid, name, peak, exact, retained, rss, private))
     for child in ledger.children.values():
         assert child.private >= 0
         assert child.baseline is None or child.private >= child.baseline >= 0
@@ -197,13 +197,13 @@ def test_private_memory_that_grew_more_than_the_rss_raises_the_childs_baseline()
     shows (a task's own allocation) does not count."""
     ledger = Ledger(estimate=100 * MIB, finished=PRIOR_TASKS)
     ledger.child_up(7)
-    ledger.take(record(7, name="ping", rss=200 * MIB, private=10 * MIB))
+    ledger.after_task(record(7, name="ping", rss=200 * MIB, private=10 * MIB))
     assert ledger.expected_baseline == 10 * MIB
-    ledger.take(record(7, name="report", rss=204 * MIB, private=94 * MIB))  # +84, RSS +4
+    ledger.after_task(record(7, name="report", rss=204 * MIB, private=94 * MIB))  # +84, RSS +4
     assert ledger.children[7].baseline == 90 * MIB
     assert ledger.children[7].private == 94 * MIB
     assert ledger.expected_baseline == 90 * MIB
-    ledger.take(record(7, name="grow", retained=30 * MIB, rss=234 * MIB, private=124 * MIB))
+    ledger.after_task(record(7, name="grow", retained=30 * MIB, rss=234 * MIB, private=124 * MIB))
     assert ledger.children[7].baseline == 90 * MIB  # its own allocation: not copied
     assert ledger.children[7].private == 124 * MIB
 
@@ -264,7 +264,7 @@ def apply(ledger: Ledger, event: tuple, clock: list[float]) -> None:
         ledger.forget_stale(clock[0] + args[0])
     else:
         pid, name, retained, rss, private = args
-        ledger.take(record(pid, name, 10 * MIB, retained * MIB, rss * MIB,
+        ledger.after_task(record(pid, name, 10 * MIB, retained * MIB, rss * MIB,
                            None if private is None else private * MIB))  # fmt: skip
 
 

@@ -105,7 +105,7 @@ def measured(start_cpu: float, task_cpu: float = 0.005, wall: float = 0.010,
             busy += wall
             rss = (100 + kept * run) * MIB
             private = (10 + kept) * MIB if run == 1 else None
-            book.take(Record(pid, "leak", 25 * MIB, True, kept * MIB, rss, private,
+            book.after_task(Record(pid, "leak", 25 * MIB, True, kept * MIB, rss, private,
                              cpu=round(cpu * 1e6), wait=0, busy=round(busy * 1e6),
                              tasks=run))  # fmt: skip
             book.task_finished(pid)
@@ -127,7 +127,7 @@ def test_time_waiting_for_a_cpu_is_not_time_more_children_can_overlap() -> None:
     book = Ledger(10 * MIB)
     book.child_up(1)
     for run, (cpu, wait) in enumerate([(10_000, 0), (15_000, 20_000), (20_000, 40_000)], 1):
-        book.take(Record(1, "t", 0, False, 0, 0, None, cpu=cpu, wait=wait, busy=30_000 * run,
+        book.after_task(Record(1, "t", 0, False, 0, 0, None, cpu=cpu, wait=wait, busy=30_000 * run,
                          tasks=run))  # fmt: skip
     # 30 ms wall per task: 5 ms on a CPU and 20 ms waiting for one leave 5 ms
     assert book.pace.idle_wall() == pytest.approx(0.005)

@@ -50,7 +50,7 @@ def ledger(*children: tuple[int, int | None, str | None], estimate: int = 30,
     for pid, baseline, task in children:
         book.child_up(pid, rss=200 * MIB)
         if baseline is not None:
-            book.take(Record(pid, "boot", 0, False, 0, 200 * MIB, baseline * MIB))
+            book.after_task(Record(pid, "boot", 0, False, 0, 200 * MIB, baseline * MIB))
         if task is not None:
             book.task_accepted(pid, f"id-{pid}", task)
     return book
@@ -92,7 +92,7 @@ def test_a_child_that_copied_less_than_the_others_counts_the_rest_to_come() -> N
 
 def test_children_on_their_way_out_count_once_they_are_gone_but_not_past_the_hard_mark() -> None:
     book = ledger((1, 20, None), (2, 20, None), peaks={"t": 50})
-    book.take(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))  # child 2 holds 120
+    book.after_task(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))  # child 2 holds 120
     book.leave(2)
     assert leaving(book) == 120 * MIB
     # 880 + 50 = 930: over the high mark now, 810 once child 2 is gone; under the hard
@@ -134,7 +134,7 @@ def test_nothing_in_flight_is_not_idle_while_a_child_on_its_way_out_holds_memory
     the working set. 930 + 60 = 990 would pass the hard mark (970) before it is freed:
     the task waits for the exit instead of starting because nothing is in flight."""
     book = ledger((1, 20, None), (2, 20, None), peaks={"hog": 60})
-    book.take(Record(1, "hog", 0, False, 280 * MIB, 480 * MIB, None))  # holds 300
+    book.after_task(Record(1, "hog", 0, False, 280 * MIB, 480 * MIB, None))  # holds 300
     book.leave(1)
     verdict = admit(view(930), book, "hog")
     assert (verdict.admit, verdict.reason) == (False, "no_room")
@@ -227,7 +227,7 @@ def test_growth_it_admitted_is_not_stopped_however_fast_it_rises() -> None:
     memory that will be freed: the working set less theirs is what holds new tasks."""
     book = ledger((1, 20, "hog"), (2, 20, "hog"), (3, 20, None), peaks={"hog": 60})
     book.leave(3)
-    book.take(Record(3, "t", 0, False, 100 * MIB, 300 * MIB, None))  # holds 120 MiB
+    book.after_task(Record(3, "t", 0, False, 100 * MIB, 300 * MIB, None))  # holds 120 MiB
     safety = Safety()
     safety.decide(view(700), book, now=0.0)
     actions = safety.decide(view(910, rss={1: 250, 2: 240}), book, now=0.05)  # 4 GiB/s
@@ -283,7 +283,7 @@ def test_it_grows_in_waves_no_more_than_the_children_ready_less_those_starting()
     ]
     book.child_up(5)
     book.child_up(6)
-    book.take(Record(4, "t", 0, False, 0, 200 * MIB, 20 * MIB))  # a record: it is ready
+    book.after_task(Record(4, "t", 0, False, 0, 200 * MIB, 20 * MIB))  # a record: it is ready
     for pid in (5, 6):
         book.child_ready(pid)
     assert [(a.action, a.count) for a in safety.decide(view(300, size=6), book, 0.3)] == [
@@ -308,7 +308,7 @@ def test_it_grows_only_once_children_on_their_way_out_are_gone() -> None:
     """Their memory is freed only when they have exited: new children forked before
     would copy and take tasks on memory that is not free yet."""
     book = ledger((1, 20, None), (2, 20, None), peaks={"t": 30})
-    book.take(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))
+    book.after_task(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))
     book.leave(2)
     assert Safety().decide(view(300, size=2), book, now=0.0) == []
     book.child_down(2)
@@ -366,7 +366,7 @@ def test_the_rules_stay_within_the_pool_and_the_marks(
     for pid, (baseline, retained, task, gone) in enumerate(children, 1):
         book.child_up(pid, rss=100 * MIB)
         if baseline is not None:
-            book.take(Record(pid, "a", 0, False, 0, 100 * MIB, baseline * MIB))
+            book.after_task(Record(pid, "a", 0, False, 0, 100 * MIB, baseline * MIB))
             book.children[pid].rss = (100 + retained) * MIB
         if task is not None:
             book.task_accepted(pid, f"id{pid}", task)
@@ -409,7 +409,7 @@ def _first_tasks(estimate: int, baseline: int) -> Ledger:
     book = Ledger(estimate * MIB)
     book.tasks.observe("t", 25 * MIB, 0)
     book.child_up(1, rss=200 * MIB)
-    book.take(Record(1, "boot", 0, False, 0, 200 * MIB, baseline * MIB))
+    book.after_task(Record(1, "boot", 0, False, 0, 200 * MIB, baseline * MIB))
     return book
 
 

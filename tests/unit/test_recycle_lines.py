@@ -30,7 +30,7 @@ def test_a_recycle_names_billiards_limit_that_ended_the_child(
 ) -> None:
     c = dataclasses.replace(collector(), max_memory_kib=100 * 1024, max_tasks_per_child=max_tasks)
     kind = "R" if said_memory else "T"
-    c.take([f"{kind} 101 {MIB} 1 {MIB} 0 {150 * MIB} -1 -1 -1 -1 2 app.t"])
+    c.read_lines([f"{kind} 101 {MIB} 1 {MIB} 0 {150 * MIB} -1 -1 -1 -1 2 app.t"])
     with caplog.at_level(logging.INFO, logger="celery_guard"):
         c.on_exit(101, EX_RECYCLE, None)
     (line,) = guard_lines(caplog, "event", "recycle")

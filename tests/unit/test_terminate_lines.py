@@ -103,7 +103,7 @@ def governor(
     )
     budget.start(Hub())
     for pid in (101, 102, 103):
-        budget.take(Record(pid, "heavy_app.hog", 100 * MIB, True, 0, 200 * MIB, 30 * MIB))
+        budget.post(Record(pid, "heavy_app.hog", 100 * MIB, True, 0, 200 * MIB, 30 * MIB))
     budget.tick()  # absorbs the records: every child measured, nothing to do yet
     budget.task_accepted(101, "id-hog", "heavy_app.hog")
     budget.task_accepted(102, "id-add", "heavy_app.add")
