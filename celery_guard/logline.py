@@ -19,14 +19,26 @@ logger = logging.getLogger("celery_guard")
 
 #: The LogRecord attribute that holds a guard line's fields, ``event`` first.
 RECORD_ATTRIBUTE = "celery_guard"
-#: The message format of this process: ``text`` (logfmt) or ``json``.
-_format = "text"
+
+
+class JsonMessages(logging.Filter):
+    """On the guard's logger when the format is ``json``: each guard line's message
+    becomes its fields, one JSON object. The choice lives with the logger, as its level
+    does, and the children the pool forks inherit it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, RECORD_ATTRIBUTE, None)
+        if data is not None:
+            record.msg, record.args = json.dumps(data, separators=(",", ":")), ()
+        return True
 
 
 def use_format(log_format: str) -> None:
     """Choose the message format once, for the process and the children it forks."""
-    global _format
-    _format = "json" if log_format == "json" else "text"
+    for chosen in [f for f in logger.filters if isinstance(f, JsonMessages)]:
+        logger.removeFilter(chosen)
+    if log_format == "json":
+        logger.addFilter(JsonMessages())
 
 
 def format_from_env(env: Mapping[str, str]) -> str:
@@ -85,6 +97,7 @@ def parse_line(line: str) -> dict[str, str]:
 
 
 def emit(level: int, event: str, fields: Mapping[str, Any]) -> None:
-    """Log one guard line: the message in this process's format, the fields as data."""
+    """Log one guard line: the message in this process's format (``use_format``), the
+    fields as data."""
     data = {"event": event, **fields}
-    logger.log(level, format_event(event, fields, _format), extra={RECORD_ATTRIBUTE: data})
+    logger.log(level, format_event(event, fields), extra={RECORD_ATTRIBUTE: data})

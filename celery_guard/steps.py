@@ -518,8 +518,9 @@ class TaskLimits(bootsteps.StartStopStep):
         guard.task_limits = limits
         self.guard = guard
         self.recycle_after: set[int] = set()  # children whose task passed its hard limit
+        self.watchdog = watchdog.Watchdog()  # each child gets its copy with the fork
         for name, limit in limits.items():  # before the fork: every child's tracer sees it
-            watchdog.wrap(w.app.tasks[name], name, limit)
+            watchdog.wrap(w.app.tasks[name], name, limit, self.watchdog)
         from celery import signals
 
         signals.worker_process_init.connect(
@@ -537,7 +538,7 @@ class TaskLimits(bootsteps.StartStopStep):
                 with contextlib.suppress(OSError):  # a full pipe drops the record
                     os.write(channel, record.encode()[:4000])
 
-        watchdog.WATCHDOG.start(
+        self.watchdog.start(
             send, _private_now, guard.collector.hostname if guard.collector else "",
         )  # fmt: skip
 

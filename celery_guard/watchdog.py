@@ -51,7 +51,8 @@ class Armed:
 
 
 class Watchdog:
-    """One per child; ``WATCHDOG`` below is the child's."""
+    """Made in the main process before the pool forks (the TaskLimits step's), started
+    in each child, inert elsewhere."""
 
     def __init__(self) -> None:
         self.active = False  # only in a child, once started
@@ -199,30 +200,27 @@ class Watchdog:
         self.send(f"L {os.getpid()} {kind} {limit} {max(held, 0)} {task_id} {name}\n")
 
 
-#: This process's watchdog: started in each pool child, inert elsewhere.
-WATCHDOG = Watchdog()
-
-
-def wrap(task: Any, name: str, limit: TaskLimit) -> None:
-    """Make ``task.run`` arm the watchdog for its runs (in the main process, before the
-    pool forks, so that every child's tracer calls it). Elsewhere it only calls through."""
+def wrap(task: Any, name: str, limit: TaskLimit, dog: Watchdog) -> None:
+    """Make ``task.run`` arm ``dog`` for its runs (in the main process, before the pool
+    forks, so that every child's tracer calls it). Where it is not started it only calls
+    through."""
     original = task.run
     if getattr(original, "__celery_guard_limit__", None) is not None:
         return  # wrapped already
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not WATCHDOG.active:
+        if not dog.active:
             return original(*args, **kwargs)
         task_id = getattr(getattr(task, "request", None), "id", None) or "?"
-        WATCHDOG.arm(name, task_id, limit)
+        dog.arm(name, task_id, limit)
         try:
             return original(*args, **kwargs)
         finally:
-            WATCHDOG.disarm()
+            dog.disarm()
 
     run.__celery_guard_limit__ = limit  # type: ignore[attr-defined]
     run.__wrapped__ = original  # type: ignore[attr-defined]
     task.run = run
 
 
-__all__ = ["WATCHDOG", "WATCHDOG_SIGNAL", "Armed", "Watchdog", "wrap"]
+__all__ = ["WATCHDOG_SIGNAL", "Armed", "Watchdog", "wrap"]

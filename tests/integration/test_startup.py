@@ -215,6 +215,10 @@ def test_json_log_format(redis: harness.RedisServer, make_worker: MakeWorker) ->
     assert "celery-guard" not in worker.log  # no text prefix anywhere
     worker.wait_ready(60)
     assert f".> concurrency: {record['concurrency']} (prefork)" in worker.log
+    worker.stop()  # the lines of a worker that ran, its final summary among them, too
+    assert "celery-guard" not in worker.log
+    summaries = re.findall(r'(?m)\] (\{"event":"summary".*\})$', worker.log)
+    assert [json.loads(line)["final"] for line in summaries] == [True]
 
 
 @pytest.mark.parametrize("pool,banner", [("solo", "16 (solo)"), ("threads", "16 (thread)")])
