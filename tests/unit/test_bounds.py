@@ -4,12 +4,13 @@ is counted as ``other``), and ``install`` called twice changes nothing the secon
 from __future__ import annotations
 
 from celery import Celery
-from test_adversarial_pipe import collector
 
 import celery_guard
 from celery_guard.config import OPTIONS
 from celery_guard.ledger import MAX_TASK_NAMES
 from celery_guard.steps import MemoryGuard
+
+from .test_adversarial_pipe import collector
 
 MIB = 1024 * 1024
 

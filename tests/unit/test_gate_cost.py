@@ -1,6 +1,6 @@
 """The hand-over gate runs on the event loop for every task: it reads nothing per task.
 
-Driven as in test_governor_plan.py (the real governor, ledger and policy over a pool of
+Driven as in test_governor.py (the real governor, ledger and policy over a pool of
 fake children). The view a decision is taken on is built once per working-set reading;
 a task that does not fit on the figures at hand is held without reading /proc or the
 cgroup, and weighed again at the loop's next turn with both read then.
@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from test_governor_plan import LIMIT, governor
-from test_terminate_lines import MIB
-
 from celery_guard.governor import FRESH
+
+from .test_governor import LIMIT, governor
+from .test_terminate_lines import MIB
 
 
 @dataclass

@@ -7,8 +7,9 @@ import dataclasses
 import logging
 
 import pytest
-from test_adversarial_pipe import MIB, collector
-from test_governor_plan import guard_lines
+
+from .test_adversarial_pipe import MIB, collector
+from .test_governor import guard_lines
 
 EX_RECYCLE = 155
 

@@ -15,9 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_footprint import _Forked
-from test_plan_throughput import measured
-from test_terminate_lines import MIB, FakePool, Hub, cgroup_at
 
 from celery_guard.actuator import Child
 from celery_guard.config import Settings
@@ -28,6 +25,10 @@ from celery_guard.ledger import Record
 from celery_guard.limit import LiveLimit
 from celery_guard.logline import RECORD_ATTRIBUTE
 from celery_guard.policy import Plan
+
+from .test_footprint import _Forked
+from .test_plan_throughput import measured
+from .test_terminate_lines import MIB, FakePool, Hub, cgroup_at
 
 LIMIT = 1000 * MIB
 
