@@ -55,6 +55,14 @@ class Child:
     process: Any  # billiard's Process
 
 
+def pool_size(w: Any) -> int:
+    """The worker's pool size now: its pool's, else the concurrency it was given."""
+    try:
+        return int(w.pool.num_processes)
+    except (AttributeError, TypeError):
+        return int(w.concurrency)
+
+
 def reached_pool(request: Any) -> bool:
     """Did Celery hand ``request`` to the pool? Its ``execute_using_pool`` keeps the
     pool's result on the request; a revoked or expired request raises before that. A
@@ -538,4 +546,4 @@ class PoolControl:
         return True
 
 
-__all__ = ["Child", "Listener", "PoolControl"]
+__all__ = ["Child", "Listener", "PoolControl", "pool_size"]

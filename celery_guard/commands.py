@@ -20,7 +20,7 @@ from .config import OPTIONS, ConfigError, Settings, error_fields, given_options,
 from .logline import format_event, use_format
 from .plan import FORKING_POOLS
 from .sizes import mib
-from .steps import EX_CONFIG, pool_name
+from .startup import EX_CONFIG, pool_name
 
 #: The worker's own options are accepted (and the ones the check does not use ignored),
 #: so that ``guard check`` can take a worker's command line as it is.

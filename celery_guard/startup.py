@@ -17,6 +17,35 @@ from .logline import emit
 from .plan import Decision, decide
 from .sizes import mib
 
+EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
+
+#: The startup line's level, by the decision's action.
+LEVELS = {
+    "kept": logging.INFO,
+    "off": logging.INFO,
+    "scaled": logging.WARNING,
+    "warned": logging.WARNING,
+    "over_budget": logging.ERROR,
+    "refused": logging.CRITICAL,
+}
+
+
+def pool_name(pool_cls: Any) -> str:
+    """The ``-P`` name of a pool class: prefork, threads, solo, gevent, eventlet..."""
+    from celery import concurrency
+
+    if isinstance(pool_cls, str):
+        return pool_cls
+    path = f"{pool_cls.__module__}:{pool_cls.__name__}"
+    for name, alias_path in concurrency.ALIASES.items():  # type: ignore[attr-defined]  # not in celery-types
+        if alias_path == path:
+            return "prefork" if name == "processes" else name
+    from celery.concurrency.prefork import TaskPool
+
+    if isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool):
+        return "prefork"
+    return pool_cls.__name__
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -168,4 +197,14 @@ def measure(settings: Settings, pool: str, requested: int, forked: bool = True) 
     )  # fmt: skip
 
 
-__all__ = ["Budget", "Measured", "measure", "physical_bytes", "read_budget", "remembered_cost"]
+__all__ = [
+    "EX_CONFIG",
+    "LEVELS",
+    "Budget",
+    "Measured",
+    "measure",
+    "physical_bytes",
+    "pool_name",
+    "read_budget",
+    "remembered_cost",
+]

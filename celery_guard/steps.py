@@ -44,7 +44,7 @@ from . import (
     telemetry,
     watchdog,
 )  # fmt: skip
-from .actuator import PoolControl
+from .actuator import PoolControl, pool_size
 from .config import ConfigError, Settings, error_fields, given_options, load_settings
 from .exits import Kill
 from .limit import LimitWatch, LiveLimit
@@ -52,34 +52,6 @@ from .logline import emit, format_from_env, logger, use_format
 from .plan import FORKING_POOLS
 from .sizes import mib
 from .task_limits import TaskLimit
-
-EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
-
-_LEVELS = {
-    "kept": logging.INFO,
-    "off": logging.INFO,
-    "scaled": logging.WARNING,
-    "warned": logging.WARNING,
-    "over_budget": logging.ERROR,
-    "refused": logging.CRITICAL,
-}
-
-
-def pool_name(pool_cls: Any) -> str:
-    """The ``-P`` name of a pool class: prefork, threads, solo, gevent, eventlet..."""
-    from celery import concurrency
-
-    if isinstance(pool_cls, str):
-        return pool_cls
-    path = f"{pool_cls.__module__}:{pool_cls.__name__}"
-    for name, alias_path in concurrency.ALIASES.items():  # type: ignore[attr-defined]  # not in celery-types
-        if alias_path == path:
-            return "prefork" if name == "processes" else name
-    from celery.concurrency.prefork import TaskPool
-
-    if isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool):
-        return "prefork"
-    return pool_cls.__name__
 
 
 @dataclass
@@ -138,11 +110,11 @@ class Fit(bootsteps.StartStopStep):
         except ConfigError as error:
             use_format(format_from_env(os.environ))
             emit(logging.CRITICAL, "config_error", error_fields(error))
-            raise SystemExit(EX_CONFIG) from None
+            raise SystemExit(startup.EX_CONFIG) from None
         use_format(settings.log_format)
         autoscale = list(w.autoscale) if w.autoscale else None
         requested = int(autoscale[0] if autoscale else w.concurrency)
-        guard = w.memory_guard = GuardState(settings, pool_name(w.pool_cls), requested)
+        guard = w.memory_guard = GuardState(settings, startup.pool_name(w.pool_cls), requested)
         guard.measured = self._decide(w, guard, autoscale)
         if guard.measured is not None:
             guard.live = LiveLimit(guard.measured.budget.limit, settings)
@@ -169,9 +141,9 @@ class Fit(bootsteps.StartStopStep):
             emit(logging.ERROR, "startup", fields)
             return None
         decision = measured.decision
-        emit(_LEVELS[decision.action], "startup", fields)
+        emit(startup.LEVELS[decision.action], "startup", fields)
         if decision.action == "refused":
-            raise SystemExit(EX_CONFIG)
+            raise SystemExit(startup.EX_CONFIG)
         if decision.concurrency != requested:
             if autoscale:
                 w.max_concurrency = decision.concurrency
@@ -228,7 +200,7 @@ class Telemetry(bootsteps.StartStopStep):
         guard.channel = channel_write
         probe = telemetry.ChildProbe(channel_write, w.hostname, settings, max_kib)
         signals.worker_process_init.connect(
-            lambda **_: _child_started(probe), weak=False, dispatch_uid="cg-init"
+            probe.start_in_child, weak=False, dispatch_uid="cg-init"
         )
         signals.task_prerun.connect(probe.before_task, weak=False, dispatch_uid="cg-prerun")
         signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
@@ -244,7 +216,7 @@ class Telemetry(bootsteps.StartStopStep):
             parent_rss=guard.measured.parent.rss,
             cgroup=budget.own,
             children=control.pids if control is not None else (lambda: []),
-            concurrency=lambda: _pool_size(w),
+            concurrency=lambda: pool_size(w),
             max_memory_kib=max_kib,
             max_tasks_per_child=int(getattr(w, "max_tasks_per_child", None) or 0),
             known=(
@@ -340,7 +312,7 @@ class Telemetry(bootsteps.StartStopStep):
             return
         if self.sampler is not None:
             control.read_records = self.sampler.drain
-        control.listeners.append(_ExitListener(collector))
+        control.listeners.append(telemetry.ExitListener(collector))
         control.on_lost = collector.on_lost
         for callback in guard.on_installed:
             callback()
@@ -377,55 +349,6 @@ class Telemetry(bootsteps.StartStopStep):
         if guard is None or guard.collector is None:
             return {}
         return {"guard_telemetry": guard.collector.summary_fields()}
-
-
-def _hold_bound(app: Any) -> Any:
-    """How long the broker lets a received task wait unacknowledged (see ``brokers``)."""
-    from . import brokers
-
-    try:
-        transport = str(app.connection_for_read().transport_cls)
-    except Exception:  # noqa: BLE001 - an odd broker URL: Celery reports it itself
-        transport = ""
-    options = app.conf.broker_transport_options or {}
-    return brokers.hold_bound(transport, options if isinstance(options, dict) else {})
-
-
-def _child_started(probe: telemetry.ChildProbe) -> None:
-    """In a new child: fresh figures, and the hooks around Celery's tracer in place of
-    its task signals where the tracer can be wrapped (the signals stay elsewhere)."""
-    from celery import signals
-    from celery.app import trace
-
-    probe.on_child_start()
-    try:
-        wrapped = probe.wrap_tracer(trace)
-    except Exception:  # noqa: BLE001 - the signals still run the hooks
-        logger.warning("celery-guard event=error stage=child_tracer", exc_info=True)
-        return
-    if wrapped:
-        signals.task_prerun.disconnect(dispatch_uid="cg-prerun")
-        signals.task_postrun.disconnect(dispatch_uid="cg-postrun")
-
-
-class _ExitListener:
-    """Tells the collector of children gone (the rest of the pool's events it reads from
-    the children's own records)."""
-
-    def __init__(self, collector: telemetry.Collector):
-        self.collector = collector
-
-    def child_up(self, pid: int) -> None:
-        self.collector.on_child_up(pid)
-
-    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
-        self.collector.on_exit(pid, exitcode, task)
-
-    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        pass
-
-    def task_ready(self, pid: int, task_id: str) -> bool:
-        return False
 
 
 class Protection(bootsteps.StartStopStep):
@@ -504,7 +427,7 @@ class TaskLimits(bootsteps.StartStopStep):
                 "source": "task", "value": str(error.value)[:200], "accepted": error.accepted,
             }  # fmt: skip
             emit(logging.CRITICAL, "config_error", fields)
-            raise SystemExit(EX_CONFIG) from None
+            raise SystemExit(startup.EX_CONFIG) from None
         if not limits:
             return
         if guard.pool not in FORKING_POOLS:
@@ -539,8 +462,12 @@ class TaskLimits(bootsteps.StartStopStep):
                     os.write(channel, record.encode()[:4000])
 
         self.watchdog.start(
-            send, _private_now, guard.collector.hostname if guard.collector else "",
+            send, self._private_now, guard.collector.hostname if guard.collector else "",
         )  # fmt: skip
+
+    @staticmethod
+    def _private_now() -> int | None:
+        return procfs.known(procfs.private())
 
     def _listen(self) -> None:
         if self.guard.control is not None:
@@ -630,7 +557,7 @@ class Governor(bootsteps.StartStopStep):
         first = max(math.ceil(governor.available_cpus()), 1)
         if w.min_concurrency > first:
             guard.whole, w.min_concurrency = w.min_concurrency, first
-            guard.on_not_installed.append(lambda: _fork_whole(w, guard))
+            guard.on_not_installed.append(lambda: Governor._fork_whole(w, guard))
 
     def start(self, parent: Any) -> None:
         """After the Pool step's start: the pool's size as ``celery inspect stats`` shows
@@ -667,7 +594,7 @@ class Governor(bootsteps.StartStopStep):
             self._run(w, guard, hub)
         except Exception:  # noqa: BLE001 - never take the worker down by accident
             logger.exception("celery-guard event=error stage=governor")
-            _fork_whole(w, guard)
+            self._fork_whole(w, guard)
 
     def _run(self, w: Any, guard: GuardState, hub: Any) -> None:
         measured, collector, control = guard.measured, guard.collector, guard.control
@@ -689,12 +616,31 @@ class Governor(bootsteps.StartStopStep):
             collector=measured.collector,
             unfrozen_collect=guard.unfrozen_collect() + measured.collector_copy_seconds,
         )
-        self.governor.hold_bound = _hold_bound(w.app)
+        self.governor.hold_bound = self._hold_bound(w.app)
         collector.listeners.append(self.governor.post)
         guard.governed = True
         collector.summary_extras.append(self.governor.figures)
         collector.stats_sections["governor"] = self.governor.info
         self.governor.start(hub)
+
+    @staticmethod
+    def _fork_whole(w: Any, guard: GuardState) -> None:
+        """No governor will add the rest of a pool started with its first wave: add it."""
+        whole, guard.whole = guard.whole, None
+        if whole is not None and guard.control is not None and whole > pool_size(w):
+            guard.control.grow(whole - pool_size(w))
+
+    @staticmethod
+    def _hold_bound(app: Any) -> Any:
+        """How long the broker lets a received task wait unacknowledged (``brokers``)."""
+        from . import brokers
+
+        try:
+            transport = str(app.connection_for_read().transport_cls)
+        except Exception:  # noqa: BLE001 - an odd broker URL: Celery reports it itself
+            transport = ""
+        options = app.conf.broker_transport_options or {}
+        return brokers.hold_bound(transport, options if isinstance(options, dict) else {})
 
     def stop(self, parent: Any) -> None:
         if self.governor is not None:
@@ -762,26 +708,7 @@ class MemoryGuard(bootsteps.Step):
     requires = (Fit, Telemetry, Protection, TaskLimits, Governor, Metrics)
 
 
-def _fork_whole(w: Any, guard: GuardState) -> None:
-    """No governor will add the rest of a pool started with its first wave: add it now."""
-    whole, guard.whole = guard.whole, None
-    if whole is not None and guard.control is not None and whole > _pool_size(w):
-        guard.control.grow(whole - _pool_size(w))
-
-
-def _private_now() -> int | None:
-    return procfs.known(procfs.private())
-
-
-def _pool_size(w: Any) -> int:
-    try:
-        return int(w.pool.num_processes)
-    except (AttributeError, TypeError):
-        return int(w.concurrency)
-
-
 __all__ = [
-    "EX_CONFIG",
     "Fit",
     "Governor",
     "GuardState",
@@ -790,5 +717,4 @@ __all__ = [
     "Protection",
     "TaskLimits",
     "Telemetry",
-    "pool_name",
 ]

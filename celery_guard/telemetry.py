@@ -98,6 +98,23 @@ class ChildProbe:
         except Exception:  # noqa: BLE001 - telemetry must not break the task path
             logger.warning("celery-guard event=error stage=child", exc_info=True)
 
+    def start_in_child(self, **_: Any) -> None:
+        """``worker_process_init``: fresh figures, and the hooks around Celery's tracer in
+        place of its task signals where the tracer can be wrapped (the signals stay
+        elsewhere)."""
+        from celery import signals
+        from celery.app import trace
+
+        self.on_child_start()
+        try:
+            wrapped = self.wrap_tracer(trace)
+        except Exception:  # noqa: BLE001 - the signals still run the hooks
+            logger.warning("celery-guard event=error stage=child_tracer", exc_info=True)
+            return
+        if wrapped:
+            signals.task_prerun.disconnect(dispatch_uid="cg-prerun")
+            signals.task_postrun.disconnect(dispatch_uid="cg-postrun")
+
     def wrap_tracer(self, module: Any) -> bool:
         """In a child: run the hooks around Celery's tracer functions instead of from its
         task signals, whose dispatch costs more than the hooks. The pool sends each job with
@@ -288,6 +305,26 @@ class ChildFigures:
     rss: int
     private: int
     peak: int
+
+
+class ExitListener:
+    """Tells the collector of children come and gone (the rest of the pool's events it
+    reads from the children's own records); a ``PoolControl`` listener."""
+
+    def __init__(self, collector: Collector):
+        self.collector = collector
+
+    def child_up(self, pid: int) -> None:
+        self.collector.on_child_up(pid)
+
+    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        self.collector.on_exit(pid, exitcode, task)
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        pass
+
+    def task_ready(self, pid: int, task_id: str) -> bool:
+        return False
 
 
 @dataclass
@@ -791,4 +828,4 @@ def open_channel() -> tuple[int, int]:
     return read_end, write_end
 
 
-__all__ = ["ChildProbe", "Collector", "Sampler", "open_channel"]
+__all__ = ["ChildProbe", "Collector", "ExitListener", "Sampler", "open_channel"]

@@ -126,15 +126,15 @@ def test_a_reused_pid_is_not_answered_with_the_last_childs_cause() -> None:
     """A child killed by someone's ``kill -9``; a new child takes its pid and the kernel
     OOM-kills it: the pool's process_up (the worker's exit listener) makes the guard
     forget the old answer, so the kill is an OOM kill with its ``event=oom`` line."""
-    from test_adversarial_pipe import collector
+    from celery_guard.telemetry import ExitListener
 
-    from celery_guard.steps import _ExitListener
+    from .test_adversarial_pipe import collector
 
     watched = collector()
     watched.read_oom_kills = lambda: counter  # type: ignore[method-assign]
     counter = 0
     watched.exits.seen = 0
     assert watched.exit_cause(100, KILLED) == OTHER
-    _ExitListener(watched).child_up(100)  # billiard forks a child with pid 100
+    ExitListener(watched).child_up(100)  # billiard forks a child with pid 100
     counter = 1  # and the kernel kills it
     assert watched.exit_cause(100, KILLED) == OOM
