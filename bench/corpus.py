@@ -40,11 +40,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration"), str(HERE.parent)]
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-import harness  # noqa: E402
 import runtime  # noqa: E402
 from runtime import Outcome, Workload  # noqa: E402
+
+import harness  # noqa: E402
 
 #: The whole grid of vanilla -c; each workload adds its --max-memory-per-child steps.
 CONCURRENCIES = (2, 4, 6, 8, 12, 16)

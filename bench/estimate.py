@@ -44,7 +44,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT)]
+sys.path[:0] = [str(ROOT)]
 
 import harness  # noqa: E402
 from harness import MIB  # noqa: E402

@@ -45,10 +45,9 @@ from typing import Any
 import psutil
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "tests" / "integration"), str(HERE.parent)]
+sys.path[:0] = [str(HERE.parent)]
 
 import harness  # noqa: E402
-
 from celery_guard.config import load_settings  # noqa: E402
 from celery_guard.telemetry import ChildProbe  # noqa: E402
 

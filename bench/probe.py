@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration"), str(HERE.parent)]
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import corpus  # noqa: E402
 

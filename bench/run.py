@@ -40,16 +40,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT), str(HERE)]
+sys.path[:0] = [str(ROOT), str(HERE)]
 
 import corpus  # noqa: E402
 import estimate  # noqa: E402
-import harness  # noqa: E402
 import overhead  # noqa: E402
 import runtime  # noqa: E402
-from harness import MIB  # noqa: E402
 
+import harness  # noqa: E402
 from celery_guard.config import Settings  # noqa: E402
+from harness import MIB  # noqa: E402
 
 REQUESTED = 16
 ROUNDS, TASKS = 15, 1000  # of the overhead measure: pairs of bursts, tasks a burst

@@ -35,7 +35,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT)]
+sys.path[:0] = [str(ROOT)]
 
 import harness  # noqa: E402
 from harness import MIB  # noqa: E402

@@ -18,11 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import harness
-
 from celery_guard.sizes import parse_size
 
 

@@ -1,5 +1,5 @@
 """The integration tests' fixtures: real Redis, real memory cgroups, real workers (see
-tests/integration/harness.py). A part that is missing skips the test with the reason;
+harness/, which bench/ uses too). A part that is missing skips the test with the reason;
 ``GUARD_TESTS_STRICT=1`` turns the skip into a failure. A test marked ``cgroup`` needs a
 writable cgroup-v1 memory controller, whether or not it asks for a cgroup fixture."""
 
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # needs
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # harness
+
+from needs import unavailable as _unavailable
 
 import harness
-from needs import unavailable as _unavailable
 
 
 @functools.cache

@@ -202,7 +202,7 @@ def test_a_file_just_over_the_cap(tmp_path: Path) -> None:
 
 def _no_read_override() -> list[str]:
     """A command prefix that drops the capabilities with which root reads any file
-    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), as tests/integration/harness.py does for a
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), as harness/ does for a
     worker; skips the test where setpriv is missing or cannot drop them."""
     caps = "-dac_override,-dac_read_search"
     prefix = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]

@@ -1,4 +1,5 @@
-"""Real parts for the integration tests and the measurement scripts.
+"""Real parts for the integration tests and the measurement scripts (``tests/`` and
+``bench/`` both import it; it is not part of the package).
 
 A Redis server on a free loopback port, cgroup-v1 memory cgroups created under this
 process's own cgroup, and ``celery worker`` processes of the example app started inside
@@ -27,7 +28,7 @@ from typing import Any
 from celery_guard import cgroups
 from celery_guard.logline import parse_line
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 MIB = 1024 * 1024
 
