@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from billiard.pool import EX_RECYCLE
+
 from . import cgroups, heap, procfs
 from .config import Settings
 from .exits import OOM, ExitCauses, LostJob, MemoryFailures, Outcome
@@ -516,7 +518,7 @@ class Collector:
             self._on_oom(pid, task, outcome)
         with self.lock:
             last = self.last_task.pop(pid, None)  # whatever the exit: the dict stays bounded
-        if exitcode != 155:  # billiard's EX_RECYCLE
+        if exitcode != EX_RECYCLE:
             return
         if last is None and self.max_tasks_per_child:
             # no record said its memory passed the limit: it ran its tasks
