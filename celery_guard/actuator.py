@@ -21,6 +21,7 @@ checked in Celery 5.7.0 and billiard 4.3.2 (see the README's how-it-works):
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import signal
 import time
@@ -35,6 +36,14 @@ from celery.worker import state as worker_state
 
 from . import procfs
 from .exits import LostJob
+
+
+class Verdict(enum.Enum):
+    """The gate's word on a request."""
+
+    HAND_OVER = "hand_over"  # to the pool now
+    HOLD = "hold"  # no room, or no free child: it and the ones behind it wait
+    DEFER = "defer"  # a run of its kind is being measured: the ones behind may go first
 
 
 class Listener(Protocol):
@@ -85,9 +94,8 @@ class PoolControl:
         self.held: deque[Any] = deque()  # requests that took a slot, not handed over
         self.held_since: dict[str, float] = {}  # task id -> when it was first held
         self.recycling: set[int] = set()  # pids told to exit after their task
-        #: The governor's verdict on a request: True hand over now, False hold (no room;
-        #: keep the order), None defer (let the ones behind go first).
-        self.gate: Callable[[Any], bool | None] | None = None
+        #: The governor's verdict on a request (``Verdict``).
+        self.gate: Callable[[Any], Verdict] | None = None
         #: Told of a task lost with its child; returns the exception it fails with
         #: instead of billiard's WorkerLostError, or None to leave it.
         self.on_lost: Callable[[LostJob], Exception | None] | None = None
@@ -337,9 +345,9 @@ class PoolControl:
     # -- the hand-over gate ----------------------------------------------------------
     def release(self) -> None:
         """Hand over held requests, oldest first, while the gate lets them; a request the
-        gate only defers (None: its kind is being measured) does not block the ones
-        behind, one it refuses (False) does. A gate that fails hands the request over:
-        no request is ever dropped here."""
+        gate defers (its kind is being measured) does not block the ones behind, one it
+        holds does. A gate that fails hands the request over: no request is ever dropped
+        here."""
         start = self._start_task
         if not self.held or start is None:
             return
@@ -347,12 +355,12 @@ class PoolControl:
         while self.held:
             request = self.held.popleft()
             verdict = self._verdict(request)
-            if verdict is True:
+            if verdict is Verdict.HAND_OVER:
                 self.held_since.pop(request.id, None)
                 self._hand_over(request, start)
-            elif verdict is None:  # deferred: try the next one
+            elif verdict is Verdict.DEFER:  # try the next one
                 kept.append(request)
-            else:  # no room or no child: keep the order
+            else:  # held: no room or no child, keep the order
                 kept.append(request)
                 kept.extend(self.held)
                 self.held.clear()
@@ -362,7 +370,7 @@ class PoolControl:
         """A request with none held before it (most of them): the gate's verdict now,
         without a trip through the queue of held ones; held unless handed over."""
         start = self._start_task
-        if start is not None and self._verdict(request) is True:
+        if start is not None and self._verdict(request) is Verdict.HAND_OVER:
             self._hand_over(request, start)
         else:
             self._hold(request)
@@ -400,17 +408,17 @@ class PoolControl:
             release()
         return True
 
-    def _verdict(self, request: Any) -> bool | None:
+    def _verdict(self, request: Any) -> Verdict:
         gate = self.gate
         if gate is None:
-            return True
+            return Verdict.HAND_OVER
         try:
             return gate(request)
         except Exception:  # noqa: BLE001 - a failed decision must not lose the task
             from .logline import logger
 
             logger.exception("celery-guard event=error stage=gate task=%s", _name(request))
-            return True
+            return Verdict.HAND_OVER
 
     # -- reading the pool ------------------------------------------------------------
     @property
@@ -546,4 +554,4 @@ class PoolControl:
         return True
 
 
-__all__ = ["Child", "Listener", "PoolControl", "pool_size"]
+__all__ = ["Child", "Listener", "PoolControl", "Verdict", "pool_size"]

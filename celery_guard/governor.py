@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import brokers, cgroups, policy
-from .actuator import PoolControl
+from .actuator import PoolControl, Verdict
 from .config import Settings
 from .exits import ExitCauses, Kill
 from .footprint import CollectorPages
@@ -391,11 +391,11 @@ class Governor:
         emit(logging.INFO, "plan", fields)
 
     # -- the gate ---------------------------------------------------------------------
-    def gate(self, request: Any) -> bool | None:
-        """True: hand ``request`` to the pool now; False: hold it and the ones behind it
-        (no room, no free child); None: hold it while a run of its kind is measured."""
+    def gate(self, request: Any) -> Verdict:
+        """Hand ``request`` to the pool now; or hold it and the ones behind it (no room,
+        no free child); or defer it while a run of its kind is measured."""
         if self.stopped:
-            return True
+            return Verdict.HAND_OVER
         self._absorb()  # the children's records: bookkeeping, before the decision's clock
         began = time.perf_counter()
         now = time.monotonic()
@@ -419,13 +419,13 @@ class Governor:
                     "release", "low", view.unreclaimable, task=request.name,
                     projected_mib=mib(verdict.projected), held=len(self.control.held),
                 )  # fmt: skip
-            return True
+            return Verdict.HAND_OVER
         if verdict.reason == "learning":
-            return None
+            return Verdict.DEFER
         if verdict.reason == "no_child":
-            return False
+            return Verdict.HOLD
         self._held(request, verdict, view, decided)
-        return False
+        return Verdict.HOLD
 
     def resized(self, added: int) -> None:
         """Someone resized the pool (remote control ``pool_grow``/``pool_shrink``): the

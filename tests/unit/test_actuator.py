@@ -7,10 +7,10 @@ handed to the "pool" is what reached the worker's original ``_process_task``.
 
 - Before the governor exists (no gate) a request goes straight to the pool: tasks a
   worker receives at once, from a queue that was full when it started, are not held.
-- A request the gate refuses (False) is held, and so are the ones behind it, unasked;
+- A request the gate holds (Verdict.HOLD) is held, and so are the ones behind it, unasked;
   once the gate admits, they are handed over oldest first, by ``release()`` or by the
   next result that comes in from a child.
-- A request the gate defers (None) lets the ones behind it go first, and goes itself once
+- A request the gate defers (Verdict.DEFER) lets the ones behind it go first, and goes itself once
   the gate admits it.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from billiard.pool import ACK, READY
 
-from celery_guard.actuator import PoolControl
+from celery_guard.actuator import PoolControl, Verdict
 
 
 class FakeAsynPool:
@@ -79,19 +79,19 @@ def receive(w: FakeWorker, *requests: Any) -> None:
 
 
 class Gate:
-    """The governor's verdict by task id (True unless set), and the ids it was asked."""
+    """The governor's verdict by task id (HAND_OVER unless set), and the ids it was asked."""
 
-    def __init__(self, verdicts: dict[str, bool | None]) -> None:
+    def __init__(self, verdicts: dict[str, Verdict]) -> None:
         self.verdicts = verdicts
         self.asked: list[str] = []
 
-    def __call__(self, request: Any) -> bool | None:
+    def __call__(self, request: Any) -> Verdict:
         self.asked.append(request.id)
-        return self.verdicts.get(request.id, True)
+        return self.verdicts.get(request.id, Verdict.HAND_OVER)
 
 
-def gated(verdicts: dict[str, bool | None]) -> tuple[FakeWorker, PoolControl, Gate]:
-    """An installed PoolControl whose gate gives ``verdicts`` (True for any other)."""
+def gated(verdicts: dict[str, Verdict]) -> tuple[FakeWorker, PoolControl, Gate]:
+    """An installed PoolControl whose gate gives ``verdicts`` (HAND_OVER for any other)."""
     w, control = installed()
     gate = Gate(verdicts)
     control.gate = gate
@@ -107,22 +107,22 @@ def test_without_a_gate_every_request_goes_straight_to_the_pool() -> None:
 
 
 def test_a_refused_request_holds_the_ones_behind_until_the_gate_admits() -> None:
-    w, control, gate = gated({"a": False})
+    w, control, gate = gated({"a": Verdict.HOLD})
     receive(w, request("a"), request("b"), request("c"))
     assert w.handed == []
     assert [r.id for r in control.held] == ["a", "b", "c"]
     assert set(gate.asked) == {"a"}  # the ones behind are not asked past a refusal
-    gate.verdicts["a"] = True
+    gate.verdicts["a"] = Verdict.HAND_OVER
     control.release()
     assert w.handed == ["a", "b", "c"]
     assert list(control.held) == []
 
 
 def test_a_result_from_a_child_releases_the_held_requests() -> None:
-    w, control, gate = gated({"a": False})
+    w, control, gate = gated({"a": Verdict.HOLD})
     receive(w, request("a"), request("b"))
     assert w.handed == []
-    gate.verdicts["a"] = True  # room again
+    gate.verdicts["a"] = Verdict.HAND_OVER  # room again
     ready = w.pool._pool._result_handler.state_handlers[READY]
     ready(7, 0, None, 3)  # a task's result comes in
     assert w.pool._pool.results == [7]  # billiard's own handler still ran
@@ -131,11 +131,11 @@ def test_a_result_from_a_child_releases_the_held_requests() -> None:
 
 
 def test_a_deferred_request_lets_the_ones_behind_go_first() -> None:
-    w, control, gate = gated({"new": None})
+    w, control, gate = gated({"new": Verdict.DEFER})
     receive(w, request("new", "heavy_app.hog"), request("b"), request("c"))
     assert w.handed == ["b", "c"]
     assert [r.id for r in control.held] == ["new"]
-    gate.verdicts["new"] = True  # its kind has been measured
+    gate.verdicts["new"] = Verdict.HAND_OVER  # its kind has been measured
     control.release()
     assert w.handed == ["b", "c", "new"]
     assert list(control.held) == []
@@ -173,10 +173,10 @@ def test_only_requests_that_reached_the_pool_are_reported_handed() -> None:
 
 
 def test_a_gate_that_fails_hands_the_request_over_and_keeps_the_ones_behind() -> None:
-    def failing(r: Any) -> bool:
+    def failing(r: Any) -> Verdict:
         if r.id == "bad":
             raise OverflowError("int too large to convert to float")
-        return True
+        return Verdict.HAND_OVER
 
     w, control = installed()
     control.gate = failing
@@ -191,7 +191,7 @@ def test_a_held_request_given_back_is_rejected_with_requeue_and_frees_its_slot()
     worker's state; the ones behind it stay held in order."""
     from celery.worker import state
 
-    w, control, _ = gated({"a": False})
+    w, control, _ = gated({"a": Verdict.HOLD})
     released: list[int] = []
     w._quick_release = lambda: released.append(1)  # type: ignore[attr-defined]
     rejected: list[tuple[str, bool]] = []

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from celery_guard.actuator import Verdict
 from celery_guard.governor import FRESH
 
 from .test_governor import LIMIT, governor
@@ -42,7 +43,7 @@ def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: 
     budget.reading = (time.monotonic(), 300 * MIB)  # a new reading: the view is built anew
     budget.hub.later.clear()
     for n in range(20):  # each handed to child 102, run, and finished
-        assert budget.gate(Request(f"id-{n}")) is True
+        assert budget.gate(Request(f"id-{n}")) is Verdict.HAND_OVER
         budget.task_accepted(102, f"id-{n}", "t")
         budget.task_ready(102, f"id-{n}")
     assert main_rss.calls == 0  # not in a decision: at the loop's next turn, once
@@ -58,7 +59,7 @@ def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: 
     budget.reading = reading
     budget.hub.later.clear()
     for n in range(2):
-        assert budget.gate(Request(f"id-late-{n}")) is True
+        assert budget.gate(Request(f"id-late-{n}")) is Verdict.HAND_OVER
         budget.task_accepted(102, f"id-late-{n}", "t")
         budget.task_ready(102, f"id-late-{n}")
     assert main_rss.calls == 1 and budget.reading is reading
@@ -81,12 +82,12 @@ def test_after_the_pool_changed_the_gate_reads_nothing_and_asks_for_a_new_view(
     budget.reading = (time.monotonic() + 3600, 300 * MIB)  # fresh all along
     budget.fresh_view()
     reading = budget.reading
-    assert budget.gate(Request("id-0")) is True
+    assert budget.gate(Request("id-0")) is Verdict.HAND_OVER
     assert main_rss.calls == 1
     budget.hub.later.clear()
     del pool.children[104]  # a child left: three now
     budget.requested = 3
-    assert budget.gate(Request("id-1")) is True
+    assert budget.gate(Request("id-1")) is Verdict.HAND_OVER
     assert main_rss.calls == 1 and budget.reading is reading  # nothing read
     assert budget.cached_view is not None
     assert budget.cached_view[1].shape == (3, budget.target, 3)
@@ -174,17 +175,17 @@ def test_a_hand_over_walks_no_child_whether_the_task_is_admitted_or_held(tmp_pat
     budget.task_accepted(101, "id-101", "t")  # one task in flight: no "idle" shortcut
     budget.reading = (time.monotonic() + 3600, 300 * MIB)  # fresh all along
     budget.fresh_view()
-    assert budget.gate(Request("id-first")) is True
+    assert budget.gate(Request("id-first")) is Verdict.HAND_OVER
     budget.ledger.children = Walked(budget.ledger.children)
     Walked.walks = 0
     for n in range(20):
-        assert budget.gate(Request(f"id-{n}")) is True
+        assert budget.gate(Request(f"id-{n}")) is Verdict.HAND_OVER
         budget.handed(Request(f"id-{n}"))
         budget.task_accepted(102, f"id-{n}", "t")
         budget.task_ready(102, f"id-{n}")
     assert Walked.walks == 0
     budget.reading = (time.monotonic() + 3600, int(LIMIT * 0.95) + 10 * MIB)  # past high
-    assert budget.gate(Request("id-held")) is False
+    assert budget.gate(Request("id-held")) is Verdict.HOLD
     assert Walked.walks == 0
 
 
