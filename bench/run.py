@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import platform
 import statistics
 import subprocess
@@ -485,28 +486,77 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 
+#: The sections of the suite, each measured on its own and kept in ``bench/results``: a
+#: full run takes longer than one sitting, so each section says when, and on which
+#: commit, it was measured.
+SECTIONS = ("efficiency", "runtime", "corpus", "estimate", "overhead")
+RESULTS = HERE / "results"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--quick", action="store_true", help="one limit per workload")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS),
+        help=f"the sections to measure now, comma-separated (default: all of {SECTIONS}); "
+        "the others are read from --results",
+    )  # fmt: skip
+    parser.add_argument("--results", default=str(RESULTS), help="where sections are kept")
     options = parser.parse_args()
-    out = Path(options.out)
+    wanted = [name for name in options.sections.split(",") if name]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"no section {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
+    out, results = Path(options.out), Path(options.results)
     plots = out.parent / "bench" / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), options.quick)
         try:
-            report = measure_all(bench, plots, out.parent)
+            for name in wanted:  # kept as each ends: a run stopped keeps what it measured
+                print(f"== {name}", flush=True)
+                keep(results, name, MEASURE[name](bench, plots), options.quick)
         finally:
             bench.close()
-    out.write_text(report)
+    kept = {name: load(results, name) for name in SECTIONS}
+    missing = [name for name, found in kept.items() if found is None]
+    quick = {found["quick"] for found in kept.values() if found is not None}
+    if missing or len(quick) > 1:
+        print(f"{out} not written: missing {missing or 'none'}; quick and full mixed: "
+              f"{len(quick) > 1}")  # fmt: skip
+        return
+    sections = {name: found for name, found in kept.items() if found is not None}
+    out.write_text(render(sections, plots, out.parent))
     print(f"wrote {out}")
 
 
-def measure_all(bench: Bench, plots: Path, base: Path) -> str:
+def keep(results: Path, name: str, data: dict[str, Any], quick: bool) -> None:
+    """A section's figures, with the commit and the machine they were measured on."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    kept = {"commit": commit or "?", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine(), "quick": quick, "data": data}  # fmt: skip
+    (results / f"{name}.pickle").write_bytes(pickle.dumps(kept))
+
+
+def load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}.pickle"
+    if not path.exists():
+        return None
+    try:
+        return pickle.loads(path.read_bytes())
+    except Exception as error:  # noqa: BLE001 - a section kept by another bench version
+        print(f"{path}: {type(error).__name__}: {error}; measure it again")
+        return None
+
+
+def measure_efficiency(bench: Bench, plots: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    usage_plot: tuple[Path, str] | None = None
-    default = os.cpu_count() or 1
+    usage_plot: tuple[str, str] | None = None  # the plot's file in plots/, the limit
     for workload in WORKLOADS:
         for limit in workload.limits[-1:] if bench.quick else workload.limits:
             print(f"{workload.name} at {limit} MiB", flush=True)
@@ -543,10 +593,12 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
                     path,
                     f"import-heavy, {limit} MiB: cgroup usage, vanilla vs guarded",
                 )
-                usage_plot = (path, f"{limit} MiB")
+                usage_plot = (path.name, f"{limit} MiB")
     plot_efficiency(rows, plots / "efficiency.png")
+    return {"rows": rows, "usage_plot": usage_plot, "default": os.cpu_count() or 1}
 
-    print("run time", flush=True)
+
+def measure_runtime(bench: Bench, plots: Path) -> dict[str, Any]:
     runner = runtime.Runner(bench.workdir, bench.redis)
     rounds = 1 if bench.quick else RUNTIME_ROUNDS
     comparisons = [
@@ -554,8 +606,11 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
         for workload in runtime.WORKLOADS.values()
         for limit in ((768,) if bench.quick else (768, 1024))
     ]
+    return {"comparisons": comparisons, "rounds": rounds}
 
-    print("corpus", flush=True)
+
+def measure_corpus(bench: Bench, plots: Path) -> dict[str, Any]:
+    rounds = 1 if bench.quick else RUNTIME_ROUNDS
     server = corpus.serve()
     try:
         folder = bench.workdir / "corpus"  # its own log names: the runner counts from 1
@@ -563,60 +618,68 @@ def measure_all(bench: Bench, plots: Path, base: Path) -> str:
         corpus_runner = runtime.Runner(folder, bench.redis, env=corpus.corpus_env(server, folder))
         names = list(corpus.QUICK if bench.quick else corpus.WORKLOADS)
         limits = [768] if bench.quick else [768, 1024]
-        corpus_lines = corpus.render(corpus.measure(corpus_runner, names, limits, rounds), rounds)
+        lines = corpus.render(corpus.measure(corpus_runner, names, limits, rounds), rounds)
     finally:
         server.shutdown()
+    return {"corpus_lines": lines}
 
-    print("estimate, by shape", flush=True)
+
+def measure_estimate(bench: Bench, plots: Path) -> dict[str, Any]:
     # On the bench's Redis: results of a Redis closed under them are collected later, and
     # their backend then retries its connection from the collector, in a timed round.
     shapes = estimate.measure_all(
         bench.workdir, limits=(768,) if bench.quick else estimate.LIMITS, bisect=True,
         redis=bench.redis,
     )  # fmt: skip
+    return {"shapes": shapes}
 
-    print("overhead", flush=True)
+
+def measure_overhead(bench: Bench, plots: Path) -> dict[str, Any]:
     overhead_rows = [
         overhead.compare(bench.redis, bench.workdir, concurrency, TASKS, ROUNDS)
         for concurrency in (1, 2)
     ]
     hook_us = overhead.hook_cost() * 1e6
-    first_ms, median_ms = startup_cost(WORKLOADS[0])
-
+    startup_ms = startup_cost(WORKLOADS[0])
     print("gc freeze", flush=True)
-    plain_gc = gc_freeze_charge(bench, freeze=False)
-    frozen_gc = gc_freeze_charge(bench, freeze=True)
-    return render(rows, overhead_rows, hook_us, (first_ms, median_ms), (plain_gc, frozen_gc),
-                  usage_plot, plots, base, default, comparisons, rounds, shapes,
-                  corpus_lines)  # fmt: skip
+    gc = (gc_freeze_charge(bench, freeze=False), gc_freeze_charge(bench, freeze=True))
+    return {"overhead_rows": overhead_rows, "hook_us": hook_us, "startup_ms": startup_ms,
+            "gc": gc}  # fmt: skip
 
 
-def render(
-    rows: list[dict[str, Any]],
-    overhead_rows: list[overhead.Comparison],
-    hook_us: float,
-    startup_ms: tuple[float, float],
-    gc: tuple[float, float],
-    usage_plot: tuple[Path, str] | None,
-    plots: Path,
-    base: Path,
-    default: int,
-    comparisons: list[runtime.Comparison],
-    rounds: int,
-    shapes: list[estimate.Row],
-    corpus_lines: list[str],
-) -> str:
+MEASURE = {
+    "efficiency": measure_efficiency,
+    "runtime": measure_runtime,
+    "corpus": measure_corpus,
+    "estimate": measure_estimate,
+    "overhead": measure_overhead,
+}
+
+
+def render(sections: dict[str, dict[str, Any]], plots: Path, base: Path) -> str:
+    data = {key: value for kept in sections.values() for key, value in kept["data"].items()}
+    rows, usage_plot, default = data["rows"], data["usage_plot"], data["default"]
+    comparisons, rounds = data["comparisons"], data["rounds"]
+    corpus_lines, shapes = data["corpus_lines"], data["shapes"]
+    overhead_rows, hook_us = data["overhead_rows"], data["hook_us"]
+    startup_ms, gc = data["startup_ms"], data["gc"]
     lines = [
         "# Benchmarks",
         "",
         "Written by `bench/run.py` (reproduce: `.venv/bin/python bench/run.py`, root, cgroup "
-        "v1, redis-server; several hours here). Real `celery worker` processes of the example "
-        "app (`examples/heavy_app.py`) against a real Redis, each in a fresh cgroup-v1 memory "
-        "cgroup whose limit the kernel enforces; every figure below comes from the same run.",
+        "v1, redis-server; several hours here, so it runs in sections: `--sections runtime` "
+        "measures one and keeps it in `bench/results`). Real `celery worker` processes of the "
+        "example app (`examples/heavy_app.py`) against a real Redis, each in a fresh cgroup-v1 "
+        "memory cgroup whose limit the kernel enforces; every figure of a section comes from "
+        "the same run of it.",
         "",
         "## Machine",
         "",
-        *machine(),
+        *sections["efficiency"]["machine"][:2],
+        "",
+        "| section | measured on | commit |",
+        "|---|---|---|",
+        *(f"| {name} | {kept['when']} | `{kept['commit']}` |" for name, kept in sections.items()),
         "",
         "## Efficiency: the concurrency that fits",
         "",
@@ -736,14 +799,14 @@ def render(
     ]
     lines += targets(rows, overhead_rows, startup_ms, gc, hook_us, comparisons, shapes)
     if usage_plot is not None:
-        path, limit = usage_plot
+        name, limit = usage_plot
         lines += [
             "## Memory over time",
             "",
             f"The cgroup's usage (every 0.1 s) of the import-heavy workload at {limit}, "
             f"vanilla `-c {REQUESTED}` versus guarded `-c {REQUESTED}`, with the limit.",
             "",
-            f"![usage]({path.relative_to(base)})",
+            f"![usage]({(plots / name).relative_to(base)})",
             "",
         ]
     return "\n".join(lines)
