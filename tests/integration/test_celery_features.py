@@ -20,8 +20,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import harness
 import pytest
+
+import harness
 from harness import MIB, Cgroup, Worker
 
 #: Seconds a guarded scenario may take beyond the same scenario without the guard.
@@ -49,6 +50,12 @@ class Matrix:
         self.client = _client(redis, worker.env["FEATURES_BROKER"])
         self.queue = worker.queue
         self.node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+        # "ready." comes before the worker's first poll, where Redis' transport subscribes
+        # it to the broadcasts: a command sent in between is lost (a revoke, once). A
+        # worker that answers a ping is listening, as Celery's own test suite waits for.
+        assert harness.eventually(
+            lambda: bool(self.client.control.ping([self.node], timeout=0.5)), 30
+        ), f"{self.node} answers no ping"
 
     def send(self, name: str, *args: Any, **options: Any) -> Any:
         return self.client.send_task(f"features_app.{name}", args=args, queue=self.queue, **options)
@@ -89,21 +96,21 @@ class Matrix:
 
 def revoke_before_arrival(m: Matrix) -> list[Any]:
     task_id = str(uuid.uuid4())
-    m.client.control.revoke(task_id, destination=[m.node], reply=True, timeout=10)
+    assert m.client.control.revoke(task_id, destination=[m.node], reply=True, timeout=10)
     return [m.send("add", 1, 1, task_id=task_id), m.send("add", 2, 2)]
 
 
 def revoke_while_waiting(m: Matrix) -> list[Any]:
     busy = [m.send("sleep", 1.0) for _ in range(2)]  # both children busy
     waiting = [m.send("add", i, i) for i in range(3)]
-    m.client.control.revoke(waiting[1].id, destination=[m.node], reply=True, timeout=10)
+    assert m.client.control.revoke(waiting[1].id, destination=[m.node], reply=True, timeout=10)
     return [*busy, *waiting]
 
 
 def revoke_terminate(m: Matrix) -> list[Any]:
     running = m.send("sleep", 30.0)
     m.wait_running(running)
-    m.client.control.revoke(running.id, terminate=True, destination=[m.node], reply=True)
+    assert m.client.control.revoke(running.id, terminate=True, destination=[m.node], reply=True)
     return [running, m.send("add", 1, 2)]
 
 

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import harness
 import needs
 import pytest
-from harness import MIB
 
+import harness
 from celery_guard.logline import parse_line
+from harness import MIB
 
 MakeCgroup = Callable[..., harness.Cgroup]
 MakeWorker = Callable[..., harness.Worker]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import harness
 import needs
 import pytest
+
+import harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 

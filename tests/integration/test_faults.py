@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import harness
 import pytest
+
+import harness
 from harness import MIB
 
 MakeCgroup = Callable[..., harness.Cgroup]

@@ -12,8 +12,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import harness
 import pytest
+
+import harness
 from harness import MIB, Cgroup, Worker
 
 MakeWorker = Callable[..., Worker]

@@ -8,9 +8,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import harness
 import psutil
 import pytest
+
+import harness
 from harness import MIB
 
 MakeCgroup = Callable[..., harness.Cgroup]

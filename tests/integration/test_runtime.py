@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import harness
 import pytest
+
+import harness
 from harness import MIB, Cgroup, Worker
 
 MakeWorker = Callable[..., Worker]

@@ -13,10 +13,11 @@ import re
 import time
 from collections.abc import Callable
 
-import harness
 import psutil
 import pytest
 from celery.result import ResultSet
+
+import harness
 from harness import MIB
 
 MakeCgroup = Callable[..., harness.Cgroup]

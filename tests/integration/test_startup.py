@@ -13,9 +13,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import harness
 import needs
 import pytest
+
+import harness
 from harness import MIB, Cgroup, Worker
 
 GIB_LIMIT = 1024 * MIB

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import harness
 import pytest
-from harness import Worker
 
+import harness
 from celery_guard.logline import RECORD_ATTRIBUTE
+from harness import Worker
 
 MakeWorker = Callable[..., Worker]
 SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}

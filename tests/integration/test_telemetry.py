@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import harness
 import pytest
+
+import harness
 from harness import MIB, Cgroup, Worker
 
 MakeWorker = Callable[..., Worker]

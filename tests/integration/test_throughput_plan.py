@@ -9,8 +9,9 @@ import json
 import math
 from collections.abc import Callable
 
-import harness
 import pytest
+
+import harness
 from harness import MIB, Cgroup, Worker
 
 MakeWorker = Callable[..., Worker]
