@@ -56,3 +56,5 @@ def test_a_bad_worker_option_is_one_line_and_exit_78(caplog: pytest.LogCaptureFi
 
 def test_the_guard_is_found_on_the_worker_or_not_at_all() -> None:
     assert steps.state_of(SimpleNamespace()) is None
+    guard = object()
+    assert steps.state_of(SimpleNamespace(memory_guard=guard)) is guard
