@@ -252,15 +252,37 @@ def measure(
     return found
 
 
-def render(results: list[tuple[str, runtime.Comparison]], rounds: int) -> list[str]:
-    """The BENCHMARKS.md section of the corpus: the table, the targets, the estimates."""
+def estimate_lines(results: list[tuple[str, runtime.Comparison]]) -> list[str]:
+    """Read while the first guarded round's log is still there."""
+    return [estimate_line(name, c.guard["early"][0]).strip() for name, c in results
+            if c.guard["early"]]  # fmt: skip
+
+
+def render(apps: dict[str, dict[str, Any]]) -> list[str]:
+    """The BENCHMARKS.md section of the corpus from the apps kept so far, each measured on
+    its own commit (``bench/run.py --corpus-apps``): the table, the targets, the estimates."""
+    results = [found for name in WORKLOADS if name in apps for found in apps[name]["results"]]
     comparisons = [c for _, c in results]
+    missing = [name for name in WORKLOADS if name not in apps]
+    rounds = sorted({apps[name]["rounds"] for name in apps})
     lines = [
         "## The corpus: real workloads against the best hand-tuned vanilla worker",
         "",
         "`bench/corpus.py`, the apps of `bench/corpus/` (see docs/benchmarks.md), the guard "
         f"asked for `-c {runtime.REQUESTED}` with default settings; vanilla's grid and the "
-        f"{rounds} rounds as in the run-time section above.",
+        f"rounds ({', '.join(map(str, rounds))}) as in the run-time section above. The whole "
+        "corpus takes about five hours here, so each app is measured and kept on its own "
+        "(`bench/run.py --sections corpus --corpus-apps NAME,...`).",
+        "",
+        "| app | measured on | commit |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {apps[name]['when']} | `{apps[name]['commit']}` |"
+            for name in WORKLOADS
+            if name in apps
+        ),
+        "",
+        f"Not measured yet: {', '.join(missing)}." if missing else "Every app measured.",
         "",
         *runtime.table(comparisons),
         "",
@@ -273,11 +295,7 @@ def render(results: list[tuple[str, runtime.Comparison]], rounds: int) -> list[s
         "its first task:",
         "",
     ]
-    lines += [
-        "- " + estimate_line(name, c.guard["early"][0]).strip()
-        for name, c in results
-        if c.guard["early"]
-    ]
+    lines += [f"- {line}" for name in WORKLOADS if name in apps for line in apps[name]["estimate"]]
     return lines
 
 
@@ -315,7 +333,13 @@ def main() -> None:
                 failures = sum(quick(runner, names, limit) for limit in limits)
             else:
                 results = measure(runner, names, limits, options.rounds)
-                print("\n".join(render(results, options.rounds)))
+                apps = {
+                    name: {"commit": "this run", "when": "now", "rounds": options.rounds,
+                           "results": [r for r in results if r[0] == name],
+                           "estimate": estimate_lines([r for r in results if r[0] == name])}
+                    for name in names
+                }  # fmt: skip
+                print("\n".join(render(apps)))
                 failures = lost(results)
         finally:
             runner.redis.close()

@@ -117,9 +117,13 @@ class Run:
 
 
 class Bench:
-    def __init__(self, workdir: Path, quick: bool) -> None:
+    def __init__(
+        self, workdir: Path, quick: bool, results: Path, corpus_apps: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.quick = quick
+        self.results = results  # where sections are kept: the corpus adds to its own
+        self.corpus_apps = corpus_apps  # None: every app of the corpus
         self.root = harness.own_memory_cgroup()
         self.redis = harness.RedisServer(workdir)
         self.count = 0
@@ -503,7 +507,16 @@ def main() -> None:
         "the others are read from --results",
     )  # fmt: skip
     parser.add_argument("--results", default=str(RESULTS), help="where sections are kept")
+    parser.add_argument(
+        "--corpus-apps", default="",
+        help="the corpus apps to measure now, comma-separated (default: all); the others "
+        "stay as kept",
+    )  # fmt: skip
     options = parser.parse_args()
+    apps = [name for name in options.corpus_apps.split(",") if name]
+    if sorted(set(apps) - set(corpus.WORKLOADS)):
+        parser.error(f"no corpus app {sorted(set(apps) - set(corpus.WORKLOADS))}; apps: "
+                     f"{', '.join(corpus.WORKLOADS)}")  # fmt: skip
     wanted = [name for name in options.sections.split(",") if name]
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
@@ -513,7 +526,7 @@ def main() -> None:
     plots.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        bench = Bench(Path(tmp), options.quick)
+        bench = Bench(Path(tmp), options.quick, results, apps or None)
         try:
             for name in wanted:  # kept as each ends: a run stopped keeps what it measured
                 print(f"== {name}", flush=True)
@@ -532,14 +545,23 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def keep(results: Path, name: str, data: dict[str, Any], quick: bool) -> None:
-    """A section's figures, with the commit and the machine they were measured on."""
+def describe() -> str:
+    """The commit measured, ``-dirty`` when the tree had changes."""
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
         capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
-    kept = {"commit": commit or "?", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": machine(), "quick": quick, "data": data}  # fmt: skip
+    return commit or "?"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def keep(results: Path, name: str, data: dict[str, Any], quick: bool) -> None:
+    """A section's figures, with the commit and the machine they were measured on."""
+    kept = {"commit": describe(), "when": now(), "machine": machine(), "quick": quick,
+            "data": data}  # fmt: skip
     (results / f"{name}.pickle").write_bytes(pickle.dumps(kept))
 
 
@@ -610,18 +632,31 @@ def measure_runtime(bench: Bench, plots: Path) -> dict[str, Any]:
 
 
 def measure_corpus(bench: Bench, plots: Path) -> dict[str, Any]:
+    """Each app is kept with its own commit and date, beside the apps measured before: the
+    whole corpus takes about five hours here, so ``--corpus-apps`` measures a part of it."""
     rounds = 1 if bench.quick else RUNTIME_ROUNDS
+    kept = load(bench.results, "corpus")
+    apps: dict[str, dict[str, Any]] = dict(kept["data"].get("apps", {})) if kept else {}
+    if kept and kept["quick"] != bench.quick:
+        apps = {}  # a quick corpus and a full one are not one table
     server = corpus.serve()
     try:
         folder = bench.workdir / "corpus"  # its own log names: the runner counts from 1
         folder.mkdir(exist_ok=True)
         corpus_runner = runtime.Runner(folder, bench.redis, env=corpus.corpus_env(server, folder))
-        names = list(corpus.QUICK if bench.quick else corpus.WORKLOADS)
+        names = bench.corpus_apps or list(corpus.QUICK if bench.quick else corpus.WORKLOADS)
         limits = [768] if bench.quick else [768, 1024]
-        lines = corpus.render(corpus.measure(corpus_runner, names, limits, rounds), rounds)
+        for name in names:
+            results = corpus.measure(corpus_runner, [name], limits, rounds)
+            apps[name] = {
+                "commit": describe(), "when": now(), "rounds": rounds, "results": results,
+                "estimate": corpus.estimate_lines(results),
+            }  # fmt: skip
+            # kept after each app: a run stopped keeps the apps it measured
+            keep(bench.results, "corpus", {"apps": apps}, bench.quick)
     finally:
         server.shutdown()
-    return {"corpus_lines": lines}
+    return {"apps": apps}
 
 
 def measure_estimate(bench: Bench, plots: Path) -> dict[str, Any]:
@@ -660,7 +695,7 @@ def render(sections: dict[str, dict[str, Any]], plots: Path, base: Path) -> str:
     data = {key: value for kept in sections.values() for key, value in kept["data"].items()}
     rows, usage_plot, default = data["rows"], data["usage_plot"], data["default"]
     comparisons, rounds = data["comparisons"], data["rounds"]
-    corpus_lines, shapes = data["corpus_lines"], data["shapes"]
+    corpus_apps, shapes = data["apps"], data["shapes"]
     overhead_rows, hook_us = data["overhead_rows"], data["hook_us"]
     startup_ms, gc = data["startup_ms"], data["gc"]
     lines = [
@@ -679,7 +714,12 @@ def render(sections: dict[str, dict[str, Any]], plots: Path, base: Path) -> str:
         "",
         "| section | measured on | commit |",
         "|---|---|---|",
-        *(f"| {name} | {kept['when']} | `{kept['commit']}` |" for name, kept in sections.items()),
+        *(
+            f"| {name} | {kept['when']} | `{kept['commit']}` |"
+            if name != "corpus"
+            else f"| corpus | each app's own, in its section | {len(corpus_apps)} apps |"
+            for name, kept in sections.items()
+        ),
         "",
         "## Efficiency: the concurrency that fits",
         "",
@@ -732,7 +772,7 @@ def render(sections: dict[str, dict[str, Any]], plots: Path, base: Path) -> str:
             for run in (r["default"], r["requested"], r["guarded"])
         ]
         lines.append(f"| {r['workload']} | {r['limit']} MiB | " + " | ".join(cells) + " |")
-    lines += ["", *runtime.render(comparisons, rounds), "", *corpus_lines, ""]
+    lines += ["", *runtime.render(comparisons, rounds), "", *corpus.render(corpus_apps), ""]
     lines += [
         "## The child estimate, by shape of app",
         "",
