@@ -37,7 +37,6 @@ from . import (
     cgroups,
     governor,
     history,
-    plan,
     procfs,
     startup,
     task_limits,
@@ -50,6 +49,7 @@ from .exits import Kill
 from .limit import LimitWatch, LiveLimit
 from .logline import emit, format_from_env, logger, use_format
 from .plan import FORKING_POOLS
+from .resize import Resizer
 from .sizes import mib
 from .task_limits import TaskLimit
 
@@ -85,6 +85,8 @@ class GuardState:
     whole: int | None = None
     #: Called when the pool's hooks cannot be placed: the guard leaves the pool alone.
     on_not_installed: list[Callable[[], None]] = field(default_factory=list)
+    #: The pool size's owner where no governor runs (Telemetry).
+    resizer: Resizer | None = None
 
 
 def state_of(w: Any) -> GuardState | None:
@@ -227,11 +229,19 @@ class Telemetry(bootsteps.StartStopStep):
         )
         collector.estimate = guard.measured.child
         collector.requested = guard.requested
-        collector.on_calibrated.append(lambda measured: self._calibrated(w, guard, measured))
+        collector.on_calibrated.append(lambda measured: self._calibrated(guard, measured))
         if budget.own is not None and budget.source.startswith("cgroup"):
             # Only a limit read from the cgroup can change under the worker's feet.
             watch = LimitWatch(budget.own, budget.physical, guard.live, w.hostname)
             guard.watches.append(watch.check)
+        if settings.mode not in ("warn", "off"):
+            guard.resizer = resizer = Resizer(
+                w, guard.live, guard.measured.in_use, guard.requested,
+                settings.min_concurrency, guard.measured.child, control,
+                governed=lambda: guard.governed,
+            )  # fmt: skip
+            collector.on_calibrated.append(resizer.calibrated)
+            guard.watches.append(resizer.check)
 
     def start(self, w: Any) -> None:
         guard = state_of(w)
@@ -249,58 +259,21 @@ class Telemetry(bootsteps.StartStopStep):
         guard = state_of(w)
         if guard is not None:
             guard.hub = hub
+            if guard.resizer is not None:
+                guard.resizer.hub = hub
         if self.sampler is not None and guard is not None and guard.control is not None:
             self.sampler.on_loop(hub)
         if guard is not None and guard.control is not None:
             hub.call_soon(self._install, guard)
 
-    def _calibrated(self, w: Any, guard: GuardState, measured: int) -> None:
+    @staticmethod
+    def _calibrated(guard: GuardState, measured: int) -> None:
         """The first child's real cost (from the sampler's thread): keep it for the next
-        start, and where no governor sizes the pool, size it again at once."""
+        start."""
         path = guard.settings.state_file
         if path is not None:
             with contextlib.suppress(OSError, ValueError):
                 history.save(path, measured, 1)
-        if guard.governed or guard.hub is None or guard.settings.mode in ("warn", "off"):
-            return
-        guard.hub.call_soon(self._resize, w, guard, measured)
-
-    def _resize(self, w: Any, guard: GuardState, measured: int) -> None:
-        """On the event loop: the concurrency that fits at the measured cost in the limit
-        of now, as the startup decision would have made it; the autoscaler's max, or the
-        pool itself."""
-        m, live = guard.measured, guard.live
-        if m is None or live is None or guard.governed:
-            return
-        fits = plan.largest_fit(live.limit, live.headroom, m.in_use, measured)
-        target = max(min(guard.requested, fits), guard.settings.min_concurrency)
-        autoscaler = getattr(w, "autoscaler", None)
-        if w.autoscale and autoscaler is not None:
-            before = autoscaler.max_concurrency
-            if target != before:
-                autoscaler.update(max=target)
-                self._log_resize(w, guard, "autoscale_max", before, target, measured)
-            return
-        control = guard.control
-        if control is None or not control.installed:
-            return
-        before = control.size
-        if target > before:
-            control.grow(target - before)
-        elif target < before:
-            for pid in control.pids()[: before - target]:  # idle ones; busy ones refuse
-                control.retire(pid)
-        if control.size != before:
-            self._log_resize(w, guard, "pool", before, control.size, measured)
-
-    @staticmethod
-    def _log_resize(
-        w: Any, guard: GuardState, what: str, before: int, after: int, measured: int
-    ) -> None:
-        fields = {"worker": w.hostname, "level": "calibration", "action": "resize",
-                  "what": what, "before": before, "concurrency": after,
-                  "child_cost_mib": mib(measured)}  # fmt: skip
-        emit(logging.WARNING, "pressure", fields)
 
     def _install(self, guard: GuardState) -> None:
         control, collector = guard.control, guard.collector

@@ -57,13 +57,18 @@ def test_an_estimate_far_too_high_is_corrected_for_the_autoscaler(
     assert group.oom_kills() == 0
 
 
+def resizes(worker: Worker) -> list[dict[str, str]]:
+    return [p for p in worker.events("pressure") if p.get("action") == "resize"]
+
+
 @pytest.mark.cgroup
 def test_the_autoscalers_max_is_sized_in_the_limit_of_now(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
     """The limit lowered under the running worker before its first child is measured:
-    the autoscaler's max is sized in the lowered limit, not in the one read at startup
-    (which had room for all 8)."""
+    the autoscaler's max is sized in the lowered limit (with the estimate at once, with
+    the measured cost after the first task), not in the one read at startup (which had
+    room for all 8)."""
     group = make_cgroup(1024 * MIB)
     worker = make_worker(["--autoscale", "8,1"], harness.worker_env(redis, SMALL_APP), group)
     startup = worker.startup()
@@ -73,14 +78,42 @@ def test_the_autoscalers_max_is_sized_in_the_limit_of_now(
     lowered = int((in_use + 40) / 0.9)  # after the headroom, 40 MiB for the children
     (group.path / "memory.limit_in_bytes").write_text(str(lowered * MIB))
     worker.wait_for(rf"celery-guard event=limit .*new_mib={lowered}\.0", 10)
+    worker.wait_for(r"celery-guard event=pressure .*level=limit .*what=autoscale_max", 10)
     assert harness.wait_for_results(harness.send_tasks(redis, worker.queue, "add", 2, (1, 1)), 60)
-    worker.wait_for(r"celery-guard event=pressure .*level=calibration .*what=autoscale_max")
+    worker.wait_for(r"celery-guard event=calibration ", 30)
     (calibration,) = worker.events("calibration")
-    (line,) = [p for p in worker.events("pressure") if p.get("level") == "calibration"]
     fits = int((lowered * 0.9 - in_use) // float(calibration["measured_mib"]))
+    worker.stop()  # a resize with the measured cost, if it changed the max, is logged by now
+    last = resizes(worker)[-1]
+    assert last["what"] == "autoscale_max" and last["limit_mib"] == f"{lowered}.0"
     # the logged figures are rounded to 0.1 MiB: one child either way
-    assert abs(int(line["concurrency"]) - max(fits, 1)) <= 1, (line, calibration)
-    assert int(line["concurrency"]) < 8
+    assert abs(int(last["concurrency"]) - max(fits, 1)) <= 1, (last, calibration)
+    assert int(last["concurrency"]) < 8
+    assert group.oom_kills() == 0
+
+
+@pytest.mark.cgroup
+def test_a_limit_lowered_after_calibration_lowers_the_autoscalers_max(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """The stale-limit case: the first child measured in 1 GiB (8 fit), then the limit
+    lowered under the running worker; with --autoscale no governor runs, and the max is
+    sized again in the new limit with the measured cost."""
+    group = make_cgroup(1024 * MIB)
+    worker = make_worker(["--autoscale", "8,1"], harness.worker_env(redis, SMALL_APP), group)
+    in_use = float(worker.startup()["in_use_mib"])
+    worker.wait_ready(60)
+    assert harness.wait_for_results(harness.send_tasks(redis, worker.queue, "add", 2, (1, 1)), 60)
+    worker.wait_for(r"celery-guard event=calibration ", 30)
+    (calibration,) = worker.events("calibration")
+    measured = float(calibration["measured_mib"])
+    lowered = int((in_use + 3 * measured) / 0.9) + 1  # room for 3 children after the headroom
+    (group.path / "memory.limit_in_bytes").write_text(str(lowered * MIB))
+    worker.wait_for(r"celery-guard event=pressure .*level=limit .*what=autoscale_max", 10)
+    (line,) = [p for p in resizes(worker) if p["level"] == "limit"]
+    assert line["limit_mib"] == f"{lowered}.0" and float(line["child_cost_mib"]) == measured
+    # the logged figures are rounded to 0.1 MiB: one child either way
+    assert abs(int(line["concurrency"]) - 3) <= 1 and int(line["before"]) == 8, line
     assert group.oom_kills() == 0
 
 
