@@ -22,6 +22,7 @@ They share one ``GuardState`` on the worker (``w.memory_guard``). Each has ``inf
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -45,7 +46,6 @@ from . import (
 )  # fmt: skip
 from .actuator import PoolControl, pool_size
 from .config import ConfigError, Settings, error_fields, given_options, load_settings
-from .exits import Kill
 from .limit import LimitWatch, LiveLimit
 from .logline import emit, format_from_env, logger, use_format
 from .plan import FORKING_POOLS
@@ -91,6 +91,17 @@ class GuardState:
 
 def state_of(w: Any) -> GuardState | None:
     return getattr(w, "memory_guard", None)
+
+
+def _send(channel: int | None, record: str) -> None:
+    """A child's record to the main process; a full pipe drops it."""
+    if channel is not None:
+        with contextlib.suppress(OSError):
+            os.write(channel, record.encode()[:4000])
+
+
+def _private_now() -> int | None:
+    return procfs.known(procfs.private())
 
 
 class Fit(bootsteps.StartStopStep):
@@ -412,81 +423,22 @@ class TaskLimits(bootsteps.StartStopStep):
             return
         self.enabled = True
         guard.task_limits = limits
-        self.guard = guard
-        self.recycle_after: set[int] = set()  # children whose task passed its hard limit
-        self.watchdog = watchdog.Watchdog()  # each child gets its copy with the fork
+        dog = watchdog.Watchdog()  # each child gets its copy with the fork
         for name, limit in limits.items():  # before the fork: every child's tracer sees it
-            watchdog.wrap(w.app.tasks[name], name, limit, self.watchdog)
+            watchdog.wrap(w.app.tasks[name], name, limit, dog)
+        channel, hostname = guard.channel, w.hostname
+
+        def start_in_child(**_: Any) -> None:
+            dog.start(lambda record: _send(channel, record), _private_now, hostname)
+
         from celery import signals
 
-        signals.worker_process_init.connect(
-            self._start_watchdog, weak=False, dispatch_uid="cg-watchdog"
-        )
-        guard.collector.limit_listeners.append(self._on_hit)
-        guard.on_installed.append(self._listen)
-
-    def _start_watchdog(self, **_: Any) -> None:
-        guard = self.guard
-        channel = guard.channel
-
-        def send(record: str) -> None:
-            if channel is not None:
-                with contextlib.suppress(OSError):  # a full pipe drops the record
-                    os.write(channel, record.encode()[:4000])
-
-        self.watchdog.start(
-            send, self._private_now, guard.collector.hostname if guard.collector else "",
-        )  # fmt: skip
-
-    @staticmethod
-    def _private_now() -> int | None:
-        return procfs.known(procfs.private())
-
-    def _listen(self) -> None:
-        if self.guard.control is not None:
-            self.guard.control.listeners.append(self)
-
-    def _on_hit(self, hit: telemetry.LimitHit) -> None:
-        """From the sampler's thread: a task passed its own limit."""
-        guard = self.guard
-        if hit.kind == "hard":
-            self.recycle_after.add(hit.pid)
-        if hit.kind != "kill" or guard.control is None or guard.collector is None:
-            return
-        reason = (
-            f"passed its memory_limit of {mib(hit.limit)} MiB (held {mib(hit.held)} MiB) and "
-            "did not stop when MemoryLimitExceeded was raised in it"
-        )
-        guard.collector.exits.killing(hit.pid, Kill(reason, hit.limit))
-        stopped = guard.control.kill(hit.pid, shrink=False)  # a signal: from any thread
-        fields = {
-            "worker": guard.collector.hostname, "pid": hit.pid, "task": hit.name,
-            "task_id": hit.task_id, "kind": "hard", "limit_mib": mib(hit.limit),
-            "held_mib": mib(hit.held), "action": "killed" if stopped else "gone",
-        }  # fmt: skip
-        emit(logging.ERROR, "task_memory_limit", fields)
-
-    # -- PoolControl's listener: replace a child after its task passed its hard limit ---
-    def child_up(self, pid: int) -> None:
-        pass
-
-    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
-        self.recycle_after.discard(pid)
-
-    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        pass
-
-    def task_ready(self, pid: int, task_id: str) -> bool:
-        """Replace a child whose task passed its hard limit: the exception freed what the
-        task held, but what the child's allocator kept is not worth keeping."""
-        if pid not in self.recycle_after:  # its record was read first (PoolControl)
-            return False
-        self.recycle_after.discard(pid)
-        if self.guard.collector is not None:
-            fields = {"worker": self.guard.collector.hostname, "pid": pid,
-                      "reason": "task_memory_limit", "task_id": task_id}  # fmt: skip
-            emit(logging.INFO, "recycle", fields)
-        return True
+        signals.worker_process_init.connect(start_in_child, weak=False, dispatch_uid="cg-watchdog")
+        control = guard.control
+        assert control is not None  # a forking pool
+        enforcer = watchdog.Enforcer(hostname, control, guard.collector.exits)
+        guard.collector.limit_listeners.append(enforcer.on_hit)
+        guard.on_installed.append(functools.partial(control.listeners.append, enforcer))
 
     def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         guard = state_of(w)

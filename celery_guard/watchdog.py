@@ -16,6 +16,10 @@ SIGUSR1, nothing in Celery or billiard uses real-time signals), whose handler ra
 pending exception only while a run is armed. A signal interrupts a blocking system call;
 a task that holds the interpreter in C code for long is stopped by the cgroup-level
 safety net instead.
+
+``Enforcer`` is the main process's half: told of each limit a task passed (the child's
+records, read by the collector), it kills a child whose task did not stop and has a child
+whose task passed its hard limit replaced after it.
 """
 
 from __future__ import annotations
@@ -27,14 +31,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
+from .exits import ExitCauses, Kill
 from .logline import emit
 from .procfs import StatmAnon
 from .protect import signals_to_the_main_thread
 from .sizes import mib
 from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, next_check
+
+if TYPE_CHECKING:
+    from .actuator import PoolControl
+    from .telemetry import LimitHit
 
 WATCHDOG_SIGNAL = signal.SIGRTMIN + 2
 
@@ -223,4 +232,56 @@ def wrap(task: Any, name: str, limit: TaskLimit, dog: Watchdog) -> None:
     task.run = run
 
 
-__all__ = ["WATCHDOG_SIGNAL", "Armed", "Watchdog", "wrap"]
+class Enforcer:
+    """In the main process: what a child's watchdog could not do itself. A listener of
+    ``PoolControl`` (the pool's events) and of the collector (the children's limit
+    records)."""
+
+    def __init__(self, hostname: str, control: PoolControl, exits: ExitCauses) -> None:
+        self.hostname = hostname
+        self.control = control
+        self.exits = exits
+        self.recycle_after: set[int] = set()  # children whose task passed its hard limit
+
+    def on_hit(self, hit: LimitHit) -> None:
+        """From the sampler's thread: a task passed its own limit."""
+        if hit.kind == HARD:
+            self.recycle_after.add(hit.pid)
+        if hit.kind != KILL:
+            return
+        reason = (
+            f"passed its memory_limit of {mib(hit.limit)} MiB (held {mib(hit.held)} MiB) and "
+            "did not stop when MemoryLimitExceeded was raised in it"
+        )
+        self.exits.killing(hit.pid, Kill(reason, hit.limit))
+        stopped = self.control.kill(hit.pid, shrink=False)  # a signal: from any thread
+        fields = {
+            "worker": self.hostname, "pid": hit.pid, "task": hit.name,
+            "task_id": hit.task_id, "kind": HARD, "limit_mib": mib(hit.limit),
+            "held_mib": mib(hit.held), "action": "killed" if stopped else "gone",
+        }  # fmt: skip
+        emit(logging.ERROR, "task_memory_limit", fields)
+
+    # -- PoolControl's listener ----------------------------------------------------------
+    def child_up(self, pid: int) -> None:
+        pass
+
+    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        self.recycle_after.discard(pid)
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        pass
+
+    def task_ready(self, pid: int, task_id: str) -> bool:
+        """Replace a child whose task passed its hard limit: the exception freed what the
+        task held, but what the child's allocator kept is not worth keeping."""
+        if pid not in self.recycle_after:  # its record was read first (PoolControl)
+            return False
+        self.recycle_after.discard(pid)
+        fields = {"worker": self.hostname, "pid": pid, "reason": "task_memory_limit",
+                  "task_id": task_id}  # fmt: skip
+        emit(logging.INFO, "recycle", fields)
+        return True
+
+
+__all__ = ["WATCHDOG_SIGNAL", "Armed", "Enforcer", "Watchdog", "wrap"]

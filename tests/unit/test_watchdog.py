@@ -9,6 +9,7 @@ armed while the last one was still followed is followed too.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -17,8 +18,11 @@ from collections.abc import Iterator
 import pytest
 
 from celery_guard.errors import MemoryLimitExceeded
-from celery_guard.task_limits import TaskLimit
-from celery_guard.watchdog import WATCHDOG_SIGNAL, Armed, Watchdog
+from celery_guard.exits import GUARD, ExitCauses
+from celery_guard.logline import parse_line
+from celery_guard.task_limits import HARD, KILL, SOFT, TaskLimit
+from celery_guard.telemetry import LimitHit
+from celery_guard.watchdog import WATCHDOG_SIGNAL, Armed, Enforcer, Watchdog
 
 MIB = 1024 * 1024
 SMALL, LARGE = TaskLimit(hard=8 * MIB), TaskLimit(hard=512 * MIB)
@@ -113,3 +117,62 @@ def test_a_run_armed_while_the_last_one_was_followed_is_followed(watchdog: Watch
         while time.monotonic() < deadline:  # until the watchdog raises here
             time.sleep(0.01)
     watchdog.disarm()
+
+
+class KillingControl:
+    """The pool: which pids were killed; ``alive`` says whether the kill found its child."""
+
+    def __init__(self, alive: bool = True) -> None:
+        self.alive = alive
+        self.killed: list[tuple[int, bool]] = []
+
+    def kill(self, pid: int, shrink: bool) -> bool:
+        self.killed.append((pid, shrink))
+        return self.alive
+
+
+def enforcer(control: KillingControl) -> tuple[Enforcer, ExitCauses]:
+    exits = ExitCauses(0)
+    return Enforcer("w@h", control, exits), exits  # type: ignore[arg-type]
+
+
+def test_a_task_that_did_not_stop_has_its_child_killed_and_explained(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="celery_guard")
+    control = KillingControl()
+    found, exits = enforcer(control)
+    found.on_hit(LimitHit(41, KILL, 8 * MIB, 9 * MIB, "t-1", "app.grow"))
+    assert control.killed == [(41, False)]  # the slot stays: a child replaces it
+    assert exits.cause(41, -9, None) == GUARD  # its exit is the guard's, not the kernel's
+    (line,) = [parse_line(r.getMessage()) for r in caplog.records]
+    assert (line["event"], line["action"], line["kind"], line["task_id"]) == (
+        "task_memory_limit", "killed", "hard", "t-1",
+    )  # fmt: skip
+    assert (line["limit_mib"], line["held_mib"]) == ("8.0", "9.0")
+
+
+def test_a_kill_that_finds_the_child_gone_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="celery_guard")
+    found, _ = enforcer(KillingControl(alive=False))
+    found.on_hit(LimitHit(41, KILL, 8 * MIB, 9 * MIB, "t-1", "app.grow"))
+    (line,) = [parse_line(r.getMessage()) for r in caplog.records]
+    assert line["action"] == "gone"
+
+
+def test_a_child_whose_task_passed_its_hard_limit_is_replaced_after_that_task() -> None:
+    control = KillingControl()
+    found, _ = enforcer(control)
+    found.on_hit(LimitHit(41, HARD, 8 * MIB, 9 * MIB, "t-1", "app.grow"))
+    found.on_hit(LimitHit(42, SOFT, 8 * MIB, 9 * MIB, "t-2", "app.grow"))
+    assert control.killed == []  # the exception was raised in the task: nothing killed
+    assert found.task_ready(42, "t-2") is False  # a soft limit keeps the child
+    assert found.task_ready(41, "t-1") is True
+    assert found.task_ready(41, "t-3") is False  # once: its replacement is a new child
+
+
+def test_a_child_gone_before_its_task_ended_is_forgotten() -> None:
+    found, _ = enforcer(KillingControl())
+    found.on_hit(LimitHit(41, HARD, 8 * MIB, 9 * MIB, "t-1", "app.grow"))
+    found.child_down(41, 0, None)
+    assert found.task_ready(41, "t-1") is False  # a new child that got the pid keeps it
