@@ -72,8 +72,7 @@ class GuardState:
     channel: int | None = None
     #: Tasks that declare memory limits (TaskLimits), by name.
     task_limits: dict[str, TaskLimit] = field(default_factory=dict)
-    #: The worker's event loop, once registered; the governor, once it runs.
-    hub: Any = None
+    #: The governor runs: it owns the pool size (else ``resizer`` does).
     governed: bool = False
     #: Called once the pool's hooks are in place (on the event loop's first tick).
     on_installed: list[Callable[[], None]] = field(default_factory=list)
@@ -268,10 +267,8 @@ class Telemetry(bootsteps.StartStopStep):
         """Install the pool's hooks once AsynPool has installed its own: steps register in
         reverse order, so the Pool registers after this step; wait for the first tick."""
         guard = state_of(w)
-        if guard is not None:
-            guard.hub = hub
-            if guard.resizer is not None:
-                guard.resizer.hub = hub
+        if guard is not None and guard.resizer is not None:
+            guard.resizer.hub = hub
         if self.sampler is not None and guard is not None and guard.control is not None:
             self.sampler.on_loop(hub)
         if guard is not None and guard.control is not None:
