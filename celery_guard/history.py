@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import cgroups
+from .logline import emit
 
 VERSION = 1
 #: The file is about 150 bytes; anything larger was not written by ``save``.
@@ -188,3 +190,15 @@ def save(
             os.unlink(tmp)
         raise
     _sync_directory(directory, fsync)
+
+
+def keep(path: str | None, child_cost: int, samples: int) -> None:
+    """``save`` for a running worker: a figure not saved (a full disk, a path it may not
+    write) is one WARNING line, never an error out of the worker's shutdown or sampler."""
+    if path is None or child_cost <= 0 or samples <= 0:
+        return
+    try:
+        save(path, child_cost, samples)
+    except (OSError, ValueError, OverflowError) as error:
+        emit(logging.WARNING, "history", {"action": "not_saved", "path": path,
+                                          "reason": str(error)})  # fmt: skip

@@ -239,7 +239,8 @@ class Telemetry(bootsteps.StartStopStep):
         )
         collector.estimate = guard.measured.child
         collector.requested = guard.requested
-        collector.on_calibrated.append(lambda measured: self._calibrated(guard, measured))
+        # the first child's real cost, kept at once for the next start
+        collector.on_calibrated.append(lambda cost: history.keep(settings.state_file, cost, 1))
         if budget.own is not None and budget.source.startswith("cgroup"):
             # Only a limit read from the cgroup can change under the worker's feet.
             watch = LimitWatch(budget.own, budget.physical, guard.live, w.hostname)
@@ -274,15 +275,6 @@ class Telemetry(bootsteps.StartStopStep):
         if guard is not None and guard.control is not None:
             hub.call_soon(self._install, guard)
 
-    @staticmethod
-    def _calibrated(guard: GuardState, measured: int) -> None:
-        """The first child's real cost (from the sampler's thread): keep it for the next
-        start."""
-        path = guard.settings.state_file
-        if path is not None:
-            with contextlib.suppress(OSError, ValueError):
-                history.save(path, measured, 1)
-
     def _install(self, guard: GuardState) -> None:
         control, collector = guard.control, guard.collector
         if control is None or collector is None or control.installed:
@@ -306,24 +298,13 @@ class Telemetry(bootsteps.StartStopStep):
         self.sampler = None
         try:
             guard.collector.sample()
-            self._save_history(guard, guard.collector.log_summary(final=True))
+            final = guard.collector.log_summary(final=True)
+            cost = int((final.get("private_p95_mib") or 0) * 1024 * 1024)
+            history.keep(guard.settings.state_file, cost, final.get("samples") or 0)
         except Exception:  # noqa: BLE001 - shutdown goes on
             logger.exception("celery-guard event=error stage=shutdown")
 
     terminate = shutdown = stop
-
-    def _save_history(self, guard: GuardState, fields: dict[str, Any]) -> None:
-        path, cost = guard.settings.state_file, fields.get("private_p95_mib")
-        if path is None or not cost or not fields.get("samples"):
-            return
-        try:
-            history.save(path, int(cost * 1024 * 1024), fields["samples"])
-        except (OSError, ValueError, OverflowError) as error:  # a full disk, a figure not saved
-            emit(
-                logging.WARNING,
-                "history",
-                {"action": "not_saved", "path": path, "reason": str(error)},
-            )
 
     def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
         guard = state_of(w)

@@ -11,6 +11,7 @@ a regression fails the test instead of the test run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -27,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from celery_guard import history
+from celery_guard.logline import parse_line
 
 QUICK = settings(max_examples=200, deadline=None, database=None)
 GIB = 1 << 30
@@ -390,3 +392,24 @@ def test_another_users_state_file_in_a_world_writable_directory_is_not_trusted(
     assert (cost == GIB) is trusted, why
     if not trusted:
         assert "another user" in why
+
+
+def test_a_running_worker_keeps_what_it_can_and_says_what_it_could_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``keep``: saved where it can be; one WARNING naming the path where it cannot (a
+    directory that does not exist); nothing for no path, no cost or no samples."""
+    caplog.set_level(logging.WARNING, logger="celery_guard")
+    path = tmp_path / "state.json"
+    history.keep(str(path), 64 << 20, 3)
+    assert _load(str(path))[0] == 64 << 20
+    history.keep(None, 64 << 20, 3)
+    history.keep(str(tmp_path / "none.json"), 0, 3)
+    history.keep(str(tmp_path / "few.json"), 64 << 20, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    assert caplog.records == []
+    missing = tmp_path / "no-such-dir" / "state.json"
+    history.keep(str(missing), 64 << 20, 3)  # no exception out of it
+    (record,) = caplog.records
+    line = parse_line(record.getMessage())
+    assert (line["event"], line["action"], line["path"]) == ("history", "not_saved", str(missing))
