@@ -166,7 +166,8 @@ class GuardCollector:
 
 
 class MetricsServer:
-    """The HTTP endpoint; ``close_in_child`` is connected to ``worker_process_init``."""
+    """The HTTP endpoint; ``close_in_child`` runs in every child as it is forked
+    (``os.register_at_fork``), before anything of Celery's runs there."""
 
     def __init__(self, server: Any, thread: Any) -> None:
         self.server = server
