@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from billiard.pool import ACK, READY
 from celery.concurrency.asynpool import WORKER_UP  # type: ignore[attr-defined]
@@ -46,13 +46,33 @@ class Verdict(enum.Enum):
     DEFER = "defer"  # a run of its kind is being measured: the ones behind may go first
 
 
-class Listener(Protocol):
-    """What the pool's events are told to (the governor, the telemetry)."""
+class Listener:
+    """What the pool's events are told to (why a child exited, the task limits'
+    enforcer, the governor), in that order: each overrides the events it needs."""
 
-    def child_up(self, pid: int) -> None: ...
-    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None: ...
-    def task_accepted(self, pid: int, task_id: str, name: str) -> None: ...
-    def task_ready(self, pid: int, task_id: str) -> bool: ...
+    def child_up(self, pid: int) -> None:
+        """A child was forked."""
+
+    def child_alive(self, pid: int) -> None:
+        """A child is ready for work (its WORKER_UP message)."""
+
+    def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
+        """A child exited (``task``: the one its lost job was)."""
+
+    def task_handed(self, request: Any) -> None:
+        """A request the gate admitted reached the pool; one Celery refuses on the way
+        (revoked, expired: ``TaskRevokedError``) never does."""
+
+    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
+        """A child took a task (its ACK)."""
+
+    def task_ready(self, pid: int, task_id: str) -> bool:
+        """A task ended in ``pid``; True: replace that child."""
+        return False
+
+    def resized(self, added: int) -> None:
+        """Someone but the guard resized the pool (remote control ``pool_grow`` and
+        ``pool_shrink``): children added, or taken away when negative."""
 
 
 @dataclass
@@ -99,14 +119,6 @@ class PoolControl:
         #: Told of a task lost with its child; returns the exception it fails with
         #: instead of billiard's WorkerLostError, or None to leave it.
         self.on_lost: Callable[[LostJob], Exception | None] | None = None
-        #: Told of a child ready for work (its WORKER_UP message: forked and started).
-        self.on_alive: Callable[[int], None] | None = None
-        #: Told of a request the gate admitted once it has reached the pool; one Celery
-        #: refuses on the way (revoked, expired: ``TaskRevokedError``) never does.
-        self.on_handed: Callable[[Any], None] | None = None
-        #: Told of a resize the guard did not make (remote control ``pool_grow`` and
-        #: ``pool_shrink``): children added, or taken away when negative.
-        self.on_resize: Callable[[int], None] | None = None
         #: Reads the children's records now: once before the listeners hear a task's
         #: end or a child's exit (the child wrote its record before its result, but the
         #: result's pipe may be read first).
@@ -199,8 +211,7 @@ class PoolControl:
 
         def on_alive(pid: int) -> Any:
             result = alive(pid) if alive else None
-            if self.on_alive is not None:
-                self._guarded("alive", self.on_alive, pid)
+            self._tell("child_alive", pid)
             return result
 
         if alive is not None:
@@ -237,14 +248,13 @@ class PoolControl:
 
         def grown(n: int = 1) -> Any:
             result = grow(n)
-            if not self._resizing and self.on_resize is not None:
-                self._guarded("resize", self.on_resize, n)
+            if not self._resizing:
+                self._tell("resized", n)
             return result
 
         def shrunk(n: int = 1) -> Any:
             result = shrink(n)
-            if self.on_resize is not None:
-                self._guarded("resize", self.on_resize, -n)
+            self._tell("resized", -n)
             return result
 
         task_pool.grow, task_pool.shrink = grown, shrunk
@@ -269,6 +279,17 @@ class PoolControl:
 
         w._process_task = process_task
         semaphore.clear = clear_semaphore
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """Tell every listener of ``event``; one that fails is logged, and the next is
+        still told."""
+        for listener in self.listeners:
+            try:
+                getattr(listener, event)(*args)
+            except Exception:  # noqa: BLE001 - the pool's own callback must still run
+                from .logline import logger
+
+                logger.exception("celery-guard event=error stage=%s", event)
 
     def _guarded(self, stage: str, function: Callable[..., Any], *args: Any) -> Any:
         """Run a guard callback inside the pool's: an error is logged, never raised."""
@@ -381,8 +402,8 @@ class PoolControl:
 
     def _hand_over(self, request: Any, start: Callable[[Any], Any]) -> None:
         self._guarded("hand_over", start, request)
-        if self.on_handed is not None and reached_pool(request):
-            self._guarded("handed", self.on_handed, request)
+        if reached_pool(request):
+            self._tell("task_handed", request)
 
     def overdue(self, now: float, bound: float) -> list[Any]:
         """Held requests that have waited ``bound`` seconds or more."""

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import brokers, cgroups, policy
-from .actuator import PoolControl, Verdict
+from .actuator import Listener, PoolControl, Verdict
 from .config import Settings
 from .exits import ExitCauses, Kill
 from .footprint import CollectorPages
@@ -53,7 +53,7 @@ def available_cpus() -> float:
         return float(len(os.sched_getaffinity(0)))
 
 
-class Governor:
+class Governor(Listener):
     """Keeps the pool's projected peak under the high mark, task by task."""
 
     def __init__(
@@ -158,14 +158,11 @@ class Governor:
                 self.ledger.child_ready(pid)
         self.control.listeners.append(self)
         self.control.gate = self.gate
-        self.control.on_alive = self.child_alive
-        self.control.on_handed = self.handed
-        self.control.on_resize = self.resized
         hub.call_later(self.settings.brake_interval, self.tick)
 
     def stop(self) -> None:
         self.stopped = True
-        self.control.gate = self.control.on_handed = self.control.on_resize = None
+        self.control.gate = None
 
     def post(self, record: Record) -> None:
         """A child's record, from whichever thread read it; absorbed on the loop."""
@@ -430,6 +427,8 @@ class Governor:
     def resized(self, added: int) -> None:
         """Someone resized the pool (remote control ``pool_grow``/``pool_shrink``): the
         concurrency asked for moves with it, and the plan is made again from there."""
+        if self.stopped:
+            return
         self.requested = max(1, self.requested + added)
         self.plan = None
         emit(
@@ -438,9 +437,11 @@ class Governor:
              "reason": "resized", "requested": self.requested},
         )  # fmt: skip
 
-    def handed(self, request: Any) -> None:
+    def task_handed(self, request: Any) -> None:
         """The request the gate just admitted reached the pool: it enters the ledger now,
         not at the decision (Celery may still refuse it: revoked, expired)."""
+        if self.stopped:
+            return
         admitted, self.admitted = self.admitted, None
         if admitted is not None and admitted[0] == request.id:
             self.ledger.task_handed(*admitted)

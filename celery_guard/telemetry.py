@@ -25,6 +25,7 @@ from typing import Any
 from billiard.pool import EX_RECYCLE
 
 from . import cgroups, heap, procfs
+from .actuator import Listener
 from .config import Settings
 from .exits import OOM, ExitCauses, LostJob, MemoryFailures, Outcome
 from .ledger import Record, name_key
@@ -309,7 +310,7 @@ class ChildFigures:
     peak: int
 
 
-class ExitListener:
+class ExitListener(Listener):
     """Tells the collector of children come and gone (the rest of the pool's events it
     reads from the children's own records); a ``PoolControl`` listener."""
 
@@ -321,12 +322,6 @@ class ExitListener:
 
     def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
         self.collector.on_exit(pid, exitcode, task)
-
-    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        pass
-
-    def task_ready(self, pid: int, task_id: str) -> bool:
-        return False
 
 
 @dataclass

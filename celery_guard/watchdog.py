@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .actuator import Listener, PoolControl
 from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
 from .exits import ExitCauses, Kill
 from .logline import emit
@@ -42,7 +43,6 @@ from .sizes import mib
 from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, next_check
 
 if TYPE_CHECKING:
-    from .actuator import PoolControl
     from .telemetry import LimitHit
 
 WATCHDOG_SIGNAL = signal.SIGRTMIN + 2
@@ -232,7 +232,7 @@ def wrap(task: Any, name: str, limit: TaskLimit, dog: Watchdog) -> None:
     task.run = run
 
 
-class Enforcer:
+class Enforcer(Listener):
     """In the main process: what a child's watchdog could not do itself. A listener of
     ``PoolControl`` (the pool's events) and of the collector (the children's limit
     records)."""
@@ -263,14 +263,8 @@ class Enforcer:
         emit(logging.ERROR, "task_memory_limit", fields)
 
     # -- PoolControl's listener ----------------------------------------------------------
-    def child_up(self, pid: int) -> None:
-        pass
-
     def child_down(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
         self.recycle_after.discard(pid)
-
-    def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        pass
 
     def task_ready(self, pid: int, task_id: str) -> bool:
         """Replace a child whose task passed its hard limit: the exception freed what the

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from billiard.pool import ACK, READY
 
-from celery_guard.actuator import PoolControl, Verdict
+from celery_guard.actuator import Listener, PoolControl, Verdict
 
 
 class FakeAsynPool:
@@ -163,13 +164,41 @@ def test_only_requests_that_reached_the_pool_are_reported_handed() -> None:
     assert control.install()
     control.gate = Gate({})
     handed: list[str] = []
-    control.on_handed = lambda r: handed.append(r.id)
+
+    class Hears(Listener):
+        def task_handed(self, request: Any) -> None:
+            handed.append(request.id)
+
+    control.listeners.append(Hears())
     # as Celery's Request class: ``_apply_result`` is None until the pool has the task
     received = [SimpleNamespace(id=i, name="heavy_app.add", _apply_result=None) for i in "ab"]
     receive(w, received[0], SimpleNamespace(id="revoked", name="t", _apply_result=None))
     receive(w, received[1])
     assert w.handed == ["a", "b"]
     assert handed == ["a", "b"]  # the revoked one never enters the governor's ledger
+
+
+def test_a_listener_that_fails_is_logged_and_the_next_is_still_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = RefusingWorker(set())
+    control = PoolControl(w)
+    assert control.install()
+    control.gate = Gate({})
+    handed: list[str] = []
+
+    class Broken(Listener):
+        def task_handed(self, request: Any) -> None:
+            raise KeyError(request.id)
+
+    class Hears(Listener):
+        def task_handed(self, request: Any) -> None:
+            handed.append(request.id)
+
+    control.listeners += [Broken(), Hears()]
+    receive(w, SimpleNamespace(id="a", name="heavy_app.add", _apply_result=None))
+    assert w.handed == ["a"] and handed == ["a"]
+    assert "celery-guard event=error stage=task_handed" in caplog.text
 
 
 def test_a_gate_that_fails_hands_the_request_over_and_keeps_the_ones_behind() -> None:

@@ -180,7 +180,7 @@ def test_a_hand_over_walks_no_child_whether_the_task_is_admitted_or_held(tmp_pat
     Walked.walks = 0
     for n in range(20):
         assert budget.gate(Request(f"id-{n}")) is Verdict.HAND_OVER
-        budget.handed(Request(f"id-{n}"))
+        budget.task_handed(Request(f"id-{n}"))
         budget.task_accepted(102, f"id-{n}", "t")
         budget.task_ready(102, f"id-{n}")
     assert Walked.walks == 0
