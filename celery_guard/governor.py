@@ -489,12 +489,21 @@ class Governor(Listener):
             )  # fmt: skip
 
     # -- the clock --------------------------------------------------------------------
+    def _ready_missed(self) -> None:
+        """Children the pool no longer waits for (billiard's ``_waiting_to_start``) whose
+        readiness the guard did not hear: ready. A child taken for starting forever
+        would keep the pool at its first wave (``policy.Safety`` grows by the ready)."""
+        for child in self.ledger.live():
+            if not child.ready and self.control.ready(child.pid):
+                self.ledger.child_ready(child.pid)
+
     def tick(self) -> None:
         if self.stopped:
             return
         delay = self.settings.brake_interval
         try:
             self._absorb()
+            self._ready_missed()
             self._measure_unfrozen()
             now = time.monotonic()
             view = self.view(now, fresh=0.0)
