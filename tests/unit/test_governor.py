@@ -281,6 +281,32 @@ def test_a_fresh_reading_of_the_cgroup_takes_in_the_tasks_finished_before_it(
     assert budget.ledger.unread == 0
 
 
+def test_a_child_whose_readiness_was_missed_is_taken_as_ready_at_the_next_tick(
+    tmp_path: Path,
+) -> None:
+    """A WORKER_UP the governor never heard: once billiard no longer waits for the
+    child, the next tick counts it ready, so the pool's waves are not stuck on it."""
+    first, second = object(), object()
+    pool = RecordingPool({})
+    pool.children = {101: Child(101, None, first), 102: Child(102, None, second)}
+    pool.rss_mib = {101: 200, 102: 200}
+    waiting = {first, second}
+    pool.w = SimpleNamespace(pool=SimpleNamespace(_pool=SimpleNamespace(_waiting_to_start=waiting)))
+    settings = Settings()
+    budget = Governor(
+        pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
+        requested=4, estimate=30 * MIB, others=0, hostname="w1@test",
+        exits=ExitCauses(None), cpus=2,
+    )  # fmt: skip
+    budget.start(Hub())
+    assert budget.ledger.starting_children() == (0, 2)
+    budget.tick()
+    assert budget.ledger.starting_children() == (0, 2)  # billiard still waits for both
+    waiting.discard(first)  # its WORKER_UP came, and went unheard
+    budget.tick()
+    assert budget.ledger.starting_children() == (1, 1)
+
+
 def test_children_forked_before_the_hooks_are_ready_unless_billiard_still_waits_for_them(
     tmp_path: Path,
 ) -> None:
