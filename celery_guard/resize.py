@@ -17,7 +17,7 @@ from typing import Any
 from .actuator import PoolControl
 from .limit import LiveLimit
 from .logline import emit
-from .plan import largest_fit
+from .plan import decide
 from .sizes import mib
 
 
@@ -63,11 +63,15 @@ class Resizer:
         self.hub.call_soon(self.resize, level)
 
     def target(self) -> int:
-        """The concurrency that fits at the child's cost in the limit of now, as the
-        startup decision makes it: never above what was asked, never below the minimum."""
+        """The concurrency that fits at the child's cost in the limit of now: the startup
+        decision's rule (``plan.decide`` in ``scale`` mode: only forking pools are
+        resized), never above what was asked."""
         live = self.live
-        fits = largest_fit(live.limit, live.headroom, self.in_use, self.cost)
-        return max(min(self.requested, fits), self.minimum)
+        return decide(
+            mode="scale", limit=live.limit, headroom_fraction=live.settings.headroom,
+            in_use=self.in_use, child=self.cost, requested=self.requested,
+            minimum=self.minimum, pool="prefork",
+        ).concurrency  # fmt: skip
 
     def resize(self, level: str) -> None:
         """On the event loop: the autoscaler's max, or the pool itself."""

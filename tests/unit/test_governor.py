@@ -281,16 +281,14 @@ def test_a_fresh_reading_of_the_cgroup_takes_in_the_tasks_finished_before_it(
     assert budget.ledger.unread == 0
 
 
-def test_a_child_whose_readiness_was_missed_is_taken_as_ready_at_the_next_tick(
-    tmp_path: Path,
-) -> None:
-    """A WORKER_UP the governor never heard: once billiard no longer waits for the
-    child, the next tick counts it ready, so the pool's waves are not stuck on it."""
-    first, second = object(), object()
+def started_with_two_children(
+    tmp_path: Path, waiting: set[object], processes: tuple[object, object]
+) -> Governor:
+    """A governor started on two children forked before its hooks (pids 101 and 102, of
+    ``processes``); billiard still waits for the WORKER_UP of those in ``waiting``."""
     pool = RecordingPool({})
-    pool.children = {101: Child(101, None, first), 102: Child(102, None, second)}
+    pool.children = {101 + i: Child(101 + i, None, p) for i, p in enumerate(processes)}
     pool.rss_mib = {101: 200, 102: 200}
-    waiting = {first, second}
     pool.w = SimpleNamespace(pool=SimpleNamespace(_pool=SimpleNamespace(_waiting_to_start=waiting)))
     settings = Settings()
     budget = Governor(
@@ -299,6 +297,17 @@ def test_a_child_whose_readiness_was_missed_is_taken_as_ready_at_the_next_tick(
         exits=ExitCauses(None), cpus=2,
     )  # fmt: skip
     budget.start(Hub())
+    return budget
+
+
+def test_a_child_whose_readiness_was_missed_is_taken_as_ready_at_the_next_tick(
+    tmp_path: Path,
+) -> None:
+    """A WORKER_UP the governor never heard: once billiard no longer waits for the
+    child, the next tick counts it ready, so the pool's waves are not stuck on it."""
+    first, second = object(), object()
+    waiting = {first, second}
+    budget = started_with_two_children(tmp_path, waiting, (first, second))
     assert budget.ledger.starting_children() == (0, 2)
     budget.tick()
     assert budget.ledger.starting_children() == (0, 2)  # billiard still waits for both
@@ -314,19 +323,7 @@ def test_children_forked_before_the_hooks_are_ready_unless_billiard_still_waits_
     children it still waits for says which are ready, so the first wave's growth need not
     wait for a first task's record."""
     up, starting = object(), object()
-    pool = RecordingPool({})
-    pool.children = {101: Child(101, None, up), 102: Child(102, None, starting)}
-    pool.rss_mib = {101: 200, 102: 200}
-    pool.w = SimpleNamespace(
-        pool=SimpleNamespace(_pool=SimpleNamespace(_waiting_to_start={starting}))
-    )
-    settings = Settings()
-    budget = Governor(
-        pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
-        requested=4, estimate=30 * MIB, others=0, hostname="w1@test",
-        exits=ExitCauses(None), cpus=2,
-    )  # fmt: skip
-    budget.start(Hub())
+    budget = started_with_two_children(tmp_path, {starting}, (up, starting))
     assert budget.ledger.starting_children() == (1, 1)
     budget.child_alive(102)  # its WORKER_UP, through the hook
     assert budget.ledger.starting_children() == (2, 0)
