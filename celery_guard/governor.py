@@ -207,10 +207,10 @@ class Governor(Listener):
     def view(self, now: float, fresh: float = FRESH) -> policy.View:
         """What decisions are taken on. With ``fresh`` > 0 (the per-task path) nothing is
         read: the last view serves, on the pool's size and plan of now; it is built again
-        at the loop's next turn (``_refresh``) once its cgroup reading is older than
-        ``fresh`` or the pool changed (building one reads the cgroup and /proc: ten times
-        the rest of a decision). With ``fresh`` 0 (the clock, a re-check) everything is
-        read now."""
+        at the loop's next turn (``_refresh``) once the pool changed, or once its cgroup
+        reading is older than ``fresh`` and a decision came near the low mark (``gate``;
+        building one reads the cgroup and /proc: ten times the rest of a decision). With
+        ``fresh`` 0 (the clock, a re-check) everything is read now."""
         size, target, requested = self.control.size, self.target, self.requested
         cached = self.cached_view
         if fresh > 0 and cached is not None and self.reading is not None:
@@ -221,8 +221,6 @@ class Governor(Listener):
                     requested=requested,
                 )  # fmt: skip
                 self.cached_view = (self.reading, view)
-                self._refresh_soon()
-            elif now - reading[0] > fresh:
                 self._refresh_soon()
             return view
         view = policy.View(
@@ -238,6 +236,9 @@ class Governor(Listener):
         )
         self.cached_view = (self.reading, view) if self.reading else None
         return view
+
+    def _stale(self, now: float) -> bool:
+        return self.reading is not None and now - self.reading[0] > FRESH
 
     def _soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` at the event loop's next turn, once however often asked."""
@@ -404,6 +405,10 @@ class Governor(Listener):
         decided = time.perf_counter() - began
         if verdict.reason == "no_room" and self.rechecked is None:
             self._recheck_soon()
+        elif verdict.projected >= view.marks.low and self._stale(now):
+            # An old reading is only cautious (the tasks finished since count at their
+            # peak: ``Ledger.unread``); near the marks that caution would hold tasks.
+            self._refresh_soon()
         if self.observing and not verdict.admit:
             if verdict.reason not in ("learning", "no_child"):
                 self._held(request, verdict, view, decided)

@@ -9,7 +9,7 @@ cgroup, and weighed again at the loop's next turn with both read then.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from celery_guard.actuator import Verdict
@@ -53,8 +53,8 @@ def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: 
     assert main_rss.calls == 1
     assert budget.cached_view is not None
     view = budget.cached_view[1]
-    # older than FRESH: the next decision takes the view it has and asks for a new one
-    # at the loop's next turn, once
+    # older than FRESH, far below the marks: it serves on (an old reading is only
+    # cautious, the tasks finished since count at their peak) and nothing is asked for
     budget.cached_view = (reading := (time.monotonic() - 2 * FRESH, 300 * MIB), view)
     budget.reading = reading
     budget.hub.later.clear()
@@ -63,10 +63,34 @@ def test_the_gate_reads_the_main_process_once_per_working_set_reading(tmp_path: 
         budget.task_accepted(102, f"id-late-{n}", "t")
         budget.task_ready(102, f"id-late-{n}")
     assert main_rss.calls == 1 and budget.reading is reading
+    assert [c for _, c in budget.hub.later if c == budget._refresh] == []
+
+
+def test_an_old_reading_near_the_low_mark_is_read_again_at_the_loops_next_turn(
+    tmp_path: Path,
+) -> None:
+    budget, _ = governor(tmp_path, 4)
+    budget.main_rss = main_rss = Counting(100 * MIB)  # type: ignore[assignment]
+    budget.task_accepted(101, "id-101", "t")
+    view = budget.fresh_view()
+    calls = main_rss.calls
+    near = view.marks.low
+    # younger than FRESH near the mark: it serves
+    budget.reading = reading = (time.monotonic() + 3600, near)
+    budget.cached_view = (reading, replace(view, unreclaimable=near))
+    budget.hub.later.clear()
+    assert budget.gate(Request("id-0")) is Verdict.HAND_OVER
+    assert [c for _, c in budget.hub.later if c == budget._refresh] == []
+    # older: the decision takes it and asks for a new one at the loop's next turn, once
+    budget.reading = reading = (time.monotonic() - 2 * FRESH, near)
+    budget.cached_view = (reading, replace(view, unreclaimable=near))
+    for n in range(1, 3):
+        assert budget.gate(Request(f"id-{n}")) is Verdict.HAND_OVER
+    assert main_rss.calls == calls and budget.reading is reading
     refreshes = [c for _, c in budget.hub.later if c == budget._refresh]
     assert len(refreshes) == 1
     refreshes[0]()
-    assert main_rss.calls == 2 and budget.reading is not reading
+    assert main_rss.calls == calls + 1 and budget.reading is not reading
 
 
 def test_after_the_pool_changed_the_gate_reads_nothing_and_asks_for_a_new_view(
