@@ -19,7 +19,6 @@ def guard_stats(state: Any, **_: Any) -> dict[str, Any]:
     worker is reached the way Celery's own commands reach it: the consumer's controller."""
     worker = getattr(getattr(state, "consumer", None), "controller", None)
     guard = steps.state_of(worker)
-    collector = guard.collector if guard is not None else None
-    if collector is None:
+    if guard is None or guard.collector is None:
         return {"error": "celery-guard collects nothing in this worker (mode off or not a worker)"}
-    return collector.stats()
+    return guard.stats()

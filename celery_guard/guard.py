@@ -124,7 +124,7 @@ class Guard:
         signals.task_postrun.connect(probe.after_task, weak=False, dispatch_uid="cg-postrun")
         control = self.control = PoolControl(w) if self.pool in FORKING_POOLS else None
         own = os.getpid()
-        self.collector = collector = telemetry.Collector(
+        self.collector = telemetry.Collector(
             hostname=w.hostname,
             settings=settings,
             live=live,
@@ -134,16 +134,14 @@ class Guard:
             concurrency=lambda: pool_size(w),
             max_memory_kib=max_kib,
             max_tasks_per_child=int(getattr(w, "max_tasks_per_child", None) or 0),
+            estimate=measured.child,
+            requested=self.requested,
             known=(
                 (lambda pid: not control.installed or pid in control.children)
                 if control is not None
                 else (lambda pid: pid == own)
             ),
         )
-        collector.estimate = measured.child
-        collector.requested = self.requested
-        # the first child's real cost, kept at once for the next start
-        collector.on_calibrated.append(lambda cost: history.keep(settings.state_file, cost, 1))
         if budget.own is not None and budget.source.startswith("cgroup"):
             # Only a limit read from the cgroup can change under the worker's feet.
             self.watches.append(LimitWatch(budget.own, budget.physical, live, w.hostname).check)
@@ -152,7 +150,6 @@ class Guard:
                 w, live, measured.in_use, self.requested, settings.min_concurrency,
                 measured.child, control, governed=lambda: self.governor is not None,
             )  # fmt: skip
-            collector.on_calibrated.append(self.resizer.calibrated)
             self.watches.append(self.resizer.check)
         return True
 
@@ -221,7 +218,6 @@ class Guard:
 
         signals.worker_process_init.connect(start_in_child, weak=False, dispatch_uid="cg-watchdog")
         self.enforcer = watchdog.Enforcer(hostname, self.control, collector.exits)
-        collector.limit_listeners.append(self.enforcer.on_hit)
         return True
 
     def add_governor(self) -> bool:
@@ -259,9 +255,45 @@ class Guard:
         if collector is None or self.channel is None:
             return
         self.sampler = telemetry.Sampler(
-            collector, self.channel[0], collector.log_summary, self.watches
+            collector, self.channel[0], self.log_summary, self.watches, self.read_lines
         )
         self.sampler.start()
+
+    def read_lines(self, lines: list[str]) -> None:
+        """The children's lines: into the collector's figures, then to the parts that act
+        on them, in this order: the first child's measured cost (kept at once for the
+        next start; the resizer), the task limits' hits, the records (the governor)."""
+        assert self.collector is not None
+        heard = self.collector.read_lines(lines)
+        if heard.calibrated is not None:
+            history.keep(self.settings.state_file, heard.calibrated, 1)
+            if self.resizer is not None:
+                self.resizer.calibrated(heard.calibrated)
+        if self.enforcer is not None:
+            for hit in heard.hits:
+                self.enforcer.on_hit(hit)
+        if self.governor is not None:
+            for record in heard.records:
+                self.governor.post(record)
+
+    # -- the figures: the summary line, ``guard_stats``, the metrics ------------------
+    def summary_fields(self, final: bool = False) -> dict[str, Any]:
+        assert self.collector is not None
+        return self.collector.summary_fields(final, self._governor_figures())
+
+    def log_summary(self, final: bool = False) -> dict[str, Any]:
+        assert self.collector is not None
+        return self.collector.log_summary(final, self._governor_figures())
+
+    def stats(self) -> dict[str, Any]:
+        assert self.collector is not None
+        found = self.governor
+        sections = {"governor": found.info()} if found is not None else {}
+        return self.collector.stats(self._governor_figures(), sections)
+
+    def _governor_figures(self) -> dict[str, Any] | None:
+        found = self.governor
+        return found.figures() if found is not None else None
 
     def register(self, hub: Any) -> None:
         """Install the pool's hooks once AsynPool has installed its own: steps register in
@@ -320,9 +352,6 @@ class Guard:
             unfrozen_collect=unfrozen + measured.collector_copy_seconds,
         )
         found.hold_bound = _hold_bound(self.w.app)
-        collector.listeners.append(found.post)
-        collector.summary_extras.append(found.figures)
-        collector.stats_sections["governor"] = found.info
         self.governor = found
         found.start(self.hub)
 
@@ -346,7 +375,7 @@ class Guard:
         self.sampler = None
         try:
             self.collector.sample()
-            final = self.collector.log_summary(final=True)
+            final = self.log_summary(final=True)
             cost = int((final.get("private_p95_mib") or 0) * 1024 * 1024)
             history.keep(self.settings.state_file, cost, final.get("samples") or 0)
         except Exception:  # noqa: BLE001 - shutdown goes on
@@ -370,9 +399,10 @@ class Guard:
 
 
 def _send(channel: int, record: str) -> None:
-    """A child's record to the main process; a full pipe drops it."""
+    """The watchdog's record: whatever the pipe's error, the watchdog goes on to stop
+    its task."""
     with contextlib.suppress(OSError):
-        os.write(channel, record.encode()[:4000])
+        telemetry.send(channel, record)
 
 
 def _private_now() -> int | None:

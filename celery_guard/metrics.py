@@ -8,7 +8,7 @@ listening socket, so one port answers for the whole worker.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import cgroups, procfs
@@ -42,9 +42,17 @@ class GuardCollector:
     unbounded: the children's private memory is one histogram (not a series per pid) and
     task names are the collector's bounded table (200 names, then ``other``)."""
 
-    def __init__(self, collector: Collector, requested: int) -> None:
+    def __init__(
+        self,
+        collector: Collector,
+        requested: int,
+        summary: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.collector = collector
         self.requested = requested
+        #: the summary's figures with the governor's (``Guard.summary_fields``): the
+        #: recommendation weighs its plan
+        self.summary = summary or collector.summary_fields
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -79,7 +87,7 @@ class GuardCollector:
             "requested_concurrency", "The concurrency the worker was started with.",
             self.requested,
         )  # fmt: skip
-        summary = c.summary_fields()
+        summary = self.summary()
         yield from gauge(
             "recommended_concurrency", "The children the measured per-child cost allows.",
             summary.get("recommended_concurrency"),

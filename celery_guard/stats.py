@@ -10,12 +10,8 @@ so a reader of the log recomputes exactly what the live worker printed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-#: The keys of ``to_dict``.
-_FORMAT_KEYS = ("first", "ratio", "max_buckets", "count", "min", "max", "buckets")
 
 
 class ExpHistogram:
@@ -100,22 +96,6 @@ class ExpHistogram:
         self._min = value if self._min is None else min(self._min, value)
         self._max = value if self._max is None else max(self._max, value)
 
-    def merge(self, other: ExpHistogram) -> None:
-        """Add every sample of ``other`` (same bucket layout) to this histogram."""
-        if (other.first, other.ratio, other.max_buckets) != (
-            self.first,
-            self.ratio,
-            self.max_buckets,
-        ):
-            raise ValueError("cannot merge histograms with different buckets")
-        for index, weight in other._weights.items():
-            self._weights[index] = self._weights.get(index, 0.0) + weight
-        self._count += other._count
-        for value in (other._min, other._max):
-            if value is not None:
-                self._min = value if self._min is None else min(self._min, value)
-                self._max = value if self._max is None else max(self._max, value)
-
     # -- reading ---------------------------------------------------------------------------
     def percentile(self, p: float) -> float | None:
         """The upper bound of the bucket where the cumulative weight first reaches p% of
@@ -138,57 +118,6 @@ class ExpHistogram:
                 chosen = index
                 break
         return min(self.upper(chosen), self._max)
-
-    # -- JSON ------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe form (bucket indexes as [index, weight] pairs)."""
-        return {
-            "first": self.first,
-            "ratio": self.ratio,
-            "max_buckets": self.max_buckets,
-            "count": self._count,
-            "min": self._min,
-            "max": self._max,
-            "buckets": [[index, weight] for index, weight in self.buckets()],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ExpHistogram:
-        """The histogram ``to_dict`` described; ValueError when anything does not fit."""
-        if not isinstance(data, Mapping):
-            raise ValueError("a histogram must be a mapping")
-        missing = [key for key in _FORMAT_KEYS if key not in data]
-        if missing:
-            raise ValueError(f"a histogram needs {', '.join(missing)}")
-        hist = cls(data["first"], data["ratio"], data["max_buckets"])
-        pairs = data["buckets"]
-        if not isinstance(pairs, list):
-            raise ValueError("buckets must be a list of [index, weight] pairs")
-        for pair in pairs:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-                raise ValueError(f"bad bucket {pair!r}: not an [index, weight] pair")
-            index, weight = pair
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise ValueError(f"bad bucket index {index!r}")
-            if not 0 <= index < hist.max_buckets or index in hist._weights:
-                raise ValueError(f"bucket index {index} out of range or repeated")
-            if not (_finite(weight) and weight > 0):
-                raise ValueError(f"bad bucket weight {weight!r}")
-            hist._weights[index] = float(weight)
-        count, low, high = data["count"], data["min"], data["max"]
-        total = sum(hist._weights.values())
-        if not (_finite(count) and math.isclose(count, total, rel_tol=1e-9, abs_tol=1e-9)):
-            raise ValueError(f"count {count!r} is not the sum of the weights ({total})")
-        if not hist._weights:
-            if low is not None or high is not None:
-                raise ValueError("an empty histogram has no min or max")
-            return hist
-        if not (_finite(low) and _finite(high) and low <= high):
-            raise ValueError(f"bad min/max {low!r}/{high!r}")
-        if hist.bucket(low) != min(hist._weights) or hist.bucket(high) != max(hist._weights):
-            raise ValueError("min/max do not fall in the first/last non-empty bucket")
-        hist._count, hist._min, hist._max = float(count), float(low), float(high)
-        return hist
 
     def __repr__(self) -> str:
         return (

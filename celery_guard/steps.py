@@ -100,7 +100,7 @@ class Telemetry(bootsteps.StartStopStep):
         guard = state_of(w)
         if guard is None or guard.collector is None:
             return {}
-        return {"guard_telemetry": guard.collector.summary_fields()}
+        return {"guard_telemetry": guard.summary_fields()}
 
 
 class Protection(bootsteps.StartStopStep):
@@ -198,7 +198,7 @@ class Metrics(bootsteps.StartStopStep):
             return
         from . import metrics
 
-        source = metrics.GuardCollector(guard.collector, guard.requested)
+        source = metrics.GuardCollector(guard.collector, guard.requested, guard.summary_fields)
         self.server = metrics.serve(source, guard.settings.metrics_address, port)
         if self.server is not None:  # children forked from now on close their copy at once
             os.register_at_fork(after_in_child=self.server.close_in_child)

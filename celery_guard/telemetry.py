@@ -18,7 +18,7 @@ import resource
 import selectors
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,13 +199,18 @@ class ChildProbe:
         emit(logging.INFO, "child", fields)
 
     def _send(self, record: str) -> None:
-        if self.channel is None:
-            return
-        try:
-            os.write(self.channel, record.encode()[:4000])  # < PIPE_BUF: atomic
-        except OSError as error:  # a full pipe drops the record; nothing waits
-            if error.errno not in (errno.EAGAIN, errno.EPIPE):
-                raise
+        if self.channel is not None:
+            send(self.channel, record)
+
+
+def send(channel: int, record: str) -> None:
+    """A child's record to the main process, in one write below ``PIPE_BUF`` (records
+    never interleave). A full pipe or a main process gone drops it: nothing waits."""
+    try:
+        os.write(channel, record.encode()[:4000])
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EPIPE):
+            raise
 
 
 def parse_record(line: str) -> tuple[str, int, Record] | None:
@@ -325,6 +330,15 @@ class ExitListener(Listener):
 
 
 @dataclass
+class Heard:
+    """What one read of the children's lines brought that other parts act on."""
+
+    records: list[Record] = field(default_factory=list)
+    hits: list[LimitHit] = field(default_factory=list)
+    calibrated: int | None = None  # the first child's measured cost, when it came now
+
+
+@dataclass
 class Collector:
     """The main process's view: growth by task, children's memory, recycles."""
 
@@ -347,18 +361,12 @@ class Collector:
     pressure: dict[str, int] = field(default_factory=dict)  # event=pressure lines by action
     #: Is this pid one of ours (a pool child, or this process for pools that do not fork)?
     known: Callable[[int], bool] = lambda pid: True
-    #: Told every record, after the growth table (the governor's ledger).
-    listeners: list[Callable[[Record], None]] = field(default_factory=list)
-    #: Tasks that passed their own memory limits, by task name and kind, and who is told.
+    #: Tasks that passed their own memory limits, by task name and kind.
     limit_hits: dict[str, dict[str, int]] = field(default_factory=dict)
     #: TASK_EVENTS by task name (recycles after it, holds of it, its memory kills...).
     task_events: dict[str, dict[str, int]] = field(default_factory=dict)
-    limit_listeners: list[Callable[[LimitHit], None]] = field(default_factory=list)
     exits: ExitCauses = field(default_factory=lambda: ExitCauses(None))
     failures: MemoryFailures | None = None  # set in __post_init__
-    #: Other parts' figures (the governor's): added to every summary line, and to
-    #: ``guard_stats`` under their name.
-    summary_extras: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
     #: The startup estimate of one child's cost, and what the first child measured: its
     #: private memory after its first task, less what that task kept (``event=calibration``).
     estimate: int = 0
@@ -367,8 +375,6 @@ class Collector:
     #: for the container limit that would run it (``recommended_memory_limit_mib``).
     requested: int = 0
     peak_max: int = 0
-    on_calibrated: list[Callable[[int], None]] = field(default_factory=list)
-    stats_sections: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     dropped: int = 0  # records refused
 
     def __post_init__(self) -> None:
@@ -392,10 +398,16 @@ class Collector:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- records from the children -------------------------------------------------
-    def read_lines(self, lines: list[str]) -> None:
+    def read_lines(self, lines: list[str]) -> Heard:
+        """Take the children's lines into the figures; what else is to be told of them
+        (to the governor, the task limits' enforcer, the resizer) is returned: the guard
+        tells them (``Guard.read_lines``)."""
+        heard = Heard()
         for line in lines:
             if line.startswith("L "):
-                self._read_limit_hit(line)
+                hit = self._read_limit_hit(line)
+                if hit is not None:
+                    heard.hits.append(hit)
                 continue
             parsed = parse_record(line)
             if parsed is None or not self.known(parsed[2].pid):
@@ -415,16 +427,16 @@ class Collector:
                 if kind == "R" and (record.pid in self.last_task or len(self.last_task) < 4096):
                     self.last_task[record.pid] = (name, record.rss + record.peak)
             if record.private is not None and self.calibration is None:
-                self._calibrate(record)
-            for listener in self.listeners:
-                listener(record)
+                heard.calibrated = self._calibrate(record)
+            heard.records.append(record)
+        return heard
 
-    def _calibrate(self, record: Record) -> None:
+    def _calibrate(self, record: Record) -> int | None:
         """The first child's real cost, known after its first task: how good the startup
-        estimate was, in one line, and to whoever acts on it."""
+        estimate was, in one line; the cost is returned, for whoever acts on it."""
         measured = max(record.private or 0, 0) - max(record.retained, 0)
         if measured <= 0:
-            return
+            return None
         self.calibration = measured
         fields = {
             "worker": self.hostname,
@@ -435,20 +447,18 @@ class Collector:
             "ratio": round(self.estimate / measured, 3),
         }
         emit(logging.INFO, "calibration", fields)
-        for callback in self.on_calibrated:
-            callback(measured)
+        return measured
 
-    def _read_limit_hit(self, line: str) -> None:
+    def _read_limit_hit(self, line: str) -> LimitHit | None:
         hit = parse_limit_hit(line)
         if hit is None or not self.known(hit.pid):
             self.dropped += 1
-            return
+            return None
         with self.lock:
             name = name_key(self.limit_hits, hit.name)
             counts = self.limit_hits.setdefault(name, {})
             counts[hit.kind] = counts.get(hit.kind, 0) + 1
-        for listener in self.limit_listeners:
-            listener(hit)
+        return hit
 
     def count_pressure(self, action: str) -> None:
         with self.lock:
@@ -561,7 +571,11 @@ class Collector:
             fields.update(then=outcome.then, memory_kills=outcome.kills)
         emit(logging.ERROR, "oom", fields)
 
-    def summary_fields(self, final: bool = False) -> dict[str, Any]:
+    def summary_fields(
+        self, final: bool = False, more: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The summary's figures; ``more`` (the governor's) joins them before the
+        recommendation, which weighs its plan."""
         with self.lock:
             private = {p: self.private.percentile(p) for p in (50, 95)}
             peak = {p: self.peak_rss.percentile(p) for p in (50, 95)}
@@ -602,8 +616,7 @@ class Collector:
                         key=lambda item: -(item[1].get("hard", 0) + item[1].get("soft", 0)),
                     )[:3]
                 )
-        for extra in self.summary_extras:
-            fields.update(extra())
+        fields.update(more or {})
         advice = recommend(
             plan_concurrency=fields.get("plan_vanilla_concurrency"),
             plan_tasks_per_child=fields.get("plan_vanilla_tasks_per_child"),
@@ -643,14 +656,21 @@ class Collector:
             headroom_fraction=self.settings.headroom,
         )  # fmt: skip
 
-    def log_summary(self, final: bool = False) -> dict[str, Any]:
-        fields = self.summary_fields(final)
+    def log_summary(
+        self, final: bool = False, more: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        fields = self.summary_fields(final, more)
         emit(logging.INFO, "summary", fields)
         return fields
 
-    def stats(self) -> dict[str, Any]:
-        """The live figures for ``celery inspect guard_stats``."""
-        fields = self.summary_fields()
+    def stats(
+        self,
+        more: Mapping[str, Any] | None = None,
+        sections: Mapping[str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """The live figures for ``celery inspect guard_stats``: the summary's (with
+        ``more``), the tables behind them, and other parts' ``sections`` by name."""
+        fields = self.summary_fields(more=more)
         with self.lock:
             fields["tasks"] = {
                 name: {"events": g.events, "total_mib": mib(g.total), "max_mib": mib(g.largest)}
@@ -669,8 +689,7 @@ class Collector:
                 "peak_rss_buckets": len(self.peak_rss.buckets()),
             }
             fields["records_dropped"] = self.dropped  # refused: not a record of a child
-        for name, section in self.stats_sections.items():
-            fields[name] = section()
+        fields.update(sections or {})
         return fields
 
 
@@ -697,9 +716,13 @@ class Sampler(threading.Thread):
         channel: int | None,
         on_summary: Callable[[], object],
         watches: list[Callable[[], None]] | None = None,
+        on_lines: Callable[[list[str]], object] | None = None,
     ) -> None:
         super().__init__(name="celery-guard-sampler", daemon=True)
         self.collector = collector
+        #: Who takes the children's lines (the guard, which tells the parts that act on
+        #: them); the collector alone by default.
+        self.on_lines = on_lines or collector.read_lines
         self.channel = channel
         self.on_summary = on_summary
         self.watches = watches or []
@@ -752,7 +775,7 @@ class Sampler(threading.Thread):
                     return
                 lines = (self.partial + data).split(b"\n")
                 self.partial = lines.pop()[-4096:]  # a record never spans more than that
-                self.collector.read_lines([line.decode(errors="replace") for line in lines])
+                self.on_lines([line.decode(errors="replace") for line in lines])
 
     def on_loop(self, hub: Any) -> None:
         """Let the worker's event loop read the children's records as they come: the
@@ -825,4 +848,4 @@ def open_channel() -> tuple[int, int]:
     return read_end, write_end
 
 
-__all__ = ["ChildProbe", "Collector", "ExitListener", "Sampler", "open_channel"]
+__all__ = ["ChildProbe", "Collector", "ExitListener", "Heard", "Sampler", "open_channel", "send"]

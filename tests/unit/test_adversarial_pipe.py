@@ -116,13 +116,12 @@ def test_any_text_on_the_pipe_never_raises(lines: list[str]) -> None:
 def test_records_of_any_figures_keep_every_table_sane(
     rows: list[tuple[int, int, int, int, int, int, str, int]],
 ) -> None:
-    c, seen = collector(), []
-    c.listeners.append(seen.append)
+    c = collector()
     lines = [
         f"T {pid} {delta} {exact} {peak} {kept} {rss} {private} -1 -1 -1 1 {name}"
         for delta, exact, peak, kept, rss, private, name, pid in rows
     ]
-    c.read_lines(lines)
+    seen = c.read_lines(lines).records
     for item in seen:  # what got through is within bounds, from a known child
         assert item.pid in KNOWN and 0 <= item.rss < 1 << 50 and item.peak >= 0
         assert len(item.name) <= telemetry.MAX_NAME and item.name.isprintable()

@@ -9,7 +9,9 @@ from typing import Any
 from celery_guard.control import guard_stats
 
 
-class Collector:
+class Guard:
+    collector = object()
+
     def stats(self) -> dict[str, Any]:
         return {"limit_mib": 512.0}
 
@@ -21,7 +23,7 @@ def panel_state(worker: Any) -> SimpleNamespace:
 
 
 def test_the_figures_come_from_the_workers_own_guard() -> None:
-    worker = SimpleNamespace(memory_guard=SimpleNamespace(collector=Collector()))
+    worker = SimpleNamespace(memory_guard=Guard())
     assert guard_stats(panel_state(worker)) == {"limit_mib": 512.0}
 
 

@@ -110,3 +110,39 @@ def test_a_pool_whose_hooks_cannot_be_placed_is_forked_whole() -> None:
     found.install()
     assert w.pool.num_processes == 8 and found.whole is None
     assert found.control.listeners == []
+
+
+class Recorder:
+    """A part that records what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, Any]] = []
+
+    def post(self, record: Any) -> None:
+        self.told.append(("record", record))
+
+    def on_hit(self, hit: Any) -> None:
+        self.told.append(("hit", hit))
+
+    def calibrated(self, cost: int) -> None:
+        self.told.append(("calibrated", cost))
+
+
+def test_the_childrens_lines_reach_the_parts_that_act_on_them(tmp_path: Any) -> None:
+    """The collector takes the lines into its figures and says what came; the guard tells
+    each part its share: the measured cost to the state file and the resizer, the limit
+    hits to the enforcer, the records to the governor."""
+    w = worker()
+    state = tmp_path / "state.json"
+    found = guard(w, {"CELERY_GUARD_STATE_FILE": str(state)})
+    heard = SimpleNamespace(records=["r1", "r2"], hits=["h1"], calibrated=40 << 20)
+    found.collector = SimpleNamespace(read_lines=lambda lines: heard)  # type: ignore[assignment]
+    found.governor = found.enforcer = found.resizer = part = Recorder()  # type: ignore[assignment]
+    found.read_lines(["T ..."])
+    assert part.told == [("calibrated", 40 << 20), ("hit", "h1"), ("record", "r1"),
+                         ("record", "r2")]  # fmt: skip
+    assert str(40 << 20) in state.read_text()  # kept at once for the next start
+    heard.calibrated = None
+    part.told.clear()
+    found.read_lines(["T ..."])
+    assert ("calibrated", 40 << 20) not in part.told
