@@ -18,6 +18,9 @@ every task with no OOM kill. Then ``--rounds`` rounds, in turn, of that vanilla 
 and of the guard with early and with late acks; the ratio is of the medians. What fits is
 the largest ``-c`` of the grid that ran clean. ``run.py`` writes the rows into
 BENCHMARKS.md; ``--quick`` (CI) runs one limit, a two-point grid and one round.
+
+Exit status 1 when a guarded run lost, stopped or did not finish a task, or had an OOM
+kill (what the guard is for); the times are reported, not judged.
 """
 
 from __future__ import annotations
@@ -587,6 +590,24 @@ def main() -> None:
             print("\n".join(targets(comparisons)))
         finally:
             runner.redis.close()
+    unclean = not_clean(comparisons)
+    if unclean:
+        print(f"runtime: {len(unclean)} guarded runs lost, stopped or did not finish a task,"
+              " or had an OOM kill:")  # fmt: skip
+        print("\n".join(f"  {line}" for line in unclean))
+        sys.exit(1)
+
+
+def not_clean(comparisons: list[Comparison]) -> list[str]:
+    """The guarded runs that failed what the guard is for (every task done, none stopped,
+    no OOM kill), as their lines: the status CI reads. Times are reported, not judged."""
+    return [
+        f"{c.workload} {c.limit} MiB acks={acks}: {o.line()}"
+        for c in comparisons
+        for acks, runs in c.guard.items()
+        for o in runs
+        if not (o.clean and not o.stopped)
+    ]
 
 
 if __name__ == "__main__":
