@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-runtime = pytest.importorskip("runtime")
+import runtime
 
 
 def outcome(label: str, **changed: object) -> runtime.Outcome:
