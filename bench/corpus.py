@@ -188,21 +188,6 @@ def estimate(outcome: Outcome) -> dict[str, float | str]:
     return found
 
 
-def problems(outcome: Outcome) -> list[str]:
-    """What makes a guarded run fail the corpus: a lost task, an OOM kill, a stop."""
-    found = []
-    if outcome.seconds is None:
-        found.append("unfinished")
-    if outcome.succeeded != outcome.sent:
-        failed = ", ".join(f"{k} {v}" for k, v in sorted(outcome.failed.items()))
-        found.append(f"{outcome.sent - outcome.succeeded} of {outcome.sent} not done ({failed})")
-    if outcome.oom_kills:
-        found.append(f"{outcome.oom_kills} OOM kills")
-    if outcome.stopped:
-        found.append(f"{outcome.stopped} running tasks stopped by the guard")
-    return found
-
-
 def estimate_line(name: str, outcome: Outcome) -> str:
     found = estimate(outcome)
     reads = WORKLOADS[name][1]
@@ -230,7 +215,7 @@ def quick(runner: runtime.Runner, names: list[str], limit: int) -> int:
             f"guard -c {runtime.REQUESTED} {name}",
         )  # fmt: skip
         print("  " + outcome.line(), flush=True)
-        found = problems(outcome)
+        found = outcome.problems()
         if found:
             failures += 1
             print(f"  FAILED {name} at {limit} MiB: {'; '.join(found)}", flush=True)
@@ -301,7 +286,7 @@ def render(apps: dict[str, dict[str, Any]]) -> list[str]:
 
 def lost(results: list[tuple[str, runtime.Comparison]]) -> int:
     """Guarded runs that lost a task, had an OOM kill or stopped a task."""
-    return sum(1 for _, c in results for acks in c.guard for o in c.guard[acks] if problems(o))
+    return sum(1 for _, c in results for acks in c.guard for o in c.guard[acks] if o.problems())
 
 
 def corpus_env(server: ThreadingHTTPServer, workdir: Path) -> dict[str, str]:

@@ -121,6 +121,21 @@ class Outcome:
 
     log: Path | None = None
 
+    def problems(self) -> list[str]:
+        """What makes a guarded run fail what the guard is for: a task lost or not
+        finished, an OOM kill, a running task stopped."""
+        found = []
+        if self.seconds is None:
+            found.append("unfinished")
+        if self.succeeded != self.sent:
+            failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items()))
+            found.append(f"{self.sent - self.succeeded} of {self.sent} not done ({failed})")
+        if self.oom_kills:
+            found.append(f"{self.oom_kills} OOM kills")
+        if self.stopped:
+            found.append(f"{self.stopped} running tasks stopped by the guard")
+        return found
+
     def line(self, best: float | None = None) -> str:
         seconds = f"{self.seconds:6.1f} s" if self.seconds is not None else "   n/a  "
         ratio = f", ratio {self.seconds / best:.2f}" if best and self.seconds else ""
@@ -505,7 +520,7 @@ def targets(comparisons: list[Comparison]) -> list[str]:
         for acks in ("early", "late"):
             runs = c.guard[acks]
             ratio = c.ratio(acks)
-            clean = all(o.clean and not o.stopped for o in runs)
+            clean = not any(o.problems() for o in runs)
             smallest = min((o.smallest_pool or 0 for o in runs), default=0)
             ok = clean and ratio is not None and ratio <= 1.0 and 2 * smallest >= c.fits
             shown = f"{ratio:.2f}" if ratio is not None else "n/a"
@@ -606,7 +621,7 @@ def not_clean(comparisons: list[Comparison]) -> list[str]:
         for c in comparisons
         for acks, runs in c.guard.items()
         for o in runs
-        if not (o.clean and not o.stopped)
+        if o.problems()
     ]
 
 
