@@ -16,7 +16,7 @@ each rule has a table-driven test and nothing here touches a process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .ledger import BILLIARD_MAINTENANCE, ChildState, Ledger
@@ -373,7 +373,14 @@ def plan(
 
 
 def best(found: Costs, requested: int, previous: Plan | None = None, fewest_tasks: int = 1) -> Plan:
-    """The fastest size up to ``requested`` at these costs (see ``plan``)."""
+    """The fastest size up to ``requested`` at these costs (see ``plan``).
+
+    A child's share shrinks as the pool grows, so the tasks it holds (``most_tasks``)
+    fall in steps, and within a step the rate only grows with the size (more children,
+    the same bounds): the fastest size of a step, and the largest that ties, is its
+    last. So only each step's last size is weighed: three of them for tasks that keep
+    nothing, where weighing every size that fits took hundreds for the recommendation
+    under a large limit (``Governor._as_settings``, at every tick of the clock)."""
     if previous is not None and previous.reason not in ("throughput", "kept"):
         previous = None  # a size taken before measuring is no plan to keep
     elif previous is not None and abs(found.room - previous.room) > previous.room * HYSTERESIS:
@@ -382,22 +389,45 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
         previous = None
     # a set minimum that not even one child could run is lowered to what one can
     fewest = max(min(fewest_tasks, found.most_tasks(1)), 1)
+    top = max(requested, 1)
     pairs = {}
-    for size in range(1, max(requested, 1) + 1):
-        tasks = found.most_tasks(size)
+    for size, tasks in _last_of_each_step(found, top):
         if tasks >= fewest:
             pairs[size] = (found.rate(size, tasks), tasks)
     if not pairs:
         return Plan(1, 1, None, "memory", found.room)
     best_rate = max(rate for rate, _ in pairs.values())
     size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
-    reason = "throughput"
-    if previous is not None and previous.size in pairs:
-        kept_rate = pairs[previous.size][0]
-        if kept_rate * (1 + HYSTERESIS) >= best_rate:
-            size, reason = previous.size, "kept"
     rate, tasks = pairs[size]
+    reason = "throughput"
+    if previous is not None and 1 <= previous.size <= top:
+        kept_tasks = found.most_tasks(previous.size)
+        kept_rate = found.rate(previous.size, kept_tasks)
+        if kept_tasks >= fewest and kept_rate * (1 + HYSTERESIS) >= best_rate:
+            size, rate, tasks, reason = previous.size, kept_rate, kept_tasks, "kept"
     return Plan(size, tasks if tasks < MOST_TASKS_PER_CHILD else None, rate, reason, found.room)
+
+
+def _last_of_each_step(found: Costs, top: int) -> Iterator[tuple[int, int]]:
+    """(size, tasks) for the largest size of each run of sizes up to ``top`` whose
+    children hold the same number of tasks (``most_tasks`` never grows with the size):
+    strides that double until the step ends, then bisection, so that short steps (tasks
+    that keep much) cost about what weighing each size would."""
+    size = 1
+    while size <= top:
+        tasks = found.most_tasks(size)
+        low, stride = size, 1  # low: the last size known to hold ``tasks``
+        while low + stride <= top and found.most_tasks(low + stride) == tasks:
+            low, stride = low + stride, stride * 2
+        high = min(low + stride, top + 1) - 1  # the step ends in [low, high]
+        while low < high:
+            middle = (low + high + 1) // 2
+            if found.most_tasks(middle) == tasks:
+                low = middle
+            else:
+                high = middle - 1
+        yield low, tasks
+        size = low + 1
 
 
 def _room(view: View) -> int:

@@ -308,6 +308,48 @@ SHUTDOWNS = {
 }
 
 
+#: kombu's Redis transport, stopped while a BRPOP is under way, may fail in ``_brpop_read``
+#: (its queue cycle already emptied: ``IndexError: pop from empty list``) and lose the
+#: message that BRPOP took, with or without the guard (celery#4354, open).
+KOMBU_SHUTDOWN_CRASH = "IndexError: pop from empty list"
+#: Tries of one half of the comparison that kombu's crash above may spoil.
+TRIES = 3
+
+
+def _stopped_while_busy(
+    worker: Callable[[str], Worker], redis: harness.RedisServer, sig: signal.Signals
+) -> tuple[list[Any], bool]:
+    """Stop a worker while two tasks run and six wait in it, then let a new one take what
+    went back to the broker: how the tasks ended, and whether kombu crashed in the
+    first worker's shutdown (the run then says nothing about the guard)."""
+    first = worker("first")
+    try:
+        m = Matrix(redis, first)
+        # each kind run once first: the governor runs the first task of a kind alone,
+        # to measure it, which would leave one of the two below waiting
+        m.outcome([m.send("sleep", 0.1), m.send("add", 0, 0)])
+        # long enough that Celery's own delay in handling the signal (seconds, with
+        # or without the guard: its main thread may sit in the event loop's poll)
+        # cannot let them finish first
+        running = [m.send("sleep", RUNNING_SECONDS) for _ in range(2)]
+        waiting = [m.send("add", i, i) for i in range(6)]
+        m.wait_active(running)
+        os.kill(first.process.pid, sig)  # type: ignore[union-attr]
+        first.wait_exit(60)
+    finally:
+        first.stop()
+    crashed = KOMBU_SHUTDOWN_CRASH in first.log
+    second = worker("second")
+    try:
+        m = Matrix(redis, second)
+        m.outcome(waiting)  # what went back to the broker, done by the new worker
+        # a task the cold shutdown stopped is retried: let the new worker run it
+        harness.eventually(partial(_all_ready, running), 3 * RUNNING_SECONDS)
+        return m.now([*running, *waiting]), crashed
+    finally:
+        second.stop()
+
+
 @pytest.mark.cgroup
 @pytest.mark.parametrize("how", list(SHUTDOWNS))
 def test_a_shutdown_ends_the_same_with_the_guard(
@@ -319,36 +361,20 @@ def test_a_shutdown_ends_the_same_with_the_guard(
 ) -> None:
     """A worker stopped (warm, cold, soft) while two tasks run and six wait in it; a new
     worker on the same queue takes what went back to the broker. The tasks end as they
-    do without the guard: none lost that Celery would not lose, none run twice."""
+    do without the guard: none lost that Celery would not lose, none run twice. A half
+    in which kombu's Redis transport crashed at the shutdown is run again."""
     sig, extra = SHUTDOWNS[how]
     ended = {}
     for guard in (False, True):
-        worker = _workers_on_one_queue(redis, broker_url, guard, extra, cgroups, tmp_path)
-        first = worker("first")
-        try:
-            m = Matrix(redis, first)
-            # each kind run once first: the governor runs the first task of a kind alone,
-            # to measure it, which would leave one of the two below waiting
-            m.outcome([m.send("sleep", 0.1), m.send("add", 0, 0)])
-            # long enough that Celery's own delay in handling the signal (seconds, with
-            # or without the guard: its main thread may sit in the event loop's poll)
-            # cannot let them finish first
-            running = [m.send("sleep", RUNNING_SECONDS) for _ in range(2)]
-            waiting = [m.send("add", i, i) for i in range(6)]
-            m.wait_active(running)
-            os.kill(first.process.pid, sig)  # type: ignore[union-attr]
-            first.wait_exit(60)
-        finally:
-            first.stop()
-        second = worker("second")
-        try:
-            m = Matrix(redis, second)
-            m.outcome(waiting)  # what went back to the broker, done by the new worker
-            # a task the cold shutdown stopped is retried: let the new worker run it
-            harness.eventually(partial(_all_ready, running), 3 * RUNNING_SECONDS)
-            ended[guard] = m.now([*running, *waiting])
-        finally:
-            second.stop()
+        for attempt in range(TRIES):
+            logs = tmp_path / f"guard-{guard}-try-{attempt}"
+            logs.mkdir()
+            worker = _workers_on_one_queue(redis, broker_url, guard, extra, cgroups, logs)
+            ended[guard], crashed = _stopped_while_busy(worker, redis, sig)
+            if not crashed:
+                break
+        else:
+            pytest.fail(f"kombu crashed in every one of {TRIES} shutdowns (guard={guard})")
     assert ended[True] == ended[False]
 
 

@@ -7,6 +7,7 @@ Figures in MiB and seconds.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -17,6 +18,7 @@ from celery_guard.policy import (
     MEASURED_REPLACEMENTS,
     MEASURED_TASKS,
     MOST_TASKS_PER_CHILD,
+    TIE,
     Costs,
     Marks,
     Plan,
@@ -321,3 +323,50 @@ def test_a_plan_made_stays_when_the_figures_fall_short_again() -> None:
         first.size, first.tasks_per_child, "kept",
     )  # fmt: skip
     assert plan(view(), book, cpus=2).reason == "measuring"  # no plan made: measuring
+
+
+def _best_by_every_size(found: Costs, requested: int, previous: Plan | None, fewest: int) -> Plan:
+    """``best`` as its docstring states it, weighing every size: the fastest size, ties to
+    the larger, the previous one kept unless another is HYSTERESIS faster."""
+    fewest = max(min(fewest, found.most_tasks(1)), 1)
+    pairs = {
+        size: (found.rate(size, found.most_tasks(size)), found.most_tasks(size))
+        for size in range(1, requested + 1)
+        if found.most_tasks(size) >= fewest
+    }
+    if not pairs:
+        return Plan(1, 1, None, "memory", found.room)
+    top = max(rate for rate, _ in pairs.values())
+    size = max(s for s, (rate, _) in pairs.items() if rate >= top * (1 - TIE))
+    reason = "throughput"
+    if previous is not None and previous.size in pairs:
+        if pairs[previous.size][0] * (1 + HYSTERESIS) >= top:
+            size, reason = previous.size, "kept"
+    rate, tasks = pairs[size]
+    return Plan(size, tasks if tasks < MOST_TASKS_PER_CHILD else None, rate, reason, found.room)
+
+
+def test_the_plan_weighing_each_steps_last_size_is_the_plan_weighing_every_size() -> None:
+    """``best`` weighs only the last size of each step of ``most_tasks``; on costs drawn
+    at random (leaky or not, cheap or dear children, CPU- or I/O-bound tasks, up to 300
+    sizes, with and without a previous plan and a fewest number of tasks) it picks what
+    weighing every size picks."""
+    draw = random.Random(20)
+    for _ in range(3000):
+        found = costs(
+            room=draw.choice([60, 600, 4096]), baseline=draw.uniform(1, 80),
+            peak=draw.uniform(0, 60), first_kept=draw.choice([0, draw.uniform(0, 40)]),
+            retained=draw.choice([0, 0.01, draw.uniform(0, 30)]),
+            task_cpu=draw.uniform(0.0001, 0.5), task_idle=draw.choice([0, draw.uniform(0, 2)]),
+            start_cpu=draw.uniform(0.001, 1), cpus=draw.choice([1.0, 2.0, 8.0]),
+            replace_idle=draw.uniform(0, 1), main_cpu=draw.uniform(0, 0.001),
+            fork_main=draw.uniform(0, 0.05),
+        )  # fmt: skip
+        requested = draw.randint(1, 300)
+        fewest = draw.choice([1, 1, 3, 20])
+        previous = draw.choice(
+            [None, Plan(draw.randint(1, 300), None, 1.0, "throughput", found.room)]
+        )
+        assert best(found, requested, previous, fewest) == _best_by_every_size(
+            found, requested, previous, fewest
+        )
