@@ -2,10 +2,10 @@
 
 The worker's steps (``steps.py``) call these methods in Celery's order and nothing else:
 ``fit`` before the pool forks (the startup decision), then ``add_telemetry``,
-``add_protection``, ``add_task_limits`` and ``add_governor`` as the steps are made,
-``start_sampler`` as they start, ``register`` with the event loop, ``install`` on its
-first tick (the pool's hooks, then every listener of the pool, then the governor),
-``stop`` at shutdown. Each part gets what it reads as an argument; nothing reaches
+``add_protection``, ``add_task_limits``, ``add_governor`` and ``add_metrics`` as the
+steps are made, ``start_sampler`` and ``start_metrics`` as they start, ``register`` with
+the event loop, ``install`` on its first tick (the pool's hooks, then every listener of
+the pool, then the governor), ``stop`` at shutdown. Each part gets what it reads as an argument; nothing reaches
 through this object at run time.
 """
 
@@ -51,6 +51,7 @@ class Guard:
         self.governs = False  # the Governor step applies: the governor starts at install
         self.governor: governor.Governor | None = None
         self.hub: Any = None
+        self.metrics: Any = None  # metrics.MetricsServer, once serving
         #: the pool's size when it was forked with its first wave only: the governor forks
         #: the rest; None: it was forked whole
         self.whole: int | None = None
@@ -360,6 +361,26 @@ class Guard:
         whole, self.whole = self.whole, None
         if whole is not None and self.control is not None and whole > pool_size(self.w):
             self.control.grow(whole - pool_size(self.w))
+
+    def add_metrics(self) -> bool:
+        """The Metrics step applies: a port is set and there are figures to serve."""
+        return self.collector is not None and self.settings.metrics_port is not None
+
+    def start_metrics(self) -> None:
+        port = self.settings.metrics_port
+        if self.collector is None or port is None:
+            return
+        from . import metrics
+
+        source = metrics.GuardCollector(self.collector, self.requested, self.summary_fields)
+        self.metrics = metrics.serve(source, self.settings.metrics_address, port)
+        if self.metrics is not None:  # children forked from now on close their copy at once
+            os.register_at_fork(after_in_child=self.metrics.close_in_child)
+
+    def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
 
     def stop_governor(self) -> None:
         """The governor stops acting (its step stops before the Telemetry step)."""

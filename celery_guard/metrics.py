@@ -180,6 +180,7 @@ class MetricsServer:
     def __init__(self, server: Any, thread: Any) -> None:
         self.server = server
         self.thread = thread
+        self.port: int = server.server_address[1]  # the one bound (port 0: any free one)
 
     def close_in_child(self, **_: Any) -> None:
         try:
@@ -213,13 +214,9 @@ def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | No
         reason = f"{type(error).__name__}: {detail}"
         emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason})
         return None
-    bound = server.server_address[1]
-    emit(
-        logging.INFO,
-        "metrics",
-        {"address": address, "port": bound, "action": "serving"},
-    )
-    return MetricsServer(server, thread)
+    serving = MetricsServer(server, thread)
+    emit(logging.INFO, "metrics", {"address": address, "port": serving.port, "action": "serving"})
+    return serving
 
 
 __all__ = ["CONVENTIONAL_PORT", "GuardCollector", "MetricsServer", "cumulative", "serve"]

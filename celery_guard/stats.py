@@ -149,10 +149,8 @@ class Recommendation:
     alternative_max_memory_per_child_kib: int | None = None
 
 
-#: billiard recycles a child above worker_max_memory_per_child: set it above the peaks
-#: of this share of healthy children.
-HEALTHY_PERCENTILE = 95
-#: ... with this much room above them.
+#: billiard recycles a child above worker_max_memory_per_child: set it this much above
+#: the healthy children's p95 peak RSS.
 MARGIN = 0.15
 
 

@@ -186,34 +186,23 @@ class Metrics(bootsteps.StartStopStep):
     def __init__(self, w: Any, **kwargs: Any) -> None:
         super().__init__(w, **kwargs)
         guard = state_of(w)
-        self.server: Any = None
-        self.enabled = bool(
-            guard and guard.collector is not None and guard.settings.metrics_port is not None
-        )
+        self.enabled = guard is not None and guard.add_metrics()
 
     def start(self, w: Any) -> None:
-        guard = state_of(w)
-        port = guard.settings.metrics_port if guard is not None else None
-        if guard is None or guard.collector is None or port is None:
-            return
-        from . import metrics
-
-        source = metrics.GuardCollector(guard.collector, guard.requested, guard.summary_fields)
-        self.server = metrics.serve(source, guard.settings.metrics_address, port)
-        if self.server is not None:  # children forked from now on close their copy at once
-            os.register_at_fork(after_in_child=self.server.close_in_child)
+        if (guard := state_of(w)) is not None:
+            guard.start_metrics()
 
     def stop(self, parent: Any) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        if (guard := state_of(parent)) is not None:
+            guard.stop_metrics()
 
     terminate = shutdown = stop
 
     def info(self, w: Any) -> dict[str, Any]:  # type: ignore[override]  # celery-types: None; Blueprint.info merges the dict
-        if self.server is None:
+        guard = state_of(w)
+        if guard is None or guard.metrics is None:
             return {}
-        return {"guard_metrics": {"port": getattr(self.server, "port", None)}}
+        return {"guard_metrics": {"port": guard.metrics.port}}
 
 
 class MemoryGuard(bootsteps.Step):

@@ -7,6 +7,7 @@ import re
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -45,13 +46,24 @@ def listening(pid: int, port: int) -> list[str]:
     ]
 
 
+def inspect_stats(redis: harness.RedisServer, node: str) -> dict[str, Any]:
+    """The worker's ``celery inspect stats`` reply (each step's ``info()`` in it)."""
+    from celery import Celery
+
+    client = Celery("client", broker=redis.url(0))
+    try:
+        return (client.control.inspect([node], timeout=10).stats() or {})[node]
+    finally:
+        client.close()
+
+
 @pytest.mark.cgroup
 def test_metrics_are_served_by_the_main_process_only(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
-    """Port 0 asks for any free port; the line says which. The figures match the
-    worker's own lines, and children forked after the server started (replacements for
-    recycled ones) do not hold the port."""
+    """Port 0 asks for any free port; the line and ``inspect stats`` say which. The
+    figures match the worker's own lines, and children forked after the server started
+    (replacements for recycled ones) do not hold the port."""
     probe = make_worker(["-c", "1"], harness.worker_env(redis, SMALL_APP))
     parent_kib = int(float(probe.startup()["parent_rss_mib"]) * 1024)
     probe.stop()
@@ -78,6 +90,7 @@ def test_metrics_are_served_by_the_main_process_only(
     # every label is the worker's node name (celery-exporter's `hostname`); children are
     # one histogram, not a series per pid
     node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
+    assert inspect_stats(redis, node)["guard_metrics"] == {"port": port}
     assert {labels["hostname"] for series in samples.values() for labels, _ in series} == {node}
     assert value(samples, "celery_guard_child_private_bytes_count") == 2
     assert value(samples, "celery_guard_child_private_bytes_sum") > 0
