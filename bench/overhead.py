@@ -9,7 +9,11 @@ It starts an unguarded and a guarded worker of the example app (small data, Redi
 and result backend, default guard settings) side by side, each in a memory cgroup of its
 own whose limit (``--limit-mib``) is far above what they use: the guard's governor (the
 gate every task passes, the ledger) acts only under a cgroup's limit, and a figure taken
-without it would leave out the main process' share of the cost. Then it runs them in turn, the
+without it would leave out the main process' share of the cost. So far below its limit
+the governor has room to spare and tracks no task (``policy.roomy``): the figure is that
+of a worker with room to spare (docs/how-it-works.md gives what tracking costs). The
+guarded worker's ``guard_stats`` must say so (``tracking`` false) after its warm-up, else
+the run stops. Then it runs them in turn, the
 order swapped every round: a burst queues ``--tasks`` no-op tasks where the worker does
 not consume, tells the worker to consume that queue (``add_consumer``) and waits for the
 last result. The sender's work is not in the figure. Each burst is timed by the wall
@@ -118,12 +122,16 @@ class Contender:
         self.client = Celery("client", broker=redis.url(0), backend=redis.url(1))
         self.bursts = 0
         _wait_last(harness.send_tasks(redis, self.worker.queue, "noop", 200), 120)
-        if guard and self.governor() is None:
+        governor = self.governor() if guard else {}
+        if governor is None:
             self.stop()
             raise SystemExit(
                 "the guarded worker runs no governor (guard_stats has no 'governor'):"
                 " its gate would not be in the figure"
             )
+        if governor.get("tracking"):
+            self.stop()
+            raise SystemExit("the guarded worker tracks every task: it has no room to spare")
 
     def governor(self) -> dict | None:
         """The governor's section of ``guard_stats``: present when its gate runs."""

@@ -50,6 +50,11 @@ class Listener:
     """What the pool's events are told to (why a child exited, the task limits'
     enforcer, the governor), in that order: each overrides the events it needs."""
 
+    #: Follows tasks one by one: hears each hand-over and acceptance, and wants the
+    #: children's records read before it hears a task's end. While no listener does,
+    #: the pool's per-task path costs the main process next to nothing.
+    tracks_tasks: bool = False
+
     def child_up(self, pid: int) -> None:
         """A child was forked."""
 
@@ -197,7 +202,8 @@ class PoolControl:
 
         def on_ack(job: int, i: int, time_accepted: float, pid: int, *rest: Any) -> Any:
             result = ack(job, i, time_accepted, pid, *rest)
-            self._guarded("ack", self._accepted, job, pid)
+            if self.tracked():
+                self._guarded("ack", self._accepted, job, pid)
             return result
 
         def on_ready(job: int, i: int, obj: Any, inqw_fd: int) -> Any:
@@ -333,7 +339,7 @@ class PoolControl:
         if not pids:
             return None
         pid, task_id = pids[0], result.correlation_id
-        if self.read_records is not None:
+        if self.read_records is not None and self.tracked():
             self._guarded("records", self.read_records)
         recycle = False
         for listener in self.listeners:
@@ -402,8 +408,25 @@ class PoolControl:
 
     def _hand_over(self, request: Any, start: Callable[[Any], Any]) -> None:
         self._guarded("hand_over", start, request)
-        if reached_pool(request):
+        if self.tracked() and reached_pool(request):
             self._tell("task_handed", request)
+
+    def tracked(self) -> bool:
+        """Does a listener follow tasks one by one now (``Listener.tracks_tasks``)?"""
+        return any(listener.tracks_tasks for listener in self.listeners)
+
+    def in_flight(self) -> list[tuple[str, str, int | None]]:
+        """(task id, name, pid) of each task handed to the pool whose end was not heard
+        yet, from billiard's result cache; pid None: no child accepted it yet. What a
+        listener that starts following tasks (``tracks_tasks``) begins from."""
+        found = []
+        for job in list(self.pool._cache.values()):
+            if getattr(job, "correlation_id", None) is None:
+                continue  # not a task's job (Celery hands the pool nothing else)
+            name, task_id = self._task_of(job)
+            pids = job.worker_pids()
+            found.append((task_id, name, pids[0] if pids else None))
+        return found
 
     def overdue(self, now: float, bound: float) -> list[Any]:
         """Held requests that have waited ``bound`` seconds or more."""

@@ -73,6 +73,7 @@ class Governor(Listener):
         cpus: float | None = None,
         collector: CollectorPages | None = None,
         unfrozen_collect: float = 0.0,
+        may_untrack: bool = True,
     ) -> None:
         self.control = control
         self.settings = settings
@@ -130,6 +131,10 @@ class Governor(Listener):
         #: the ledger once it reaches the pool (``handed``)
         self.admitted: tuple[str, str, int, float] | None = None
         self.stopped = False
+        #: Room to spare (``policy.roomy``, decided at each tick): tasks are handed over
+        #: untracked, the ledger follows none, a task's end decides nothing.
+        self.roomy = False
+        self.may_untrack = may_untrack  # False: every task tracked, room or not
         self.hub: Any = None
         #: callbacks scheduled for the loop's next turn (a re-check, a new view)
         self.pending: set[Callable[[], None]] = set()
@@ -163,6 +168,38 @@ class Governor(Listener):
     def stop(self) -> None:
         self.stopped = True
         self.control.gate = None
+
+    @property
+    def tracks_tasks(self) -> bool:  # type: ignore[override]  # a class attribute in Listener
+        return not self.roomy
+
+    def _track(self) -> None:
+        """Follow tasks one by one again, from those the pool has in flight now."""
+        self.roomy = False
+        now = time.monotonic()
+        for task_id, name, pid in self.control.in_flight():
+            if pid is None:
+                peak = policy.expected_peak(self.ledger, name)
+                self.ledger.task_handed(task_id, name, peak, now)
+            else:
+                self.ledger.task_accepted(pid, task_id, name)
+
+    def _choose_tracking(self, view: policy.View) -> None:
+        """Untracked while there is room to spare, and nothing waits or leaves a plan."""
+        roomy = (
+            self.may_untrack
+            and not self.control.held
+            and not self.safety.over
+            and not self.holding
+            and self._outgrown_plan() is None
+            and policy.roomy(view, self.ledger)
+        )
+        if roomy and not self.roomy:
+            self.roomy = True
+            self.admitted = None
+            self.ledger.untrack()
+        elif self.roomy and not roomy:
+            self._track()
 
     def post(self, record: Record) -> None:
         """A child's record, from whichever thread read it; absorbed on the loop."""
@@ -286,7 +323,8 @@ class Governor(Listener):
         self.control.release()
 
     def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        self.ledger.task_accepted(pid, task_id, name)
+        if not self.roomy:  # told anyway when another listener tracks tasks
+            self.ledger.task_accepted(pid, task_id, name)
 
     def task_ready(self, pid: int, task_id: str) -> bool:
         """A task ended in ``pid``: take its record, then recycle the child if it has
@@ -296,7 +334,9 @@ class Governor(Listener):
         last = child.task if child is not None else None
         now = time.monotonic()
         self.ledger.task_finished(pid)
-        if child is None or not self.settings.recycle or self.stopped:
+        if self.roomy and child is not None and policy.worth_a_fork(self.ledger, child):
+            self._track()  # it kept more than the room was judged on: weigh its recycle
+        if child is None or not self.settings.recycle or self.stopped or self.roomy:
             return False
         if self._outgrown_plan() is None and not policy.worth_a_fork(self.ledger, child):
             return False  # the common end of a task: no view needed
@@ -394,6 +434,10 @@ class Governor(Listener):
         no free child); or defer it while a run of its kind is measured."""
         if self.stopped:
             return Verdict.HAND_OVER
+        if self.roomy:
+            if request.name in self.ledger.tasks.by_name:  # measured, not only declared
+                return Verdict.HAND_OVER
+            self._track()  # a kind never measured: its first run is weighed, and watched
         self._absorb()  # the children's records: bookkeeping, before the decision's clock
         began = time.perf_counter()
         now = time.monotonic()
@@ -445,7 +489,7 @@ class Governor(Listener):
     def task_handed(self, request: Any) -> None:
         """The request the gate just admitted reached the pool: it enters the ledger now,
         not at the decision (Celery may still refuse it: revoked, expired)."""
-        if self.stopped:
+        if self.stopped or self.roomy:
             return
         admitted, self.admitted = self.admitted, None
         if admitted is not None and admitted[0] == request.id:
@@ -517,6 +561,7 @@ class Governor(Listener):
             self.baseline_seen = self.ledger.expected_baseline  # for the summary's thread
             view = replace(view, target=self.target)
             self.working_set_max = max(self.working_set_max, view.unreclaimable)
+            self._choose_tracking(view)
             if view.unreclaimable >= view.marks.high and self.crossed is None:
                 self.crossed = now
             elif view.unreclaimable < view.marks.high:
@@ -734,6 +779,7 @@ class Governor(Listener):
             "worst_peak_mib": mib(tasks.worst_peak),
             "worst_retained_mib": mib(tasks.worst_retained),
             "held": len(self.control.held),
+            "tracking": not self.roomy,
             "replacements": self.ledger.pace.replacements,
             "replacements_joined_late": self.ledger.pace.late_joins,
             "task_peaks_mib": {n: mib(m.peak) for n, m in list(tasks.by_name.items())[:50]},

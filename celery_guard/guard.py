@@ -5,8 +5,8 @@ The worker's steps (``steps.py``) call these methods in Celery's order and nothi
 ``add_protection``, ``add_task_limits``, ``add_governor`` and ``add_metrics`` as the
 steps are made, ``start_sampler`` and ``start_metrics`` as they start, ``register`` with
 the event loop, ``install`` on its first tick (the pool's hooks, then every listener of
-the pool, then the governor), ``stop`` at shutdown. Each part gets what it reads as an argument; nothing reaches
-through this object at run time.
+the pool, then the governor), ``stop`` at shutdown. Each part gets what it reads as an
+argument; nothing reaches through this object at run time.
 """
 
 from __future__ import annotations

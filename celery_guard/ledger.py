@@ -408,6 +408,19 @@ class Ledger:
         self._count(child, 1)
         self._gap = None
 
+    def untrack(self) -> None:
+        """Forget the tasks in flight: the governor hands tasks over untracked while the
+        pool has room to spare (``Governor.roomy``), and ``task_handed`` and
+        ``task_accepted`` enter them again when it tracks them."""
+        while self.starting:
+            self._handed(self.starting.popitem()[1], -1)
+        for child in self.children.values():
+            if child.task is not None:
+                self._count(child, -1)
+                child.task = child.task_id = None
+                child.task_peak = 0
+                self._count(child, 1)
+
     def task_handed(self, task_id: str, name: str, peak: int, now: float) -> None:
         old = self.starting.pop(task_id, None)
         if old is not None:

@@ -169,6 +169,25 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
     return Admission(ok, "fits" if ok else "no_room", peak, projected)
 
 
+def roomy(view: View, ledger: Ledger) -> bool:
+    """Room to spare: tasks may be handed over untracked until the next look. Every
+    child the pool has or plans, running the worst task seen at once, each young or new
+    one copying all a child copies, stays under the low mark; and no child holds enough
+    more than a new one copies to be worth a fork. No decision of the gate or of a
+    task's end could then differ from handing the task over (``Governor.roomy``)."""
+    children = max(view.size, view.target or 0)
+    worst = (
+        view.unreclaimable
+        + ledger.baseline_gap
+        + (children - view.size) * ledger.expected_baseline
+        + children * ledger.tasks.worst_peak
+    )
+    if worst >= view.marks.low:
+        return False
+    expected = ledger.expected_baseline
+    return all(c.young or c.private - expected < MIN_RETAINED for c in ledger.live())
+
+
 # -- recycling -----------------------------------------------------------------------------
 def share(view: View) -> int:
     """What one child may hold at its peak: the room the marks leave the pool, divided

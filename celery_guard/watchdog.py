@@ -235,7 +235,9 @@ def wrap(task: Any, name: str, limit: TaskLimit, dog: Watchdog) -> None:
 class Enforcer(Listener):
     """In the main process: what a child's watchdog could not do itself. A listener of
     ``PoolControl`` (the pool's events) and of the collector (the children's limit
-    records)."""
+    records): a limit hit read before its task's end recycles that child then."""
+
+    tracks_tasks = True
 
     def __init__(self, hostname: str, control: PoolControl, exits: ExitCauses) -> None:
         self.hostname = hostname

@@ -166,6 +166,8 @@ def test_only_requests_that_reached_the_pool_are_reported_handed() -> None:
     handed: list[str] = []
 
     class Hears(Listener):
+        tracks_tasks = True
+
         def task_handed(self, request: Any) -> None:
             handed.append(request.id)
 
@@ -188,10 +190,14 @@ def test_a_listener_that_fails_is_logged_and_the_next_is_still_told(
     handed: list[str] = []
 
     class Broken(Listener):
+        tracks_tasks = True
+
         def task_handed(self, request: Any) -> None:
             raise KeyError(request.id)
 
     class Hears(Listener):
+        tracks_tasks = True
+
         def task_handed(self, request: Any) -> None:
             handed.append(request.id)
 
@@ -290,11 +296,12 @@ def test_a_child_that_exited_unjoined_is_found_and_reaped() -> None:
         os.waitpid(running._popen.pid, 0)
 
 
-class Heard:
+class Heard(Listener):
     """A listener that notes each event with what the records reader had read by then."""
 
-    def __init__(self, read: list[int]) -> None:
+    def __init__(self, read: list[int], tracks_tasks: bool = True) -> None:
         self.read, self.events = read, []  # type: list[tuple[str, int]]
+        self.tracks_tasks = tracks_tasks
 
     def child_up(self, pid: int) -> None:
         pass
@@ -302,8 +309,11 @@ class Heard:
     def child_down(self, pid: int, exitcode: int | None, task: Any) -> None:
         self.events.append(("down", len(self.read)))
 
+    def task_handed(self, request: Any) -> None:
+        self.events.append(("handed", len(self.read)))
+
     def task_accepted(self, pid: int, task_id: str, name: str) -> None:
-        pass
+        self.events.append(("accepted", len(self.read)))
 
     def task_ready(self, pid: int, task_id: str) -> bool:
         self.events.append(("ready", len(self.read)))
@@ -324,3 +334,30 @@ def test_the_records_are_read_once_before_the_listeners_hear_a_task_end_or_an_ex
     pool.on_process_down(SimpleNamespace(pid=101, exitcode=0))
     assert first.events == second.events == [("ready", 1), ("down", 2)]
     assert pool.results == [7]
+
+
+def test_with_no_listener_tracking_tasks_a_task_costs_no_read_and_no_telling() -> None:
+    """While no listener follows tasks one by one (the governor with room to spare, no
+    task limits), a hand-over and an acceptance are told to no one and no record is read
+    before a task's end; the end itself is still told, and an exit still reads first.
+    Once one listener tracks tasks, both are back."""
+    w, control = installed()
+    read: list[int] = []
+    control.read_records = lambda: read.append(1)
+    heard = Heard(read, tracks_tasks=False)
+    control.listeners.append(heard)
+    pool = w.pool._pool
+    receive(w, SimpleNamespace(id="t-7", name="heavy_app.add", _apply_result=object()))
+    pool._cache[7] = SimpleNamespace(worker_pids=lambda: [101], correlation_id="t-7")
+    pool._result_handler.state_handlers[ACK](7, 0, 0.0, 101)
+    pool._result_handler.state_handlers[READY](7, 0, None, 3)
+    assert heard.events == [("ready", 0)]
+    heard.tracks_tasks = True
+    receive(w, SimpleNamespace(id="t-8", name="heavy_app.add", _apply_result=object()))
+    pool._cache[8] = SimpleNamespace(worker_pids=lambda: [101], correlation_id="t-8")
+    pool._result_handler.state_handlers[ACK](8, 0, 0.0, 101)
+    pool._result_handler.state_handlers[READY](8, 0, None, 3)
+    assert heard.events[1:] == [("handed", 0), ("accepted", 0), ("ready", 1)]
+    heard.tracks_tasks = False
+    pool.on_process_down(SimpleNamespace(pid=101, exitcode=0))
+    assert heard.events[-1] == ("down", 2)

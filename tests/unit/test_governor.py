@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from celery_guard.actuator import Child
+from celery_guard.actuator import Child, Verdict
 from celery_guard.config import Settings
 from celery_guard.exits import ExitCauses
 from celery_guard.footprint import CollectorPages
@@ -40,6 +40,10 @@ class RecordingPool(FakePool):
         super().__init__(rss_mib)
         self.retired: list[tuple[int, bool]] = []
         self.recycled: list[int] = []
+        self.flight: list[tuple[str, str, int | None]] = []  # billiard's cache, as read
+
+    def in_flight(self) -> list[tuple[str, str, int | None]]:
+        return list(self.flight)
 
     def retire(self, pid: int, task_ended: bool = False) -> bool:
         self.retired.append((pid, task_ended))
@@ -51,15 +55,18 @@ class RecordingPool(FakePool):
         return True
 
 
-def governor(tmp_path: Path, children: int) -> tuple[Governor, RecordingPool]:
+def governor(
+    tmp_path: Path, children: int, may_untrack: bool = False
+) -> tuple[Governor, RecordingPool]:
     """``children`` idle children, each measured after a first run of ``t`` (30 MiB
-    copied, RSS 200 MiB); a working set of 300 MiB, far below the marks."""
+    copied, RSS 200 MiB); a working set of 300 MiB, far below the marks. Every task is
+    tracked unless ``may_untrack`` (then the pool has room to spare: ``policy.roomy``)."""
     pool = RecordingPool({pid: 200 for pid in range(101, 101 + children)})
     settings = Settings()
     budget = Governor(
         pool, settings, cgroup_at(tmp_path, 300), LiveLimit(LIMIT, settings),
         requested=children, estimate=30 * MIB, others=0, hostname="w1@test",
-        exits=ExitCauses(None), cpus=2,
+        exits=ExitCauses(None), cpus=2, may_untrack=may_untrack,
     )  # fmt: skip
     budget.start(Hub())
     for pid in pool.children:
@@ -327,3 +334,77 @@ def test_children_forked_before_the_hooks_are_ready_unless_billiard_still_waits_
     assert budget.ledger.starting_children() == (1, 1)
     budget.child_alive(102)  # its WORKER_UP, through the hook
     assert budget.ledger.starting_children() == (2, 0)
+
+
+# -- room to spare: tasks handed over untracked ---------------------------------------------
+def test_with_room_to_spare_a_known_task_is_handed_over_untracked(tmp_path: Path) -> None:
+    """Far below the marks (300 MiB of 1000, children of 30 MiB whose task grows them by
+    nothing) the tick finds room to spare: a task of a known kind is handed over without
+    entering the ledger, and its acceptance and end leave no trace in it but the count."""
+    budget, _pool = governor(tmp_path, 4, may_untrack=True)
+    assert budget.roomy and not budget.tracks_tasks and budget.info()["tracking"] is False
+    assert budget.gate(SimpleNamespace(id="a", name="t")) is Verdict.HAND_OVER
+    budget.task_handed(SimpleNamespace(id="a", name="t"))
+    budget.task_accepted(101, "a", "t")
+    assert not budget.ledger.starting and budget.ledger.busy == 0
+    finished = budget.ledger.finished
+    assert budget.task_ready(101, "a") is False
+    assert budget.ledger.finished == finished + 1
+
+
+def test_a_kind_never_measured_is_tracked_from_what_the_pool_has_in_flight(
+    tmp_path: Path,
+) -> None:
+    """A task of a new kind ends the untracked hand-overs: the ledger takes in the tasks
+    the pool has in flight (accepted by a child, or not yet), and the new one is weighed
+    as any: its first run goes, a second of its kind waits for it to be measured."""
+    budget, pool = governor(tmp_path, 4, may_untrack=True)
+    pool.flight = [("a", "t", 101), ("b", "t", None)]
+    assert budget.gate(SimpleNamespace(id="u1", name="u")) is Verdict.HAND_OVER
+    assert not budget.roomy and budget.tracks_tasks
+    assert budget.ledger.children[101].task_id == "a" and list(budget.ledger.starting) == ["b"]
+    budget.task_handed(SimpleNamespace(id="u1", name="u"))
+    assert list(budget.ledger.starting) == ["b", "u1"]
+    assert budget.gate(SimpleNamespace(id="u2", name="u")) is Verdict.DEFER
+
+
+def test_near_the_low_mark_the_tick_tracks_tasks_again(tmp_path: Path) -> None:
+    """Room to spare is judged at every tick on a fresh reading: with the working set
+    near the low mark the tasks in flight are tracked again, and untracked once it fell."""
+    budget, pool = governor(tmp_path, 4, may_untrack=True)
+    pool.flight = [("a", "t", 102)]
+    low = budget.fresh_view().marks.low
+    (tmp_path / "memory.usage_in_bytes").write_text(str(low))
+    budget.tick()
+    assert not budget.roomy and budget.ledger.children[102].task_id == "a"
+    (tmp_path / "memory.usage_in_bytes").write_text(str(300 * MIB))
+    budget.tick()
+    assert budget.roomy and budget.ledger.busy == 0
+
+
+def test_a_child_that_kept_a_forks_worth_ends_the_room_at_its_tasks_end(
+    tmp_path: Path,
+) -> None:
+    """Untracked, a task's end decides nothing; but a child whose record says it kept
+    more than a new child copies by a fork's worth tracks tasks again at once, and the
+    end of that task weighs its recycle as it would have tracked (1000 MiB kept: past
+    its share with the next task's peak)."""
+    budget, _pool = governor(tmp_path, 1, may_untrack=True)
+    assert budget.roomy
+    budget.post(Record(101, "t", 10 * MIB, True, 1000 * MIB, 1200 * MIB, None, cpu=2, tasks=2))
+    assert budget.task_ready(101, "id-2") is True
+    assert not budget.roomy
+
+
+def test_a_kind_with_a_declared_limit_but_never_run_is_weighed_on_that_limit(
+    tmp_path: Path,
+) -> None:
+    """A declared memory limit bounds its task's peak before any run (``TaskTable``), but
+    the room was judged on the peaks measured: the first run of such a task ends it, and
+    is weighed on its limit (800 MiB more than the 300 in use passes the high mark)."""
+    budget, pool = governor(tmp_path, 4, may_untrack=True)
+    budget.ledger.tasks.limits["heavy"] = 800 * MIB
+    pool.flight = [("a", "t", 101)]  # not idle: a pool with nothing in flight takes any
+    assert budget.roomy
+    assert budget.gate(SimpleNamespace(id="h1", name="heavy")) is Verdict.HOLD
+    assert not budget.roomy

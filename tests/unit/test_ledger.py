@@ -296,3 +296,30 @@ def test_the_sums_a_hand_over_weighs_are_what_walking_the_children_gives_after_a
         assert ledger.tasks.worst_peak == max(
             (m.peak for m in ledger.tasks.by_name.values()), default=0
         )
+
+
+def test_tasks_untracked_and_taken_in_again_leave_the_sums_as_they_were() -> None:
+    """``untrack`` forgets the tasks in flight (the sums as if every staying child were
+    idle); entering the same tasks again through the events gives back the same sums."""
+    ledger = Ledger(estimate=30 * MIB)
+    for pid in (1, 2, 3):
+        ledger.child_up(pid, rss=100 * MIB)
+    ledger.tasks.observe("hog", 60 * MIB, 0)
+
+    def enter() -> None:
+        ledger.task_handed("a", "hog", 60 * MIB, now=0.0)
+        ledger.task_accepted(1, "a", "hog")
+        ledger.task_accepted(2, "b", "add")
+        ledger.task_handed("c", "hog", 60 * MIB, now=0.0)
+
+    def sums() -> tuple[object, ...]:
+        flying = {name: n for name, n in ledger.in_flight.items() if n}
+        return (ledger.busy, ledger.idle, ledger.running_peaks, ledger.starting_peaks,
+                flying, ledger.free(), [c.task for c in ledger.children.values()])  # fmt: skip
+
+    enter()
+    tracked = sums()
+    ledger.untrack()
+    assert sums() == (0, 3, 0, 0, {}, 3, [None, None, None])
+    enter()
+    assert sums() == tracked

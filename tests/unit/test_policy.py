@@ -22,6 +22,7 @@ from celery_guard.policy import (
     leaving,
     plan,
     recycle,
+    roomy,
     share,
     target_size,
     to_come,
@@ -424,3 +425,30 @@ def test_before_its_first_tasks_the_estimate_keeps_the_pool_from_growing_not_shr
 def test_a_measured_cost_above_the_estimate_shrinks_the_pool_at_once() -> None:
     """The first child copied 200 MiB where 150 were expected: 700 // 225 = 3."""
     assert plan(view(300, size=6, per_child=1), _first_tasks(150, 200), cpus=2).size == 3
+
+
+# -- room to spare ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ws", "children", "peak", "target", "kept", "expected"),
+    [
+        # 4 children of 20 copied, hog reaches 60: 500 + 4 * 60 = 740 < 800 (low mark)
+        (500, 4, 60, None, 0, True),
+        (560, 4, 60, None, 0, False),  # 560 + 240 = 800: at the low mark
+        (500, 4, 60, 6, 0, False),  # 2 more planned: 500 + 2 * 20 + 6 * 60 = 900
+        (380, 4, 60, 6, 0, True),  # 380 + 2 * 20 + 6 * 60 = 780
+        (500, 4, 60, None, 4, False),  # a child holds 4 MiB more than a new one copies
+        (500, 4, 60, None, 3, True),  # 3: not worth a fork
+    ],
+)
+def test_room_to_spare_is_the_whole_pool_at_its_worst_under_the_low_mark(
+    ws: int, children: int, peak: int, target: int | None, kept: int, expected: bool
+) -> None:
+    """Every child the pool has or plans, all running the worst task seen, new ones
+    copying the expected baseline, under the low mark; and no child worth a fork."""
+    book = ledger(*[(pid, 20, None) for pid in range(1, children + 1)], peaks={"hog": peak})
+    if kept:
+        book.after_task(
+            Record(1, "hog", 0, False, kept * MIB, (200 + kept) * MIB, (20 + kept) * MIB)
+        )
+    found = replace(view(ws, size=children), target=target)
+    assert roomy(found, book) is expected
