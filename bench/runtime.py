@@ -522,18 +522,19 @@ def targets(comparisons: list[Comparison]) -> list[str]:
             ratio = c.ratio(acks)
             clean = not any(o.problems() for o in runs)
             smallest = min((o.smallest_pool or 0 for o in runs), default=0)
-            ok = clean and ratio is not None and ratio <= 1.0 and 2 * smallest >= c.fits
+            fast = ratio is not None and ratio <= 1.0
             shown = f"{ratio:.2f}" if ratio is not None else "n/a"
             lines.append(
                 f"- {c.workload} at {c.limit} MiB, {acks} acks: every task, 0 OOM kills, none "
-                f"stopped ({'yes' if clean else 'no'}), smallest pool {smallest} of {c.fits} "
-                f"that fit, time ratio {shown} <= 1.0: {'met' if ok else '**missed**'}"
+                f"stopped: {_mark(clean)}; smallest pool {smallest} of {c.fits} that fit, at "
+                f"least half: {_mark(2 * smallest >= c.fits)}; time ratio {shown} <= 1.0: "
+                f"{_mark(fast)}"
             )
         turns = [o.turns for acks in c.guard for o in c.guard[acks] if o.turns is not None]
         most = max(turns, default=0)
         lines.append(
             f"- {c.workload} at {c.limit} MiB: the pool changed direction at most {most} "
-            f"times after its first plan (<= 2): {'met' if most <= 2 else '**missed**'}"
+            f"times after its first plan (<= 2): {_mark(most <= 2)}"
         )
         ratio = c.recommended_ratio()
         shown = f"{ratio:.2f}" if ratio is not None else "n/a"
@@ -542,16 +543,20 @@ def targets(comparisons: list[Comparison]) -> list[str]:
         lines.append(
             f"- {c.workload} at {c.limit} MiB: the recommended pair in a vanilla worker, time "
             f"ratio {shown}{faster if c.recommended_best() else ''} <= 1.1: "
-            f"{'met' if met else '**missed**'}"
+            f"{_mark(met)}"
         )
     decisions = _hold_decisions(comparisons)
     if decisions:
         median = statistics.median(decisions)
         lines.append(
             f"- the hold decision's median under 20 us ({median:.1f} us, median of the guarded "
-            f"runs' medians, each weighed by its holds): {'met' if median < 20 else '**missed**'}"
+            f"runs' medians, each weighed by its holds): {_mark(median < 20)}"
         )
     return lines
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**missed**"
 
 
 def _hold_decisions(comparisons: list[Comparison]) -> list[float]:

@@ -54,6 +54,9 @@ class Listener:
     #: children's records read before it hears a task's end. While no listener does,
     #: the pool's per-task path costs the main process next to nothing.
     tracks_tasks: bool = False
+    #: The tasks (by name) whose end it must hear after their child's records, tracking
+    #: or not (the task limits' enforcer: a limit hit recycles the child at that end).
+    records_before_end: frozenset[str] = frozenset()
 
     def child_up(self, pid: int) -> None:
         """A child was forked."""
@@ -339,7 +342,7 @@ class PoolControl:
         if not pids:
             return None
         pid, task_id = pids[0], result.correlation_id
-        if self.read_records is not None and self.tracked():
+        if self.read_records is not None and self._records_first(result):
             self._guarded("records", self.read_records)
         recycle = False
         for listener in self.listeners:
@@ -414,6 +417,14 @@ class PoolControl:
     def tracked(self) -> bool:
         """Does a listener follow tasks one by one now (``Listener.tracks_tasks``)?"""
         return any(listener.tracks_tasks for listener in self.listeners)
+
+    def _records_first(self, job: Any) -> bool:
+        """Must the children's records be read before ``job``'s end is told? When a
+        listener tracks tasks, or watches this one (``Listener.records_before_end``)."""
+        if self.tracked():
+            return True
+        watched = [names for names in (lst.records_before_end for lst in self.listeners) if names]
+        return bool(watched) and any(self._task_of(job)[0] in names for names in watched)
 
     def in_flight(self) -> list[tuple[str, str, int | None]]:
         """(task id, name, pid) of each task handed to the pool whose end was not heard

@@ -218,7 +218,7 @@ class Guard:
         from celery import signals
 
         signals.worker_process_init.connect(start_in_child, weak=False, dispatch_uid="cg-watchdog")
-        self.enforcer = watchdog.Enforcer(hostname, self.control, collector.exits)
+        self.enforcer = watchdog.Enforcer(hostname, self.control, collector.exits, limits)
         return True
 
     def add_governor(self) -> bool:

@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -235,14 +235,20 @@ def wrap(task: Any, name: str, limit: TaskLimit, dog: Watchdog) -> None:
 class Enforcer(Listener):
     """In the main process: what a child's watchdog could not do itself. A listener of
     ``PoolControl`` (the pool's events) and of the collector (the children's limit
-    records): a limit hit read before its task's end recycles that child then."""
+    records): a limit hit read before its task's end recycles that child then, so the
+    records are read before the end of every limited task (``records_before_end``)."""
 
-    tracks_tasks = True
-
-    def __init__(self, hostname: str, control: PoolControl, exits: ExitCauses) -> None:
+    def __init__(
+        self,
+        hostname: str,
+        control: PoolControl,
+        exits: ExitCauses,
+        limited: Collection[str] = (),
+    ) -> None:
         self.hostname = hostname
         self.control = control
         self.exits = exits
+        self.records_before_end = frozenset(limited)
         self.recycle_after: set[int] = set()  # children whose task passed its hard limit
 
     def on_hit(self, hit: LimitHit) -> None:

@@ -361,3 +361,34 @@ def test_with_no_listener_tracking_tasks_a_task_costs_no_read_and_no_telling() -
     heard.tracks_tasks = False
     pool.on_process_down(SimpleNamespace(pid=101, exitcode=0))
     assert heard.events[-1] == ("down", 2)
+
+
+def test_a_task_a_listener_watches_has_its_records_read_before_its_end_untracked() -> None:
+    """The task limits' enforcer must hear a limit hit before the end of its task (it
+    recycles the child then): untracked, the records are read before the end of the
+    tasks some listener watches (``records_before_end``), and of no other."""
+    from celery.worker import state
+
+    w, control = installed()
+    read: list[int] = []
+    control.read_records = lambda: read.append(1)
+    heard = Heard(read, tracks_tasks=False)
+    heard.records_before_end = frozenset({"limited"})
+    control.listeners.append(heard)
+    pool = w.pool._pool
+
+    class Request:  # Celery's state keeps requests in weak sets
+        def __init__(self, task_id: str, name: str) -> None:
+            self.id, self.name = task_id, name
+
+    requests = [Request("t-1", "limited"), Request("t-2", "free")]
+    for job, request in enumerate(requests):
+        state.task_reserved(request)
+        pool._cache[job] = SimpleNamespace(worker_pids=lambda: [101], correlation_id=request.id)
+    try:
+        pool._result_handler.state_handlers[READY](0, 0, None, 3)
+        pool._result_handler.state_handlers[READY](1, 0, None, 3)
+    finally:
+        for request in requests:
+            state.task_ready(request)
+    assert heard.events == [("ready", 1), ("ready", 1)]
