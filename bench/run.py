@@ -546,12 +546,17 @@ def main() -> None:
 
 
 def describe() -> str:
-    """The commit measured, ``-dirty`` when the tree had changes."""
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
-        capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    return commit or "?"
+    """The commit measured, ``-dirty`` when the tree had changes other than what this
+    script writes itself (BENCHMARKS.md, the plots, the kept sections)."""
+
+    def git(*args: str) -> str:
+        found = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return found.stdout.strip()
+
+    commit = git("rev-parse", "--short=7", "HEAD") or "?"
+    ours = [f":!{path}" for path in ("BENCHMARKS.md", "bench/plots", "bench/results")]
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", *ours)
+    return f"{commit}-dirty" if changed else commit
 
 
 def now() -> str:
