@@ -331,11 +331,13 @@ class Governor(Listener):
         outgrown its share. The held tasks are released after (PoolControl)."""
         self._absorb()  # its record came first (PoolControl reads them before this)
         child = self.ledger.children.get(pid)
+        if self.roomy and child is not None and policy.worth_a_fork(self.ledger, child):
+            # it kept more than the room was judged on: track, then weigh its recycle
+            # (before its end is entered: billiard's cache still holds this task)
+            self._track()
         last = child.task if child is not None else None
         now = time.monotonic()
         self.ledger.task_finished(pid)
-        if self.roomy and child is not None and policy.worth_a_fork(self.ledger, child):
-            self._track()  # it kept more than the room was judged on: weigh its recycle
         if child is None or not self.settings.recycle or self.stopped or self.roomy:
             return False
         if self._outgrown_plan() is None and not policy.worth_a_fork(self.ledger, child):
