@@ -421,10 +421,15 @@ class PoolControl:
     def _records_first(self, job: Any) -> bool:
         """Must the children's records be read before ``job``'s end is told? When a
         listener tracks tasks, or watches this one (``Listener.records_before_end``)."""
-        if self.tracked():
-            return True
-        watched = [names for names in (lst.records_before_end for lst in self.listeners) if names]
-        return bool(watched) and any(self._task_of(job)[0] in names for names in watched)
+        name = None  # looked up only when a listener watches some task
+        for listener in self.listeners:
+            if listener.tracks_tasks:
+                return True
+            if listener.records_before_end:
+                name = name or self._task_of(job)[0]
+                if name in listener.records_before_end:
+                    return True
+        return False
 
     def in_flight(self) -> list[tuple[str, str, int | None]]:
         """(task id, name, pid) of each task handed to the pool whose end was not heard
