@@ -239,7 +239,9 @@ MOST_TASKS_PER_CHILD = 1000
 #: A plan replaces the current size only when it is expected to run this much faster: a
 #: pool that changes for less follows the noise of its own figures.
 HYSTERESIS = 0.10
-#: Pairs this close to the fastest count as a tie, which goes to the larger pool.
+#: Pairs this close to the fastest count as a tie, which goes to the smaller pool: once the
+#: CPUs bound the rate, more children only share them (on 2 CPUs the best hand-tuned
+#: vanilla worker of the corpus' CPU-bound apps had 2 children: BENCHMARKS.md).
 TIE = 0.01
 #: Records with CPU figures (tasks after a child's first) before a plan is made.
 MEASURED_TASKS = 8
@@ -376,7 +378,7 @@ def plan(
     tasks it runs before it outgrows it (``Costs.most_tasks``), and the pace sets the
     rate of that pair (``Costs.rate``): many children replaced after every task win
     when a child is cheap to start, fewer children that keep a few tasks' leaks win
-    when it is dear. Ties go to the larger pool. The current size stays unless another
+    when it is dear. Ties go to the smaller pool. The current size stays unless another
     is expected to be HYSTERESIS faster or it no longer fits, or the room moved by more
     than HYSTERESIS (the limit changed: that is no noise). ``fewest_tasks``: sizes
     whose children would run fewer tasks than this between recycles are left out
@@ -396,10 +398,11 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
 
     A child's share shrinks as the pool grows, so the tasks it holds (``most_tasks``)
     fall in steps, and within a step the rate only grows with the size (more children,
-    the same bounds): the fastest size of a step, and the largest that ties, is its
-    last. So only each step's last size is weighed: three of them for tasks that keep
-    nothing, where weighing every size that fits took hundreds for the recommendation
-    under a large limit (``Governor._as_settings``, at every tick of the clock)."""
+    the same bounds): the fastest size of a step is its last, and the smallest that ties
+    is found by bisection inside the first step that reaches it. So each step is weighed
+    by its last size: three of them for tasks that keep nothing, where weighing every
+    size that fits took hundreds for the recommendation under a large limit
+    (``Governor._as_settings``, at every tick of the clock)."""
     if previous is not None and previous.reason not in ("throughput", "kept"):
         previous = None  # a size taken before measuring is no plan to keep
     elif previous is not None and abs(found.room - previous.room) > previous.room * HYSTERESIS:
@@ -409,15 +412,12 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     # a set minimum that not even one child could run is lowered to what one can
     fewest = max(min(fewest_tasks, found.most_tasks(1)), 1)
     top = max(requested, 1)
-    pairs = {}
-    for size, tasks in _last_of_each_step(found, top):
-        if tasks >= fewest:
-            pairs[size] = (found.rate(size, tasks), tasks)
-    if not pairs:
+    steps = [(first, last, tasks) for first, last, tasks in _steps(found, top) if tasks >= fewest]
+    if not steps:
         return Plan(1, 1, None, "memory", found.room)
-    best_rate = max(rate for rate, _ in pairs.values())
-    size = max(s for s, (rate, _) in pairs.items() if rate >= best_rate * (1 - TIE))
-    rate, tasks = pairs[size]
+    best_rate = max(found.rate(last, tasks) for _, last, tasks in steps)
+    size, tasks = _smallest_reaching(found, steps, best_rate * (1 - TIE))
+    rate = found.rate(size, tasks)
     reason = "throughput"
     if previous is not None and 1 <= previous.size <= top:
         kept_tasks = found.most_tasks(previous.size)
@@ -427,9 +427,28 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     return Plan(size, tasks if tasks < MOST_TASKS_PER_CHILD else None, rate, reason, found.room)
 
 
-def _last_of_each_step(found: Costs, top: int) -> Iterator[tuple[int, int]]:
-    """(size, tasks) for the largest size of each run of sizes up to ``top`` whose
-    children hold the same number of tasks (``most_tasks`` never grows with the size):
+def _smallest_reaching(
+    found: Costs, steps: list[tuple[int, int, int]], rate: float
+) -> tuple[int, int]:
+    """(size, tasks) of the smallest size whose rate reaches ``rate``: in the first step
+    whose last size does, by bisection (the rate grows with the size inside a step)."""
+    for first, last, tasks in steps:
+        if found.rate(last, tasks) < rate:
+            continue
+        low, high = first, last
+        while low < high:
+            middle = (low + high) // 2
+            if found.rate(middle, tasks) >= rate:
+                high = middle
+            else:
+                low = middle + 1
+        return low, tasks
+    raise ValueError("no step reaches the rate")  # the fastest step's last size does
+
+
+def _steps(found: Costs, top: int) -> Iterator[tuple[int, int, int]]:
+    """(first size, last size, tasks) of each run of sizes up to ``top`` whose children
+    hold the same number of tasks (``most_tasks`` never grows with the size):
     strides that double until the step ends, then bisection, so that short steps (tasks
     that keep much) cost about what weighing each size would."""
     size = 1
@@ -445,7 +464,7 @@ def _last_of_each_step(found: Costs, top: int) -> Iterator[tuple[int, int]]:
                 low = middle
             else:
                 high = middle - 1
-        yield low, tasks
+        yield size, low, tasks
         size = low + 1
 
 

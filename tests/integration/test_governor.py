@@ -239,7 +239,9 @@ def test_the_pool_converges_to_what_fits(
     start, and copy about 400 MiB/s at once on the first tasks), the pool settles within
     one child of the 8 that really fit in 1 GiB (REALLY_FIT_IN_1G in test_startup.py,
     re-checked there by bisection): every task done, no OOM kill, and no oscillation
-    (at most one more burst after the first)."""
+    (at most one more burst after the first). Half the tasks wait on I/O, so every child
+    that fits adds to the rate: the throughput plan wants them all (CPU-bound tasks
+    alone settle at the few children that keep the CPUs busy)."""
     env = harness.worker_env(redis, {**ACKS_LATE, **FAST, "CELERY_GUARD_CHILD_MEMORY": estimate})
     group = make_cgroup(GIB)
     worker = make_worker(["-c", "16"], env, group)
@@ -249,6 +251,7 @@ def test_the_pool_converges_to_what_fits(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # a stream that keeps every child busy in turn
         results += harness.send_tasks(redis, worker.queue, "walk", 8)
+        results += harness.send_tasks(redis, worker.queue, "hog", 8, (0, 0.5))
         time.sleep(2)
     assert harness.wait_for_results(results, 240, group)
     assert group.oom_kills() == 0

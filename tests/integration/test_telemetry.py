@@ -202,11 +202,11 @@ def test_recommended_max_memory_recycles_leakers_not_healthy_children(
     _run(redis, learn, "walk", 12)
     _run(redis, learn, "noop", 20)
     summary = _final_summary(learn)
-    # the pair: as many children as the budget holds, and the recycle value for them,
-    # above the healthy peaks (with less than the margin when the note says so)
+    # the pair: the throughput plan's size (short tasks: the main process bounds the
+    # rate, and a tie goes to the smaller pool), and the recycle value for it, above the
+    # healthy peaks (with less than the margin when the note says so)
     concurrency = int(summary["recommended_concurrency"])
     recommended = int(summary["recommended_max_memory_per_child_kib"])
-    assert concurrency > 4
     assert float(summary["peak_rss_p95_mib"]) * 1024 < recommended
 
     alone = harness.worker_env(redis, {**FAST, "CELERY_GUARD_GOVERNOR": "off"})

@@ -109,3 +109,27 @@ def test_a_pool_of_dear_children_is_forked_in_waves_each_once_the_last_is_ready(
     stats = harness.run_celery(["inspect", "stats", "--json", "--timeout", "10", "-d", node], env)
     assert json.loads(stats.stdout)[node]["pool"]["max-concurrency"] == 8, stats
     assert group.oom_kills() == 0
+
+
+@pytest.mark.cgroup
+def test_cpu_bound_tasks_settle_at_the_children_that_keep_the_cpus_busy(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
+) -> None:
+    """-c 16 in 1 GiB, where 8 children of the example app fit, and tasks that only read
+    its data (no I/O, nothing kept): once the CPUs bound the rate, more children only
+    share them, so the plan and the recommendation are the smallest pool that keeps the
+    CPUs busy, not all that fit (a tie goes to the smaller pool)."""
+    from celery_guard.governor import available_cpus
+
+    group = make_cgroup(1024 * MIB)
+    worker = make_worker(["-c", "16"], harness.worker_env(redis), group)
+    worker.wait_ready(90)
+    results = harness.send_tasks(redis, worker.queue, "walk", 200)
+    assert harness.wait_for_results(results, 240, group)
+    assert group.oom_kills() == 0
+    worker.stop()
+    plans = [p for p in worker.events("plan") if p["reason"] != "measuring"]
+    assert plans, worker.log[-3000:]
+    enough = math.ceil(available_cpus()) + 1
+    assert int(plans[-1]["target"]) <= enough, plans
+    assert int(worker.final_summary()["recommended_concurrency"]) <= enough

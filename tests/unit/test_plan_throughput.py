@@ -152,11 +152,11 @@ def test_cheap_children_give_the_largest_pool_recycled_after_every_task() -> Non
 
 
 def test_cpu_bound_tasks_are_not_recycled_after_every_task_even_when_starts_are_cheap() -> None:
-    # a 1 ms start is a fifth of a 5 ms task's CPU: 16 x 1 = 2 / 0.006 = 333/s, while 5
-    # children of 4 runs reach 2 * 4 / 0.021 = 381/s (4 of 5: 384.6/s, within 1%: a tie
-    # goes to the larger pool)
+    # a 1 ms start is a fifth of a 5 ms task's CPU: 16 x 1 = 2 / 0.006 = 333/s, while 4
+    # children of 5 runs reach 2 * 5 / 0.026 = 384.6/s (5 of 4: 381/s, within 1%: a tie
+    # goes to the smaller pool)
     chosen = plan(view(), measured(start_cpu=0.001), cpus=2)
-    assert (chosen.size, chosen.tasks_per_child) == (5, 4)
+    assert (chosen.size, chosen.tasks_per_child) == (4, 5)
 
 
 def test_short_tasks_are_bounded_by_the_main_process() -> None:
@@ -231,11 +231,11 @@ def test_the_current_size_stays_unless_another_is_clearly_faster() -> None:
 
 
 def test_a_size_the_limit_forced_is_not_kept_once_the_limit_rises() -> None:
-    """CPU-bound tasks on 2 CPUs: 3 children run as fast as 4 (the CPUs bound both), a
-    tie, which goes to the larger pool. A pool planned at 3 for a lower limit goes
-    back to 4 when the limit rises: the margin against noisy figures does not keep a
-    size the memory forced."""
-    book = measured(start_cpu=0.001, task_cpu=0.05, wall=0.05, kept=0)
+    """Tasks of 50 ms of CPU and 29 ms off it, on 2 CPUs: 4 children reach the CPUs'
+    40/s, 3 run 3 / 0.079 = 38/s, within HYSTERESIS of it. A pool planned at 3 for a
+    lower limit goes back to 4 when the limit rises: the margin against noisy figures
+    does not keep a size the memory forced."""
+    book = measured(start_cpu=0.001, task_cpu=0.05, wall=0.079, kept=0)
     small = view(size=3, requested=4, base=900 - 120)  # 120 MiB of room: 3 children fit (35 each)
     before = plan(small, book, cpus=2)
     assert (before.size, before.reason) == (3, "throughput")
@@ -243,6 +243,19 @@ def test_a_size_the_limit_forced_is_not_kept_once_the_limit_rises() -> None:
     assert (within.size, within.reason) == (3, "kept")  # 4 x 35 MiB do not fit in 125
     raised = plan(view(size=3, requested=4), book, cpus=2, previous=before)
     assert (raised.size, raised.reason) == (4, "throughput")
+    assert plan(view(size=3, requested=4), book, cpus=2).size == 4  # not a tie: 4 is faster
+
+
+def test_a_tie_goes_to_the_smaller_pool() -> None:
+    """CPU-bound tasks (50 ms of CPU, none off it) on 2 CPUs: from 2 children on, the
+    CPUs bound the rate; more children only share them."""
+    book = measured(start_cpu=0.001, task_cpu=0.05, wall=0.05, kept=0)
+    chosen = plan(view(requested=16), book, cpus=2)
+    assert (chosen.size, chosen.reason) == (2, "throughput")
+    found = costs(start_cpu=0.001, task_cpu=0.05, task_idle=0, first_kept=0, retained=0)
+    runs = MOST_TASKS_PER_CHILD
+    assert found.rate(16, runs) == pytest.approx(found.rate(2, runs))
+    assert found.rate(1, runs) < found.rate(2, runs) * (1 - TIE)
 
 
 def test_a_size_taken_while_measuring_is_not_kept_by_the_hysteresis() -> None:
@@ -327,7 +340,7 @@ def test_a_plan_made_stays_when_the_figures_fall_short_again() -> None:
 
 def _best_by_every_size(found: Costs, requested: int, previous: Plan | None, fewest: int) -> Plan:
     """``best`` as its docstring states it, weighing every size: the fastest size, ties to
-    the larger, the previous one kept unless another is HYSTERESIS faster."""
+    the smaller, the previous one kept unless another is HYSTERESIS faster."""
     fewest = max(min(fewest, found.most_tasks(1)), 1)
     pairs = {
         size: (found.rate(size, found.most_tasks(size)), found.most_tasks(size))
@@ -337,7 +350,7 @@ def _best_by_every_size(found: Costs, requested: int, previous: Plan | None, few
     if not pairs:
         return Plan(1, 1, None, "memory", found.room)
     top = max(rate for rate, _ in pairs.values())
-    size = max(s for s, (rate, _) in pairs.items() if rate >= top * (1 - TIE))
+    size = min(s for s, (rate, _) in pairs.items() if rate >= top * (1 - TIE))
     reason = "throughput"
     if previous is not None and previous.size in pairs:
         if pairs[previous.size][0] * (1 + HYSTERESIS) >= top:
