@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,14 +67,21 @@ def test_unreadable_cgroup_files_fall_back_and_the_worker_runs(
 
 
 @pytest.mark.cgroup
+def _walks_and_waits(redis: harness.RedisServer, worker: harness.Worker, count: int) -> list[Any]:
+    """``count`` tasks that read the app's data and as many that wait 0.2 s (I/O)."""
+    walks = harness.send_tasks(redis, worker.queue, "walk", count)
+    return walks + harness.send_tasks(redis, worker.queue, "hog", count, (0, 0.2))
+
+
 def test_a_limit_changed_at_run_time_is_noticed(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
     """4 children of the example app fit in 1 GiB (7 would). Lowered under the running
     worker to just above its working set (the high-water mark now below it), the guard
     says so within seconds and the brake shrinks the pool; raised to 2 GiB, it says so and
-    the pool grows back to 4, though the plan for throughput, made at 3, finds 3 nearly as
-    fast as 4 (the walk is CPU-bound, on 2 CPUs). No OOM kill, no task lost."""
+    the pool grows back to 4: half the tasks wait on I/O, so each child that fits adds to
+    the rate, and the plan made for the lower limit is not kept. No OOM kill, no task
+    lost."""
     acks = {"HEAVY_APP_ACKS_LATE": "1"}
     group = make_cgroup(GIB)
     worker = make_worker(["-c", "4"], harness.worker_env(redis, {**acks, **FAST}), group)
@@ -93,7 +101,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
         # until the plan is made from measured figures, as in a worker that has run a
         # while: its size is then the fastest that fits, not only what fits
         assert time.monotonic() < deadline, f"no measured plan: {worker.events('plan')}"
-        results = harness.send_tasks(redis, worker.queue, "walk", 8)
+        results = _walks_and_waits(redis, worker, 8)
         assert harness.wait_for_results(results, 180, group), harness.outcome(
             results, group, worker
         )
@@ -105,7 +113,7 @@ def test_a_limit_changed_at_run_time_is_noticed(
     worker.wait_for(r"celery-guard event=limit .*new_mib=2048\.0", 10)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        results = harness.send_tasks(redis, worker.queue, "walk", 4)
+        results = _walks_and_waits(redis, worker, 4)
         assert harness.wait_for_results(results, 60, group), harness.outcome(results, group, worker)
         if any(p["action"] == "grow" and p["concurrency"] == "4"
                for p in worker.events("pressure", since=raised_at)):  # fmt: skip

@@ -74,12 +74,14 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     # catalogue. Counted: the children that ran tasks, no more than are alive now (the
     # guard may grow the pool once the first child is measured; a child it adds after the
     # last task has copied next to nothing, and counting it would lower the average by
-    # about a ninth).
+    # about a ninth; and the walk is CPU-bound, so once planned for throughput the pool
+    # keeps the few children that keep the CPUs busy).
     assert worker.process is not None
     children = {pid for pid in group.pids() if pid != worker.process.pid}
     ran = set(re.findall(r"ForkPoolWorker-(\d+)\] Task heavy_app.walk\S* succeeded", worker.log))
+    assert len(ran) >= REALLY_FIT_IN_1G * 0.8  # every child started ran tasks
     counted = min(len(ran), len(children))
-    assert counted >= REALLY_FIT_IN_1G * 0.8
+    assert counted >= 2
     real_per_child = (group.working_set() - float(startup["in_use_mib"]) * MIB) / counted
     estimate = float(startup["child_estimate_mib"]) * MIB
     assert 0.95 * real_per_child <= estimate <= 1.2 * real_per_child, (
