@@ -241,7 +241,8 @@ MOST_TASKS_PER_CHILD = 1000
 HYSTERESIS = 0.10
 #: Pairs this close to the fastest count as a tie, which goes to the smaller pool: once the
 #: CPUs bound the rate, more children only share them (on 2 CPUs the best hand-tuned
-#: vanilla worker of the corpus' CPU-bound apps had 2 children: BENCHMARKS.md).
+#: vanilla workers of the corpus' CPU-bound apps had 2 to 4 children where up to 12 fit:
+#: BENCHMARKS.md).
 TIE = 0.01
 #: Records with CPU figures (tasks after a child's first) before a plan is made.
 MEASURED_TASKS = 8
@@ -412,10 +413,14 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
     # a set minimum that not even one child could run is lowered to what one can
     fewest = max(min(fewest_tasks, found.most_tasks(1)), 1)
     top = max(requested, 1)
-    steps = [(first, last, tasks) for first, last, tasks in _steps(found, top) if tasks >= fewest]
+    steps = [
+        (first, last, tasks, found.rate(last, tasks))
+        for first, last, tasks in _steps(found, top)
+        if tasks >= fewest
+    ]
     if not steps:
         return Plan(1, 1, None, "memory", found.room)
-    best_rate = max(found.rate(last, tasks) for _, last, tasks in steps)
+    best_rate = max(step[3] for step in steps)
     size, tasks = _smallest_reaching(found, steps, best_rate * (1 - TIE))
     rate = found.rate(size, tasks)
     reason = "throughput"
@@ -428,12 +433,13 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
 
 
 def _smallest_reaching(
-    found: Costs, steps: list[tuple[int, int, int]], rate: float
+    found: Costs, steps: list[tuple[int, int, int, float]], rate: float
 ) -> tuple[int, int]:
     """(size, tasks) of the smallest size whose rate reaches ``rate``: in the first step
-    whose last size does, by bisection (the rate grows with the size inside a step)."""
-    for first, last, tasks in steps:
-        if found.rate(last, tasks) < rate:
+    whose last size does (``steps``: first size, last size, tasks, the last size's rate),
+    by bisection (the rate grows with the size inside a step)."""
+    for first, last, tasks, last_rate in steps:
+        if last_rate < rate:
             continue
         low, high = first, last
         while low < high:

@@ -66,13 +66,13 @@ def test_unreadable_cgroup_files_fall_back_and_the_worker_runs(
     no_guard_errors(worker)
 
 
-@pytest.mark.cgroup
 def _walks_and_waits(redis: harness.RedisServer, worker: harness.Worker, count: int) -> list[Any]:
     """``count`` tasks that read the app's data and as many that wait 0.2 s (I/O)."""
     walks = harness.send_tasks(redis, worker.queue, "walk", count)
     return walks + harness.send_tasks(redis, worker.queue, "hog", count, (0, 0.2))
 
 
+@pytest.mark.cgroup
 def test_a_limit_changed_at_run_time_is_noticed(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:

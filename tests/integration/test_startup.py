@@ -79,7 +79,7 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     assert worker.process is not None
     children = {pid for pid in group.pids() if pid != worker.process.pid}
     ran = set(re.findall(r"ForkPoolWorker-(\d+)\] Task heavy_app.walk\S* succeeded", worker.log))
-    assert len(ran) >= REALLY_FIT_IN_1G * 0.8  # every child started ran tasks
+    assert len(ran) >= REALLY_FIT_IN_1G * 0.8  # the children started ran tasks
     counted = min(len(ran), len(children))
     assert counted >= 2
     real_per_child = (group.working_set() - float(startup["in_use_mib"]) * MIB) / counted
