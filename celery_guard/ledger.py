@@ -310,19 +310,24 @@ class Ledger:
         return self._expected
 
     @property
+    def first_round(self) -> bool:
+        """Fewer than PRIOR_TASKS tasks finished: what the children copied so far may be
+        less than they will copy (the first tasks may read less of the app's data)."""
+        return self.finished < PRIOR_TASKS
+
+    @property
     def growth_baseline(self) -> int:
-        """What a child added to the pool is taken to copy: the expected baseline, not
-        below the startup estimate until PRIOR_TASKS tasks have finished (the first
-        tasks may read less of the app's data than later ones)."""
+        """What each child is taken to copy, a staying one and one added to the pool
+        alike: the expected baseline, not below the startup estimate in the first round."""
         measured = self.expected_baseline
-        return measured if self.finished >= PRIOR_TASKS else max(measured, self.estimate)
+        return max(measured, self.estimate) if self.first_round else measured
 
     @property
     def baseline_gap(self) -> int:
-        """Bytes the staying children will still copy: all of ``expected_baseline`` for a
+        """Bytes the staying children will still copy: all of ``growth_baseline`` for a
         young one, the rest of it for one that copied less so far. Summed again only when
         a child comes, goes, leaves or is measured, or the expectation moves: not per task."""
-        expected = self.expected_baseline
+        expected = self.growth_baseline
         if self._gap is None or self._gap[0] != expected:
             gap = 0
             for child in self.children.values():
@@ -396,6 +401,12 @@ class Ledger:
         live = self.live()
         ready = sum(1 for c in live if c.ready)
         return ready, len(live) - ready
+
+    def measured_children(self) -> tuple[int, int]:
+        """(measured, not yet) of the staying children: measured once a task finished."""
+        live = self.live()
+        measured = sum(1 for c in live if not c.young)
+        return measured, len(live) - measured
 
     def leave(self, pid: int) -> None:
         """The child is on its way out (recycled, retired, killed): what it holds is

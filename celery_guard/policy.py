@@ -179,7 +179,7 @@ def roomy(view: View, ledger: Ledger) -> bool:
     worst = (
         view.unreclaimable
         + ledger.baseline_gap
-        + (children - view.size) * ledger.expected_baseline
+        + (children - view.size) * ledger.growth_baseline
         + children * ledger.tasks.worst_peak
     )
     if worst >= view.marks.low:
@@ -640,7 +640,11 @@ class Safety:
         (``steps.Governor``) doubles at most once per start, so a dear start (a child
         that loads a model in ``worker_process_init``) is paid by a few children, not by
         all of those asked for, before the plan has weighed it; a pool of cheap children
-        is whole after a few waves (the pool over the CPUs, doubled each wave)."""
+        is whole after a few waves (the pool over the CPUs, doubled each wave). In the
+        first round (``Ledger.first_round``) a wave is the children that finished a task:
+        the startup estimate does not foresee the tasks' peaks, nor a task that copies
+        more of the app's data than it counted, so the pool is multiplied on children
+        measured, as a new kind of task is on one measured run (``admit``)."""
         target = target_size(view, ledger)
         if view.size > target and now >= self.quiet_until:
             idle = [c for c in ledger.live() if c.task is None]
@@ -652,6 +656,8 @@ class Safety:
         if view.size >= target or leaving(ledger):
             return []  # children on their way out: grow once their memory is free
         ready, starting = ledger.starting_children()
+        if ledger.first_round:  # a wave is the children measured: see above
+            ready, starting = ledger.measured_children()
         wave = max(ready, 1) - starting
         each = ledger.growth_baseline + ledger.tasks.worst_peak
         count = 0  # as many as fit, up to the target (the tick's reading is fresh)

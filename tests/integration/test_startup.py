@@ -64,8 +64,11 @@ def test_vanilla_dies_where_guarded_scales_and_finishes(
     concurrency = int(startup["concurrency"])
     assert REALLY_FIT_IN_1G * 0.8 <= concurrency <= REALLY_FIT_IN_1G
     worker.wait_ready(60)
-    # forked in waves (one child per CPU, then doubling as they are ready): whole, no task needed
-    assert harness.eventually(lambda: worker.forks() == concurrency, 30), worker.log[-3000:]
+    # forked in waves (one child per CPU, then doubling on the children measured), whole
+    # under tasks that wait on I/O (all that fit add to the rate); never more
+    waiting = harness.send_tasks(redis, worker.queue, "hog", 8 * concurrency, (0, 0.3))
+    assert harness.eventually(lambda: worker.forks() == concurrency, 60), worker.log[-3000:]
+    assert harness.wait_for_results(waiting, 120, group)
     results = harness.send_tasks(redis, worker.queue, "walk", 32)
     assert harness.wait_for_results(results, 120, group)
     assert group.oom_kills() == 0
@@ -125,9 +128,11 @@ def test_smoke_fitted_in_a_cgroup_runs_tasks_and_stops_cleanly(
     assert 1 <= concurrency < 8
     worker.wait_ready(60)
     assert f".> concurrency: {concurrency} (prefork)" in worker.log
-    assert harness.eventually(lambda: worker.forks() >= concurrency, 30)  # forked in waves
+    waiting = harness.send_tasks(redis, worker.queue, "hog", 4 * concurrency, (0, 0.2))
+    # forked in waves, each once the children forked last have finished a task
+    assert harness.eventually(lambda: worker.forks() >= concurrency, 30), worker.log
     results = harness.send_tasks(redis, worker.queue, "leak", 4, (8,))
-    assert harness.wait_for_results(results, 60, group), worker.log
+    assert harness.wait_for_results(waiting + results, 60, group), worker.log
     stats = harness.broadcast_guard_stats(redis, worker)
     assert stats["children"] >= 1 and "heavy_app.leak" in stats["tasks"]
     worker.stop()

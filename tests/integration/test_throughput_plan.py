@@ -81,13 +81,15 @@ def test_cheap_children_of_slow_tasks_stay_many_and_are_replaced_after_a_task_or
 
 
 @pytest.mark.cgroup
-def test_a_pool_of_dear_children_is_forked_in_waves_each_once_the_last_is_ready(
+def test_a_pool_of_dear_children_is_forked_in_waves_each_once_the_last_is_measured(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
     """Asked for -c 8, with children that spend 0.3 s of CPU starting: the pool is
-    forked with one child per CPU, then doubles each time the children forked last
-    are ready for work, and no task is needed for it to reach 8. The startup line and
-    ``celery inspect stats`` give the whole pool's size."""
+    forked with one child per CPU, and no more before a task has finished (an idle
+    worker keeps its first wave); then, as tasks that wait on I/O come, it grows to 8,
+    each wave at most as large as the pool before it (the children measured, in the
+    first round; ready, after it). The startup line and ``celery inspect stats`` give
+    the whole pool's size."""
     from celery_guard.governor import available_cpus
 
     group = make_cgroup(768 * MIB)
@@ -95,19 +97,25 @@ def test_a_pool_of_dear_children_is_forked_in_waves_each_once_the_last_is_ready(
     worker = make_worker(["-c", "8"], env, group)
     worker.wait_ready(90)
     assert worker.startup()["concurrency"] == "8"
-    assert harness.eventually(lambda: worker.forks() == 8, 60), worker.log[-3000:]
     first = max(math.ceil(available_cpus()), 1)
-    waves, size = [], first
-    while size < 8:
-        waves.append(min(size, 8 - size))
-        size += waves[-1]
-    grows = [p for p in worker.events("pressure") if p["action"] == "grow"]
-    assert [int(g["added"]) for g in grows] == waves
-    before_first_grow = worker.log.split("action=grow", 1)[0]
-    assert before_first_grow.count("heavy_app pool child started") == first
+    assert harness.eventually(lambda: worker.forks() == first, 30), worker.log[-3000:]
     node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
     stats = harness.run_celery(["inspect", "stats", "--json", "--timeout", "10", "-d", node], env)
     assert json.loads(stats.stdout)[node]["pool"]["max-concurrency"] == 8, stats
+    # the first wave ready, the governor's checks past (the inspect's round trip): idle,
+    # the pool has not grown
+    assert worker.forks() == first and "action=grow" not in worker.log, worker.log[-3000:]
+    results = harness.send_tasks(redis, worker.queue, "hog", 80, (0, 0.2))
+    assert harness.eventually(lambda: worker.forks() == 8, 60), worker.log[-3000:]
+    assert harness.wait_for_results(results, 120, group)
+    grows = [p for p in worker.events("pressure") if p["action"] == "grow"]
+    sizes = [first] + [int(g["concurrency"]) for g in grows]
+    assert sizes[-1] == 8 and all(
+        int(g["added"]) <= before for g, before in zip(grows, sizes, strict=False)
+    ), grows
+    before_first_grow = worker.log.split("action=grow", 1)[0]
+    assert before_first_grow.count("heavy_app pool child started") == first
+    assert "event=calibration" in before_first_grow  # a child measured before it grew
     assert group.oom_kills() == 0
 
 

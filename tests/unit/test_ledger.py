@@ -60,8 +60,7 @@ def test_the_expected_baseline_is_the_startup_estimate_until_a_child_reports() -
 def test_the_pool_grows_on_a_lower_measure_only_after_the_first_tasks() -> None:
     """The first tasks may read less of the app's data than later ones: what their
     children copied bounds the growth of the pool only once PRIOR_TASKS tasks have
-    finished, when it is below the startup estimate; a higher measure counts at once.
-    The projection takes the measure at once."""
+    finished, when it is below the startup estimate; a higher measure counts at once."""
     ledger = Ledger(estimate=100 * MIB)
     ledger.child_up(1)
     ledger.after_task(record(1, private=20 * MIB))
@@ -74,6 +73,22 @@ def test_the_pool_grows_on_a_lower_measure_only_after_the_first_tasks() -> None:
     ledger.child_up(2)
     ledger.after_task(record(2, private=150 * MIB))
     assert ledger.growth_baseline == ledger.expected_baseline == 150 * MIB
+
+
+def test_in_the_first_round_the_staying_children_are_expected_to_copy_the_estimate() -> None:
+    """A child measured after a task that read little of the app's data, and a young one
+    beside it, will copy what the estimate says, as a child added to the pool would: the
+    projection counts the rest of it until PRIOR_TASKS tasks have finished."""
+    ledger = Ledger(estimate=100 * MIB)
+    ledger.child_up(1)
+    ledger.child_up(2)
+    ledger.after_task(record(1, private=20 * MIB))
+    assert ledger.first_round
+    assert ledger.baseline_gap == (100 - 20 + 100) * MIB
+    for _ in range(PRIOR_TASKS):
+        ledger.task_finished(1)
+    assert not ledger.first_round
+    assert ledger.baseline_gap == 20 * MIB  # the young one: what was measured
 
 
 def test_a_bound_does_not_lower_a_measured_peak() -> None:
@@ -287,8 +302,10 @@ def test_the_sums_a_hand_over_weighs_are_what_walking_the_children_gives_after_a
         assert ledger.running_peaks == sum(c.task_peak for c in staying if c.task is not None)
         assert ledger.starting_peaks == sum(h.peak for h in ledger.starting.values())
         assert ledger.leaving_bytes == sum(c.private for c in children if c.leaving)
+        # in the first round every child is expected to copy at least the estimate
+        copies = max(expected, ledger.estimate) if ledger.finished < PRIOR_TASKS else expected
         assert ledger.baseline_gap == sum(
-            expected if c.baseline is None else max(expected - c.baseline, 0) for c in staying
+            copies if c.baseline is None else max(copies - c.baseline, 0) for c in staying
         )
         for name in ("a", "b", "c"):
             in_flight = [h.name for h in ledger.starting.values()] + [c.task for c in children]

@@ -130,6 +130,23 @@ def test_admit(name: str, ws: int, children: list, handed: list[str], over: bool
     assert (verdict.admit, verdict.reason) == expected
 
 
+@pytest.mark.parametrize(("finished", "expected"), [(0, "no_room"), (PRIOR_TASKS, "fits")])
+def test_in_the_first_round_a_child_that_copied_less_than_the_estimate_counts_the_rest(
+    finished: int, expected: str
+) -> None:
+    """Estimate 100 MiB; child 1 copied 20 in a first task that read little, child 2 is
+    young. In the first round both are expected to copy the estimate: 650 + 80 + 100 +
+    60 running + 60 new = 950 > 900. Past it, what was measured: 650 + 0 + 20 + 60 + 60
+    = 790."""
+    book = Ledger(100 * MIB, finished=finished)
+    book.tasks.observe("hog", 60 * MIB, 0)
+    for pid in (1, 2):
+        book.child_up(pid, rss=200 * MIB)
+    book.after_task(Record(1, "boot", 0, False, 0, 200 * MIB, 20 * MIB))
+    book.task_accepted(1, "id-1", "hog")
+    assert admit(view(650), book, "hog").reason == expected
+
+
 def test_nothing_in_flight_is_not_idle_while_a_child_on_its_way_out_holds_memory() -> None:
     """Child 1 was recycled holding 300 MiB and has not exited: its memory is still in
     the working set. 930 + 60 = 990 would pass the hard mark (970) before it is freed:
@@ -289,6 +306,26 @@ def test_it_grows_in_waves_no_more_than_the_children_ready_less_those_starting()
         book.child_ready(pid)
     assert [(a.action, a.count) for a in safety.decide(view(300, size=6), book, 0.3)] == [
         ("grow", 6)  # six ready: the pool may double
+    ]
+
+
+def test_in_the_first_round_it_grows_only_on_children_that_finished_a_task() -> None:
+    """Before PRIOR_TASKS tasks a wave is the measured children: the startup estimate
+    (150 MiB) foresees no task's peak, and the young child beside the measured one has
+    not shown what its tasks copy, so the pool does not double on them yet."""
+    book = Ledger(150 * MIB)
+    book.tasks.observe("t", 25 * MIB, 0)
+    for pid in (1, 2):
+        book.child_up(pid, rss=200 * MIB)
+        book.child_ready(pid)
+    book.after_task(Record(1, "t", 0, False, 0, 200 * MIB, 10 * MIB))
+    safety = Safety()
+    assert book.first_round
+    # room for two more: 200 held + 2 x 140 the two will still copy + 2 x 175 = 830 < 900
+    assert safety.decide(view(200, size=2), book, now=0.0) == []  # one measured, one not
+    book.after_task(Record(2, "t", 0, False, 0, 200 * MIB, 10 * MIB))
+    assert [(a.action, a.count) for a in safety.decide(view(200, size=2), book, 0.1)] == [
+        ("grow", 2)
     ]
 
 
