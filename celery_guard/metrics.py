@@ -103,8 +103,7 @@ class GuardCollector:
         with c.lock:
             pressure = dict(c.pressure)
             oom_kills, recycles = c.oom_kills, c.recycles
-            hits = {name: dict(counts) for name, counts in c.limit_hits.items()}
-            events = {name: dict(counts) for name, counts in c.task_events.items()}
+            hits, events = c.limit_hits(), c.task_counts()
             peaks = {name: (list(g.peaks), g.peaks_sum) for name, g in c.tasks.items()}
         actions = CounterMetricFamily(
             PREFIX + "pressure_actions",

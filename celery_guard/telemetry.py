@@ -292,13 +292,18 @@ TASK_EVENTS = ("recycle", "hold", "memory_kill", "oom_kill")
 
 
 @dataclass
-class TaskGrowth:
-    events: int = 0
+class TaskFigures:
+    """What the collector keeps of one task name, in one table bounded by ``name_key``:
+    what its runs kept, their peaks, its task-limit hits and its TASK_EVENTS."""
+
+    events: int = 0  # runs that kept memory
     total: int = 0
     largest: int = 0
     #: runs whose own peak (exact) fell in each of PEAK_BUCKETS, then above them
     peaks: list[int] = field(default_factory=lambda: [0] * (len(PEAK_BUCKETS) + 1))
     peaks_sum: int = 0
+    limit_hits: dict[str, int] = field(default_factory=dict)  # by LIMIT_KINDS
+    counts: dict[str, int] = field(default_factory=dict)  # by TASK_EVENTS
 
     def observe_peak(self, peak: int) -> None:
         index = next((i for i, bound in enumerate(PEAK_BUCKETS) if peak <= bound), -1)
@@ -353,7 +358,7 @@ class Collector:
     max_tasks_per_child: int = 0  # billiard's recycle after so many tasks (0: none)
     private: ExpHistogram = field(default_factory=ExpHistogram)
     peak_rss: ExpHistogram = field(default_factory=ExpHistogram)
-    tasks: dict[str, TaskGrowth] = field(default_factory=dict)
+    tasks: dict[str, TaskFigures] = field(default_factory=dict)  # by task name
     last_task: dict[int, tuple[str, int]] = field(default_factory=dict)
     child_figures: dict[int, ChildFigures] = field(default_factory=dict)
     recycles: int = 0
@@ -361,10 +366,6 @@ class Collector:
     pressure: dict[str, int] = field(default_factory=dict)  # event=pressure lines by action
     #: Is this pid one of ours (a pool child, or this process for pools that do not fork)?
     known: Callable[[int], bool] = lambda pid: True
-    #: Tasks that passed their own memory limits, by task name and kind.
-    limit_hits: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: TASK_EVENTS by task name (recycles after it, holds of it, its memory kills...).
-    task_events: dict[str, dict[str, int]] = field(default_factory=dict)
     exits: ExitCauses = field(default_factory=lambda: ExitCauses(None))
     failures: MemoryFailures | None = None  # set in __post_init__
     #: The startup estimate of one child's cost, and what the first child measured: its
@@ -415,8 +416,7 @@ class Collector:
                 continue
             kind, delta, record = parsed
             with self.lock:
-                name = name_key(self.tasks, record.name)
-                growth = self.tasks.setdefault(name, TaskGrowth())
+                name, growth = self._task(record.name)
                 if delta > 0:
                     growth.events += 1
                     growth.total += delta
@@ -455,10 +455,15 @@ class Collector:
             self.dropped += 1
             return None
         with self.lock:
-            name = name_key(self.limit_hits, hit.name)
-            counts = self.limit_hits.setdefault(name, {})
+            counts = self._task(hit.name)[1].limit_hits
             counts[hit.kind] = counts.get(hit.kind, 0) + 1
         return hit
+
+    def _task(self, name: str) -> tuple[str, TaskFigures]:
+        """The name kept for task ``name`` (``OTHER`` past MAX_TASK_NAMES names) and its
+        figures; under the lock."""
+        kept = name_key(self.tasks, name)
+        return kept, self.tasks.setdefault(kept, TaskFigures())
 
     def count_pressure(self, action: str) -> None:
         with self.lock:
@@ -467,9 +472,16 @@ class Collector:
     def count_task(self, kind: str, name: str | None) -> None:
         """One more ``kind`` (TASK_EVENTS) for the task ``name`` (bounded: ``name_key``)."""
         with self.lock:
-            name = name_key(self.task_events, name or "?")
-            counts = self.task_events.setdefault(name, {})
+            counts = self._task(name or "?")[1].counts
             counts[kind] = counts.get(kind, 0) + 1
+
+    def limit_hits(self) -> dict[str, dict[str, int]]:
+        """Task-limit hits by task name and kind, of the names that had any; under the lock."""
+        return {name: dict(f.limit_hits) for name, f in self.tasks.items() if f.limit_hits}
+
+    def task_counts(self) -> dict[str, dict[str, int]]:
+        """TASK_EVENTS by task name, of the names that had any; under the lock."""
+        return {name: dict(f.counts) for name, f in self.tasks.items() if f.counts}
 
     # -- sampling -------------------------------------------------------------------
     def sample(self) -> None:
@@ -603,16 +615,15 @@ class Collector:
                 "oom_kills": self.oom_kills,
                 "child_cost_measured_mib": _mib_or_none(self.calibration),
             }
-            if self.limit_hits:  # tasks that passed their own memory limits
-                totals = {
-                    k: sum(c.get(k, 0) for c in self.limit_hits.values()) for k in LIMIT_KINDS
-                }
+            hits = self.limit_hits()
+            if hits:  # tasks that passed their own memory limits
+                totals = {k: sum(c.get(k, 0) for c in hits.values()) for k in LIMIT_KINDS}
                 fields["task_limit_soft"] = totals["soft"]
                 fields["task_limit_hard"] = totals["hard"]
                 fields["task_limit_top"] = ",".join(
                     f"{name}:{c.get('soft', 0)}/{c.get('hard', 0)}"
                     for name, c in sorted(
-                        self.limit_hits.items(),
+                        hits.items(),
                         key=lambda item: -(item[1].get("hard", 0) + item[1].get("soft", 0)),
                     )[:3]
                 )
@@ -678,13 +689,12 @@ class Collector:
             }
             fields["task_memory_limits"] = {
                 name: {kind: counts.get(kind, 0) for kind in ("soft", "hard")}
-                for name, counts in self.limit_hits.items()
+                for name, counts in self.limit_hits().items()
             }
             fields["held"] = {  # what the guard keeps: bounded whatever the task count
                 "task_names": len(self.tasks),
                 "children": len(self.child_figures),
                 "last_tasks": len(self.last_task),
-                "limit_names": len(self.limit_hits),
                 "private_buckets": len(self.private.buckets()),
                 "peak_rss_buckets": len(self.peak_rss.buckets()),
             }
