@@ -86,8 +86,17 @@ def test_a_limit_changed_at_run_time_is_noticed(
     group = make_cgroup(GIB)
     worker = make_worker(["-c", "4"], harness.worker_env(redis, {**acks, **FAST}), group)
     worker.wait_ready(60)
-    results = harness.send_tasks(redis, worker.queue, "walk", 8)
-    assert harness.wait_for_results(results, 120, group), harness.outcome(results, group, worker)
+    # every child of the 4 measured first (the pool grows in its first tasks on children
+    # that finished one): the working set then holds what each copied
+    walked: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(walked) < 4:
+        assert time.monotonic() < deadline, f"children that walked: {walked}"
+        results = _walks_and_waits(redis, worker, 4)
+        assert harness.wait_for_results(results, 120, group), harness.outcome(
+            results, group, worker
+        )
+        walked = set(re.findall(r"ForkPoolWorker-(\d+)\] Task heavy_app.walk", worker.log))
 
     working_set = group.working_set()
     lowered_mib = working_set // 0.97 // MIB  # high (95%) below the working set
