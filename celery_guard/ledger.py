@@ -11,7 +11,7 @@ fed by the governor on the event loop and read by the policy.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -398,15 +398,16 @@ class Ledger:
 
     def starting_children(self) -> tuple[int, int]:
         """(ready, still starting) of the staying children."""
-        live = self.live()
-        ready = sum(1 for c in live if c.ready)
-        return ready, len(live) - ready
+        return self._staying_split(lambda c: c.ready)
 
     def measured_children(self) -> tuple[int, int]:
         """(measured, not yet) of the staying children: measured once a task finished."""
+        return self._staying_split(lambda c: not c.young)
+
+    def _staying_split(self, counted: Callable[[ChildState], bool]) -> tuple[int, int]:
         live = self.live()
-        measured = sum(1 for c in live if not c.young)
-        return measured, len(live) - measured
+        yes = sum(1 for c in live if counted(c))
+        return yes, len(live) - yes
 
     def leave(self, pid: int) -> None:
         """The child is on its way out (recycled, retired, killed): what it holds is

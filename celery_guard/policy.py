@@ -70,9 +70,10 @@ class View:
 def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) -> int:
     """Bytes the pool will still add at its peak from what it runs now.
 
-    Every child will copy what the children measured last copied (``expected_baseline``):
-    a young child all of it, one that copied less so far (its tasks read less of the
-    app's data) the rest (``Ledger.baseline_gap``). Each task handed out reaches its
+    Every child will copy what the children measured last copied (``expected_baseline``;
+    in the first round not less than the startup estimate: ``growth_baseline``): a young
+    child all of it, one that copied less so far (its tasks read less of the app's data)
+    the rest (``Ledger.baseline_gap``). Each task handed out reaches its
     expected peak. With ``rss_now`` a running task's growth so far is read and only the
     rest is counted (it is already in the cgroup's figure); without, all of it counts
     (cautious, and no read: the ledger's sums, no walk of the children). A task that
