@@ -278,19 +278,19 @@ class Guard:
                 self.governor.post(record)
 
     # -- the figures: the summary line, ``guard_stats``, the metrics ------------------
-    def summary_fields(self, final: bool = False) -> dict[str, Any]:
+    def snapshot(self, final: bool = False) -> telemetry.Snapshot:
+        """The collector's figures with the governor's: what every report renders."""
         assert self.collector is not None
-        return self.collector.summary_fields(final, self._governor_figures())
+        return self.collector.snapshot(final, self._governor_figures())
 
     def log_summary(self, final: bool = False) -> dict[str, Any]:
-        assert self.collector is not None
-        return self.collector.log_summary(final, self._governor_figures())
+        fields = self.snapshot(final).summary
+        emit(logging.INFO, "summary", fields)
+        return fields
 
     def stats(self) -> dict[str, Any]:
-        assert self.collector is not None
         found = self.governor
-        sections = {"governor": found.info()} if found is not None else {}
-        return self.collector.stats(self._governor_figures(), sections)
+        return self.snapshot().stats({"governor": found.info()} if found is not None else {})
 
     def _governor_figures(self) -> dict[str, Any] | None:
         found = self.governor
@@ -372,7 +372,7 @@ class Guard:
             return
         from . import metrics
 
-        source = metrics.GuardCollector(self.collector, self.requested, self.summary_fields)
+        source = metrics.GuardCollector(self.collector, self.requested, self.snapshot)
         self.metrics = metrics.serve(source, self.settings.metrics_address, port)
         if self.metrics is not None:  # children forked from now on close their copy at once
             os.register_at_fork(after_in_child=self.metrics.close_in_child)

@@ -14,7 +14,7 @@ from typing import Any
 from . import cgroups, procfs
 from .logline import emit
 from .protect import threads_without_signals
-from .telemetry import PEAK_BUCKETS, Collector
+from .telemetry import PEAK_BUCKETS, Collector, Snapshot
 
 PREFIX = "celery_guard_"
 #: The port the documentation and the examples use: outside Prometheus' allocated range
@@ -46,13 +46,13 @@ class GuardCollector:
         self,
         collector: Collector,
         requested: int,
-        summary: Callable[[], dict[str, Any]] | None = None,
+        snapshot: Callable[[], Snapshot] | None = None,
     ) -> None:
         self.collector = collector
         self.requested = requested
-        #: the summary's figures with the governor's (``Guard.summary_fields``): the
-        #: recommendation weighs its plan
-        self.summary = summary or collector.summary_fields
+        #: the figures with the governor's (``Guard.snapshot``): the recommendation
+        #: weighs its plan
+        self.snapshot = snapshot or collector.snapshot
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -61,8 +61,8 @@ class GuardCollector:
             HistogramMetricFamily,
         )
 
-        c = self.collector
-        host = [c.hostname]
+        c, now = self.collector, self.snapshot()
+        host, summary = [now.hostname], now.summary
 
         def gauge(name: str, doc: str, value: float | None) -> Iterator[Any]:
             if value is not None:
@@ -70,7 +70,7 @@ class GuardCollector:
                 family.add_metric(host, value)
                 yield family
 
-        yield from gauge("limit_bytes", "The memory limit the pool is fitted to.", c.limit)
+        yield from gauge("limit_bytes", "The memory limit the pool is fitted to.", now.limit)
         usage = cgroups.read_usage(c.cgroup) if c.cgroup is not None else None
         yield from gauge(
             "usage_bytes", "The cgroup's memory usage.", usage.usage if usage else None
@@ -82,12 +82,11 @@ class GuardCollector:
         )
         pids = c.children()
         yield from gauge("children", "Live pool children.", len(pids))
-        yield from gauge("concurrency", "The pool's size now.", c.concurrency())
+        yield from gauge("concurrency", "The pool's size now.", summary["concurrency"])
         yield from gauge(
             "requested_concurrency", "The concurrency the worker was started with.",
             self.requested,
         )  # fmt: skip
-        summary = self.summary()
         yield from gauge(
             "recommended_concurrency", "The children the measured per-child cost allows.",
             summary.get("recommended_concurrency"),
@@ -100,35 +99,34 @@ class GuardCollector:
         )
         yield self._children_private(HistogramMetricFamily, pids)
 
-        with c.lock:
-            pressure = dict(c.pressure)
-            oom_kills, recycles = c.oom_kills, c.recycles
-            hits, events = c.limit_hits(), c.task_counts()
-            peaks = {name: (list(g.peaks), g.peaks_sum) for name, g in c.tasks.items()}
         actions = CounterMetricFamily(
             PREFIX + "pressure_actions",
             "Actions the guard took on memory (event=pressure lines), by action.",
             labels=["hostname", "action"],
         )
-        for action, count in sorted(pressure.items()):
-            actions.add_metric([c.hostname, action], count)
+        for action, count in sorted(now.pressure.items()):
+            actions.add_metric([now.hostname, action], count)
         yield actions
-        for name, doc, value in (
-            ("oom_kills", "Pool children the kernel's OOM killer stopped.", oom_kills),
-            ("recycles", "Children replaced for worker_max_memory_per_child.", recycles),
+        for name, doc in (
+            ("oom_kills", "Pool children the kernel's OOM killer stopped."),
+            ("recycles", "Children replaced for worker_max_memory_per_child."),
         ):
             family = CounterMetricFamily(PREFIX + name, doc, labels=["hostname"])
-            family.add_metric(host, value)
+            family.add_metric(host, summary[name])
             yield family
         growth = HistogramMetricFamily(
             PREFIX + "task_peak_growth_bytes",
             "How far one run of a task raised its child's memory at its peak, by task name.",
             labels=["hostname", "task"],
         )
-        for name, (runs, total) in sorted(peaks.items()):
-            if sum(runs):
-                growth.add_metric([c.hostname, name], cumulative(runs, PEAK_BUCKETS), total)
+        for name, figures in sorted(now.tasks.items()):
+            if sum(figures.peaks):
+                growth.add_metric(
+                    [now.hostname, name], cumulative(figures.peaks, PEAK_BUCKETS),
+                    figures.peaks_sum,
+                )  # fmt: skip
         yield growth
+        events = now.task_counts()
         for kind, doc in (
             ("recycle", "Children recycled for their memory after a run of the task."),
             ("hold", "Times a task was held because its peak would not fit."),
@@ -140,7 +138,7 @@ class GuardCollector:
             )
             for name, by_kind in sorted(events.items()):
                 if by_kind.get(kind):
-                    family.add_metric([c.hostname, name], by_kind[kind])
+                    family.add_metric([now.hostname, name], by_kind[kind])
             yield family
         limits = CounterMetricFamily(
             PREFIX + "task_memory_limit",
@@ -148,9 +146,9 @@ class GuardCollector:
             "(raised in the task), kill (its child stopped).",
             labels=["hostname", "task", "kind"],
         )
-        for name, hit in sorted(hits.items()):
+        for name, hit in sorted(now.limit_hits().items()):
             for kind, count in sorted(hit.items()):
-                limits.add_metric([c.hostname, name, kind], count)
+                limits.add_metric([now.hostname, name, kind], count)
         yield limits
 
     def _children_private(self, family_class: Any, pids: list[int]) -> Any:

@@ -100,7 +100,7 @@ class Telemetry(bootsteps.StartStopStep):
         guard = state_of(w)
         if guard is None or guard.collector is None:
             return {}
-        return {"guard_telemetry": guard.summary_fields()}
+        return {"guard_telemetry": guard.snapshot().summary}
 
 
 class Protection(bootsteps.StartStopStep):

@@ -19,7 +19,7 @@ import selectors
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from billiard.pool import EX_RECYCLE
@@ -305,6 +305,11 @@ class TaskFigures:
     limit_hits: dict[str, int] = field(default_factory=dict)  # by LIMIT_KINDS
     counts: dict[str, int] = field(default_factory=dict)  # by TASK_EVENTS
 
+    def copy(self) -> TaskFigures:
+        return replace(
+            self, peaks=list(self.peaks), limit_hits=dict(self.limit_hits), counts=dict(self.counts)
+        )
+
     def observe_peak(self, peak: int) -> None:
         index = next((i for i, bound in enumerate(PEAK_BUCKETS) if peak <= bound), -1)
         self.peaks[index] += 1
@@ -475,14 +480,6 @@ class Collector:
             counts = self._task(name or "?")[1].counts
             counts[kind] = counts.get(kind, 0) + 1
 
-    def limit_hits(self) -> dict[str, dict[str, int]]:
-        """Task-limit hits by task name and kind, of the names that had any; under the lock."""
-        return {name: dict(f.limit_hits) for name, f in self.tasks.items() if f.limit_hits}
-
-    def task_counts(self) -> dict[str, dict[str, int]]:
-        """TASK_EVENTS by task name, of the names that had any; under the lock."""
-        return {name: dict(f.counts) for name, f in self.tasks.items() if f.counts}
-
     # -- sampling -------------------------------------------------------------------
     def sample(self) -> None:
         if self.cgroup is not None:
@@ -583,15 +580,21 @@ class Collector:
             fields.update(then=outcome.then, memory_kills=outcome.kills)
         emit(logging.ERROR, "oom", fields)
 
-    def summary_fields(
-        self, final: bool = False, more: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """The summary's figures; ``more`` (the governor's) joins them before the
-        recommendation, which weighs its plan."""
+    def snapshot(self, final: bool = False, more: Mapping[str, Any] | None = None) -> Snapshot:
+        """The figures now, read under the lock once; ``more`` (the governor's) joins the
+        summary's before the recommendation, which weighs its plan."""
         with self.lock:
             private = {p: self.private.percentile(p) for p in (50, 95)}
             peak = {p: self.peak_rss.percentile(p) for p in (50, 95)}
-            top = sorted(self.tasks.items(), key=lambda item: -item[1].total)[:3]
+            tasks = {name: f.copy() for name, f in self.tasks.items()}
+            held = {  # what the collector keeps: bounded whatever the task count
+                "task_names": len(self.tasks),
+                "children": len(self.child_figures),
+                "last_tasks": len(self.last_task),
+                "private_buckets": len(self.private.buckets()),
+                "peak_rss_buckets": len(self.peak_rss.buckets()),
+            }
+            pressure = dict(self.pressure)
             fields: dict[str, Any] = {
                 "worker": self.hostname,
                 "final": final,
@@ -610,23 +613,26 @@ class Collector:
                 "peak_rss_p50_mib": _mib_or_none(peak[50]),
                 "peak_rss_p95_mib": _mib_or_none(peak[95]),
                 "peak_rss_max_mib": _mib_or_none(self.peak_rss.max),
-                "top_tasks": ",".join(f"{n}:{mib(g.total)}" for n, g in top if g.total),
+                "top_tasks": "",
                 "recycles": self.recycles,
                 "oom_kills": self.oom_kills,
                 "child_cost_measured_mib": _mib_or_none(self.calibration),
             }
-            hits = self.limit_hits()
-            if hits:  # tasks that passed their own memory limits
-                totals = {k: sum(c.get(k, 0) for c in hits.values()) for k in LIMIT_KINDS}
-                fields["task_limit_soft"] = totals["soft"]
-                fields["task_limit_hard"] = totals["hard"]
-                fields["task_limit_top"] = ",".join(
-                    f"{name}:{c.get('soft', 0)}/{c.get('hard', 0)}"
-                    for name, c in sorted(
-                        hits.items(),
-                        key=lambda item: -(item[1].get("hard", 0) + item[1].get("soft", 0)),
-                    )[:3]
-                )
+        snapshot = Snapshot(self.hostname, self.limit, fields, tasks, pressure, held, self.dropped)
+        top = sorted(tasks.items(), key=lambda item: -item[1].total)[:3]
+        fields["top_tasks"] = ",".join(f"{n}:{mib(g.total)}" for n, g in top if g.total)
+        hits = snapshot.limit_hits()
+        if hits:  # tasks that passed their own memory limits
+            totals = {k: sum(c.get(k, 0) for c in hits.values()) for k in LIMIT_KINDS}
+            fields["task_limit_soft"] = totals["soft"]
+            fields["task_limit_hard"] = totals["hard"]
+            fields["task_limit_top"] = ",".join(
+                f"{name}:{c.get('soft', 0)}/{c.get('hard', 0)}"
+                for name, c in sorted(
+                    hits.items(),
+                    key=lambda item: -(item[1].get("hard", 0) + item[1].get("soft", 0)),
+                )[:3]
+            )
         fields.update(more or {})
         advice = recommend(
             plan_concurrency=fields.get("plan_vanilla_concurrency"),
@@ -651,7 +657,7 @@ class Collector:
             fields["alternative_max_memory_per_child_kib"] = (
                 advice.alternative_max_memory_per_child_kib
             )
-        return fields
+        return snapshot
 
     def _container_limit(self, fields: dict[str, Any]) -> float | None:
         """The limit that would run the requested concurrency: every child at its p95
@@ -667,38 +673,43 @@ class Collector:
             headroom_fraction=self.settings.headroom,
         )  # fmt: skip
 
-    def log_summary(
-        self, final: bool = False, more: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        fields = self.summary_fields(final, more)
-        emit(logging.INFO, "summary", fields)
-        return fields
 
-    def stats(
-        self,
-        more: Mapping[str, Any] | None = None,
-        sections: Mapping[str, dict[str, Any]] | None = None,
-    ) -> dict[str, Any]:
-        """The live figures for ``celery inspect guard_stats``: the summary's (with
-        ``more``), the tables behind them, and other parts' ``sections`` by name."""
-        fields = self.summary_fields(more=more)
-        with self.lock:
-            fields["tasks"] = {
-                name: {"events": g.events, "total_mib": mib(g.total), "max_mib": mib(g.largest)}
-                for name, g in self.tasks.items()
-            }
-            fields["task_memory_limits"] = {
-                name: {kind: counts.get(kind, 0) for kind in ("soft", "hard")}
-                for name, counts in self.limit_hits().items()
-            }
-            fields["held"] = {  # what the guard keeps: bounded whatever the task count
-                "task_names": len(self.tasks),
-                "children": len(self.child_figures),
-                "last_tasks": len(self.last_task),
-                "private_buckets": len(self.private.buckets()),
-                "peak_rss_buckets": len(self.peak_rss.buckets()),
-            }
-            fields["records_dropped"] = self.dropped  # refused: not a record of a child
+@dataclass(frozen=True)
+class Snapshot:
+    """The collector's figures at one moment: the one thing the summary line,
+    ``guard_stats`` (and ``celery-guard report`` through it) and the metrics render, so
+    that no two of them show a figure read at two moments."""
+
+    hostname: str
+    limit: int  # bytes
+    summary: dict[str, Any]  # the summary line's fields, the recommendation included
+    tasks: dict[str, TaskFigures]  # copies, by task name (bounded by ``name_key``)
+    pressure: dict[str, int]  # event=pressure lines by action
+    held: dict[str, int]  # the sizes of what the collector keeps
+    dropped: int  # records refused: not a record of a child
+
+    def limit_hits(self) -> dict[str, dict[str, int]]:
+        """Task-limit hits by task name and kind, of the names that had any."""
+        return {name: f.limit_hits for name, f in self.tasks.items() if f.limit_hits}
+
+    def task_counts(self) -> dict[str, dict[str, int]]:
+        """TASK_EVENTS by task name, of the names that had any."""
+        return {name: f.counts for name, f in self.tasks.items() if f.counts}
+
+    def stats(self, sections: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The figures for ``celery inspect guard_stats``: the summary's, the tables
+        behind them, and other parts' ``sections`` by name."""
+        fields = dict(self.summary)
+        fields["tasks"] = {
+            name: {"events": g.events, "total_mib": mib(g.total), "max_mib": mib(g.largest)}
+            for name, g in self.tasks.items()
+        }
+        fields["task_memory_limits"] = {
+            name: {kind: counts.get(kind, 0) for kind in ("soft", "hard")}
+            for name, counts in self.limit_hits().items()
+        }
+        fields["held"] = dict(self.held)
+        fields["records_dropped"] = self.dropped
         fields.update(sections or {})
         return fields
 
@@ -858,4 +869,13 @@ def open_channel() -> tuple[int, int]:
     return read_end, write_end
 
 
-__all__ = ["ChildProbe", "Collector", "ExitListener", "Heard", "Sampler", "open_channel", "send"]
+__all__ = [
+    "ChildProbe",
+    "Collector",
+    "ExitListener",
+    "Heard",
+    "Sampler",
+    "Snapshot",
+    "open_channel",
+    "send",
+]

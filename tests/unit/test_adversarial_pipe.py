@@ -88,8 +88,8 @@ def test_a_hostile_record_is_dropped_and_nothing_breaks(line: str) -> None:
     c.read_lines([line, record()])
     assert c.dropped == 1
     assert c.tasks["app.t"].total == MIB
-    c.summary_fields(final=True)  # every figure still formats
-    c.stats()
+    c.snapshot(final=True)  # every figure still formats
+    c.snapshot().stats()
 
 
 @QUICK
@@ -97,7 +97,7 @@ def test_a_hostile_record_is_dropped_and_nothing_breaks(line: str) -> None:
 def test_any_text_on_the_pipe_never_raises(lines: list[str]) -> None:
     c = collector()
     c.read_lines(lines)
-    fields = c.summary_fields()
+    fields = c.snapshot().summary
     assert fields["worker"] == "w@h"
 
 
@@ -128,7 +128,7 @@ def test_records_of_any_figures_keep_every_table_sane(
     assert len(seen) + c.dropped == len(lines)
     for growth in c.tasks.values():
         assert 0 <= growth.total < len(lines) * (1 << 50)
-    c.summary_fields()
+    c.snapshot()
 
 
 def test_a_flood_of_invented_task_names_is_bounded() -> None:
@@ -140,7 +140,7 @@ def test_a_flood_of_invented_task_names_is_bounded() -> None:
         ["L 101 hard 1048576 1048576 id-" + str(i) + " forged." + str(i) for i in range(5000)]
     )
     assert len(c.tasks) == MAX_TASK_NAMES + 1  # hits of new names: under "other" too
-    hits = c.limit_hits()  # the names kept for the records count their own hits
+    hits = c.snapshot().limit_hits()  # the names kept for the records count their own hits
     assert hits["forged.0"] == {"hard": 1}
     assert hits["other"] == {"hard": 5000 - MAX_TASK_NAMES}
 

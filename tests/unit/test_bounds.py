@@ -43,8 +43,8 @@ def test_task_events_share_the_one_bound_on_names() -> None:
         c.count_task("recycle", f"app.t{i}")
     c.count_task("recycle", "app.t0")
     assert len(c.tasks) == 201
-    assert c.task_counts()["other"] == {"recycle": 1}
-    assert c.task_counts()["app.t0"] == {"recycle": 1}
+    assert c.snapshot().task_counts()["other"] == {"recycle": 1}
+    assert c.snapshot().task_counts()["app.t0"] == {"recycle": 1}
     assert c.tasks["app.t0"].events == 1  # its record's figures, beside its counts
 
 

@@ -20,6 +20,7 @@ from celery_guard import metrics
 from celery_guard.logline import parse_line
 
 needs.module("prometheus_client", module_level=True)
+MIB = 1024 * 1024
 
 
 class Empty:
@@ -79,3 +80,43 @@ def test_a_good_address_serves(caplog: pytest.LogCaptureFixture) -> None:
             assert response.status == 200
     finally:
         server.stop()
+
+
+def _sample(families: list[Any], name: str, **labels: str) -> float:
+    for family in families:
+        for sample in family.samples:
+            if sample.name == metrics.PREFIX + name and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_the_metrics_and_guard_stats_render_one_snapshot() -> None:
+    """A scrape reads the figures once (``Collector.snapshot``), as ``guard_stats`` and
+    the summary line do: a figure counted after the snapshot was taken is in neither
+    that scrape nor that reply, and every counter the scrape shows is the snapshot's."""
+    from .test_adversarial_pipe import collector, record
+
+    c = collector({101})
+    c.read_lines([record(name="app.kept", delta=3 * MIB)])
+    c.count_task("recycle", "app.kept")
+    c.count_pressure("hold")
+    taken = []
+
+    def snapshot() -> Any:
+        taken.append(c.snapshot())
+        c.count_task("recycle", "app.kept")  # counted after: in no report of this one
+        c.count_pressure("hold")
+        return taken[-1]
+
+    families = list(metrics.GuardCollector(c, 16, snapshot).collect())
+    (now,) = taken
+    stats = now.stats()
+    assert _sample(families, "task_recycles_total", task="app.kept") == 1
+    assert now.task_counts()["app.kept"] == {"recycle": 1}
+    assert _sample(families, "pressure_actions_total", action="hold") == 1 == now.pressure["hold"]
+    assert stats["tasks"]["app.kept"] == {"events": 1, "total_mib": 3.0, "max_mib": 3.0}
+    assert _sample(families, "concurrency") == stats["concurrency"] == 2
+    assert _sample(families, "limit_bytes") == now.limit == stats["limit_mib"] * MIB
+    assert c.snapshot().task_counts()["app.kept"] == {"recycle": 2}  # the live table went on
