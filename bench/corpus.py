@@ -275,6 +275,12 @@ def render(apps: dict[str, dict[str, Any]]) -> list[str]:
         "",
         *runtime.targets(comparisons),
         "",
+        "Where the time went (`bench/runtime.py`: the first tenth of the tasks ended, "
+        "the time per task from there to nine tenths, the CPU of the worker's processes "
+        "over its life; medians of the rounds):",
+        "",
+        *(f"- {line}" for line in runtime.pace_lines(comparisons)),
+        "",
         "The startup estimate of a child against what a child copied as the guard measured "
         "it at the end of the first guarded round (early acks), and the first child after "
         "its first task:",

@@ -35,7 +35,6 @@ on a shared 2-CPU machine fails for reasons that are not the code's).
 from __future__ import annotations
 
 import argparse
-import datetime
 import socket
 import statistics
 import sys
@@ -44,7 +43,6 @@ import time
 import timeit
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -57,11 +55,6 @@ from celery_guard.telemetry import ChildProbe  # noqa: E402
 
 SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
 MIB = 1024 * 1024
-
-
-def _date_done(result: Any) -> datetime.datetime:
-    done = result.date_done
-    return done if isinstance(done, datetime.datetime) else datetime.datetime.fromisoformat(done)
 
 
 @dataclass
@@ -159,7 +152,7 @@ class Contender:
         _wait_last(results, 600)
         after = [_cpu(p) for p in processes]
         self.client.control.cancel_consumer(queue, destination=[self.node], reply=True)
-        done = [_date_done(result) for result in results]
+        done = [harness.date_done(result) for result in results]
         wall = (max(done) - min(done)).total_seconds()
         return Burst(wall, sum(after) - sum(before), after[0] - before[0])
 

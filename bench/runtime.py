@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -105,6 +106,14 @@ class Outcome:
     failed: dict[str, int]  # exception class name (or "unfinished") -> tasks
     oom_kills: int
     main_cpu: float | None = None  # CPU seconds of the main process
+    #: CPU seconds of the worker's processes over the worker's whole life, startup and
+    #: stop included (what this process reaped: the worker, and the children it reaped)
+    cpu: float | None = None
+    #: from the results' end times: seconds from the first task sent to the end of the
+    #: first tenth of them (the pool's start), and milliseconds per task from there to
+    #: the end of nine tenths (its pace once started)
+    ramp: float | None = None
+    pace: float | None = None
     peak_usage: float | None = None  # MiB: the cgroup's own record of its highest usage
     #: the guard's figures: smallest pool after startup, its stops, recycles, holds, and
     #: the reaction times of its final summary
@@ -149,9 +158,14 @@ class Outcome:
             else ""
         )
         peak = f", peak usage {self.peak_usage:.0f} MiB" if self.peak_usage else ""
+        pace = (
+            f", first tenth {self.ramp:.2f} s, pace {self.pace:.2f} ms/task, CPU {self.cpu:.1f} s"
+            if self.ramp is not None and self.pace is not None and self.cpu is not None
+            else ""
+        )
         return (
             f"{self.label:28} {seconds} {self.succeeded}/{self.sent} ok, failed: {failed}, "
-            f"OOM kills {self.oom_kills}{peak}{guard}{ratio} "
+            f"OOM kills {self.oom_kills}{peak}{guard}{pace}{ratio} "
             f"[{self.log.name if self.log else ''}]"
         )
 
@@ -185,10 +199,11 @@ class Runner:
         env = harness.worker_env(self.redis, {**self.env, **extra}, guard)
         log = self.workdir / f"runtime-{self.count}.log"
         worker = harness.Worker(args, env, log, cgroup=group, app=workload.app).start()
-        seconds, results, main_cpu = None, [], None
+        seconds, results, main_cpu, sent_at = None, [], None, 0.0
+        cpu_before = _reaped_cpu()
         try:
             worker.wait_ready(90)
-            start = time.monotonic()
+            start, sent_at = time.monotonic(), time.time()
             results = send(self.redis, worker.queue, workload)
             seconds = _wait(worker, results, start + TIMEOUT)
             if seconds is not None:
@@ -210,6 +225,9 @@ class Runner:
                 name = type(r.result).__name__ if r.ready() else "unfinished"
                 failed[name] = failed.get(name, 0) + 1
         outcome = Outcome(label, seconds, succeeded, len(results), failed, oom_kills, main_cpu)
+        outcome.cpu = _reaped_cpu() - cpu_before
+        if seconds is not None and succeeded == len(results) >= 20:
+            outcome.ramp, outcome.pace = _ramp_and_pace(results, sent_at)
         outcome.log = log
         outcome.peak_usage = peak_usage
         if guard:
@@ -240,6 +258,20 @@ def _wait(worker: harness.Worker, results: list[Any], deadline: float) -> float 
             return None
         time.sleep(0.05)
     return None if pending else time.monotonic()
+
+
+def _reaped_cpu() -> float:
+    """User and system CPU seconds of the processes this one has reaped so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def _ramp_and_pace(results: list[Any], sent_at: float) -> tuple[float, float]:
+    """(seconds from ``sent_at`` to the end of the first tenth of the tasks, milliseconds
+    per task from there to the end of nine tenths), from the results' end times."""
+    ends = sorted(harness.date_done(r).timestamp() for r in results)
+    first, last = len(ends) // 10, len(ends) * 9 // 10
+    return ends[first] - sent_at, (ends[last] - ends[first]) / (last - first) * 1000
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -329,6 +361,31 @@ class Comparison:
         """The recommended pair's time against the best hand-tuned vanilla's."""
         plain, recommended = self.plain(), self.median(self.recommended)
         return recommended / plain if plain and recommended else None
+
+
+def pace_lines(comparisons: list[Comparison]) -> list[str]:
+    """Where the time went, beside the best hand-tuned vanilla setting's: the pool's start
+    (the first tenth of the tasks), its pace once started and the CPU the worker used
+    (medians of the rounds); rows measured before these figures were kept are left out."""
+    lines = []
+    for c in comparisons:
+        vanilla = c.recommended if c.recommended_best() else c.vanilla
+        rows = [("vanilla", vanilla)] + [(f"guard, {acks} acks", c.guard[acks]) for acks in c.guard]
+        figures = []
+        for label, runs in rows:
+            ramp, pace, cpu = (
+                [getattr(o, key) for o in runs if getattr(o, key) is not None]
+                for key in ("ramp", "pace", "cpu")
+            )
+            if not runs or not len(ramp) == len(pace) == len(cpu) == len(runs):
+                break
+            figures.append(
+                f"{label} {statistics.median(ramp):.2f} s, {statistics.median(pace):.2f} "
+                f"ms/task, CPU {statistics.median(cpu):.1f} s"
+            )
+        else:
+            lines.append(f"{c.workload} at {c.limit} MiB: " + "; ".join(figures))
+    return lines
 
 
 def compare(

@@ -9,6 +9,7 @@ them. Nothing is faked: the kernel enforces the limits and counts the OOM kills.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -521,6 +522,12 @@ def eventually(check: Callable[[], bool], timeout: float = 30) -> bool:
             return True
         time.sleep(0.05)
     return check()
+
+
+def date_done(result: Any) -> datetime.datetime:
+    """When a task ended, as its worker stored it (Celery gives a datetime or a string)."""
+    done = result.date_done
+    return done if isinstance(done, datetime.datetime) else datetime.datetime.fromisoformat(done)
 
 
 def wait_for_results(results: list[Any], timeout: float, group: Cgroup | None = None) -> bool:

@@ -46,3 +46,28 @@ def test_a_guarded_run_that_failed_its_tasks_fails_the_run(
     found = runtime.not_clean([comparison(outcome("guard"), outcome("guard", **changed))])
     assert bool(found) is unclean
     assert all(line.startswith("leaky 768 MiB acks=early: guard") for line in found)
+
+
+def test_the_ramp_and_the_pace_come_from_the_results_end_times() -> None:
+    """A pool that ends nothing for 2 s, then a task every 10 ms: the first tenth of 100
+    tasks ends 2.1 s after they were sent, then 80 tasks take 10 ms each."""
+    import datetime
+    from types import SimpleNamespace
+
+    sent = datetime.datetime(2026, 12, 7, tzinfo=datetime.timezone.utc)
+    ends = [sent + datetime.timedelta(seconds=2 + i / 100) for i in range(100)]
+    results = [SimpleNamespace(date_done=end.isoformat()) for end in reversed(ends)]
+    ramp, pace = runtime._ramp_and_pace(results, sent.timestamp())
+    assert ramp == pytest.approx(2.1) and pace == pytest.approx(10.0)
+
+
+def test_where_the_time_went_is_listed_only_for_rows_that_kept_it() -> None:
+    kept = {"ramp": 1.0, "pace": 2.0, "cpu": 9.0}
+    vanilla = outcome("vanilla -c 4", smallest_pool=None, **kept)
+    guard = outcome("guard", **{**kept, "ramp": 1.5})
+    full = runtime.Comparison("jinja", 768, [vanilla], vanilla, 4, [vanilla], {"early": [guard]})
+    old = comparison(outcome("guard"))  # measured before the figures were kept
+    assert runtime.pace_lines([full, old]) == [
+        "jinja at 768 MiB: vanilla 1.00 s, 2.00 ms/task, CPU 9.0 s; "
+        "guard, early acks 1.50 s, 2.00 ms/task, CPU 9.0 s"
+    ]
