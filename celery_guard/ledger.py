@@ -329,12 +329,22 @@ class Ledger:
         a child comes, goes, leaves or is measured, or the expectation moves: not per task."""
         expected = self.growth_baseline
         if self._gap is None or self._gap[0] != expected:
-            gap = 0
-            for child in self.children.values():
-                if not child.leaving:
-                    gap += expected if child.baseline is None else max(expected - child.baseline, 0)
-            self._gap = (expected, gap)
+            self._gap = (expected, self._gap_of(lambda c: True))
         return self._gap[1]
+
+    @property
+    def idle_gap(self) -> int:
+        """The part of ``baseline_gap`` that idle children hold back: it is copied only
+        when a task reaches them. Summed when asked (past the high mark), not cached."""
+        return self._gap_of(lambda c: c.task is None)
+
+    def _gap_of(self, counted: Callable[[ChildState], bool]) -> int:
+        expected = self.growth_baseline
+        return sum(
+            expected if c.baseline is None else max(expected - c.baseline, 0)
+            for c in self.children.values()
+            if not c.leaving and counted(c)
+        )
 
     def expected_peak(self, name: str) -> int | None:
         return self.tasks.peak(name)

@@ -510,6 +510,14 @@ def _largest_first(children: list[ChildState], key: Callable[[ChildState], int])
     return sorted(children, key=lambda c: -key(c))
 
 
+def _to_retire(idle: list[ChildState]) -> list[ChildState]:
+    """Idle children above the target, the young first: a young child's first task will
+    copy a whole baseline that the cgroup's figure does not show yet (a limit lowered
+    since it was forked may not hold it), and it has nothing warm to lose; then the
+    largest."""
+    return sorted(idle, key=lambda c: (not c.young, -c.private))
+
+
 class Safety:
     """The clock-driven net, for what the task-boundary rules cannot see: growth inside
     a running task beyond its expected peak.
@@ -563,6 +571,8 @@ class Safety:
         self.over = held - leaving(ledger) >= marks.high
         if held >= marks.high:
             ahead = held + to_come(ledger, view.rss_now)
+            if self.over:  # what idle children would copy on a first task is no reason
+                ahead -= ledger.idle_gap  # to stop a running one: none reaches them now
             if overrun(ledger, view.rss_now) > 0:
                 ahead = max(ahead, rising)
             stopping = self._stop(view, ledger, ahead) if ahead >= marks.hard else []
@@ -625,7 +635,7 @@ class Safety:
         excess = view.size - target_size(view, ledger)
         chosen = {a.pid for a in actions}
         idle = [c for c in ledger.live() if c.task is None and c.pid not in chosen]
-        for child in _largest_first(idle, lambda c: c.private)[: max(excess, 0)]:
+        for child in _to_retire(idle)[: max(excess, 0)]:
             if over < 0 or live - len(actions) <= 1:
                 break
             actions.append(Action("retire", child.pid, level, child))
@@ -651,7 +661,7 @@ class Safety:
             idle = [c for c in ledger.live() if c.task is None]
             if idle and len(ledger.live()) > 1:
                 self.quiet_until = now + self.COOLDOWN
-                child = _largest_first(idle, lambda c: c.private)[0]
+                child = _to_retire(idle)[0]
                 return [Action("retire", child.pid, "low", child)]
             return []
         if view.size >= target or leaving(ledger):

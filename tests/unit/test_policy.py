@@ -337,9 +337,39 @@ def test_past_the_high_mark_with_nothing_to_stop_it_retires_idle_children_above_
     the hard mark, rather than nothing at each check while the pool stays too large."""
     book = ledger((1, 20, None), (2, None, None), (3, None, None), peaks={"t": 30})
     # 940 held, past the high mark (900); the two young ones will copy 20 each: 980 ahead,
-    # past the hard mark (970), and nothing runs
+    # past the hard mark (970), and nothing runs. The young go: each would copy as much as
+    # the measured one holds on its first task, and has nothing warm to lose
     actions = Safety().decide(replace(view(940, size=3), target=1), book, now=0.0)
-    assert [(a.action, a.pid) for a in actions] == [("retire", 1), ("retire", 2)]
+    assert [(a.action, a.pid) for a in actions] == [("retire", 2), ("retire", 3)]
+
+
+def test_above_the_target_it_retires_the_young_children_first_then_the_largest() -> None:
+    """A limit lowered under a pool forked in waves: a young child holds nothing yet, but
+    its first task will copy a whole baseline, which the cgroup's figure the limit was
+    set from does not show (retiring a measured child instead frees memory that the
+    young one takes back on its first task). Then the largest."""
+    book = ledger((1, 20, None), (2, None, None), (3, 20, None), (4, None, None))
+    book.after_task(Record(3, "t", 0, False, 10 * MIB, 210 * MIB, None))  # holds 30
+    safety = Safety()
+    order = []
+    for now in (0.0, 1.0, 2.0):
+        (action,) = safety.decide(replace(view(300, size=4 - len(order)), target=0), book, now)
+        order.append(action.pid)
+        book.leave(action.pid)
+        book.child_down(action.pid)
+    assert order[:2] in ([2, 4], [4, 2]) and order[2] == 3
+
+
+def test_an_idle_young_childs_copy_to_come_stops_no_running_task_it_is_retired() -> None:
+    """Past the high mark every task is held, so a young idle child will copy nothing
+    until the pool is under it again: its baseline still to come is no reason to stop
+    the task running beside it (it once was: a limit lowered under a pool forked in
+    waves stopped measured children's tasks). The young child is retired instead."""
+    book = ledger((1, 20, "t"), (2, None, None), peaks={"t": 5})
+    # 950 held (high 900): the running task's 5 and the young child's 20 make 975 ahead,
+    # past the hard mark (970); without the young one's, 955
+    actions = Safety().decide(replace(view(950, size=2), target=1), book, now=0.0)
+    assert [(a.action, a.pid) for a in actions] == [("retire", 2)]
 
 
 def test_it_grows_only_once_children_on_their_way_out_are_gone() -> None:
