@@ -159,6 +159,7 @@ class Pace:
     first_cpu: Mean = field(default_factory=Mean)  # CPU seconds to a child's first record
     first_tasks: Mean = field(default_factory=Mean)  # tasks in that first record
     first_wait: Mean = field(default_factory=Mean)  # seconds waited for a CPU by then
+    first_busy: Mean = field(default_factory=Mean)  # seconds inside its tasks by then
     #: seconds from a child told to leave to its replacement ready for work
     replace_wall: Mean = field(default_factory=Mean)
     main_cpu: Mean = field(default_factory=Mean)  # the main process' CPU seconds per task
@@ -184,6 +185,19 @@ class Pace:
         if first is None or tasks is None or per_task is None:
             return None
         return max(first - tasks * per_task, 0.0)
+
+    def start_and_task(self) -> tuple[float, float] | None:
+        """(CPU seconds a child spends before its first task, wall seconds of a task): from
+        the tasks timed once there are; before, from the first records alone, their CPU
+        less the wall time of their tasks (a start at least that dear) and that wall time
+        per task."""
+        start, wall = self.start_cpu, self.task_wall.value
+        if start is not None and wall is not None:
+            return start, wall
+        first, busy, tasks = self.first_cpu.value, self.first_busy.value, self.first_tasks.value
+        if first is None or busy is None or not tasks:
+            return None
+        return max(first - busy, 0.0), busy / tasks
 
     def replace_idle(self) -> float | None:
         """Seconds of a replacement neither on a CPU nor waiting for one: the old child's
@@ -226,6 +240,8 @@ class Pace:
             self.first_tasks.add(record.tasks)
             if record.wait is not None:
                 self.first_wait.add(record.wait / 1e6)
+            if record.busy is not None:
+                self.first_busy.add(record.busy / 1e6)
             return
         tasks = record.tasks - last.tasks
         if tasks <= 0 or last.cpu is None or record.cpu < last.cpu:

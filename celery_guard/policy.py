@@ -382,9 +382,10 @@ def plan(
     when a child is cheap to start, fewer children that keep a few tasks' leaks win
     when it is dear. Ties go to the smaller pool. The current size stays unless another
     is expected to be HYSTERESIS faster or it no longer fits, or the room moved by more
-    than HYSTERESIS (the limit changed: that is no noise). ``fewest_tasks``: sizes
-    whose children would run fewer tasks than this between recycles are left out
-    (CELERY_GUARD_MIN_TASKS_PER_CHILD when set)."""
+    than HYSTERESIS (the limit changed: that is no noise). The first plan grows the pool
+    forked while it was measuring by the same rule, and shrinks it to the fastest.
+    ``fewest_tasks``: sizes whose children would run fewer tasks than this between
+    recycles are left out (CELERY_GUARD_MIN_TASKS_PER_CHILD when set)."""
     found = costs(view, ledger, cpus)
     if found is None:
         if previous is not None and previous.reason in ("throughput", "kept"):
@@ -392,7 +393,14 @@ def plan(
             # stays, the pool does not go back to what fits and then down again
             return replace(previous, reason="kept")
         return Plan(_fitting(view, ledger), None, None, "measuring", _room(view))
-    return best(found, view.requested, previous, fewest_tasks)
+    chosen = best(found, view.requested, previous, fewest_tasks)
+    first = previous is None or previous.reason not in ("throughput", "kept")
+    if first and chosen.size > view.size >= 1:
+        # The first plan grows the pool forked while it was measured as any plan changes
+        # a size: only for a size HYSTERESIS faster (each child added costs its start)
+        forked = Plan(view.size, None, None, "throughput", found.room)
+        return best(found, view.requested, forked, fewest_tasks)
+    return chosen
 
 
 def best(found: Costs, requested: int, previous: Plan | None = None, fewest_tasks: int = 1) -> Plan:
@@ -488,6 +496,22 @@ def _fitting(view: View, ledger: Ledger) -> int:
     measured = children_fitting(view, ledger)
     growth = children_fitting(view, ledger, ledger.growth_baseline)
     return max(1, min(view.requested, measured, max(growth, view.size)))
+
+
+def waiting_for_the_plan_is_cheaper(ledger: Ledger, children: int) -> bool:
+    """Wait for the plan rather than fork more children now? Until MEASURED_TASKS tasks
+    are timed the pool's size is a guess: a child forked now that the plan then retires
+    costs its start (CPU seconds, measured on the first children: ``Pace.start_and_task``);
+    waiting costs about the wall time of the records still missing, a task each at least,
+    on the ``children`` there are. The pool waits when that is the smaller cost: children
+    that load a model when they start are not forked to be retired, while cheap children
+    and slow tasks do not wait."""
+    missing = MEASURED_TASKS - ledger.pace.task_cpu.samples
+    known = ledger.pace.start_and_task()
+    if missing <= 0 or known is None:
+        return False
+    start, wall = known
+    return start > missing * wall / max(children, 1)
 
 
 def children_fitting(view: View, ledger: Ledger, baseline: int | None = None) -> int:
@@ -669,6 +693,8 @@ class Safety:
         ready, starting = ledger.starting_children()
         if ledger.first_round:  # a wave is the children measured: see above
             ready, starting = ledger.measured_children()
+        if waiting_for_the_plan_is_cheaper(ledger, ready):
+            return []
         wave = max(ready, 1) - starting
         each = ledger.growth_baseline + ledger.tasks.worst_peak
         count = 0  # as many as fit, up to the target (the tick's reading is fresh)
@@ -708,4 +734,5 @@ __all__ = [
     "share",
     "target_size",
     "to_come",
+    "waiting_for_the_plan_is_cheaper",
 ]

@@ -50,7 +50,7 @@ def test_a_guarded_run_that_failed_its_tasks_fails_the_run(
 
 def test_the_ramp_and_the_pace_come_from_the_results_end_times() -> None:
     """A pool that ends nothing for 2 s, then a task every 10 ms: the first tenth of 100
-    tasks ends 2.1 s after they were sent, then 80 tasks take 10 ms each."""
+    tasks ends 2.1 s after the worker started, then 80 tasks take 10 ms each."""
     import datetime
     from types import SimpleNamespace
 
@@ -71,3 +71,47 @@ def test_where_the_time_went_is_listed_only_for_rows_that_kept_it() -> None:
         "jinja at 768 MiB: vanilla 1.00 s, 2.00 ms/task, CPU 9.0 s; "
         "guard, early acks 1.50 s, 2.00 ms/task, CPU 9.0 s"
     ]
+
+
+class StoredResults:
+    """A result backend whose Redis says how many of the asked keys it holds."""
+
+    def __init__(self, stored_at_each_look: list[int]) -> None:
+        self.counts = iter(stored_at_each_look)
+        self.looks: list[int] = []  # how many keys each look asked about
+        self.client = self
+
+    def get_key_for_task(self, task_id: str) -> bytes:
+        return f"celery-task-meta-{task_id}".encode()
+
+    def exists(self, *keys: bytes) -> int:
+        self.looks.append(len(keys))
+        return next(self.counts)
+
+
+class Running:
+    def __init__(self, alive: bool = True) -> None:
+        self.process = self
+        self.alive = alive
+
+    def poll(self) -> int | None:
+        return None if self.alive else -9
+
+
+def results_of(backend: StoredResults, count: int) -> list[object]:
+    return [type("Result", (), {"id": str(n), "backend": backend})() for n in range(count)]
+
+
+def test_waiting_asks_redis_once_per_look_however_many_results_are_out() -> None:
+    backend = StoredResults([0, 100, 2999, 3000])
+    results = results_of(backend, 3000)
+    ended = runtime._wait(Running(), results, runtime.time.monotonic() + 30)  # type: ignore[arg-type]
+    assert ended is not None
+    assert backend.looks == [3000] * 4  # one question per look, none per result
+
+
+def test_waiting_ends_without_a_time_when_the_main_process_died() -> None:
+    backend = StoredResults([5, 5])
+    results = results_of(backend, 10)
+    assert runtime._wait(Running(alive=False), results, runtime.time.monotonic() + 30) is None  # type: ignore[arg-type]
+    assert backend.looks == [10]

@@ -243,7 +243,35 @@ def test_a_size_the_limit_forced_is_not_kept_once_the_limit_rises() -> None:
     assert (within.size, within.reason) == (3, "kept")  # 4 x 35 MiB do not fit in 125
     raised = plan(view(size=3, requested=4), book, cpus=2, previous=before)
     assert (raised.size, raised.reason) == (4, "throughput")
-    assert plan(view(size=3, requested=4), book, cpus=2).size == 4  # not a tie: 4 is faster
+    assert plan(view(size=1, requested=4), book, cpus=2).size == 4  # not a tie: 4 is faster
+
+
+@pytest.mark.parametrize(
+    ("forked", "planned", "reason"),
+    [
+        (3, 3, "kept"),  # 4 would run 40/s, 3 run 38/s: not worth a child's start
+        (1, 4, "throughput"),  # 1 child runs 13/s: the pool grows to the fastest
+        (4, 4, "throughput"),
+    ],
+)
+def test_the_first_plan_adds_children_only_for_a_size_clearly_faster(
+    forked: int, planned: int, reason: str
+) -> None:
+    """Tasks of 50 ms of CPU and 29 ms off it, on 2 CPUs (as above). The first plan
+    made from measured figures weighs the pool forked while it was measuring as any plan
+    weighs the current size: a child added costs its start, so it grows only for a size
+    HYSTERESIS faster."""
+    book = measured(start_cpu=0.001, task_cpu=0.05, wall=0.079, kept=0)
+    first = plan(view(size=forked, requested=4), book, cpus=2)
+    assert (first.size, first.reason) == (planned, reason)
+
+
+def test_the_first_plan_shrinks_a_pool_forked_larger_than_the_fastest() -> None:
+    """CPU-bound tasks (50 ms of CPU, none off it) on 2 CPUs and 16 children forked while
+    the plan was measuring: it goes down to 2, the smallest that keeps the CPUs busy (the
+    margin is for adding children, not for keeping ones forked before the plan)."""
+    book = measured(start_cpu=0.001, task_cpu=0.05, wall=0.05, kept=0)
+    assert plan(view(size=16), book, cpus=2).size == 2
 
 
 def test_a_tie_goes_to_the_smaller_pool() -> None:

@@ -26,6 +26,7 @@ from celery_guard.policy import (
     share,
     target_size,
     to_come,
+    waiting_for_the_plan_is_cheaper,
     worth_a_fork,
 )
 
@@ -325,6 +326,69 @@ def test_in_the_first_round_it_grows_only_on_children_that_finished_a_task() -> 
     assert safety.decide(view(200, size=2), book, now=0.0) == []  # one measured, one not
     book.after_task(Record(2, "t", 0, False, 0, 200 * MIB, 10 * MIB))
     assert [(a.action, a.count) for a in safety.decide(view(200, size=2), book, 0.1)] == [
+        ("grow", 2)
+    ]
+
+
+def timed(start_cpu: float, tasks: int, task_s: float) -> Ledger:
+    """A ledger whose first child spent ``start_cpu`` CPU seconds before its first task,
+    with ``tasks`` tasks timed at ``task_s`` seconds each, on a CPU all along."""
+    book = Ledger(30 * MIB)
+    book.pace.first_cpu.add(start_cpu + task_s)
+    book.pace.first_busy.add(task_s)
+    book.pace.first_tasks.add(1)
+    for _ in range(tasks):
+        book.pace.task_cpu.add(task_s)
+        book.pace.task_wall.add(task_s)
+    return book
+
+
+@pytest.mark.parametrize(
+    ("start_cpu", "tasks", "task_s", "children", "waits"),
+    [
+        # a model loaded at start (0.9 s) against 6 tasks of 45 ms on 2 children: 0.135 s
+        (0.9, 2, 0.045, 2, True),
+        (0.9, 2, 0.045, 40, True),  # many children only shorten the wait
+        (0.02, 2, 0.5, 2, False),  # slow tasks: 1.5 s to wait, a cheap child forks now
+        (0.1, 2, 0.05, 2, False),  # 0.1 s of start against 0.15 s of wait: it forks
+        (0.2, 2, 0.05, 2, True),  # 0.2 s against the same wait: it waits
+        (0.1, 6, 0.05, 2, True),  # two tasks to go, 0.05 s: it waits
+        (0.1, 8, 0.05, 2, False),  # the plan is due: it decides, not this
+        # the first records alone: their CPU less their task's wall time, that wall time
+        (0.9, 0, 0.045, 2, True),
+        (0.02, 0, 0.045, 2, False),
+    ],
+)
+def test_before_the_plan_the_pool_waits_when_a_childs_start_costs_more_than_the_wait(
+    start_cpu: float, tasks: int, task_s: float, children: int, waits: bool
+) -> None:
+    """Waiting costs the wall time of the tasks the plan still needs (MEASURED_TASKS, 8)
+    on the children there are; a child the plan may retire costs its start."""
+    book = timed(start_cpu, tasks, task_s)
+    wait = (8 - tasks) * task_s / children
+    assert waiting_for_the_plan_is_cheaper(book, children) is waits
+    if tasks < 8:
+        assert waits == (start_cpu > wait)
+
+
+def test_with_no_child_measured_the_pool_does_not_wait_for_the_plan() -> None:
+    assert waiting_for_the_plan_is_cheaper(Ledger(30 * MIB), 2) is False
+
+
+def test_a_pool_of_dear_children_forks_no_wave_the_plan_would_retire() -> None:
+    """Two measured children whose start cost 0.9 s of CPU, two tasks of 45 ms timed:
+    no wave until the plan is made, though two more children fit."""
+    book = ledger((1, 20, None), (2, 20, None), peaks={"t": 30})
+    book.pace.first_cpu.add(0.945)
+    book.pace.first_busy.add(0.045)
+    book.pace.first_tasks.add(1)
+    for _ in range(2):
+        book.pace.task_cpu.add(0.045)
+        book.pace.task_wall.add(0.045)
+    assert Safety().decide(view(300, size=2), book, 0.0) == []
+    for _ in range(6):  # the tasks the plan needs: the waves go on as before
+        book.pace.task_cpu.add(0.045)
+    assert [(a.action, a.count) for a in Safety().decide(view(300, size=2), book, 0.1)] == [
         ("grow", 2)
     ]
 
