@@ -201,8 +201,8 @@ class Runner:
         env = harness.worker_env(self.redis, {**self.env, **extra}, guard)
         log = self.workdir / f"runtime-{self.count}.log"
         worker = harness.Worker(args, env, log, cgroup=group, app=workload.app)
-        # The tasks wait in the queue before the worker starts: sending thousands costs
-        # this process a CPU for a second or more, which the worker would lose to it. The
+        # The tasks wait in the queue before the worker starts: each send costs this
+        # process CPU time, which the worker would lose to it while thousands are sent. The
         # clock runs from the worker's start: what each worker does before its first task
         # (imports, forks, children that load a model) counts alike, guarded or not.
         results = send(self.redis, worker.queue, workload)
@@ -257,7 +257,7 @@ def _wait(worker: harness.Worker, results: list[Any], deadline: float) -> float 
     """When the last result came in (monotonic), or None: the deadline, or the main
     process died. Each look is one question to Redis, how many of the results are
     stored, so that waiting costs the CPUs the worker runs on next to nothing (asking
-    for each unfinished result in turn cost a CPU's worth while thousands were out)."""
+    for each unfinished result in turn made a round trip per result per look)."""
     if not results:
         return time.monotonic()
     backend = results[0].backend
