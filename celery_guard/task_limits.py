@@ -113,6 +113,14 @@ def decide(run: Run, held: int, now: float, grace: float = GRACE) -> str:
     return NONE
 
 
+def growth_rate(held: int, last_held: int, since_last: float, since_start: float) -> float:
+    """Bytes per second a run grows at: the larger of its last interval's and its mean
+    since it was first read. A task that grows in steps (allocate, work, allocate) shows
+    no growth in an interval between two steps; its mean still says how fast it comes."""
+    recent = max(held - last_held, 0) / max(since_last, 1e-6)
+    return max(recent, max(held, 0) / max(since_start, 1e-6))
+
+
 def next_check(
     run: Run, held: int, rate: float, floor: float = 0.02, ceiling: float = 0.5
 ) -> float:
@@ -138,6 +146,7 @@ __all__ = [
     "TaskLimit",
     "decide",
     "declared",
+    "growth_rate",
     "next_check",
     "parse_limit",
 ]

@@ -40,7 +40,7 @@ from .logline import emit
 from .procfs import StatmAnon
 from .protect import signals_to_the_main_thread
 from .sizes import mib
-from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, next_check
+from .task_limits import HARD, KILL, SOFT, Run, TaskLimit, decide, growth_rate, next_check
 
 if TYPE_CHECKING:
     from .telemetry import LimitHit
@@ -157,7 +157,8 @@ class Watchdog:
         if start is None or self.armed is not armed:
             return
         run, name, task_id = armed.run, armed.name, armed.task_id
-        last_time, last_held = time.monotonic(), 0
+        started = last_time = time.monotonic()
+        last_held = 0
         delay = 0.02
         while self.armed is armed:
             self.wake.wait(delay)
@@ -170,7 +171,7 @@ class Watchdog:
                 return
             held = max(now_private - start, self.read_anon() - armed.anon_at_start)
             now = time.monotonic()
-            rate = max(held - last_held, 0) / max(now - last_time, 1e-6)
+            rate = growth_rate(held, last_held, now - last_time, now - started)
             last_time, last_held = now, held
             action = decide(run, held, now)
             if action == SOFT:

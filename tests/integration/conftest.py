@@ -109,9 +109,32 @@ def make_cgroup(cgroup_root: Path) -> Iterator[Callable[..., harness.Cgroup]]:
         group.close()
 
 
+WORKERS = pytest.StashKey[list[harness.Worker]]()
+LOG_TAIL = 150  # lines of each worker's log a failed test's report shows
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report ends with its workers' logs: a failure seen once in CI is
+    explained by what the worker said, not lost with the run's temporary files."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for number, worker in enumerate(item.stash.get(WORKERS, [])):
+        try:
+            lines = worker.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+        except OSError as error:
+            lines = [f"(unreadable: {error})"]
+        report.sections.append((f"worker {number} log, last {LOG_TAIL} lines", "\n".join(lines)))
+
+
 @pytest.fixture
-def make_worker(tmp_path: Path) -> Iterator[Callable[..., harness.Worker]]:
+def make_worker(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., harness.Worker]]:
     started: list[harness.Worker] = []
+    request.node.stash[WORKERS] = started
 
     def make(
         args: list[str],

@@ -22,6 +22,7 @@ from celery_guard.task_limits import (
     TaskLimit,
     decide,
     declared,
+    growth_rate,
     next_check,
     parse_limit,
 )
@@ -123,6 +124,29 @@ def test_checks_come_sooner_as_a_task_nears_its_limit() -> None:
     fast = next_check(run, 10 * MIB, 1000 * MIB)
     assert 0.02 <= fast < slow <= 0.5
     assert next_check(Run(LIMIT, True, 1.0), 150 * MIB, 0.0) == 0.02  # past it: closely
+
+
+@pytest.mark.parametrize(
+    ("held", "last_held", "since_last", "since_start", "expected_mib_s"),
+    [
+        (64, 64, 0.02, 0.4, 160),  # between two steps: its mean, not nothing
+        (64, 32, 0.02, 0.4, 1600),  # a step in the last interval: that step's pace
+        (0, 0, 0.02, 0.02, 0),  # not grown yet
+        (-8, 0, 0.02, 0.4, 0),  # freed memory: not growing
+    ],
+)
+def test_a_task_growing_in_steps_grows_at_its_mean_between_steps(
+    held: int, last_held: int, since_last: float, since_start: float, expected_mib_s: float
+) -> None:
+    rate = growth_rate(held * MIB, last_held * MIB, since_last, since_start)
+    assert rate == pytest.approx(expected_mib_s * MIB)
+
+
+def test_a_task_between_two_steps_near_its_limit_is_checked_before_the_slowest() -> None:
+    """64 MiB in 0.4 s, 96 MiB to its hard limit: at its mean it is there in 0.6 s."""
+    run = Run(TaskLimit(160 * MIB))
+    between_steps = growth_rate(64 * MIB, 64 * MIB, 0.02, 0.4)
+    assert next_check(run, 64 * MIB, between_steps) == pytest.approx(0.3)
 
 
 @settings(max_examples=300, deadline=None, database=None)
