@@ -734,7 +734,7 @@ class Governor(Listener):
         plan = self.plan
         if plan is None or plan.reason == "memory":
             return {}
-        found = policy.costs(view, self.ledger, self.cpus)
+        found = policy.costs(view, self.ledger, self.cpus, self.fewest_tasks)
         if plan.reason == "measuring" or found is None:
             # No pace (tasks whose records are rare: nothing changed): the size that fits
             # at the children's peaks, at what a child copies without gc.freeze.

@@ -313,11 +313,15 @@ class Costs:
         process' hand-over of the next, the start of the next child), by the CPUs (each
         task's CPU, the main process' for it, and its share of a start and of a fork)
         and by the main process' one thread (the hand-over of each task, and a fork
-        every ``tasks`` tasks: a cost no pool size spreads)."""
+        every ``tasks`` tasks: a cost no pool size spreads). Children that run
+        ``MOST_TASKS_PER_CHILD`` tasks are not replaced: they pay no start."""
+        start_cpu, replace_idle, fork_main = self.start_cpu, self.replace_idle, self.fork_main
+        if tasks >= MOST_TASKS_PER_CHILD:
+            start_cpu = replace_idle = fork_main = 0.0
         per_task = self.task_cpu + self.task_idle + self.main_cpu
-        cpu = tasks * (self.task_cpu + self.main_cpu) + self.start_cpu + self.fork_main
-        slot = tasks * per_task + self.start_cpu + self.replace_idle
-        main = tasks * self.main_cpu + self.fork_main
+        cpu = tasks * (self.task_cpu + self.main_cpu) + start_cpu + fork_main
+        slot = tasks * per_task + start_cpu + replace_idle
+        main = tasks * self.main_cpu + fork_main
         by_children = size * tasks / max(slot, 1e-9)
         by_cpus = self.cpus * tasks / max(cpu, 1e-9)
         by_main = tasks / main if main > 0 else by_cpus
@@ -336,12 +340,12 @@ def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
     return rss_at_baseline + (above(tasks - 1) + above(tasks)) // 2
 
 
-def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
+def costs(view: View, ledger: Ledger, cpus: float, fewest_tasks: int = 1) -> Costs | None:
     """The plan's inputs, or None while the pace is not measured yet: too few tasks, or
-    no replacement timed yet and tasks that keep so much that a child of any size would
-    be replaced. Until replacements are timed a replacement counts at its longest: a
-    task that keeps a few KiB (a cache filled once, the allocator's slack) does not wait
-    for replacements that may never come."""
+    replacements not timed yet where their time would change the plan. Until they are
+    timed a replacement counts at its longest: tasks that keep little (a cache filled
+    once, the allocator's slack, a leak that fills a child in hundreds of tasks) do not
+    wait for replacements that may not come before the queue is empty."""
     pace = ledger.pace
     start, idle, task_cpu = pace.start_cpu, pace.idle_wall(), pace.task_cpu.value
     if pace.task_cpu.samples < MEASURED_TASKS or None in (start, idle, task_cpu):
@@ -363,12 +367,17 @@ def costs(view: View, ledger: Ledger, cpus: float) -> Costs | None:
     )
     if pace.replace_wall.samples >= MEASURED_REPLACEMENTS:
         return found
-    if found.most_tasks(1) < MOST_TASKS_PER_CHILD:
-        return None  # every size replaces children: wait until replacements are timed
     # Not timed yet: a replacement counts at its longest, billiard's maintenance interval
-    # (a replacement it misses waits that long), so that only children replaced seldom
-    # enough are weighed as if it cost nothing.
-    return replace(found, replace_idle=max(found.replace_idle, BILLIARD_MAINTENANCE))
+    # (a replacement it misses waits that long). Where the plan made so would be more
+    # than HYSTERESIS slower than another if replacements cost only what was timed so
+    # far (a start), it waits for them to be timed: a plan made now would change then.
+    longest = replace(found, replace_idle=max(found.replace_idle, BILLIARD_MAINTENANCE))
+    cautious = best(longest, view.requested, fewest_tasks=fewest_tasks)
+    hopeful = best(found, view.requested, fewest_tasks=fewest_tasks)
+    cautious_rate = found.rate(cautious.size, cautious.tasks_per_child or MOST_TASKS_PER_CHILD)
+    if hopeful.rate is not None and cautious_rate * (1 + HYSTERESIS) < hopeful.rate:
+        return None
+    return longest
 
 
 def plan(
@@ -386,7 +395,7 @@ def plan(
     forked while it was measuring by the same rule, and shrinks it to the fastest.
     ``fewest_tasks``: sizes whose children would run fewer tasks than this between
     recycles are left out (CELERY_GUARD_MIN_TASKS_PER_CHILD when set)."""
-    found = costs(view, ledger, cpus)
+    found = costs(view, ledger, cpus, fewest_tasks)
     if found is None:
         if previous is not None and previous.reason in ("throughput", "kept"):
             # the figures went back to not enough (a mean near a bound): a plan made

@@ -359,14 +359,15 @@ class Worker:
         return [parse_line(line) for line in self.log[since:].splitlines() if marker in line]
 
     def smallest_pool(self) -> int | None:
-        """The smallest pool size the guard's lines (pressure, recycle) report once the
-        pool has been forked: the sizes it reports while its first waves are forked
+        """The smallest pool size the guard's lines (plan, pressure, recycle) report once
+        the pool has been forked: the sizes it reports while its first waves are forked
         (they rise to a first peak) are not a pool brought down. None: no such line."""
         sizes = []
+        kinds = ("plan", "pressure", "recycle")
         for line in self.log.splitlines():
-            if "celery-guard event=pressure " in line or "celery-guard event=recycle " in line:
+            if any(f"celery-guard event={kind} " in line for kind in kinds):
                 fields = parse_line(line)
-                if "concurrency" in fields:
+                if fields.get("concurrency", "").isdigit():
                     sizes.append(int(fields["concurrency"]))
         peak = 0
         while peak + 1 < len(sizes) and sizes[peak + 1] >= sizes[peak]:

@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import runtime
 
+import harness
+
 
 def outcome(label: str, **changed: object) -> runtime.Outcome:
     figures: dict[str, object] = {
@@ -115,3 +117,24 @@ def test_waiting_ends_without_a_time_when_the_main_process_died() -> None:
     results = results_of(backend, 10)
     assert runtime._wait(Running(alive=False), results, runtime.time.monotonic() + 30) is None  # type: ignore[arg-type]
     assert backend.looks == [10]
+
+
+LINE = "[2026-12-07 15:35:20,000: INFO/MainProcess] celery-guard event={} concurrency={}"
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ([("startup", 16), ("plan", 2)], 2),  # planned at its first wave and kept
+        ([("startup", 16), ("plan", 2), ("pressure", 3), ("pressure", 4)], 4),  # waves
+        ([("plan", 2), ("pressure", 4), ("recycle", 3), ("pressure", 4)], 3),  # shrunk
+        ([("startup", 16)], None),  # no line after the fork
+    ],
+)
+def test_the_smallest_pool_counts_a_plan_that_kept_the_first_wave(
+    tmp_path: Path, events: list[tuple[str, int]], expected: int | None
+) -> None:
+    log = tmp_path / "worker.log"
+    log.write_text("\n".join(LINE.format(event, size) for event, size in events) + "\n")
+    worker = harness.Worker(["-c", "16"], {}, log)
+    assert worker.smallest_pool() == expected

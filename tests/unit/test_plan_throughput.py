@@ -165,14 +165,27 @@ def test_short_tasks_are_bounded_by_the_main_process() -> None:
     # nothing: the CPUs bound each size at 2 / 0.006 = 333/s, the children at
     # size / 0.011: 4 children reach 333/s (3: 272/s), more tie
     found = replace(costs(start_cpu=0.001), retained=0, first_kept=0, main_cpu=0.001)
-    assert found.rate(16, 1000) == pytest.approx(2 * 1000 / (1000 * 0.006 + 0.001))
-    assert found.rate(3, 1000) == pytest.approx(3 * 1000 / (1000 * 0.011 + 0.001))
+    assert found.rate(16, 1000) == pytest.approx(2 / 0.006)
+    assert found.rate(3, 1000) == pytest.approx(3 / 0.011)
     assert found.rate(4, 1000) == pytest.approx(found.rate(16, 1000))
     # 0.1 ms tasks: the main process' thread bounds every size from 2 children on
     quick = replace(found, task_cpu=0.0001, task_idle=0.0)
     assert quick.rate(16, 1000) == pytest.approx(1000.0)
     assert quick.rate(2, 1000) == pytest.approx(1000.0)
     assert quick.rate(1, 1000) < 1000.0 * 0.99  # one child waits for each hand-over
+
+
+def test_children_that_are_never_replaced_pay_no_start() -> None:
+    # CPU-bound 45 ms tasks that keep nothing, a 2 s start, no replacement timed yet (one
+    # counts at billiard's 5 s maintenance interval): two children already keep both CPUs
+    # busy, a third only shares them. Charged a start and a replacement every
+    # MOST_TASKS_PER_CHILD tasks, two looked 13% slower than three and the pool grew.
+    found = costs(task_cpu=0.045, task_idle=0.0, start_cpu=2.0, replace_idle=5.0,
+                  retained=0, first_kept=0)  # fmt: skip
+    assert found.most_tasks(3) == MOST_TASKS_PER_CHILD
+    assert found.rate(2, MOST_TASKS_PER_CHILD) == pytest.approx(2 / 0.045)
+    assert found.rate(3, MOST_TASKS_PER_CHILD) == pytest.approx(2 / 0.045)
+    assert best(found, 16).size == 2
 
 
 def test_the_plan_is_the_best_pair_of_every_size_and_run_count() -> None:
@@ -198,13 +211,29 @@ def test_a_plan_waits_for_enough_measured_tasks() -> None:
     assert chosen.size == 5
 
 
-def test_a_plan_for_leaky_tasks_waits_until_replacements_are_timed() -> None:
-    book = measured(start_cpu=0.5)
+def test_a_plan_that_hangs_on_the_replacements_time_waits_until_they_are_timed() -> None:
+    # a 1 ms start: 16 children replaced after each task are fastest if a replacement
+    # costs its start, a few children of many tasks if it costs billiard's 5 s
+    book = measured(start_cpu=0.001, wall=0.105)
     book.pace.replace_wall = type(book.pace.replace_wall)()  # never timed
     for _ in range(MEASURED_REPLACEMENTS):
         assert plan(view(), book, cpus=2).reason == "measuring"
-        book.pace.replace_wall.add(0.5)
-    assert plan(view(), book, cpus=2).reason == "throughput"
+        book.pace.replace_wall.add(0.001)
+    assert (plan(view(), book, cpus=2).size, plan(view(), book, cpus=2).reason) == (
+        16,
+        "throughput",
+    )
+
+
+def test_tasks_that_fill_a_child_slowly_are_planned_before_any_replacement() -> None:
+    # 90 ms tasks that keep 1 MiB each: a child of 3 runs 166 of them (15 s) before it is
+    # replaced; whether a replacement costs billiard's 5 s or only its start, 3 x 166 is
+    # within HYSTERESIS of the fastest: planned now, not after three replacements that
+    # may come after the queue is empty
+    book = measured(start_cpu=0.2, task_cpu=0.09, wall=0.09, kept=1)
+    book.pace.replace_wall = type(book.pace.replace_wall)()  # never timed
+    chosen = plan(view(), book, cpus=2)
+    assert (chosen.size, chosen.tasks_per_child, chosen.reason) == (3, 166, "throughput")
 
 
 def test_a_slow_replacement_counts_against_many_children() -> None:
