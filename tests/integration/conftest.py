@@ -123,7 +123,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     for number, worker in enumerate(item.stash.get(WORKERS, [])):
         try:
-            lines = worker.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+            lines = worker.log.splitlines()[-LOG_TAIL:]
         except OSError as error:
             lines = [f"(unreadable: {error})"]
         report.sections.append((f"worker {number} log, last {LOG_TAIL} lines", "\n".join(lines)))
