@@ -105,19 +105,6 @@ def expected_peak(ledger: Ledger, name: str) -> int:
     return ledger.tasks.worst_peak if peak is None else peak
 
 
-def overrun(ledger: Ledger, rss_now: Callable[[int], int | None]) -> int:
-    """Bytes running tasks have grown past their expected peak, read now: growth the
-    ledger did not foresee."""
-    total = 0
-    for child in ledger.children.values():
-        if child.task is None or child.leaving:
-            continue
-        now = rss_now(child.pid)
-        if now is not None:
-            total += max(now - child.task_rss - child.task_peak, 0)
-    return total
-
-
 def leaving(ledger: Ledger) -> int:
     """Bytes held by children on their way out (recycled, retired): the cgroup
     still counts them, and soon will not."""
@@ -575,6 +562,9 @@ class Safety:
     def __init__(self) -> None:
         self.last: tuple[float, int] | None = None
         self.rate = 0.0  # bytes per second the unreclaimable memory rose by
+        #: bytes each running task had grown past its expected peak at the last check
+        #: past the high mark (none is read below it: taken as none there)
+        self.overran: dict[int, int] = {}
         self.quiet_until = 0.0
         self.over = False
 
@@ -596,19 +586,24 @@ class Safety:
     def decide(self, view: View, ledger: Ledger, now: float) -> list[Action]:
         """``over`` (every task held) once the memory the kernel cannot reclaim, less what
         children on their way out will free, passes the high mark. Past the high mark,
-        stop running tasks only when the hard mark is ahead: by what the admitted tasks
-        are still expected to add, or, when a task has grown past its expected peak (the
-        ledger did not foresee it), by the rate that memory rises."""
+        stop running tasks only when the hard mark is ahead of that memory: by what the
+        admitted tasks are still expected to add, and by what tasks growing past their
+        expected peaks (growth the ledger did not foresee) add at the rate they do. The
+        cgroup's own rate is no measure of it: a burst of admitted tasks reaching the
+        peaks they were admitted with rises as fast, and is already counted."""
         marks, held = view.marks, view.unreclaimable
-        rising = self.project(held, now)
-        self.over = held - leaving(ledger) >= marks.high
-        if held >= marks.high:
-            ahead = held + to_come(ledger, view.rss_now)
+        since = self.last[0] if self.last is not None else now
+        self.project(held, now)  # the cgroup's rate paces the checks (next_delay)
+        settled = held - leaving(ledger)
+        self.over = settled >= marks.high
+        if held < marks.high:
+            self.overran = {}
+        else:
+            unforeseen = self._unforeseen(view, ledger, now - since)
+            ahead = settled + to_come(ledger, view.rss_now) + sum(unforeseen.values())
             if self.over:  # what idle children would copy on a first task is no reason
                 ahead -= ledger.idle_gap  # to stop a running one: none reaches them now
-            if overrun(ledger, view.rss_now) > 0:
-                ahead = max(ahead, rising)
-            stopping = self._stop(view, ledger, ahead) if ahead >= marks.hard else []
+            stopping = self._stop(view, ledger, ahead, unforeseen) if ahead >= marks.hard else []
             if stopping:
                 return stopping
             # nothing to stop (what is ahead is idle children's copies yet to come, a
@@ -617,18 +612,41 @@ class Safety:
             return self._shed(view, ledger, now, "high")
         return self._resize(view, ledger, now)
 
-    def _stop(self, view: View, ledger: Ledger, ahead: int) -> list[Action]:
-        """Busy children, the largest growth first, until the projection is under the
-        high mark; then idle ones that retained memory. One child is always left."""
+    def _unforeseen(self, view: View, ledger: Ledger, elapsed: float) -> dict[int, int]:
+        """Bytes each running task will grow past its expected peak within LOOKAHEAD,
+        at the rate it passed it since the last check (FAST ago at least: a check soon
+        after another must not read a first overrun as an unbounded rate)."""
+        before, self.overran = self.overran, {}
+        ahead: dict[int, int] = {}
+        for child in ledger.children.values():
+            if child.task is None or child.leaving:
+                continue
+            rss = view.rss_now(child.pid)
+            if rss is None:
+                continue
+            past = max(rss - child.task_rss - child.task_peak, 0)
+            self.overran[child.pid] = past
+            rate = max(past - before.get(child.pid, 0), 0) / max(elapsed, self.FAST)
+            ahead[child.pid] = int(rate * self.LOOKAHEAD)
+        return ahead
+
+    def _stop(
+        self, view: View, ledger: Ledger, ahead: int, unforeseen: dict[int, int]
+    ) -> list[Action]:
+        """Busy children, the largest first (what each holds, will still add and will
+        grow past its peak), until the projection is under the high mark; then idle ones
+        that retained memory. One child is always left."""
         actions: list[Action] = []
         left = ahead
         busy = [c for c in ledger.live() if c.task is not None]
 
-        def grown(child: ChildState) -> int:
+        def share(child: ChildState) -> int:
             now = view.rss_now(child.pid)
-            return max((now or 0) - child.task_rss, 0) + (child.private if not child.young else 0)
+            grown = max(now - child.task_rss, 0) if now is not None else child.task_peak
+            held = child.private if not child.young else 0
+            return max(grown, child.task_peak) + held + unforeseen.get(child.pid, 0)
 
-        sizes = {c.pid: grown(c) for c in busy}
+        sizes = {c.pid: share(c) for c in busy}
         for child in _largest_first(busy, lambda c: sizes[c.pid]):
             if left <= view.marks.high or len(ledger.live()) - len(actions) <= 1:
                 break
@@ -736,7 +754,6 @@ __all__ = [
     "expected_peak",
     "fits",
     "leaving",
-    "overrun",
     "plan",
     "recycle",
     "recycle_rss",

@@ -254,6 +254,38 @@ def test_growth_it_admitted_is_not_stopped_however_fast_it_rises() -> None:
     assert not safety.over  # 910 - 120 leaving < 900: tasks still go
 
 
+def test_a_burst_of_tasks_a_little_past_their_mean_peak_is_not_stopped() -> None:
+    """Tasks admitted at their expected peak (a mean, 60 MiB) reach 61 MiB; the cgroup
+    rises from 700 to 975 MiB in 0.1 s, past the hard mark (970) only with the 120 MiB a
+    retiring child still holds. Nothing is stopped: the rise was admitted, what passes
+    the expected peaks does not grow, and the retiring child's memory is on its way out
+    (a CI run stopped seven such tasks: the cgroup's rate read as unforeseen growth)."""
+    book = ledger((1, 20, "hog"), (2, 20, "hog"), (3, 20, "hog"), (4, 20, None),
+                  peaks={"hog": 60})  # fmt: skip
+    book.leave(4)
+    book.after_task(Record(4, "t", 0, False, 100 * MIB, 300 * MIB, None))  # holds 120 MiB
+    at_peak = {1: 260, 2: 260, 3: 260}
+    past_it = {1: 261, 2: 261, 3: 261}  # each task 1 MiB past its expected peak
+    safety = Safety()
+    assert safety.decide(view(700), book, now=0.0) == []
+    assert safety.decide(view(930, rss=at_peak), book, now=0.05) == []
+    # read a microsecond later: 1 MiB is not a rate of 1 MiB per microsecond
+    assert safety.decide(view(975, rss=past_it), book, now=0.050001) == []
+    assert safety.decide(view(975, rss=past_it), book, now=0.1) == []
+
+
+def test_stopping_a_runaway_task_takes_its_whole_projection_with_it() -> None:
+    """Task 1 is first seen 140 MiB past its 60 MiB peak a microsecond after a check
+    (read over the FAST interval: 140 MiB in 0.05 s projects 1400 more in LOOKAHEAD);
+    task 2 is within its peak. Stopping task 1 removes what it holds, adds and would
+    grow: task 2 runs on."""
+    book = ledger((1, 20, "hog"), (2, 20, "hog"), (3, 20, None), peaks={"hog": 60})
+    safety = Safety()
+    assert safety.decide(view(850, rss={1: 200, 2: 230}), book, now=0.0) == []
+    actions = safety.decide(view(930, rss={1: 400, 2: 230}), book, now=0.000001)
+    assert [(a.action, a.pid) for a in actions] == [("kill", 1)]
+
+
 def test_it_always_leaves_one_child() -> None:
     book = ledger((1, 20, "hog"), peaks={"hog": 60})
     safety = Safety()
