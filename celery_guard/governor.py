@@ -261,7 +261,6 @@ class Governor(Listener):
                 self._refresh_soon()
             return view
         view = policy.View(
-            fresh=None,  # the gate asks for it in a re-check (``_recheck``)
             unreclaimable=self._unreclaimable(now, fresh),
             marks=self.live.marks,
             size=size,
@@ -445,9 +444,7 @@ class Governor(Listener):
         now = time.monotonic()
         self.ledger.forget_stale(now)
         view = self.view(now)
-        if self.rechecked is not None:
-            view = replace(view, fresh=self._rechecked)
-        verdict = policy.admit(view, self.ledger, request.name, self.safety.over)
+        verdict = policy.admit(view, self.ledger, request.name, self.safety.over, self.rechecked)
         decided = time.perf_counter() - began
         if verdict.reason == "no_room" and self.rechecked is None:
             self._recheck_soon()
@@ -519,10 +516,6 @@ class Governor(Listener):
             self.control.release()
         finally:
             self.rechecked = None
-
-    def _rechecked(self) -> policy.View:
-        assert self.rechecked is not None
-        return self.rechecked
 
     def _held(
         self, request: Any, verdict: policy.Admission, view: policy.View, decided: float

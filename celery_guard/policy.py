@@ -54,9 +54,6 @@ class View:
     tasks_per_child: int  # the pool leaves each child room for this many leaky runs
     #: The RSS of a child now, read on demand (None when it is gone).
     rss_now: Callable[[int], int | None] = field(default=lambda pid: None)
-    #: The same view with the cgroup read now, for a decision that also reads the
-    #: children now (a reading older than theirs would miss what grew in between).
-    fresh: Callable[[], View] | None = None
     #: The pool's size as the throughput plan chose it (``plan``); None: no plan yet.
     target: int | None = None
 
@@ -124,7 +121,9 @@ def fits(view: View, ledger: Ledger, adding: int, read: bool = False) -> tuple[b
     return settled <= view.marks.high and projected <= view.marks.hard, settled
 
 
-def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admission:
+def admit(
+    view: View, ledger: Ledger, name: str, over: bool = False, fresh: View | None = None
+) -> Admission:
     """Hand ``name`` to the pool now?
 
     - Nothing in flight and no child on its way out still holding memory: yes, whatever
@@ -139,7 +138,8 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
       more through than there are children when children are replaced).
     - The cgroup is past the high mark (``over``): hold.
     - Else when the projected peak fits (``fits``): first as cheaply as it can be
-      told, then reading the running children's RSS.
+      told, then, given ``fresh`` (the cgroup read now: a reading older than the
+      children's would miss what grew in between), reading the running children's RSS.
     """
     peak = expected_peak(ledger, name)
     idle = not ledger.starting and not ledger.busy and not leaving(ledger)
@@ -152,8 +152,8 @@ def admit(view: View, ledger: Ledger, name: str, over: bool = False) -> Admissio
     if over:
         return Admission(False, "over", peak, view.unreclaimable)
     ok, projected = fits(view, ledger, peak)
-    if not ok and view.fresh is not None:
-        ok, projected = fits(view.fresh(), ledger, peak, read=True)
+    if not ok and fresh is not None:
+        ok, projected = fits(fresh, ledger, peak, read=True)
     return Admission(ok, "fits" if ok else "no_room", peak, projected)
 
 

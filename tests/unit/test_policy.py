@@ -164,12 +164,11 @@ def test_nothing_in_flight_is_not_idle_while_a_child_on_its_way_out_holds_memory
 def test_admit_reads_the_running_children_before_it_says_no() -> None:
     """800 + 60 + 60 = 920 assumed; read now, the running task has grown its 60 already
     (it is in the working set): 800 + 0 + 60 = 860 fits. The second look reads the
-    working set again too, through ``fresh``."""
+    working set again too: ``fresh``."""
     book = ledger((1, 20, "hog"), (2, 20, None), peaks={"hog": 60})
     stale = view(800, rss={1: 260})
     assert admit(stale, book, "hog").reason == "no_room"  # no fresh view: no second look
-    looked = replace(stale, fresh=lambda: stale)
-    verdict = admit(looked, book, "hog")
+    verdict = admit(stale, book, "hog", fresh=stale)
     assert (verdict.admit, verdict.projected) == (True, 860 * MIB)
 
 
