@@ -158,11 +158,14 @@ class Measured:
         return "none" if self.budget.cgroup is None else "cgroup"
 
 
-def measure(settings: Settings, pool: str, requested: int, forked: bool = True) -> Measured:
-    """Measure this process as the main process of a worker and decide the concurrency."""
+def measure(
+    settings: Settings, pool: str, requested: int, forked: bool = True, root: str = "/"
+) -> Measured:
+    """Measure this process as the main process of a worker and decide the concurrency
+    (its cgroup and meminfo read under ``root``)."""
     # No gc.collect() here: the census counts live data only, and a full collection of a
     # large app is most of what measuring would cost (the pool collects before forking).
-    budget = read_budget(settings)
+    budget = read_budget(settings, root)
     app_objects = None  # off mode, or a child cost given: the app's data is not walked
     if settings.mode != "off" and settings.child_memory is None:
         app_objects = census.census(sys.modules, census.library_roots()).bytes

@@ -131,6 +131,26 @@ def test_a_result_from_a_child_releases_the_held_requests() -> None:
     assert list(control.held) == []
 
 
+def test_a_lost_broker_connection_drops_the_held_requests_with_the_semaphore() -> None:
+    """Celery clears its semaphore when the broker connection is lost: the broker delivers
+    the unacknowledged messages again, so a request still held here must go too, or it
+    would run twice once the gate lets it through."""
+    cleared: list[bool] = []
+    w = FakeWorker()
+    w.semaphore.clear = lambda: cleared.append(True)
+    control = PoolControl(w)
+    assert control.install()
+    gate = control.gate = Gate({"a": Verdict.HOLD})
+    receive(w, request("a"), request("b"))
+    assert [r.id for r in control.held] == ["a", "b"]
+    w.semaphore.clear()
+    assert list(control.held) == [] and control.held_since == {}
+    assert cleared == [True]  # Celery's own clear still runs
+    gate.verdicts["a"] = Verdict.HAND_OVER
+    control.release()
+    assert w.handed == []  # nothing held was handed over after the connection was lost
+
+
 def test_a_deferred_request_lets_the_ones_behind_go_first() -> None:
     w, control, gate = gated({"new": Verdict.DEFER})
     receive(w, request("new", "heavy_app.hog"), request("b"), request("c"))

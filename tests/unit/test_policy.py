@@ -192,19 +192,22 @@ def test_share_divides_the_room_left_by_the_main_process_among_the_children() ->
         ("within-share", 90, None, False, False),
         # 20 + 3 + 160 > 175 with a large peak, but 3 MiB is not worth a fork
         ("nothing-to-gain", 3, None, False, False),
+        # 20 + 16 + 160 > 175, and 16 MiB would be worth a fork, but it is less than an
+        # eighth of the share (21.9 MiB): not worth a fork
+        ("under-an-eighth", 16, None, False, False),
         # busy or young children are never recycled here
         ("busy", 120, "leak", False, False),
         ("young", 120, None, True, False),
     ],
 )
 def test_recycle(name: str, retained: int, task: str | None, young: bool, recycled: bool) -> None:
-    peaks = {"leak": 60} if name != "nothing-to-gain" else {"leak": 160}
+    peaks = {"leak": 160} if name in ("nothing-to-gain", "under-an-eighth") else {"leak": 60}
     book = ledger((1, None if young else 20, task), peaks=peaks)
     child = book.children[1]
     child.rss = (200 + retained) * MIB
     assert recycle(view(500), book, child) is recycled
     # what the governor asks first, without a view: never "no" to a child it recycles
-    assert worth_a_fork(book, child) is (name in ("over-share", "within-share"))
+    assert worth_a_fork(book, child) is (name in ("over-share", "within-share", "under-an-eighth"))
 
 
 # -- the pool's size -----------------------------------------------------------------------

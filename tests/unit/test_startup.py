@@ -4,8 +4,10 @@ cgroup's limit with what is already in use there, else physical memory), the poo
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 from celery.concurrency.prefork import TaskPool
 from celery.concurrency.solo import TaskPool as SoloPool
@@ -35,6 +37,36 @@ def test_without_a_memory_controller_physical_memory_is_the_budget() -> None:
     budget = startup.read_budget(load_settings({}, {}), str(CGROUPS / "no_memory_controller"))
     assert (budget.limit, budget.source, budget.cgroup) == (PHYSICAL, "physical", None)
     assert "no memory controller" in budget.detail
+
+
+def test_a_limit_given_as_a_setting_counts_the_main_process_as_in_use() -> None:
+    """Under a limit given as a setting no cgroup reading says what is in use: the main
+    process is (every child is forked from it, under the same limit), so the decision
+    starts from its RSS, not from nothing."""
+    settings = load_settings(
+        {"CELERY_GUARD_MEMORY_LIMIT": "4G", "CELERY_GUARD_CHILD_MEMORY": "100M"}, {}
+    )
+    measured = startup.measure(
+        settings, "prefork", 4, forked=False, root=str(CGROUPS / "v1_docker")
+    )
+    assert measured.budget.in_use == 0  # nothing read: the limit is a setting
+    rss = psutil.Process().memory_info().rss
+    assert measured.in_use == measured.parent.rss
+    assert 0.5 * rss < measured.in_use < 2 * rss
+
+
+def test_what_the_cgroup_holds_beyond_the_main_process_counts_as_in_use(tmp_path: Path) -> None:
+    """A cgroup whose working set (4000 MiB: siblings, a sidecar) is more than the main
+    process: the decision starts from the cgroup's figure."""
+    root = tmp_path / "root"
+    shutil.copytree(CGROUPS / "v1_docker", root)
+    memory = root / "sys" / "fs" / "cgroup" / "memory"
+    (memory / "memory.limit_in_bytes").write_text(f"{8192 * MIB}\n")
+    (memory / "memory.usage_in_bytes").write_text(f"{4010 * MIB}\n")  # 10 MiB inactive file
+    settings = load_settings({"CELERY_GUARD_CHILD_MEMORY": "100M"}, {})
+    measured = startup.measure(settings, "prefork", 4, forked=False, root=str(root))
+    assert measured.budget.in_use == measured.in_use == 4000 * MIB
+    assert measured.parent.rss < measured.in_use
 
 
 class Threads:  # a pool class Celery does not know

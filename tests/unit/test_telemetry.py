@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,9 @@ import celery.app.trace
 import pytest
 
 from celery_guard.config import load_settings
-from celery_guard.telemetry import TRACERS, ChildProbe
+from celery_guard.telemetry import TRACERS, ChildProbe, parse_record
+
+MIB = 1024 * 1024
 
 
 class Tracers:
@@ -61,3 +64,32 @@ def test_a_module_without_both_tracers_is_left_alone() -> None:
     module = SimpleNamespace(fast_trace_task=traced)  # no trace_task_ret
     assert not probe.wrap_tracer(module)
     assert module.fast_trace_task == traced
+
+
+def test_a_record_the_probe_writes_reads_back_as_the_task_it_measured() -> None:
+    """One task that raises the child's peak by 64 MiB past its lifetime's and frees it:
+    the main process reads an exact peak of at least 64 MiB and nothing retained, not
+    the other way round (every field of the record by its place)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    probe = ChildProbe(write_end, "w@h", load_settings({}, {}), 0)
+    probe.on_child_start()
+    above = max(probe.last_peak - probe.last_rss, 0) + 64 * MIB
+    probe.before_task()
+    block = bytearray(above)  # zero pages: counted once written
+    block[:: resource.getpagesize()] = b"\1" * len(block[:: resource.getpagesize()])
+    del block
+    probe.after_task(task_id="id-1", name="app.big report")
+    (line,) = os.read(read_end, 65536).decode().splitlines()
+    os.close(read_end)
+    os.close(write_end)
+    parsed = parse_record(line)
+    assert parsed is not None
+    kind, delta, record = parsed
+    assert (kind, record.pid, record.name, record.exact, record.tasks) == (
+        "T", os.getpid(), "app.big report", True, 1,
+    )  # fmt: skip
+    assert record.peak >= 56 * MIB and delta >= 56 * MIB  # 64 MiB, as the kernel counts pages
+    assert abs(record.retained) < 16 * MIB  # freed: what it kept is within noise
+    assert record.rss == probe.last_rss and record.private is not None and record.private > 0
+    assert record.cpu is not None and record.busy is not None and record.busy > 0
