@@ -51,8 +51,10 @@ def test_check_gates_a_deploy_and_agrees_with_the_worker(
     redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker
 ) -> None:
     """In 1 GiB, -c 16 does not fit: exit 78, and the check's figures are the worker's
-    own (the same concurrency and fits as the startup line of a worker started after).
-    -c 4 fits: exit 0."""
+    within one child (the concurrency and fits of the startup line of a worker started
+    after): the check measures its own process, which has not built the worker's
+    components, so its parent's RSS is within 15% of the worker's, not equal. -c 4
+    fits: exit 0."""
     env = harness.worker_env(redis, {"HEAVY_APP_ACKS_LATE": "1"})
     group = make_cgroup(GIB)
     done = harness.run_celery(["guard", "check", "-c", "16", *QUIET], env, [group.path])

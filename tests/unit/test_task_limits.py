@@ -126,6 +126,17 @@ def test_checks_come_sooner_as_a_task_nears_its_limit() -> None:
     assert next_check(Run(LIMIT, True, 1.0), 150 * MIB, 0.0) == 0.02  # past it: closely
 
 
+@pytest.mark.parametrize("rate_mib_s", [100, 400, 1000, 2000])
+def test_by_the_next_check_a_task_has_come_at_most_half_way_to_its_limit(rate_mib_s: int) -> None:
+    """10 MiB held, the soft limit at 60: growing at the rate it does, by the next check
+    it has covered at most half of the 50 MiB left (25 MiB), however fast it grows, until
+    the checks are as close as they go (0.02 s: 2000 MiB/s covers 40 MiB then)."""
+    rate = rate_mib_s * MIB
+    delay = next_check(Run(LIMIT), 10 * MIB, rate)
+    assert rate * delay <= 25 * MIB or delay == 0.02
+    assert delay >= 0.02
+
+
 @pytest.mark.parametrize(
     ("held", "last_held", "since_last", "since_start", "expected_mib_s"),
     [
