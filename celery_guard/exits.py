@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import history
 from .errors import MemoryKilled, MemoryLimitExceeded
 
 #: What an exit was: killed by the guard for memory, by the kernel, or anything else.
@@ -85,15 +86,23 @@ class ExitCauses:
 
 
 class KillCounts:
-    """Memory kills by task id, bounded."""
+    """Memory kills by task id, bounded. With ``path`` they are kept there too, written
+    at each kill (rare) and read at start: a task that took its child down goes on
+    counting in the next worker (a restarted container, a new deployment), so it is not
+    re-delivered forever."""
 
-    def __init__(self, max_kills: int) -> None:
+    def __init__(self, max_kills: int, path: str | None = None) -> None:
         self.max_kills = max_kills
+        self.path = path
         self.counts: OrderedDict[str, int] = OrderedDict()
+        if path is not None:
+            self.counts.update(history.load_kills(path)[0])
 
     def add(self, task_id: str) -> int:
         count = self.counts.get(task_id, 0) + 1
         _remember(self.counts, task_id, count)
+        if self.path is not None:
+            history.keep_kills(self.path, self.counts)
         return count
 
 
@@ -132,9 +141,11 @@ class MemoryFailures:
     """Turns a task lost to a memory kill into ``MemoryLimitExceeded``; other losses stay
     Celery's ``WorkerLostError``. What it decided is kept by pid for the exit's line."""
 
-    def __init__(self, cause: Callable[[int, int | None], str], max_kills: int) -> None:
+    def __init__(
+        self, cause: Callable[[int, int | None], str], max_kills: int, path: str | None = None
+    ) -> None:
         self.cause = cause
-        self.kills = KillCounts(max_kills)
+        self.kills = KillCounts(max_kills, path)
         self.outcomes: OrderedDict[int, Outcome] = OrderedDict()
 
     def on_lost(self, lost: LostJob, causes: ExitCauses) -> Exception | None:

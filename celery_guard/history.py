@@ -177,6 +177,10 @@ def save(
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
+    _replace(path, record, fsync)
+
+
+def _replace(path: str, record: dict[str, Any], fsync: Callable[[int], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".celery-guard-", dir=directory)  # mode 0600
     try:
@@ -200,5 +204,56 @@ def keep(path: str | None, child_cost: int, samples: int) -> None:
     try:
         save(path, child_cost, samples)
     except (OSError, ValueError, OverflowError) as error:
+        emit(logging.WARNING, "history", {"action": "not_saved", "path": path,
+                                          "reason": str(error)})  # fmt: skip
+
+
+# -- memory kills by task id ------------------------------------------------------------
+#: The task ids whose memory kills are kept in the file, the latest: a task id and its
+#: count take about 50 bytes, so the file stays under MAX_BYTES.
+KILLS_KEPT = 1000
+_MAX_TASK_ID = 255
+
+
+def kills_path(state_file: str | None) -> str | None:
+    """Where the memory kills are kept: beside the state file, which a worker that keeps
+    anything across restarts already has (``CELERY_GUARD_STATE_FILE``)."""
+    return None if state_file is None else state_file + ".kills"
+
+
+def load_kills(path: str) -> tuple[dict[str, int], str]:
+    """(memory kills by task id, "") or ({}, why not). Never raises, never blocks: a
+    task that the last worker saw killed is counted on from where it was, one whose
+    count cannot be read starts again from none."""
+    try:
+        data, why = _read(path)
+        if data is None:
+            return {}, why
+        record, why = _decode(data)
+        if why:
+            return {}, why
+        kills = record.get("memory_kills") if isinstance(record, dict) else None
+        if (
+            not isinstance(record, dict)
+            or record.get("version") != VERSION
+            or not (isinstance(kills, dict))
+        ):
+            return {}, "unknown format"
+        return {
+            task_id: count
+            for task_id, count in list(kills.items())[-KILLS_KEPT:]
+            if len(task_id) <= _MAX_TASK_ID and type(count) is int and count > 0
+        }, ""
+    except Exception as error:  # noqa: BLE001 - a state file must never stop a worker
+        return {}, f"unreadable: {type(error).__name__}"
+
+
+def keep_kills(path: str, kills: dict[str, int], fsync: Callable[[int], None] = os.fsync) -> None:
+    """Replace the file with the latest KILLS_KEPT counts. Not saved (a full disk, a
+    path it may not write) is one WARNING line: the count goes on in memory."""
+    latest = dict(list(kills.items())[-KILLS_KEPT:])
+    try:
+        _replace(path, {"version": VERSION, "memory_kills": latest}, fsync)
+    except (OSError, ValueError) as error:
         emit(logging.WARNING, "history", {"action": "not_saved", "path": path,
                                           "reason": str(error)})  # fmt: skip

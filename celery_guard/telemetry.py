@@ -24,7 +24,7 @@ from typing import Any
 
 from billiard.pool import EX_RECYCLE
 
-from . import cgroups, heap, procfs
+from . import cgroups, heap, history, procfs
 from .actuator import Listener
 from .config import Settings
 from .exits import OOM, ExitCauses, LostJob, MemoryFailures, Outcome
@@ -385,7 +385,11 @@ class Collector:
 
     def __post_init__(self) -> None:
         self.exits.seen = self.read_oom_kills()
-        self.failures = MemoryFailures(self.exit_cause, self.settings.max_memory_kills)
+        self.failures = MemoryFailures(
+            self.exit_cause,
+            self.settings.max_memory_kills,
+            history.kills_path(self.settings.state_file),
+        )
 
     @property
     def limit(self) -> int:

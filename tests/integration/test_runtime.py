@@ -17,6 +17,7 @@ vanilla worker, and CI runs its short form.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -134,6 +135,39 @@ def test_a_task_that_cannot_fit_fails_with_memory_limit_exceeded(
     assert worker.process is not None and worker.process.poll() is None  # it lives on
     (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
     assert after.get(timeout=60) == 5
+
+
+@pytest.mark.cgroup
+def test_a_restarted_worker_goes_on_counting_a_tasks_memory_kills(
+    redis: harness.RedisServer, make_cgroup: MakeCgroup, make_worker: MakeWorker, tmp_path: Path
+) -> None:
+    """Late acks with task_reject_on_worker_lost and a state file: a task that cannot fit
+    is killed in one worker (by the guard or the kernel), which is then stopped; the
+    next worker for the queue counts on from there, so the task fails at its third kill
+    in all (CELERY_GUARD_MAX_MEMORY_KILLS), not at a third kill of its own."""
+    group = make_cgroup(LIMIT)
+    state = {"CELERY_GUARD_STATE_FILE": str(tmp_path / "state.json")}
+    env = harness.worker_env(redis, {**ACKS["late"], **FAST, **state})
+    first = make_worker(["-c", "4"], env, group)
+    first.wait_ready(60)
+    (task,) = harness.send_tasks(redis, first.queue, "hog", 1, (1024, 0.5))
+    assert harness.eventually(lambda: kill_lines(first), 60)
+    first.stop()  # a warm shutdown: a delivery running now is killed first, then requeued
+    before = len(kill_lines(first))
+    assert 1 <= before < 3, kill_lines(first)  # else the restart proves nothing
+    second = make_worker(["-c", "4"], env, group, queue=first.queue)
+    with pytest.raises(Exception) as failed:
+        task.get(timeout=120)
+    assert type(failed.value).__name__ == "MemoryLimitExceeded"
+    assert "memory kill 3 " in str(failed.value)
+    assert harness.eventually(lambda: len(kill_lines(second)) == 3 - before), kill_lines(second)
+    assert [line["task_id"] for line in kill_lines(first) + kill_lines(second)] == [task.id] * 3
+
+
+def kill_lines(worker: Worker) -> list[dict[str, str]]:
+    """The guard's stops and the kernel's OOM kills, as the worker logged them."""
+    stopped = [p for p in worker.events("pressure") if p["action"] == "terminate"]
+    return stopped + worker.events("oom")
 
 
 @pytest.mark.cgroup

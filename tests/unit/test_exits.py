@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 from billiard.exceptions import WorkerLostError
@@ -113,6 +114,25 @@ def test_a_task_killed_again_and_again_fails_in_the_end() -> None:
     assert [(o.then, o.kills, o.cause) for o in outcomes if o] == [
         ("requeue", 1, GUARD), ("requeue", 2, GUARD), ("fail", 3, GUARD)
     ]  # fmt: skip
+
+
+def test_the_next_worker_goes_on_counting_a_tasks_memory_kills(tmp_path: Path) -> None:
+    """Killed once in a worker that then stopped, and once in the next (a restart, a
+    new container): with a state file the third kill in a third worker fails the task,
+    as three kills in one worker would; without one each worker starts from none."""
+    path = str(tmp_path / "state.json.kills")
+    outcomes = []
+    for pid in (100, 101, 102):  # each kill in a new worker's MemoryFailures
+        causes = ExitCauses(oom_kills_seen=0)
+        failures = MemoryFailures(lambda p, c: causes.cause(p, c, None), 3, path)  # noqa: B023
+        causes.killing(pid, Kill("the hard mark"))
+        failures.on_lost(LostJob(pid, KILLED, "task-1", "app.hog", True, True), causes)
+        outcomes.append(failures.outcome(pid))
+    assert [(o.then, o.kills) for o in outcomes if o] == [
+        ("requeue", 1), ("requeue", 2), ("fail", 3)
+    ]  # fmt: skip
+    forgetful = MemoryFailures(lambda p, c: GUARD, 3)
+    assert forgetful.kills.add("task-1") == 1
 
 
 def test_a_task_lost_for_another_reason_stays_a_worker_lost_error() -> None:

@@ -413,3 +413,51 @@ def test_a_running_worker_keeps_what_it_can_and_says_what_it_could_not(
     (record,) = caplog.records
     line = parse_line(record.getMessage())
     assert (line["event"], line["action"], line["path"]) == ("history", "not_saved", str(missing))
+
+
+# -- memory kills by task id --------------------------------------------------------------
+def test_memory_kills_are_kept_beside_the_state_file_and_read_back(tmp_path: Path) -> None:
+    path = history.kills_path(str(tmp_path / "state.json"))
+    assert path == str(tmp_path / "state.json.kills")
+    assert history.kills_path(None) is None
+    assert history.load_kills(path) == ({}, history.NO_FILE)
+    history.keep_kills(path, {"a": 1, "b": 2})
+    assert history.load_kills(path) == ({"a": 1, "b": 2}, "")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_only_the_latest_task_ids_are_kept(tmp_path: Path) -> None:
+    path = str(tmp_path / "kills")
+    history.keep_kills(path, {f"id-{n}": 1 for n in range(history.KILLS_KEPT + 200)})
+    kills, _ = history.load_kills(path)
+    assert len(kills) == history.KILLS_KEPT and "id-199" not in kills and "id-200" in kills
+    assert os.path.getsize(path) <= history.MAX_BYTES
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"version": 1, "memory_kills": {"a": "1"}},  # not a count
+        {"version": 1, "memory_kills": {"a": 0}},
+        {"version": 1, "memory_kills": {"a": True}},
+        {"version": 1, "memory_kills": {"x" * 300: 1}},  # not a task id
+        {"version": 2, "memory_kills": {"b": 1}},
+        {"version": 1, "memory_kills": ["a"]},
+        [1, 2],
+    ],
+    ids=["text", "zero", "bool", "long-id", "version", "list", "not-a-dict"],
+)
+def test_a_count_that_cannot_be_trusted_is_not_read(tmp_path: Path, record: Any) -> None:
+    path = _write(tmp_path / "kills", record)
+    kills, _ = history.load_kills(path)
+    assert kills == {}
+
+
+def test_kills_not_saved_are_one_warning_line_and_counting_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "missing-directory" / "kills")
+    with caplog.at_level(logging.WARNING, logger="celery_guard"):
+        history.keep_kills(path, {"a": 1})
+    (line,) = [parse_line(r.getMessage()) for r in caplog.records]
+    assert (line["event"], line["action"], line["path"]) == ("history", "not_saved", path)
