@@ -1,9 +1,11 @@
 """Every measured figure in README.md and docs/*.md says where it comes from (issue 15).
 
-A figure is a number with a unit of size or time (``98 MiB``, ``40 us``, ``1.5 ms``,
-``400 MiB/s``, ``100 s``), a ratio written with ``x`` (``0.85x``), or a count of children,
-kills or recycles (``19 recycles``). Fenced code blocks and inline code are not read:
-they hold commands, example log lines and formulas. In the prose each figure is one of:
+A figure is a number with a unit of size or time (``98 MiB``, ``1.7 GB``, ``40 us``,
+``1.5 ms``, ``400 MiB/s``, ``100 s``), a ratio written with ``x`` or ``times`` (``0.85x``,
+``3 times``), a percentage (``97%``), or a count of tasks, children, kills or recycles
+(``19 recycles``, ``12,000 tasks``, ``2 OOM-kills``). Fenced code blocks and inline code
+are not read: they hold commands, example log lines and formulas. In the prose each
+figure is one of:
 
 - quoted from a committed file that a script or a test writes, said by a marker in its
   paragraph (a list item and a table row are paragraphs of their own), invisible in the
@@ -34,9 +36,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 FIGURE = re.compile(
     r"(?<![\w.,+-])(?:"
-    r"\d[\d,]*(?:\.\d+)?\s?(?:MiB/s|GiB|MiB|KiB|µs|us|ms|s)(?![\w/])"  # sizes, times
+    r"\d[\d,]*(?:\.\d+)?\s?(?:MiB/s|GiB|GB|MiB|MB|KiB|kB|µs|us|ms|s)(?![\w/])"  # sizes, times
     r"|\d+(?:\.\d+)?x(?!\w)"  # ratios: 0.85x
-    r"|\d[\d,]*\s+(?:OOM kills?|memory kills?|kills|recycles|children)\b"  # counts
+    r"|\d+(?:\.\d+)?\s+times\b"  # ratios: 3 times
+    r"|\d+(?:\.\d+)?\s?%"  # percentages
+    r"|\d[\d,]*\s+(?:OOM[- ]kills?|memory kills?|kills|recycles|children|tasks)\b"  # counts
     r")"
 )
 DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+(?!\.?\w)")
@@ -66,6 +70,21 @@ NOT_MEASURED = {
     "200 children": "tests/integration/test_faults.py starts that many",
     "3600 s": "kombu's Redis visibility_timeout default (brokers.REDIS_VISIBILITY_TIMEOUT)",
     "8 MiB": "the census' memory bound test_census.py asserts on a huge deque and array",
+    "10%": "CELERY_GUARD_HEADROOM's default; the plan's HYSTERESIS (policy.py)",
+    "85%": "CELERY_GUARD_LOW_WATER's default",
+    "95%": "CELERY_GUARD_HIGH_WATER's default",
+    "98%": "CELERY_GUARD_HARD_WATER's default",
+    "0%": "CELERY_GUARD_HEADROOM's range (config.HEADROOM_RANGE)",
+    "50%": "the ranges of CELERY_GUARD_HEADROOM and the water marks (config.py)",
+    "99.5%": "the water marks' range (config.WATER_RANGE)",
+    "1%": "the plan's TIE: pairs this close go to the smaller pool (policy.py)",
+    "90%": "the share of the broker's timer a task may be held (brokers.HOLD_SHARE)",
+    "5%": "the width of the histograms' buckets (stats.py)",
+    "80%": "test_startup.py's lower bound on the guarded pool, of REALLY_FIT_IN_1G",
+    "100%": "test_startup.py's upper bound on the guarded pool, of REALLY_FIT_IN_1G",
+    "1.05 times": "test_commands.py's bound on the check's parent RSS, of the worker's",
+    "3 times": "CELERY_GUARD_MAX_MEMORY_KILLS' default: the runs of a task that cannot fit",
+    "5,000 tasks": "tests/integration/test_soak.py's TASKS",
 }
 
 
@@ -152,6 +171,11 @@ def check(tmp_path: Path) -> Callable[[str], list[str]]:
         "| a table row | 400 MiB/s |\n",
         "Settled at 0.82x (RESULTS.md).",  # a file named in words is not a marker
         "Settled at 0.82x. <!-- figures: RESULTS.md -->\n\nAnd 0.9x next to it.",
+        "It kept 97% of the limit.",
+        "It was 4 times faster.",
+        "It ran 12,000 tasks.",
+        "No more than 2 OOM-kills.",
+        "A worker of 1.7 GB.",
     ],
 )
 def test_a_figure_without_a_source_fails(check: Callable[[str], list[str]], text: str) -> None:
@@ -180,7 +204,8 @@ def test_a_figure_its_source_does_not_have_fails(
         "For example, 160 MiB less 96 MiB leaves 64 MiB. <!-- figures: example -->",
         "An example line:\n\n```\nevent=startup parent_rss_mib=180.1 took 3 ms\n```\n",
         "The option `--max-memory-per-child=206433` and `98 MiB` in code.",
-        "Memory limits of 512M, ratios of 1.02, 85% and 40 tasks are not figures here.",
+        "Memory limits of 512M and a ratio of 1.02 are not figures here.",
+        "The low mark at 85% by default and a task run 3 times are settings.",
     ],
 )
 def test_sourced_examples_settings_and_code_pass(
