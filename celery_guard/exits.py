@@ -96,7 +96,7 @@ class KillCounts:
         self.path = path
         self.counts: OrderedDict[str, int] = OrderedDict()
         if path is not None:
-            self.counts.update(history.load_kills(path)[0])
+            self.counts.update(history.recall_kills(path))
 
     def add(self, task_id: str) -> int:
         count = self.counts.get(task_id, 0) + 1

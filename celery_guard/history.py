@@ -232,12 +232,10 @@ def load_kills(path: str) -> tuple[dict[str, int], str]:
         record, why = _decode(data)
         if why:
             return {}, why
-        kills = record.get("memory_kills") if isinstance(record, dict) else None
-        if (
-            not isinstance(record, dict)
-            or record.get("version") != VERSION
-            or not (isinstance(kills, dict))
-        ):
+        if not isinstance(record, dict) or type(record.get("version")) is not int:
+            return {}, "unknown format"  # true == 1 in Python: hence the type
+        kills = record.get("memory_kills")
+        if record["version"] != VERSION or not isinstance(kills, dict):
             return {}, "unknown format"
         return {
             task_id: count
@@ -246,6 +244,15 @@ def load_kills(path: str) -> tuple[dict[str, int], str]:
         }, ""
     except Exception as error:  # noqa: BLE001 - a state file must never stop a worker
         return {}, f"unreadable: {type(error).__name__}"
+
+
+def recall_kills(path: str) -> dict[str, int]:
+    """``load_kills`` for a worker starting: a file there that cannot be used is one
+    WARNING line, and counting starts from none."""
+    kills, why = load_kills(path)
+    if why and why != NO_FILE:
+        emit(logging.WARNING, "history", {"action": "ignored", "path": path, "reason": why})
+    return kills
 
 
 def keep_kills(path: str, kills: dict[str, int], fsync: Callable[[int], None] = os.fsync) -> None:

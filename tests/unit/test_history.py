@@ -461,3 +461,18 @@ def test_kills_not_saved_are_one_warning_line_and_counting_goes_on(
         history.keep_kills(path, {"a": 1})
     (line,) = [parse_line(r.getMessage()) for r in caplog.records]
     assert (line["event"], line["action"], line["path"]) == ("history", "not_saved", path)
+
+
+def test_a_kills_file_that_cannot_be_used_is_one_warning_line_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write(tmp_path / "kills", {"version": True, "memory_kills": {"a": 2}})
+    with caplog.at_level(logging.WARNING, logger="celery_guard"):
+        assert history.recall_kills(path) == {}  # true is not version 1
+        assert history.recall_kills(str(tmp_path / "none")) == {}  # no file yet: silent
+    (line,) = [parse_line(r.getMessage()) for r in caplog.records]
+    assert (line["event"], line["action"], line["reason"]) == (
+        "history",
+        "ignored",
+        "unknown format",
+    )
