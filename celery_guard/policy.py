@@ -542,10 +542,11 @@ class Safety:
     """The clock-driven net, for what the task-boundary rules cannot see: growth inside
     a running task beyond its expected peak.
 
-    - Past the high mark, the cgroup's figure projected LOOKAHEAD seconds ahead reaches the
-      hard mark: stop running tasks, the largest growth first, as many as it takes to
-      bring the projection back under the high mark (the last resort: the kernel would
-      act next, and it may pick the main process).
+    - Past the high mark, the hard mark is ahead of what the cgroup holds (less what
+      leaving children free) with what running tasks still add and what tasks past
+      their expected peaks add in LOOKAHEAD seconds: stop running tasks, the largest
+      first, as many as it takes to bring the projection back under the high mark (the
+      last resort: the kernel would act next, and it may pick the main process).
     - Past the high mark: hold every task (``over``); recycle idle children that hold
       retained memory, and retire idle ones above the target size (the limit fell),
       the largest first, until under the high mark.
@@ -640,13 +641,13 @@ class Safety:
         left = ahead
         busy = [c for c in ledger.live() if c.task is not None]
 
-        def share(child: ChildState) -> int:
+        def its_part(child: ChildState) -> int:
             now = view.rss_now(child.pid)
             grown = max(now - child.task_rss, 0) if now is not None else child.task_peak
             held = child.private if not child.young else 0
             return max(grown, child.task_peak) + held + unforeseen.get(child.pid, 0)
 
-        sizes = {c.pid: share(c) for c in busy}
+        sizes = {c.pid: its_part(c) for c in busy}
         for child in _largest_first(busy, lambda c: sizes[c.pid]):
             if left <= view.marks.high or len(ledger.live()) - len(actions) <= 1:
                 break
