@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import signal
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import history
 from .errors import MemoryKilled, MemoryLimitExceeded
 
 #: What an exit was: killed by the guard for memory, by the kernel, or anything else.
@@ -86,23 +85,17 @@ class ExitCauses:
 
 
 class KillCounts:
-    """Memory kills by task id, bounded. With ``path`` they are kept there too, written
-    at each kill (rare) and read at start: a task that took its child down goes on
-    counting in the next worker (a restarted container, a new deployment), so it is not
-    re-delivered forever."""
+    """Memory kills by task id, bounded; from ``known`` on (what the last worker counted:
+    ``history.recall_kills``), so a task that took its child down is not re-delivered
+    forever across restarts."""
 
-    def __init__(self, max_kills: int, path: str | None = None) -> None:
+    def __init__(self, max_kills: int, known: Mapping[str, int] | None = None) -> None:
         self.max_kills = max_kills
-        self.path = path
-        self.counts: OrderedDict[str, int] = OrderedDict()
-        if path is not None:
-            self.counts.update(history.recall_kills(path))
+        self.counts: OrderedDict[str, int] = OrderedDict(known or {})
 
     def add(self, task_id: str) -> int:
         count = self.counts.get(task_id, 0) + 1
         _remember(self.counts, task_id, count)
-        if self.path is not None:
-            history.keep_kills(self.path, self.counts)
         return count
 
 
@@ -142,10 +135,13 @@ class MemoryFailures:
     Celery's ``WorkerLostError``. What it decided is kept by pid for the exit's line."""
 
     def __init__(
-        self, cause: Callable[[int, int | None], str], max_kills: int, path: str | None = None
+        self,
+        cause: Callable[[int, int | None], str],
+        max_kills: int,
+        known: Mapping[str, int] | None = None,
     ) -> None:
         self.cause = cause
-        self.kills = KillCounts(max_kills, path)
+        self.kills = KillCounts(max_kills, known)
         self.outcomes: OrderedDict[int, Outcome] = OrderedDict()
 
     def on_lost(self, lost: LostJob, causes: ExitCauses) -> Exception | None:

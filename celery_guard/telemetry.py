@@ -373,6 +373,7 @@ class Collector:
     known: Callable[[int], bool] = lambda pid: True
     exits: ExitCauses = field(default_factory=lambda: ExitCauses(None))
     failures: MemoryFailures | None = None  # set in __post_init__
+    kills_path: str | None = field(default=None, init=False)  # set in __post_init__
     #: The startup estimate of one child's cost, and what the first child measured: its
     #: private memory after its first task, less what that task kept (``event=calibration``).
     estimate: int = 0
@@ -385,11 +386,10 @@ class Collector:
 
     def __post_init__(self) -> None:
         self.exits.seen = self.read_oom_kills()
-        self.failures = MemoryFailures(
-            self.exit_cause,
-            self.settings.max_memory_kills,
-            history.kills_path(self.settings.state_file),
-        )
+        # a task's memory kills, kept beside the state file: the next worker counts on
+        self.kills_path = history.kills_path(self.settings.state_file)
+        known = history.recall_kills(self.kills_path) if self.kills_path else None
+        self.failures = MemoryFailures(self.exit_cause, self.settings.max_memory_kills, known)
 
     @property
     def limit(self) -> int:
@@ -400,7 +400,10 @@ class Collector:
         why (see ``exits.MemoryFailures``)."""
         assert self.failures is not None
         with self.lock:
-            return self.failures.on_lost(lost, self.exits)
+            error = self.failures.on_lost(lost, self.exits)
+            if error is not None and self.kills_path is not None:  # a memory kill counted
+                history.keep_kills(self.kills_path, self.failures.kills.counts)
+            return error
 
     samples: int = 0
     usage: int | None = None

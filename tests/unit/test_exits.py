@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from billiard.exceptions import WorkerLostError
 
+from celery_guard import history
 from celery_guard.errors import MemoryKilled, MemoryLimitExceeded
 from celery_guard.exits import (
     GUARD,
@@ -124,9 +125,11 @@ def test_the_next_worker_goes_on_counting_a_tasks_memory_kills(tmp_path: Path) -
     outcomes = []
     for pid in (100, 101, 102):  # each kill in a new worker's MemoryFailures
         causes = ExitCauses(oom_kills_seen=0)
-        failures = MemoryFailures(lambda p, c: causes.cause(p, c, None), 3, path)  # noqa: B023
+        known = history.recall_kills(path)  # as telemetry.Collector does at start
+        failures = MemoryFailures(lambda p, c: causes.cause(p, c, None), 3, known)  # noqa: B023
         causes.killing(pid, Kill("the hard mark"))
         failures.on_lost(LostJob(pid, KILLED, "task-1", "app.hog", True, True), causes)
+        history.keep_kills(path, failures.kills.counts)  # ... and at each memory kill
         outcomes.append(failures.outcome(pid))
     assert [(o.then, o.kills) for o in outcomes if o] == [
         ("requeue", 1), ("requeue", 2), ("fail", 3)
