@@ -221,12 +221,17 @@ def _contains(mount_root: str, path: str) -> bool:
 
 def _pick_mount(candidates: list[_Mount], path: str) -> _Mount:
     """Prefer a mount whose root contains the path, the shortest such root (more ancestors
-    visible for the v2 walk); among equals the last, since later mounts hide earlier ones."""
-    best: _Mount | None = None
+    visible for the v2 walk); among equals the first mounted, the system's: a later one
+    elsewhere is a bind mount (a chroot's, a container runtime's) that may go away under
+    a running worker. A later mount at the same mount point hides the earlier one there."""
+    visible: dict[str, _Mount] = {}  # by mount point, in the order first mounted
     for m in candidates:
-        if _contains(m.root, path) and (best is None or len(m.root) <= len(best.root)):
+        visible[m.mountpoint] = m
+    best: _Mount | None = None
+    for m in visible.values():
+        if _contains(m.root, path) and (best is None or len(m.root) < len(best.root)):
             best = m
-    return best if best is not None else candidates[-1]
+    return best if best is not None else next(iter(visible.values()))
 
 
 def _relative(path: str, mount_root: str) -> list[str]:

@@ -178,6 +178,32 @@ CASES = [
         1,
     ),
     (
+        # the memory hierarchy bind-mounted again later, elsewhere (a chroot): the
+        # system's mount is read, not the one that goes away with the chroot
+        "v1_bind_mount_elsewhere",
+        1,
+        "sys/fs/cgroup/memory/workers/celery",
+        384 * MIB,
+        "cgroup-v1",
+        "memory.limit_in_bytes in /workers/celery",
+        100 * MIB,
+        90 * MIB,
+        0,
+    ),
+    (
+        # a second mount of the hierarchy at the same mount point, rooted at the
+        # container's cgroup, hides the first: the cgroup is the mount point itself
+        "v1_over_mounted",
+        1,
+        "sys/fs/cgroup/memory",
+        256 * MIB,
+        "cgroup-v1",
+        "memory.limit_in_bytes in /",
+        70 * MIB,
+        60 * MIB,
+        2,
+    ),
+    (
         "v1_hierarchical_only",
         1,
         "sys/fs/cgroup/memory/parent/child",
