@@ -26,7 +26,10 @@ thread limits Celery's throughput of short tasks). The speed of this shared mach
 CPUs drifts by tens of percent within a minute, so the figure is the median of the
 ratios of bursts run next to each other (guarded/unguarded), with its quartiles; and the
 guard's median hold decision (``guard_stats``; holds come only under memory pressure, so
-often there is none). It also times the child's per-task hooks alone.
+often there is none). It also times the guard's per-task code alone, warm, in a loop: the
+child's hooks, and the main process's path (the hand-over, the child's acceptance and the
+task's end, through a real ``PoolControl`` and a ``Governor`` with room to spare, over a
+pool with no children: ``main_path_cost``), against the same loop without the guard.
 
 Exit status 0 whatever the figures: they are reported, not asserted (a timed assertion
 on a shared 2-CPU machine fails for reasons that are not the code's).
@@ -43,6 +46,8 @@ import time
 import timeit
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import psutil
 
@@ -50,8 +55,14 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
 import harness  # noqa: E402
-from celery_guard.config import load_settings  # noqa: E402
-from celery_guard.telemetry import ChildProbe  # noqa: E402
+from celery_guard import cgroups  # noqa: E402
+from celery_guard.actuator import Child, PoolControl  # noqa: E402
+from celery_guard.config import Settings, load_settings  # noqa: E402
+from celery_guard.exits import ExitCauses  # noqa: E402
+from celery_guard.governor import Governor  # noqa: E402
+from celery_guard.ledger import Record  # noqa: E402
+from celery_guard.limit import LiveLimit  # noqa: E402
+from celery_guard.telemetry import ChildProbe, ExitListener  # noqa: E402
 
 SMALL_APP = {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"}
 MIB = 1024 * 1024
@@ -185,6 +196,105 @@ def hook_cost() -> float:
     return timeit.timeit(one, number=calls) / calls
 
 
+class _Job:
+    """A billiard job as PoolControl reads it from the pool's result cache."""
+
+    def __init__(self, task_id: str, pid: int) -> None:
+        self.correlation_id, self.pid = task_id, pid
+
+    def worker_pids(self) -> list[int]:
+        return [self.pid]
+
+
+class _Pool:
+    """What PoolControl wraps on billiard's AsynPool: its handlers do what billiard's
+    must at the least (the result handler drops the job from the cache)."""
+
+    def __init__(self) -> None:
+        from billiard.pool import ACK, READY
+
+        self._pool: list[Any] = []
+        self._cache: dict[int, _Job] = {}
+        self._busy_workers: set[int] = set()
+        handlers = {ACK: lambda *_: None, READY: lambda job, *_: self._cache.pop(job, None)}
+        self._result_handler = SimpleNamespace(state_handlers=handlers)
+        self.on_process_up = self.on_process_down = None
+        self.on_job_process_down = self.on_job_process_lost = lambda *_: None
+
+
+class _Worker:
+    """Celery's WorkController as far as the hand-over goes: its ``_process_task``
+    puts the job in the pool's cache, for a child chosen in turn."""
+
+    def __init__(self) -> None:
+        self.pool = SimpleNamespace(_pool=_Pool(), num_processes=2)
+        self.semaphore = SimpleNamespace(clear=lambda: None)
+        self.process_task = self._process_task_sem
+        self.jobs = 0
+
+    def _process_task_sem(self, request: Any) -> None:
+        self._process_task(request)
+
+    def _process_task(self, request: Any) -> None:
+        self.jobs += 1
+        request.job = self.jobs
+        self.pool._pool._cache[self.jobs] = _Job(request.id, 101 + self.jobs % 2)
+
+
+def _guarded_worker(workdir: Path) -> _Worker:
+    """A fake worker under a real PoolControl and Governor, with room to spare (the
+    cgroup 300 MiB used of 4 GiB, two children measured at 30 MiB)."""
+    (workdir / "memory.usage_in_bytes").write_text(f"{300 * MIB}\n")
+    (workdir / "memory.stat").write_text("cache 0\ntotal_inactive_file 0\n")
+    w = _Worker()
+    control = PoolControl(w)
+    if not control.install():
+        raise SystemExit("PoolControl did not install on the fake pool")
+    control.read_records = lambda: None  # as the guard sets it
+    collector = SimpleNamespace(on_child_up=lambda pid: None, on_exit=lambda *_: None)
+    control.listeners.append(ExitListener(collector))  # type: ignore[arg-type]
+    for pid in (101, 102):
+        control.children[pid] = Child(pid, None, None)
+    settings = Settings()
+    governor = Governor(
+        control, settings, cgroups.Cgroup(1, str(workdir), str(workdir)),
+        LiveLimit(4096 * MIB, settings), requested=2, estimate=30 * MIB, others=0,
+        hostname="bench@host", exits=ExitCauses(None), cpus=2, may_untrack=True,
+    )  # fmt: skip
+    governor.start(SimpleNamespace(call_later=lambda *_: None, call_soon=lambda *_: None))
+    for pid in (101, 102):
+        governor.post(Record(pid, "t", 0, False, 0, 200 * MIB, 30 * MIB, cpu=1, tasks=1))
+    governor.tick()
+    if not governor.roomy:
+        raise SystemExit("the governor found no room to spare on the fake pool")
+    return w
+
+
+def main_path_cost(tasks: int = 5000, repeats: int = 9) -> tuple[float, float]:
+    """Seconds per task of the main process's path without and with the guard: each
+    task handed over, accepted and ended through the pool's handlers; the fastest of
+    ``repeats`` loops of each."""
+    from billiard.pool import ACK, READY
+
+    def loop_seconds(w: _Worker) -> float:
+        handlers = w.pool._pool._result_handler.state_handlers
+        ack, ready = handlers[ACK], handlers[READY]
+        requests = [SimpleNamespace(id=f"id-{n}", name="t") for n in range(tasks)]
+        began = time.perf_counter()
+        for request in requests:
+            w._process_task(request)
+            ack(request.job, 0, 0.0, 101 + request.job % 2, 5)
+            ready(request.job, 0, None, 5)
+        return time.perf_counter() - began
+
+    plain, guarded = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            plain.append(loop_seconds(_Worker()))
+            guarded.append(loop_seconds(_guarded_worker(Path(tmp))))
+    return min(plain) / tasks, min(guarded) / tasks
+
+
 @dataclass
 class Comparison:
     """Bursts run in turn by an unguarded and a guarded worker, in pairs."""
@@ -251,6 +361,11 @@ def main() -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="print every burst")
     options = parser.parse_args()
     print(f"the child's per-task hooks alone: {hook_cost() * 1e6:.2f} us per task")
+    plain, guarded = main_path_cost()
+    print(
+        f"the main process's per-task path alone: {guarded * 1e6:.2f} us per task,"
+        f" {plain * 1e6:.2f} us without the guard"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         redis = harness.RedisServer(workdir)

@@ -203,6 +203,8 @@ class PoolControl:
             self._guarded("process_down", self._down, process, task)
             return process_down(process) if process_down else None
 
+        # The two handlers below and ``process_task`` run for every task, on the main
+        # process's one thread: no call there that a test of ``tracked``/``held`` saves.
         def on_ack(job: int, i: int, time_accepted: float, pid: int, *rest: Any) -> Any:
             result = ack(job, i, time_accepted, pid, *rest)
             if self.tracked():
@@ -215,7 +217,8 @@ class PoolControl:
             if pid in self.recycling:  # nothing more is written to a child on its way out
                 with contextlib.suppress(AttributeError):
                     pool._busy_workers.add(inqw_fd)
-            self._guarded("release", self.release)
+            if self.held:
+                self._guarded("release", self.release)
             return result
 
         def on_alive(pid: int) -> Any:
@@ -269,15 +272,17 @@ class PoolControl:
         task_pool.grow, task_pool.shrink = grown, shrunk
 
     def _wrap_hand_over(self, w: Any, semaphore: Any) -> None:
-        self._start_task = w._process_task
+        start = self._start_task = w._process_task
         clear = semaphore.clear
 
         def process_task(request: Any) -> None:
             if self.held:  # behind the ones held: in order
                 self._hold(request)
                 self._guarded("release", self.release)
+            elif self._verdict(request) is Verdict.HAND_OVER:  # most of them, at once
+                self._hand_over(request, start)
             else:
-                self._guarded("release", self._offer, request)
+                self._hold(request)
 
         def clear_semaphore() -> None:
             # Celery clears its semaphore when the broker connection is lost: the
@@ -396,27 +401,26 @@ class PoolControl:
                 self.held.clear()
         self.held = kept
 
-    def _offer(self, request: Any) -> None:
-        """A request with none held before it (most of them): the gate's verdict now,
-        without a trip through the queue of held ones; held unless handed over."""
-        start = self._start_task
-        if start is not None and self._verdict(request) is Verdict.HAND_OVER:
-            self._hand_over(request, start)
-        else:
-            self._hold(request)
-
     def _hold(self, request: Any) -> None:
         self.held.append(request)
         self.held_since.setdefault(request.id, time.monotonic())
 
     def _hand_over(self, request: Any, start: Callable[[Any], Any]) -> None:
-        self._guarded("hand_over", start, request)
+        try:
+            start(request)
+        except Exception:  # noqa: BLE001 - as ``_guarded``, one call less per task
+            from .logline import logger
+
+            logger.exception("celery-guard event=error stage=hand_over")
         if self.tracked() and reached_pool(request):
             self._tell("task_handed", request)
 
     def tracked(self) -> bool:
         """Does a listener follow tasks one by one now (``Listener.tracks_tasks``)?"""
-        return any(listener.tracks_tasks for listener in self.listeners)
+        for listener in self.listeners:
+            if listener.tracks_tasks:
+                return True
+        return False
 
     def _records_first(self, job: Any) -> bool:
         """Must the children's records be read before ``job``'s end is told? When a

@@ -132,8 +132,10 @@ class Governor(Listener):
         self.admitted: tuple[str, str, int, float] | None = None
         self.stopped = False
         #: Room to spare (``policy.roomy``, decided at each tick): tasks are handed over
-        #: untracked, the ledger follows none, a task's end decides nothing.
+        #: untracked, the ledger follows none, a task's end decides nothing. Its opposite,
+        #: ``tracks_tasks``, is read by PoolControl for every task: both set by ``_room``.
         self.roomy = False
+        self.tracks_tasks = True
         self.may_untrack = may_untrack  # False: every task tracked, room or not
         self.hub: Any = None
         #: callbacks scheduled for the loop's next turn (a re-check, a new view)
@@ -169,13 +171,12 @@ class Governor(Listener):
         self.stopped = True
         self.control.gate = None
 
-    @property
-    def tracks_tasks(self) -> bool:  # type: ignore[override]  # a class attribute in Listener
-        return not self.roomy
+    def _room(self, roomy: bool) -> None:
+        self.roomy, self.tracks_tasks = roomy, not roomy
 
     def _track(self) -> None:
         """Follow tasks one by one again, from those the pool has in flight now."""
-        self.roomy = False
+        self._room(False)
         now = time.monotonic()
         for task_id, name, pid in self.control.in_flight():
             if pid is None:
@@ -195,7 +196,7 @@ class Governor(Listener):
             and policy.roomy(view, self.ledger)
         )
         if roomy and not self.roomy:
-            self.roomy = True
+            self._room(True)
             self.admitted = None
             self.ledger.untrack()
         elif self.roomy and not roomy:
@@ -328,19 +329,23 @@ class Governor(Listener):
     def task_ready(self, pid: int, task_id: str) -> bool:
         """A task ended in ``pid``: take its record, then recycle the child if it has
         outgrown its share. The held tasks are released after (PoolControl)."""
-        self._absorb()  # its record came first (PoolControl reads them before this)
+        if self.records:
+            self._absorb()  # its record came first (PoolControl reads them before this)
         child = self.ledger.children.get(pid)
-        if self.roomy and child is not None and policy.worth_a_fork(self.ledger, child):
+        if self.roomy:
+            if child is None or not policy.worth_a_fork(self.ledger, child):
+                self.ledger.task_finished(pid)  # the common end of an untracked task
+                return False
             # it kept more than the room was judged on: track, then weigh its recycle
             # (before its end is entered: billiard's cache still holds this task)
             self._track()
         last = child.task if child is not None else None
-        now = time.monotonic()
         self.ledger.task_finished(pid)
-        if child is None or not self.settings.recycle or self.stopped or self.roomy:
+        if child is None or not self.settings.recycle or self.stopped:
             return False
         if self._outgrown_plan() is None and not policy.worth_a_fork(self.ledger, child):
             return False  # the common end of a task: no view needed
+        now = time.monotonic()
         view = self.view(now)
         if self._retire_above_plan(child, view):
             return False

@@ -490,12 +490,13 @@ class Ledger:
     def task_finished(self, pid: int) -> None:
         child = self.children.get(pid)
         if child is not None:
-            self.unread += child.task_peak
-            self._count(child, -1)
-            child.task = child.task_id = None
-            child.task_peak = 0
+            if child.task is not None:  # else untracked: the sums do not change
+                self.unread += child.task_peak
+                self._count(child, -1)
+                child.task = child.task_id = None
+                child.task_peak = 0
+                self._count(child, 1)
             child.tasks += 1
-            self._count(child, 1)
         self.finished += 1
 
     def after_task(self, record: Record) -> None:

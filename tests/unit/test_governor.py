@@ -398,6 +398,24 @@ def test_a_child_that_kept_a_forks_worth_ends_the_room_at_its_tasks_end(
     assert not budget.roomy and budget.ledger.busy == 0  # the ended task is not in flight
 
 
+def test_a_recycled_childs_line_counts_the_tasks_it_ran_untracked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``tasks`` of a recycle line are every task the child finished, those that
+    ended while the ledger followed none (room to spare) included: 5 untracked, then the
+    one whose record ends the room and recycles it."""
+    caplog.set_level(logging.INFO, logger="celery_guard")
+    budget, pool = governor(tmp_path, 1, may_untrack=True)
+    assert budget.roomy
+    for n in range(5):
+        assert budget.task_ready(101, f"id-{n}") is False
+    pool.flight = [("id-5", "t", 101)]
+    budget.post(Record(101, "t", 10 * MIB, True, 1000 * MIB, 1200 * MIB, None, cpu=2, tasks=7))
+    assert budget.task_ready(101, "id-5") is True
+    (line,) = guard_lines(caplog, "event", "recycle")
+    assert line["tasks"] == 5 + 1  # ends heard; ``governor``'s first record is not one
+
+
 def test_a_kind_with_a_declared_limit_but_never_run_is_weighed_on_that_limit(
     tmp_path: Path,
 ) -> None:
