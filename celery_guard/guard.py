@@ -372,7 +372,12 @@ class Guard:
             return
         from . import metrics
 
-        source = metrics.GuardCollector(self.collector, self.requested, self.snapshot)
+        source = metrics.GuardCollector(
+            self.collector,
+            self.requested,
+            self.snapshot,
+            lambda: metrics.registered_tasks(self.w.app),
+        )
         self.metrics = metrics.serve(source, self.settings.metrics_address, port)
         if self.metrics is not None:  # children forked from now on close their copy at once
             os.register_at_fork(after_in_child=self.metrics.close_in_child)

@@ -11,7 +11,8 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import cgroups, procfs
+from . import __version__, cgroups, procfs
+from .ledger import MAX_TASK_NAMES
 from .logline import emit
 from .protect import threads_without_signals
 from .telemetry import PEAK_BUCKETS, Collector, Snapshot
@@ -20,8 +21,34 @@ PREFIX = "celery_guard_"
 #: The port the documentation and the examples use: outside Prometheus' allocated range
 #: (9100-9999, which is full), clear of celery-exporter (9808) and Flower (5555).
 CONVENTIONAL_PORT = 10315
-#: Upper bounds (bytes) of the buckets of the children's private memory.
-CHILD_BUCKETS = tuple(mib << 20 for mib in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+#: The actions counted by ``pressure_actions_total`` (the ``event=pressure`` lines'), each
+#: served from 0 so that an alert on its first increase sees it.
+PRESSURE_ACTIONS = (
+    "hold", "release", "grow", "retire", "recycle", "give_back", "terminate", "warm_shutdown",
+)  # fmt: skip
+#: The per-task counters, by the kind ``Collector.count_task`` counts.
+TASK_COUNTERS = (
+    ("recycle", "Children recycled for their memory after a run of the task."),
+    ("hold", "Times a task was held because its peak would not fit."),
+    ("memory_kill", "Runs of the task stopped by the guard as the last resort."),
+    ("oom_kill", "Runs of the task stopped by the kernel's OOM killer."),
+)
+
+
+def registered_tasks(app: Any) -> list[str]:
+    """The app's own tasks (not Celery's ``celery.*``), at most as many as the collector's
+    table keeps by name: the per-task counters are served from 0 for these."""
+    names = sorted(n for n in app.tasks.keys() if not n.startswith("celery."))
+    return names[:MAX_TASK_NAMES]
+
+
+def exporter_hostname(node: str) -> str:
+    """celery-exporter's ``hostname`` label: the host part of Celery's node name, split by
+    Celery's own ``nodesplit`` as that exporter does (``w1@host`` -> ``host``), so that
+    one PromQL expression joins both exporters' series."""
+    from celery.utils import nodesplit
+
+    return str(nodesplit(node)[1])
 
 
 def cumulative(counts: list[int], bounds: tuple[int, ...]) -> list[tuple[str, int]]:
@@ -38,21 +65,26 @@ def cumulative(counts: list[int], bounds: tuple[int, ...]) -> list[tuple[str, in
 class GuardCollector:
     """A ``prometheus_client`` custom collector over the guard's live figures.
 
-    Labels follow celery-exporter's: ``hostname`` is the worker's node name. No label is
-    unbounded: the children's private memory is one histogram (not a series per pid) and
-    task names are the collector's bounded table (200 names, then ``other``)."""
+    Labels follow celery-exporter's: ``hostname`` is the part of the node name after
+    ``@`` and a task's label is ``name``; ``worker`` keeps the whole node name, which tells
+    two workers on one host apart. No label is unbounded: the children's private memory is
+    two gauges (not a series per pid) and task names are the collector's bounded table
+    (200 names, then ``other``). Counters are served from 0: those of each pressure
+    action and, per task, of each task the worker registered (``task_names``) or ran."""
 
     def __init__(
         self,
         collector: Collector,
         requested: int,
         snapshot: Callable[[], Snapshot] | None = None,
+        task_names: Callable[[], list[str]] = list,
     ) -> None:
         self.collector = collector
         self.requested = requested
         #: the figures with the governor's (``Guard.snapshot``): the recommendation
         #: weighs its plan
         self.snapshot = snapshot or collector.snapshot
+        self.task_names = task_names
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -62,14 +94,20 @@ class GuardCollector:
         )
 
         c, now = self.collector, self.snapshot()
-        host, summary = [now.hostname], now.summary
+        host, summary = [exporter_hostname(now.hostname), now.hostname], now.summary
+        labels = ["hostname", "worker"]
 
         def gauge(name: str, doc: str, value: float | None) -> Iterator[Any]:
             if value is not None:
-                family = GaugeMetricFamily(PREFIX + name, doc, labels=["hostname"])
+                family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
                 family.add_metric(host, value)
                 yield family
 
+        info = GaugeMetricFamily(
+            PREFIX + "info", "The guard's version; always 1.", labels=[*labels, "version"]
+        )
+        info.add_metric([*host, __version__], 1)
+        yield info
         yield from gauge("limit_bytes", "The memory limit the pool is fitted to.", now.limit)
         usage = cgroups.read_usage(c.cgroup) if c.cgroup is not None else None
         yield from gauge(
@@ -97,77 +135,72 @@ class GuardCollector:
             "The memory limit that would run the requested concurrency, as measured.",
             limit_mib * 1024 * 1024 if limit_mib is not None else None,
         )
-        yield self._children_private(HistogramMetricFamily, pids)
+        total, largest = self._children_private(pids)
+        yield from gauge(
+            "children_private_bytes",
+            "The pool children's private memory (USS) together, read when scraped.", total,
+        )  # fmt: skip
+        yield from gauge(
+            "child_max_private_bytes",
+            "The largest private memory (USS) of one pool child, read when scraped.", largest,
+        )  # fmt: skip
 
         actions = CounterMetricFamily(
             PREFIX + "pressure_actions",
             "Actions the guard took on memory (event=pressure lines), by action.",
-            labels=["hostname", "action"],
+            labels=[*labels, "action"],
         )
-        for action, count in sorted(now.pressure.items()):
-            actions.add_metric([now.hostname, action], count)
+        for action in sorted(set(PRESSURE_ACTIONS) | set(now.pressure)):
+            actions.add_metric([*host, action], now.pressure.get(action, 0))
         yield actions
         for name, doc in (
             ("oom_kills", "Pool children the kernel's OOM killer stopped."),
             ("recycles", "Children replaced for worker_max_memory_per_child."),
         ):
-            family = CounterMetricFamily(PREFIX + name, doc, labels=["hostname"])
+            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
             family.add_metric(host, summary[name])
             yield family
         growth = HistogramMetricFamily(
             PREFIX + "task_peak_growth_bytes",
             "How far one run of a task raised its child's memory at its peak, by task name.",
-            labels=["hostname", "task"],
+            labels=[*labels, "name"],
         )
         for name, figures in sorted(now.tasks.items()):
             if sum(figures.peaks):
                 growth.add_metric(
-                    [now.hostname, name], cumulative(figures.peaks, PEAK_BUCKETS),
-                    figures.peaks_sum,
-                )  # fmt: skip
+                    [*host, name], cumulative(figures.peaks, PEAK_BUCKETS), figures.peaks_sum
+                )
         yield growth
         events = now.task_counts()
-        for kind, doc in (
-            ("recycle", "Children recycled for their memory after a run of the task."),
-            ("hold", "Times a task was held because its peak would not fit."),
-            ("memory_kill", "Runs of the task stopped by the guard as the last resort."),
-            ("oom_kill", "Runs of the task stopped by the kernel's OOM killer."),
-        ):
+        names = sorted(set(self.task_names()) | set(events) | set(now.tasks))
+        for kind, doc in TASK_COUNTERS:
             family = CounterMetricFamily(
-                PREFIX + "task_" + kind + "s", doc, labels=["hostname", "task"]
+                PREFIX + "task_" + kind + "s", doc, labels=[*labels, "name"]
             )
-            for name, by_kind in sorted(events.items()):
-                if by_kind.get(kind):
-                    family.add_metric([now.hostname, name], by_kind[kind])
+            for name in names:
+                family.add_metric([*host, name], events.get(name, {}).get(kind, 0))
             yield family
         limits = CounterMetricFamily(
             PREFIX + "task_memory_limit",
             "Tasks that passed their own memory limit, by task name and kind: soft, hard "
             "(raised in the task), kill (its child stopped).",
-            labels=["hostname", "task", "kind"],
+            labels=[*labels, "name", "kind"],
         )
         for name, hit in sorted(now.limit_hits().items()):
             for kind, count in sorted(hit.items()):
-                limits.add_metric([now.hostname, name, kind], count)
+                limits.add_metric([*host, name, kind], count)
         yield limits
 
-    def _children_private(self, family_class: Any, pids: list[int]) -> Any:
-        """The children's private memory now (USS, read when scraped), as one histogram."""
-        counts, total = [0] * (len(CHILD_BUCKETS) + 1), 0
+    @staticmethod
+    def _children_private(pids: list[int]) -> tuple[int | None, int | None]:
+        """The children's private memory now (USS, read when scraped): together and the
+        largest; None for both when no child could be read."""
+        found = []
         for pid in pids:
             value = procfs.private(pid)
-            if isinstance(value, procfs.Unread):  # it exited between the listing and the read
-                continue
-            index = next((i for i, b in enumerate(CHILD_BUCKETS) if value <= b), -1)
-            counts[index] += 1
-            total += value
-        family = family_class(
-            PREFIX + "child_private_bytes",
-            "The pool children's private memory (USS), read when scraped.",
-            labels=["hostname"],
-        )
-        family.add_metric([self.collector.hostname], cumulative(counts, CHILD_BUCKETS), total)
-        return family
+            if not isinstance(value, procfs.Unread):  # else it exited since the listing
+                found.append(value)
+        return (sum(found), max(found)) if found else (None, None)
 
 
 class MetricsServer:
@@ -196,10 +229,11 @@ def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | No
     worker goes on without metrics: metrics are never worth the worker."""
     fields: dict[str, Any] = {"address": address, "port": port}
     try:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(source)
+        ProcessCollector(registry=registry)  # process_*: the main process's own figures
         with threads_without_signals():  # its thread must not take the worker's signals
             server, thread = start_http_server(port, addr=address, registry=registry)
     except ImportError:
@@ -216,4 +250,12 @@ def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | No
     return serving
 
 
-__all__ = ["CONVENTIONAL_PORT", "GuardCollector", "MetricsServer", "cumulative", "serve"]
+__all__ = [
+    "CONVENTIONAL_PORT",
+    "GuardCollector",
+    "MetricsServer",
+    "cumulative",
+    "exporter_hostname",
+    "registered_tasks",
+    "serve",
+]

@@ -87,14 +87,25 @@ def test_metrics_are_served_by_the_main_process_only(
     assert value(samples, "celery_guard_working_set_bytes") <= value(
         samples, "celery_guard_usage_bytes"
     )
-    # every label is the worker's node name (celery-exporter's `hostname`); children are
-    # one histogram, not a series per pid
+    # celery-exporter's labels: `hostname` the host part of the node name, `name` a
+    # task's; `worker` the whole node name. The children are two gauges, not a series
+    # per pid nor a histogram recomputed at each scrape
     node = worker.wait_for(r"(\S+@\S+) ready\.").group(1)
     assert inspect_stats(redis, node)["guard_metrics"] == {"port": port}
-    assert {labels["hostname"] for series in samples.values() for labels, _ in series} == {node}
-    assert value(samples, "celery_guard_child_private_bytes_count") == 2
-    assert value(samples, "celery_guard_child_private_bytes_sum") > 0
-    assert not any("pid" in labels for series in samples.values() for labels, _ in series)
+    ours = [labels for name, series in samples.items() if name.startswith("celery_guard_")
+            for labels, _ in series]  # fmt: skip
+    assert {(labels["hostname"], labels["worker"]) for labels in ours} == {
+        (node.partition("@")[2], node)
+    }
+    assert not any("task" in labels or "pid" in labels for labels in ours)
+    together = value(samples, "celery_guard_children_private_bytes")
+    assert 0 < value(samples, "celery_guard_child_max_private_bytes") <= together
+    # counters exist at 0 before their first event; the process' own figures are served
+    assert ({"hostname": node.partition("@")[2], "worker": node, "name": "heavy_app.leak"},
+            0.0) in samples["celery_guard_task_memory_kills_total"]  # fmt: skip
+    assert value(samples, "process_resident_memory_bytes") > 0
+    (info,) = samples["celery_guard_info"]
+    assert info[0]["version"] and info[1] == 1
     started = {int(pid) for pid in re.findall(r"pool child started pid=(\d+)", worker.log)}
     assert value(samples, "celery_guard_recycles_total") == 0
 
@@ -104,12 +115,13 @@ def test_metrics_are_served_by_the_main_process_only(
     samples = scrape(port)
     assert value(samples, "celery_guard_recycles_total") == len(worker.events("recycle")) == 4
     assert value(samples, "celery_guard_oom_kills_total") == 0
-    by_task = {labels["task"]: n for labels, n in samples["celery_guard_task_recycles_total"]}
-    assert by_task == {"heavy_app.leak": 4.0}
+    by_task = {labels["name"]: n for labels, n in samples["celery_guard_task_recycles_total"]}
+    assert by_task["heavy_app.leak"] == 4.0
+    assert set(by_task.values()) == {0.0, 4.0}  # the app's other tasks, at 0
     peaks = {
         labels["le"]: n
         for labels, n in samples["celery_guard_task_peak_growth_bytes_bucket"]
-        if labels["task"] == "heavy_app.leak"
+        if labels["name"] == "heavy_app.leak"
     }
     assert peaks[str(float(64 * MIB))] == peaks["+Inf"] >= 4  # each run grew about 32 MiB
 

@@ -61,8 +61,6 @@ NOT_MEASURED = {
     "0.3 s": "bench/runtime.py's transient workload: hog(60, 0.3)",
     "48 MiB": "examples/heavy_app.py's buffer by default (HEAVY_APP_BUFFER_MIB)",
     "256 MiB": "bench/run.py's import-heavy buffer; a metrics histogram bucket",
-    "512 MiB": "a bucket of the metrics' histograms (metrics.py)",
-    "4 GiB": "a bucket of the metrics' histograms (metrics.py)",
     "64 KiB": "the largest state file read (history.MAX_BYTES)",
     "16 MiB": "the least physical memory believed (cgroups._MIN_PHYSICAL)",
     "2 MiB": "heap.TRIM_STEP: a task that leaves its child's RSS this much higher",
