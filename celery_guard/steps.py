@@ -206,7 +206,11 @@ class Metrics(bootsteps.StartStopStep):
 
 
 class MemoryGuard(bootsteps.Step):
-    """The one line: ``app.steps["worker"].add(MemoryGuard)`` brings in every step."""
+    """The one line: ``app.steps["worker"].add(MemoryGuard)`` brings in every step (the
+    startup fit before the pool forks, the children's telemetry, their protection, the
+    tasks' own memory limits, the run-time governor, the metrics endpoint), each
+    configured by the ``CELERY_GUARD_*`` variables; ``install(app)`` adds it too, with a
+    ``celery worker`` option for each."""
 
     label = "MemoryGuard"
     name = "celery_guard.MemoryGuard"

@@ -22,7 +22,13 @@ author = "the celery-guard maintainers"
 copyright = "the celery-guard maintainers"
 version = release = _VERSION.group(1) if _VERSION else "unknown"
 
-extensions = ["myst_parser"]
+extensions = ["myst_parser", "sphinx.ext.autodoc"]
+#: ``api.md`` is generated from the docstrings: the package is imported from the checkout.
+import sys  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build"]
 #: Links to headings (``page.md#a-heading``) resolve with GitHub's slugs, so every link
