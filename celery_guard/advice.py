@@ -134,8 +134,8 @@ def _oom_group(f: Facts) -> list[Advice]:
     return [
         Advice(
             "oom_group",
-            "memory.oom.group is 1 in this cgroup: one OOM kill ends every process in it, "
-            "the main process included",
+            "memory.oom.group is 1 in this cgroup or one above it: one OOM kill ends every "
+            "process in that group, the main process included",
             "keep the pool inside its budget (mode scale) so the kernel never has to act; "
             "Kubernetes 1.28+ sets it on every container",
         )

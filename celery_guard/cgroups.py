@@ -483,15 +483,22 @@ def read_oom_kills(cgroup: Cgroup) -> tuple[int | None, str]:
 
 
 def read_oom_group(cgroup: Cgroup) -> bool | None:
-    """v2 memory.oom.group: when 1, one OOM kill takes every process in the cgroup."""
+    """v2 memory.oom.group: when 1, one OOM kill takes every process in the cgroup. The
+    kernel kills the group of the highest ancestor that has it set, so it is on for the
+    worker when any level from its cgroup up to the mount has 1; None when its own
+    cgroup's file cannot be read and no level above says 1."""
     if cgroup.version != 2:
         return None
-    text, _ = _read(os.path.join(cgroup.path, "memory.oom.group"), "memory.oom.group")
-    if text is None:
-        return None
-    value = text.strip()
-    if value == "1":
-        return True
-    if value == "0":
-        return False
-    return None
+    own: bool | None = None
+    directory, mount = cgroup.path, cgroup.mount.rstrip("/") or "/"
+    while True:
+        text, _ = _read(os.path.join(directory, "memory.oom.group"), "memory.oom.group")
+        value = text.strip() if text is not None else None
+        if value == "1":
+            return True
+        if directory == cgroup.path:
+            own = False if value == "0" else None
+        parent = os.path.dirname(directory)
+        if directory.rstrip("/") == mount or len(directory) <= len(mount) or parent == directory:
+            return own
+        directory = parent

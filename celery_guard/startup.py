@@ -14,7 +14,7 @@ from typing import Any
 from . import census, cgroups, footprint, history
 from .config import Settings
 from .logline import emit
-from .plan import Decision, decide
+from .plan import FORKING_POOLS, Decision, decide
 from .sizes import mib
 
 EX_CONFIG = 78  # sysexits.h: configuration error; supervisors can tell it from a crash
@@ -142,7 +142,9 @@ class Measured:
             "requested": self.requested,
             "concurrency": self.decision.concurrency,
             "action": self.decision.action,
-            "fits": self.decision.fits,
+            # children that fit: none are forked by a pool that runs tasks in the main
+            # process, so it has no such figure
+            "fits": self.decision.fits if self.pool in FORKING_POOLS else None,
             "in_use_mib": mib(self.in_use),
             "child_estimate_method": self.estimate.method,
             "gc_freeze": self.settings.gc_freeze,

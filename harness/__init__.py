@@ -266,6 +266,89 @@ def _empty_and_remove(path: Path) -> None:
     raise RuntimeError(f"could not remove test cgroup {path}")
 
 
+def _enable_memory(path: Path) -> None:
+    """Hand the memory controller to ``path``'s children (cgroup v2): a child has
+    ``memory.*`` files only when its parent's ``cgroup.subtree_control`` lists memory."""
+    control = path / "cgroup.subtree_control"
+    if "memory" not in control.read_text().split():
+        control.write_text("+memory")
+
+
+def own_memory_cgroup_v2() -> Path:
+    """A cgroup-v2 directory whose children get the memory controller, where test cgroups
+    can be made: this process's own cgroup. v2 lets no cgroup but the root both hold
+    processes and hand controllers to its children, so outside the root this process
+    first moves into a leaf of its own (``cgtest-self-PID``) below it."""
+    found = cgroups.find_memory_cgroup("/")
+    if found.cgroup is None or found.cgroup.version != 2:
+        raise Unavailable(f"no cgroup-v2 memory controller: {found.reason}")
+    path, mount = Path(found.cgroup.path), Path(found.cgroup.mount)
+    try:
+        if "memory" not in (path / "cgroup.controllers").read_text().split():
+            raise Unavailable(f"the memory controller is not available in {path} (bound to v1?)")
+        if path != mount:
+            leaf = path / f"cgtest-self-{os.getpid()}"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+        _enable_memory(path)
+        probe = path / f"cgtest-probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        has_memory = (probe / "memory.max").exists()
+        probe.rmdir()
+    except OSError as error:
+        raise Unavailable(f"cannot make a cgroup-v2 memory cgroup under {path}: {error}") from None
+    if not has_memory:
+        raise Unavailable(f"a cgroup made under {path} has no memory.max")
+    return path
+
+
+class CgroupV2(Cgroup):
+    """A cgroup-v2 memory cgroup for one test; every process in it (and in its children)
+    is killed on close. The same questions as ``Cgroup``, asked of v2's files."""
+
+    def __init__(
+        self, parent: Path, limit: int | None = None, name: str = "", oom_group: bool = False
+    ) -> None:
+        self.path = parent / f"cgtest-{name or uuid.uuid4().hex[:10]}"
+        self.path.mkdir()
+        if limit is not None:
+            self.set_limit(limit)
+        if oom_group:
+            (self.path / "memory.oom.group").write_text("1")
+
+    def child(self, limit: int | None = None) -> CgroupV2:
+        """A child cgroup; this one then can no longer hold processes itself (v2's rule)."""
+        _enable_memory(self.path)
+        return CgroupV2(self.path, limit)
+
+    def set_limit(self, limit: int | None) -> None:
+        """``memory.max``: where the OOM killer acts (None: no limit, "max")."""
+        (self.path / "memory.max").write_text("max" if limit is None else str(limit))
+
+    def usage(self) -> int:
+        return self._value("memory.current")
+
+    def max_usage(self) -> int:
+        return self._value("memory.peak")
+
+    def working_set(self) -> int:
+        return self.usage() - self.stat()["inactive_file"]
+
+    def private(self) -> int:
+        return self.usage() - self.stat()["file"]
+
+    def events(self) -> dict[str, int]:
+        """``memory.events``: hierarchical counts (a child's kills show here too)."""
+        return self.stat("memory.events")
+
+    def stat(self, name: str = "memory.stat") -> dict[str, int]:
+        text = (self.path / name).read_text()
+        return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
+
+    def oom_kills(self) -> int:
+        return self.events()["oom_kill"]
+
+
 @dataclass
 class Worker:
     """A ``celery worker`` of the example app, started inside a cgroup (or not)."""

@@ -604,3 +604,19 @@ def test_unreclaimable_is_unknown_without_active_file(tmp_path: Path) -> None:
     (tmp_path / "memory.stat").write_text(f"total_inactive_file {10 * MIB}\n")
     got = read_usage(Cgroup(1, str(tmp_path), str(tmp_path)))
     assert (got.working_set, got.unreclaimable) == (90 * MIB, None)
+
+
+def test_group_oom_set_on_an_ancestor_is_on_for_the_worker(tmp_path: Path) -> None:
+    """The kernel kills the group of the highest ancestor with memory.oom.group=1: set on
+    the pod above a worker whose own cgroup has 0, one OOM kill still takes the main
+    process (seen on a real v2 kernel, tests/v2). Off at every level: off."""
+    root = tmp_path / "root"
+    shutil.copytree(DATA / "v2_nested", root)
+    pod = root / "sys/fs/cgroup/kubepods/burstable/pod1"
+    (pod / "ctr1" / "memory.oom.group").write_text("0\n")
+    (pod / "memory.oom.group").write_text("1\n")
+    assert read_oom_group(_found(str(root))) is True
+    (pod / "memory.oom.group").write_text("0\n")
+    assert read_oom_group(_found(str(root))) is False
+    (pod / "ctr1" / "memory.oom.group").unlink()  # its own unreadable, none above on
+    assert read_oom_group(_found(str(root))) is None

@@ -55,6 +55,19 @@ def test_a_limit_given_as_a_setting_counts_the_main_process_as_in_use() -> None:
     assert 0.5 * rss < measured.in_use < 2 * rss
 
 
+@pytest.mark.parametrize(("pool", "has_fits"), [("prefork", True), ("threads", False),
+                                               ("solo", False)])  # fmt: skip
+def test_a_pool_that_does_not_fork_has_no_children_that_fit(pool: str, has_fits: bool) -> None:
+    """``fits`` counts children that fit the budget: a pool that runs its tasks in the
+    main process forks none, so its line leaves the key empty rather than print a count
+    of children it will never have (the figures it logs stay)."""
+    settings = load_settings({"CELERY_GUARD_CHILD_MEMORY": "100M"}, {})
+    measured = startup.measure(settings, pool, 1, forked=False, root=str(CGROUPS / "v1_docker"))
+    fields = measured.fields()
+    assert (fields["fits"] is not None) is has_fits
+    assert fields["child_estimate_mib"] == 100.0 and fields["action"] == "kept"
+
+
 def test_what_the_cgroup_holds_beyond_the_main_process_counts_as_in_use(tmp_path: Path) -> None:
     """A cgroup whose working set (4000 MiB: siblings, a sidecar) is more than the main
     process: the decision starts from the cgroup's figure."""
