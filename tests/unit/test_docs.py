@@ -77,3 +77,30 @@ def test_the_log_reference_has_a_section_for_every_event() -> None:
     assert {"startup", "summary", "pressure", "config_error", "check", "error"} <= events
     headings = set(re.findall(r"^## `event=(\w+)`$", (ROOT / "docs" / "logs.md").read_text(), re.M))
     assert events <= headings, sorted(events - headings)
+
+
+def test_the_readme_reads_the_same_on_a_package_index() -> None:
+    """The README is the package's long description: on a package index a relative link
+    points nowhere, so every link is absolute (or an anchor on the page); no placeholder
+    stands in for the project's address; and each absolute link into this repository
+    names a file that exists."""
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert targets
+    relative = [t for t in targets if not t.startswith(("https://", "http://", "#"))]
+    assert relative == []
+    assert "<owner>" not in text
+    repository = "https://github.com/celery-guard/celery-guard/blob/main/"
+    ours = [t[len(repository) :].partition("#")[0] for t in targets if t.startswith(repository)]
+    assert ours
+    assert [path for path in ours if not (ROOT / path).exists()] == []
+
+
+def test_the_sdist_carries_what_its_tests_need() -> None:
+    """MANIFEST.in: the tests, the harness and example apps they start, the docs and the
+    records go into the sdist, so its tests run from the unpacked tree."""
+    manifest = (ROOT / "MANIFEST.in").read_text().split()
+    for tree in ("tests", "harness", "examples", "docs"):
+        assert tree in manifest and (ROOT / tree).is_dir(), tree
+    for record in ("CHANGELOG.md", "LICENSE", "README.md"):
+        assert record in manifest, record
