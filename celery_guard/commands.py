@@ -361,21 +361,32 @@ def imports(ctx: click.Context, top: int, output: str) -> None:
 
 
 @guard.command()
-@click.option("--timeout", type=float, default=5.0, show_default=True,
+@click.option("-t", "--timeout", type=float, default=5.0, show_default=True,
               help="seconds to wait for the workers' replies")  # fmt: skip
-@click.option("-d", "--destination", multiple=True, help="only these workers (node names)")
-@_format_option
+@click.option(
+    "-d", "--destination", multiple=True,
+    help="only these workers: node names, comma separated (as for celery inspect), or repeated",
+)  # fmt: skip
+@click.option(
+    "--format", "output", type=click.Choice(["text", "json"]), default="text",
+    show_default=True, help="text: a table per worker and one per queue; json: one object",
+)  # fmt: skip
+@click.option("-j", "--json", "as_json", is_flag=True, help="--format json (as for celery inspect)")
 @click.pass_context
-def report(ctx: click.Context, timeout: float, destination: tuple[str, ...], output: str) -> None:
+def report(
+    ctx: click.Context, timeout: float, destination: tuple[str, ...], output: str, as_json: bool
+) -> None:
     """Every worker's figures and recommendations, asked through Celery's remote control.
 
     One table per worker (its queues, pool, children's memory, OOM kills, recycles,
     holds, and the recommended concurrency, worker_max_memory_per_child and container
-    memory limit) and one per queue. --format json prints one object. Exit status 1 when
-    no worker answered.
+    memory limit) and one per queue. -j (--format json) prints one object. Exit status 1
+    when no worker answered.
     """
     app = ctx.obj.app
-    where = list(destination) or None
+    output = "json" if as_json else output
+    nodes = [node.strip() for given in destination for node in given.split(",")]
+    where = [node for node in nodes if node] or None
     replies = app.control.broadcast(
         "guard_stats", reply=True, timeout=timeout, destination=where
     )  # fmt: skip
@@ -393,4 +404,34 @@ def report(ctx: click.Context, timeout: float, destination: tuple[str, ...], out
     click.echo(fleet.render(workers, fleet.queue_rows(workers), output))
 
 
-__all__ = ["check", "guard", "imports", "report"]
+def _shown(value: Any) -> Any:
+    """A setting's parsed value as a log value: a flag as true/false, a fraction as is."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+@guard.command(name="config")
+@_format_option
+@_guard_options
+@click.pass_context
+def config_command(ctx: click.Context, **options: Any) -> None:
+    """Every celery-guard setting as a worker started here would read it.
+
+    One event=config line a setting: its name, variable, the value in effect (sizes in
+    bytes, fractions as fractions) and its source: option (a --guard- option, given here
+    as to the worker), env (the CELERY_GUARD_* variable), config (app.conf, Django's
+    CELERY_ namespace included) or default. Exit status 78 on a value the worker would
+    refuse, with the same config_error line.
+    """
+    app = ctx.obj.app
+    output = options["output"]
+    settings = _settings(options, app.conf, output)
+    for option in OPTIONS:
+        fields = {
+            "setting": option.name, "variable": option.variable,
+            "value": _shown(getattr(settings, option.name)),
+            "source": settings.source(option.name), "default": option.default,
+        }  # fmt: skip
+        click.echo(format_event("config", fields, output))
+
+
+__all__ = ["check", "config_command", "guard", "imports", "report"]

@@ -366,7 +366,7 @@ def test_report_asks_every_worker_through_the_remote_control(
         assert harness.wait_for_results(
             harness.send_tasks(redis, worker.queue, "add", 2, (1, 1)), 60
         )
-    done = harness.run_celery(["guard", "report", "--format", "json", "--timeout", "5"], env)
+    done = harness.run_celery(["guard", "report", "-j", "-t", "5"], env)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     workers = {w["hostname"]: w for w in data["workers"]}

@@ -162,3 +162,72 @@ def test_a_pool_that_cannot_be_loaded_is_a_usage_error(pool: str) -> None:
 
 def test_a_bad_worker_pool_setting_is_a_usage_error() -> None:
     _assert_usage_error(_check(app=_app(worker_pool="bogus")), "worker_pool")
+
+
+def test_config_prints_each_setting_with_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``guard config``: one line a setting, its value in effect and its source, in the
+    order a worker reads them (a --guard- option over the environment over app.conf over
+    the default)."""
+    from celery_guard.config import OPTIONS
+
+    monkeypatch.setenv("CELERY_GUARD_HEADROOM", "20%")
+    monkeypatch.setenv("CELERY_GUARD_MODE", "refuse")  # the option below wins
+    app = _app(guard_min_concurrency=3, guard_headroom="30%")  # the environment wins
+    result = CliRunner().invoke(
+        guard, ["config", "--guard-mode", "warn"], obj=SimpleNamespace(app=app)
+    )
+    assert result.exit_code == 0, result.output
+    lines = {f["setting"]: f for f in map(parse_line, result.output.splitlines())}
+    assert list(lines) == [option.name for option in OPTIONS]
+    assert (lines["mode"]["value"], lines["mode"]["source"]) == ("warn", "option")
+    assert (lines["headroom"]["value"], lines["headroom"]["source"]) == ("0.2", "env")
+    assert (lines["min_concurrency"]["value"], lines["min_concurrency"]["source"]) == (
+        "3", "config",
+    )  # fmt: skip
+    assert lines["child_log_step"] == {
+        "event": "config", "setting": "child_log_step", "variable": "CELERY_GUARD_CHILD_LOG_STEP",
+        "value": str(16 * 1024 * 1024), "source": "default", "default": "16M",
+    }  # fmt: skip
+
+
+def test_config_refuses_what_the_worker_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELERY_GUARD_HEADROOM", "lots")
+    result = CliRunner().invoke(guard, ["config"], obj=SimpleNamespace(app=_app()))
+    assert result.exit_code == EX_CONFIG, result.output
+    (line,) = result.output.splitlines()
+    assert parse_line(line)["event"] == "config_error"
+
+
+class _Control:
+    """Celery's remote control as ``guard report`` uses it: what it was asked, and no
+    worker's reply but one."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[float, list[str] | None]] = []
+
+    def broadcast(self, command: str, reply: bool, timeout: float, destination: Any) -> Any:
+        self.asked.append((timeout, destination))
+        return [{"w1@a": {"error": "no figures yet"}}]
+
+    def inspect(self, timeout: float, destination: Any) -> Any:
+        return SimpleNamespace(active_queues=lambda: {})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-d", "w1@a,w2@b", "-t", "2.5", "-j"],  # as celery inspect takes them
+        ["--destination", "w1@a", "--destination", "w2@b", "--timeout", "2.5", "--format", "json"],
+    ],
+)
+def test_report_takes_celery_inspects_options(args: list[str]) -> None:
+    import json
+
+    control = _Control()
+    app = SimpleNamespace(control=control)
+    result = CliRunner().invoke(guard, ["report", *args], obj=SimpleNamespace(app=app))
+    assert result.exit_code == 0, result.output
+    assert control.asked == [(2.5, ["w1@a", "w2@b"])]
+    assert [w["hostname"] for w in json.loads(result.output)["workers"]] == ["w1@a"]
