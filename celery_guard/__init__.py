@@ -27,7 +27,7 @@ def install(app: Any) -> Any:
     """Add the worker step to ``app``, and a ``--guard-<name>`` ``celery worker`` option
     for every setting (an option wins over the environment and app.conf); returns the
     app for chaining."""
-    import click
+    from celery.bin.base import CeleryOption
 
     from .config import OPTIONS
 
@@ -37,11 +37,12 @@ def install(app: Any) -> Any:
         if "guard_" + option.name in known:
             continue  # installed twice
         app.user_options["worker"].add(
-            click.Option(
+            CeleryOption(  # grouped in `celery worker --help`, as Celery groups its own
                 [option.flag],
                 default=None,
-                help=f"celery-guard: {option.accepted} (else ${option.variable}, "
+                help=f"{option.accepted} (else ${option.variable}, "
                 f"app.conf.{option.setting}, default {option.default or 'none'})",
+                help_group="celery-guard Options",
             )
         )
     return app

@@ -46,6 +46,9 @@ def _format_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+#: ``check`` where nothing can be measured (no /proc, not Linux): sysexits' "service
+#: unavailable", as a worker there starts with its concurrency unchanged.
+EX_UNAVAILABLE = 69
 #: The largest pool size ``check`` takes: beyond it a figure is a typo, not a pool.
 MAX_CONCURRENCY = 100_000
 #: KiB: 8 EiB, more memory than a machine has.
@@ -243,7 +246,13 @@ def check(ctx: click.Context, **options: Any) -> None:
     pool = pool_name(_import_like_a_worker(app, options["pool"]))
     forks = pool in FORKING_POOLS
     requested, from_host = _requested(options["concurrency"], options["autoscale"], app.conf, forks)
-    measured = startup.measure(settings, pool, requested)
+    try:
+        measured = startup.measure(settings, pool, requested)
+    except startup.Unsupported as error:  # the worker's startup line says the same
+        fields = {"mode": settings.mode, "pool": pool, "requested": requested,
+                  "concurrency": requested, "action": "kept", "error": str(error)}  # fmt: skip
+        click.echo(format_event("check", fields, output))
+        ctx.exit(EX_UNAVAILABLE)
     fields = measured.fields()
     fields["recommended_memory_limit_mib"] = _container_limit(measured, requested, forks)
     click.echo(format_event("check", fields, output))

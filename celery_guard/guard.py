@@ -67,6 +67,13 @@ class Guard:
             fields = measured.fields()
             if autoscale:
                 fields["autoscale_min"] = min(w.min_concurrency, measured.decision.concurrency)
+        except startup.Unsupported as error:  # a known condition: one line, no traceback
+            fields = {
+                "mode": settings.mode, "pool": self.pool, "requested": self.requested,
+                "concurrency": self.requested, "action": "kept", "error": str(error),
+            }  # fmt: skip
+            emit(logging.WARNING, "startup", fields)
+            return
         except Exception as error:  # noqa: BLE001 - never take the worker down by accident
             logger.exception("celery-guard event=error stage=startup")
             fields = {

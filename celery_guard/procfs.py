@@ -49,6 +49,23 @@ def read(pid: int | str, name: str, proc: str = ROOT, size: int = -1) -> bytes |
         return why(error)
 
 
+def unsupported(proc: str = ROOT, platform: str | None = None) -> str | None:
+    """Why nothing can be measured here, or None: the guard reads Linux's ``/proc`` (the
+    main process, the children, physical memory), so another system, or a Linux whose
+    ``/proc`` is not mounted, has no figure to start from."""
+    import sys
+
+    platform = platform or sys.platform
+    if not platform.startswith("linux"):
+        return f"{platform} is not Linux: celery-guard reads /proc and memory cgroups"
+    try:
+        with open(f"{proc}/self/stat", "rb") as file:
+            file.read(1)
+    except OSError as error:
+        return f"cannot read {proc}/self/stat: {error.strerror or error} (is /proc mounted?)"
+    return None
+
+
 def parse_kib_fields(text: str) -> dict[str, int]:
     """``Name:   1234 kB`` lines (smaps_rollup, status) to bytes; other lines are skipped."""
     fields: dict[str, int] = {}

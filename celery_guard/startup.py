@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import census, cgroups, footprint, history
+from . import census, cgroups, footprint, history, procfs
 from .config import Settings
 from .logline import emit
 from .plan import FORKING_POOLS, Decision, decide
@@ -160,11 +160,18 @@ class Measured:
         return "none" if self.budget.cgroup is None else "cgroup"
 
 
+class Unsupported(Exception):
+    """Nothing can be measured on this system (``procfs.unsupported`` says why)."""
+
+
 def measure(
     settings: Settings, pool: str, requested: int, forked: bool = True, root: str = "/"
 ) -> Measured:
     """Measure this process as the main process of a worker and decide the concurrency
-    (its cgroup and meminfo read under ``root``)."""
+    (its cgroup and meminfo read under ``root``); Unsupported where there is no /proc."""
+    why = procfs.unsupported()  # this process's own /proc: its RSS is read there
+    if why is not None:
+        raise Unsupported(why)
     # No gc.collect() here: the census counts live data only, and a full collection of a
     # large app is most of what measuring would cost (the pool collects before forking).
     budget = read_budget(settings, root)

@@ -380,3 +380,24 @@ def test_report_asks_every_worker_through_the_remote_control(
     text = harness.run_celery(["guard", "report"], env)
     assert text.returncode == 0 and nodes[one.queue] in text.stdout
     assert text.stdout.splitlines()[1].startswith("worker")
+
+
+def test_without_proc_the_check_says_so_in_one_line_and_exits_69(tmp_path: Path) -> None:
+    """Where /proc is not mounted (a mount namespace with an empty one, as a system
+    without /proc looks to the guard) nothing can be measured: the check prints its line
+    with the reason, no traceback, and exits 69 (EX_UNAVAILABLE)."""
+    import shutil
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        needs.unavailable("needs root and unshare(1) to hide /proc in a mount namespace")
+    env = harness.worker_env(None, {"HEAVY_APP_OBJECTS": "1000", "HEAVY_APP_BUFFER_MIB": "1"})
+    command = [sys.executable, "-m", "celery", "-A", "heavy_app", "guard", "check", "-c", "2"]
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /proc && exec "$@"', "sh", *command],
+        cwd=harness.EXAMPLES, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 69, done.stdout + done.stderr
+    (line,) = lines(done.stdout, "check")
+    assert line["action"] == "kept" and line["concurrency"] == "2"
+    assert line["error"].startswith("cannot read /proc/self/stat"), line
+    assert "Traceback" not in done.stdout + done.stderr

@@ -58,3 +58,18 @@ def test_install_twice_adds_one_step_and_one_set_of_options() -> None:
     names = [param.name for param in app.user_options["worker"]]
     guard = sorted(name for name in names if name and name.startswith("guard_"))
     assert guard == sorted("guard_" + option.name for option in OPTIONS)
+
+
+def test_installed_options_are_one_group_in_the_workers_help() -> None:
+    """``celery worker --help`` groups Celery's own options by kind (its CeleryOption's
+    ``help_group``); the guard's settings are one group of their own, not loose among
+    ``Options``."""
+    from celery.bin.base import CeleryOption
+
+    app = Celery("grouped", set_as_current=False)
+    celery_guard.install(app)
+    guard = [p for p in app.user_options["worker"] if (p.name or "").startswith("guard_")]
+    assert len(guard) == len(OPTIONS)
+    assert {(type(p), getattr(p, "help_group", None)) for p in guard} == {
+        (CeleryOption, "celery-guard Options")
+    }

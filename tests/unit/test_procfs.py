@@ -75,3 +75,18 @@ def test_the_kept_files_read_this_process() -> None:
     assert 0 < anon() <= rss()
     assert wait() >= -1
     assert procfs.SchedWait(proc="/nonexistent")() == -1  # no schedstat: unknown
+
+
+def test_a_system_without_proc_is_unsupported_and_says_why(tmp_path: Path) -> None:
+    """The guard measures through /proc: another system, or a Linux whose /proc is not
+    mounted, has nothing to start from, and the reason names which."""
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "stat").write_text("1 (python) S 0\n")
+    assert procfs.unsupported(str(tmp_path), platform="linux") is None
+    assert procfs.unsupported(str(tmp_path), platform="darwin") == (
+        "darwin is not Linux: celery-guard reads /proc and memory cgroups"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    why = procfs.unsupported(str(empty), platform="linux")
+    assert why == f"cannot read {empty}/self/stat: No such file or directory (is /proc mounted?)"
