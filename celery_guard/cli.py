@@ -52,6 +52,11 @@ def _parser(stdout: TextIO) -> _Parser:
         "recommend",
         help="recommend worker_max_memory_per_child and --concurrency from worker logs",
         description="Read worker logs and print the settings their summary lines recommend.",
+        epilog=(
+            f"exit status: {OK} when a recommendation was printed, {NO_RECORDS} when the logs "
+            f"hold no celery-guard line, {USAGE} for a bad command line or a file that cannot "
+            "be read. The same figures live from running workers: celery -A proj guard report."
+        ),
     )
     recommend.out = stdout
     recommend.add_argument(

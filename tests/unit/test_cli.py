@@ -329,6 +329,20 @@ def test_help_goes_to_stdout() -> None:
     assert "recommend" in output
 
 
+def test_the_commands_help_gives_its_exit_statuses() -> None:
+    """Each status ``recommend`` can end with is in its --help, as docs/exit-statuses.md
+    gives them: the program's own constants, so the help cannot drift from the code."""
+    from celery_guard.cli import NO_RECORDS, OK, USAGE
+
+    status, output = _run(["recommend", "--help"])
+    assert status == 0
+    text = " ".join(output.split())
+    for code, meaning in ((OK, "a recommendation"), (NO_RECORDS, "no celery-guard line"),
+                          (USAGE, "a bad command line")):  # fmt: skip
+        assert f"{code} when" in text or f"{code} for" in text, code
+        assert meaning in text
+
+
 def test_python_dash_m(tmp_path: Path) -> None:
     """``python -m celery_guard.cli`` runs, and stdin with bytes that are not UTF-8 is read."""
     done = subprocess.run(
