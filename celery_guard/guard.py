@@ -64,21 +64,22 @@ class Guard:
         try:
             forked = getattr(w, "pool_start_method", "fork") == "fork"
             measured = startup.measure(settings, self.pool, self.requested, forked=forked)
-            fields = measured.fields()
+            fields = {"worker": w.hostname, **measured.fields()}
             if autoscale:
                 fields["autoscale_min"] = min(w.min_concurrency, measured.decision.concurrency)
         except startup.Unsupported as error:  # a known condition: one line, no traceback
             fields = {
-                "mode": settings.mode, "pool": self.pool, "requested": self.requested,
-                "concurrency": self.requested, "action": "kept", "error": str(error),
+                "worker": w.hostname, "mode": settings.mode, "pool": self.pool,
+                "requested": self.requested, "concurrency": self.requested, "action": "kept",
+                "error": str(error),
             }  # fmt: skip
             emit(logging.WARNING, "startup", fields)
             return
         except Exception as error:  # noqa: BLE001 - never take the worker down by accident
             logger.exception("celery-guard event=error stage=startup")
             fields = {
-                "mode": settings.mode, "pool": self.pool, "requested": self.requested,
-                "concurrency": self.requested, "action": "kept",
+                "worker": w.hostname, "mode": settings.mode, "pool": self.pool,
+                "requested": self.requested, "concurrency": self.requested, "action": "kept",
                 "error": f"{type(error).__name__}: {error}",
             }  # fmt: skip
             emit(logging.ERROR, "startup", fields)

@@ -104,3 +104,17 @@ def test_the_sdist_carries_what_its_tests_need() -> None:
         assert tree in manifest and (ROOT / tree).is_dir(), tree
     for record in ("CHANGELOG.md", "LICENSE", "README.md"):
         assert record in manifest, record
+
+
+def test_the_readmes_startup_line_has_the_keys_the_worker_prints() -> None:
+    """The README shows a startup line: its keys, in their order, are the ones a worker
+    prints (``worker`` first, then ``startup.Measured.fields``), so the example cannot
+    drift from the code."""
+    from celery_guard import startup
+    from celery_guard.config import load_settings
+    from celery_guard.logline import parse_line
+
+    (shown,) = re.findall(r"celery-guard event=startup .*", (ROOT / "README.md").read_text())
+    settings = load_settings({"CELERY_GUARD_CHILD_MEMORY": "100M"}, {})
+    fields = startup.measure(settings, "prefork", 1, forked=False).fields()
+    assert list(parse_line(shown)) == ["event", "worker", *fields]
