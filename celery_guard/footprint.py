@@ -71,12 +71,17 @@ class Estimate:
     method: str  # census | census-gc | objects | anonymous | spawn
 
 
-#: What a prefork child costs before it reads any of the app's data: the pages of the
-#: interpreter's and Celery's objects its worker loop and the tracer write, its own heap,
-#: the private pages of shared libraries and its kernel structures (page tables apart).
-#: ``bench/estimate.py`` measures it (its ``baseline`` row: an app with no data) at 10.6
-#: to 10.7 MiB with Celery 5.7 and CPython 3.11, 0.2 MiB of it page tables.
-CHILD_BASE = 10 * 1024 * 1024 + 400 * 1024
+#: What a prefork child costs before it reads any of the app's data, by CPython minor
+#: version: the pages of the interpreter's and Celery's objects its worker loop and the
+#: tracer write, its own heap, the private pages of shared libraries and its kernel
+#: structures (page tables apart). ``bench/estimate.py`` measures it (its ``baseline``
+#: row: an app with no data), with Celery 5.7: 10.6 to 10.7 MiB a child on CPython 3.11
+#: (pyenv's 3.11.7; Debian's 3.11.2 10.3 to 10.5), 9.5 to 9.6 MiB on Debian 13's 3.13.5
+#: (``.ci/python313``), 0.2 MiB of it page tables.
+CHILD_BASES = {(3, 11): 10 * 1024 * 1024 + 400 * 1024, (3, 13): 9 * 1024 * 1024 + 300 * 1024}
+#: A version not measured takes the largest: an estimate too high starts fewer children,
+#: which run time corrects; one too low risks an OOM kill before the first measurement.
+CHILD_BASE = CHILD_BASES.get(sys.version_info[:2], max(CHILD_BASES.values()))
 
 
 #: at most 27 digits and commas: a figure no machine has is garbage, and int() refuses 4300+

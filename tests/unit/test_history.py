@@ -82,7 +82,9 @@ def test_deeply_nested_json_is_ignored_not_raised(tmp_path: Path) -> None:
     path = _write(tmp_path / "t.json", '{"a":' * 10_000 + "1" + "}" * 10_000)
     assert os.path.getsize(path) <= history.MAX_BYTES  # under the cap: parsed, too deep
     cost, why = _load(path)
-    assert cost is None and "RecursionError" in why
+    # CPython up to 3.13 raises RecursionError at this depth (the reason names it); 3.14's
+    # json parses it, and the file is then no state file of ours
+    assert cost is None and ("RecursionError" in why or why == "unknown format"), why
 
 
 def test_a_400_digit_cost_is_ignored(tmp_path: Path) -> None:
