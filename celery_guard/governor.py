@@ -671,7 +671,7 @@ class Governor(Listener):
         fields = {
             "worker": self.hostname,
             "level": level,
-            "usage_mib": mib(usage),
+            "unreclaimable_mib": mib(usage),
             "limit_mib": mib(self.live.limit),
             "action": action,
             "concurrency": self.control.size,

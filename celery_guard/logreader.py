@@ -66,6 +66,7 @@ MAX_NAME = 256
 MIB_KEYS = frozenset(
     {
         "limit_mib", "headroom_mib", "parent_rss_mib", "usage_mib", "working_set_mib",
+        "unreclaimable_mib", "task_limit_mib",
         "private_p50_mib", "private_p95_mib", "private_max_mib", "peak_rss_p50_mib",
         "peak_rss_p95_mib", "peak_rss_max_mib", "peak_rss_mib", "delta_mib",
     }

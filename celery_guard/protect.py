@@ -147,7 +147,7 @@ class WorkerMemoryLimit:
         fields = {
             "worker": self.hostname,
             "level": "max_worker_memory",
-            "usage_mib": mib(rss),
+            "rss_mib": mib(rss),
             "limit_mib": mib(self.limit),
             "action": "warm_shutdown",
             "pid": os.getpid(),

@@ -203,7 +203,7 @@ class Watchdog:
         it, recycles the child after a hard limit, and stops it when asked)."""
         fields = {
             "worker": self.hostname, "pid": os.getpid(), "task": name, "task_id": task_id,
-            "kind": kind, "limit_mib": mib(limit), "held_mib": mib(held), "action": action,
+            "kind": kind, "task_limit_mib": mib(limit), "held_mib": mib(held), "action": action,
         }  # fmt: skip
         level = logging.WARNING if kind == SOFT else logging.ERROR
         emit(level, "task_memory_limit", fields)
@@ -266,7 +266,7 @@ class Enforcer(Listener):
         stopped = self.control.kill(hit.pid, shrink=False)  # a signal: from any thread
         fields = {
             "worker": self.hostname, "pid": hit.pid, "task": hit.name,
-            "task_id": hit.task_id, "kind": HARD, "limit_mib": mib(hit.limit),
+            "task_id": hit.task_id, "kind": HARD, "task_limit_mib": mib(hit.limit),
             "held_mib": mib(hit.held), "action": "killed" if stopped else "gone",
         }  # fmt: skip
         emit(logging.ERROR, "task_memory_limit", fields)

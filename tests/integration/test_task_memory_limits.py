@@ -80,7 +80,7 @@ def test_a_task_past_its_soft_limit_catches_it_and_returns(
     got = task.get(timeout=60)
     assert 96 <= got < 150
     (soft,) = limit_lines(worker, "soft")
-    assert soft["action"] == "raised" and float(soft["limit_mib"]) == 96.0
+    assert soft["action"] == "raised" and float(soft["task_limit_mib"]) == 96.0
     assert limit_lines(worker, "hard") == []
     (raised,) = harness.send_tasks(redis, worker.queue, "limited", 1, (150,))  # not caught
     assert failed_with(raised, worker) == "SoftMemoryLimitExceeded"
@@ -125,7 +125,7 @@ def test_limits_from_annotations_and_the_worker_wide_default_apply(
     assert failed_with(annotated, worker) == "MemoryLimitExceeded"
     (default,) = harness.send_tasks(redis, worker.queue, "leak", 1, (128, 1.0))
     assert failed_with(default, worker) == "MemoryLimitExceeded"
-    hard = {line["task"]: float(line["limit_mib"]) for line in limit_lines(worker, "hard")}
+    hard = {line["task"]: float(line["task_limit_mib"]) for line in limit_lines(worker, "hard")}
     assert hard == {"heavy_app.hog": 100.0, "heavy_app.leak": 64.0}
     ok = harness.send_tasks(redis, worker.queue, "hog", 2, (16, 0.1))
     assert [r.get(timeout=60) for r in ok] == [16 * MIB, 16 * MIB]

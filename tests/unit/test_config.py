@@ -433,3 +433,57 @@ def test_the_two_switches_turn_off_one_run_time_budget(env: dict[str, str]) -> N
     """``CELERY_GUARD_BRAKE=0`` (the older switch) and ``CELERY_GUARD_GOVERNOR=off`` say
     the same: the rest of the guard reads only ``governor``."""
     assert load_settings(env, {}).governor == "off"
+
+
+def test_a_config_error_line_names_the_setting_its_value_and_what_is_accepted() -> None:
+    from celery_guard.config import error_fields
+
+    error = ConfigError(
+        "CELERY_GUARD_MODE", "guard_mode", "fail", "scale | refuse | warn | off", "option",
+        flag="--guard-mode",
+    )  # fmt: skip
+    assert error_fields(error) == {
+        "variable": "CELERY_GUARD_MODE",
+        "setting": "guard_mode",
+        "option": "--guard-mode",
+        "source": "option",
+        "value": "fail",
+        "accepted": "scale | refuse | warn | off",
+    }
+
+
+def test_a_config_error_from_the_environment_names_no_worker_option() -> None:
+    from celery_guard.config import error_fields
+
+    error = ConfigError("CELERY_GUARD_MODE", "guard_mode", "fail", "scale", "env")
+    assert "option" not in error_fields(error)
+
+
+def test_a_config_error_line_shows_a_value_of_200_characters_whole_and_cuts_a_longer_one() -> None:
+    from celery_guard.config import error_fields
+
+    whole = ConfigError("CELERY_GUARD_STATE_FILE", "guard_state_file", "a" * 200, "a path", "env")
+    assert error_fields(whole)["value"] == "a" * 200
+    cut = ConfigError("CELERY_GUARD_STATE_FILE", "guard_state_file", "a" * 201, "a path", "env")
+    assert error_fields(cut)["value"] == "a" * 200 + "..."
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("1.a.", True),  # one trailing dot allowed: "1.a"
+        ("a.1b.", True),  # "a.1b": the last label is not all digits
+        ("a.1.", False),
+        (".", False),
+        ("a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 61, True),  # 253 characters
+        ("a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 62, False),  # 254
+    ],
+    ids=["trailing-dot", "trailing-dot-last-label-mixed", "trailing-dot-digits", "only-a-dot",
+         "253-characters", "254-characters"],
+)  # fmt: skip
+def test_a_host_name_is_at_most_253_characters_with_one_trailing_dot_allowed(
+    name: str, valid: bool
+) -> None:
+    from celery_guard.config import valid_hostname
+
+    assert valid_hostname(name) is valid

@@ -118,3 +118,24 @@ def test_the_readmes_startup_line_has_the_keys_the_worker_prints() -> None:
     settings = load_settings({"CELERY_GUARD_CHILD_MEMORY": "100M"}, {})
     fields = startup.measure(settings, "prefork", 1, forked=False).fields()
     assert list(parse_line(shown)) == ["event", "worker", *fields]
+
+
+#: Keys that meant different things in different lines (issue 24), with the one meaning
+#: each keeps and the only modules that may write them.
+ONE_MEANING = {
+    # the cgroup's charge: the summary's and the OOM line's (telemetry); cli reads it
+    "usage_mib": {"telemetry.py", "cli.py", "logreader.py"},
+}
+
+
+@pytest.mark.parametrize("key", sorted(ONE_MEANING))
+def test_a_key_keeps_one_meaning_across_events(key: str) -> None:
+    """A pressure line's figure is the cgroup's unreclaimable memory (``unreclaimable_mib``)
+    or the worker's RSS (``rss_mib``), not ``usage_mib``, which is the cgroup's charge
+    wherever it appears; a task's own limit is ``task_limit_mib``, never ``limit_mib``
+    (the worker's limit)."""
+    writers = {
+        path.name for path in (ROOT / "celery_guard").glob("*.py") if f'"{key}"' in path.read_text()
+    }
+    assert writers <= ONE_MEANING[key], sorted(writers - ONE_MEANING[key])
+    assert '"limit_mib"' not in (ROOT / "celery_guard" / "watchdog.py").read_text()

@@ -340,3 +340,99 @@ def test_tasks_untracked_and_taken_in_again_leave_the_sums_as_they_were() -> Non
     assert sums() == (0, 3, 0, 0, {}, 3, [None, None, None])
     enter()
     assert sums() == tracked
+
+
+def test_a_childs_start_and_a_tasks_wall_time_come_from_the_timed_tasks_once_there_are() -> None:
+    """First record: 0.5 s of CPU over 2 tasks that ran 0.3 s; tasks timed since: 0.1 s of
+    CPU and 0.25 s of wall time each. The start is 0.5 - 2 * 0.1 = 0.3 s of CPU."""
+    pace = Pace()
+    pace.first_cpu.add(0.5)
+    pace.first_busy.add(0.3)
+    pace.first_tasks.add(2)
+    assert pace.start_and_task() == pytest.approx((0.2, 0.15))  # 0.5 - 0.3, and 0.3 / 2
+    pace.task_cpu.add(0.1)  # the start is known, a task's wall time not yet
+    assert pace.start_and_task() == pytest.approx((0.2, 0.15))
+    pace.task_wall.add(0.25)
+    assert pace.start_and_task() == pytest.approx((0.3, 0.25))
+
+
+def test_a_replacement_leaves_out_the_wait_for_a_cpu_beyond_its_first_tasks() -> None:
+    """Replaced in 1.0 s; the new child's start takes 0.4 s of CPU (0.5 less one task of
+    0.1), and by its first record it waited 0.3 s for a CPU, 0.1 of it in that task: the
+    start waited 0.2 s, so 0.4 s of the replacement was neither on a CPU nor waiting."""
+    pace = Pace()
+    pace.first_cpu.add(0.5)
+    pace.first_tasks.add(1)
+    pace.task_cpu.add(0.1)
+    pace.replace_wall.add(1.0)
+    pace.first_wait.add(0.3)
+    assert pace.replace_idle() == pytest.approx(0.3)  # no task's wait known: all 0.3 s
+    pace.task_wait.add(0.1)
+    assert pace.replace_idle() == pytest.approx(0.4)
+    pace.first_wait.add(5.0)  # a start that waited longer than the replacement took
+    assert pace.replace_idle() == pytest.approx(0.0)
+
+
+def test_one_replacement_that_billiard_missed_waits_half_its_maintenance_interval() -> None:
+    pace = Pace()
+    pace.first_cpu.add(0.5)
+    pace.first_tasks.add(1)
+    pace.task_cpu.add(0.1)
+    pace.replace_wall.add(1.0)
+    pace.replacements, pace.late_joins = 1, 1
+    assert pace.vanilla_replace_idle() == pytest.approx(0.6 + BILLIARD_MAINTENANCE / 2)
+
+
+def test_a_childs_records_give_its_start_then_what_each_task_between_two_records_used() -> None:
+    """The first record (2 tasks): 0.5 s of CPU, 0.3 s waiting for one, 0.4 s in tasks.
+    The next (5 tasks, 3 more): 0.3 s more CPU, 0.06 s more waiting, 0.6 s more in tasks
+    and 12 MiB more RSS; per task 0.1, 0.02, 0.2 s and 4 MiB."""
+    from celery_guard.ledger import ChildState
+
+    pace, child = Pace(), ChildState(1)
+    mib = 1 << 20
+
+    def record(cpu: int, wait: int, busy: int, rss_mib: int, tasks: int) -> Record:
+        return Record(1, "t", 0, False, 0, rss_mib * mib, None, cpu, wait, busy, tasks)
+
+    pace.from_record(child, record(500_000, 300_000, 400_000, 200, 2))
+    assert (pace.first_cpu.value, pace.first_tasks.value) == (0.5, 2)
+    assert (pace.first_wait.value, pace.first_busy.value) == (0.3, 0.4)
+    pace.from_record(child, record(800_000, 360_000, 1_000_000, 212, 5))
+    assert pace.task_cpu.value == pytest.approx(0.1)
+    assert pace.task_wait.value == pytest.approx(0.02)
+    assert pace.task_wall.value == pytest.approx(0.2)
+    assert pace.retained.value == pytest.approx(4 * mib)
+    assert pace.task_cpu.samples == 1
+
+
+def test_a_record_with_no_task_or_time_gone_backwards_adds_nothing_to_the_pace() -> None:
+    from celery_guard.ledger import ChildState
+
+    pace, child = Pace(), ChildState(1)
+    pace.from_record(child, Record(1, "t", 0, False, 0, 0, None, 500_000, 0, 0, 0))
+    assert pace.first_cpu.samples == 0  # no task finished yet: not a first record
+    pace.from_record(child, Record(1, "t", 0, False, 0, 0, None, 500_000, 0, 0, 1))
+    pace.from_record(child, Record(1, "t", 0, False, 0, 0, None, 400_000, 0, 0, 2))
+    pace.from_record(child, Record(1, "t", 0, False, 0, 0, None, 600_000, 0, 0, 2))
+    assert pace.task_cpu.samples == 0  # less CPU than before, then no more tasks
+    # time inside tasks and waiting unchanged: tasks that took no time, not unknown
+    pace.from_record(child, Record(1, "t", 0, False, 0, 0, None, 700_000, 0, 0, 3))
+    assert (pace.task_cpu.value, pace.task_wall.value, pace.task_wait.value) == (
+        pytest.approx(0.1), 0.0, 0.0,
+    )  # fmt: skip
+
+
+def test_a_tasks_pace_counts_a_first_record_of_one_task_and_tasks_that_took_nothing() -> None:
+    """A first record after one task; then a task that used no CPU, kept nothing (the RSS
+    fell) and whose time is unknown (-1 on the pipe: None) adds zeros, not nothing."""
+    from celery_guard.ledger import ChildState
+
+    pace, child = Pace(), ChildState(1)
+    pace.from_record(child, Record(1, "t", 0, False, 0, 300, None, 500_000, 40, 30, 1))
+    assert (pace.first_cpu.value, pace.first_tasks.value) == (0.5, 1)
+    pace.from_record(child, Record(1, "t", 0, False, 0, 200, None, 500_000, None, None, 2))
+    assert (pace.task_cpu.value, pace.retained.value) == (0.0, 0.0)
+    assert (pace.task_wall.samples, pace.task_wait.samples) == (0, 0)  # unknown: not counted
+    pace.from_record(child, Record(1, "t", 0, False, 0, 200, None, 800_000, None, None, 5))
+    assert pace.task_cpu.total == pytest.approx(0.3, rel=1e-12)  # 0.3 s over the 3 tasks

@@ -230,3 +230,15 @@ def test_the_format_is_chosen_once_for_the_process(caplog: pytest.LogCaptureFixt
     assert format_from_env({"CELERY_GUARD_LOG_FORMAT": " JSON "}) == "json"
     assert format_from_env({"CELERY_GUARD_LOG_FORMAT": "xml"}) == "text"
     assert format_from_env({}) == "text"
+
+
+def test_in_json_a_line_logged_without_the_guards_fields_keeps_its_message() -> None:
+    """A record on the guard's logger that is not a guard line (no ``celery_guard``
+    attribute: a plain ``logger.warning``) passes the JSON filter as it was."""
+    from celery_guard.logline import JsonMessages
+
+    record = logging.LogRecord(
+        "celery_guard", logging.WARNING, __file__, 1, "plain %s", ("x",), None
+    )
+    assert JsonMessages().filter(record) is True
+    assert record.getMessage() == "plain x"

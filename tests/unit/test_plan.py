@@ -261,3 +261,7 @@ LARGEST_FIT = [
 def test_largest_fit(limit: int, headroom: int, in_use: int, child: int, expected: int) -> None:
     """Whole children in what is left; never negative, never a division by zero."""
     assert largest_fit(limit, headroom, in_use, child) == expected
+
+
+def test_one_byte_free_fits_one_child_of_one_byte() -> None:
+    assert largest_fit(limit=1001, headroom=100, in_use=900, child=1) == 1

@@ -617,3 +617,173 @@ def test_room_to_spare_is_the_whole_pool_at_its_worst_under_the_low_mark(
         )
     found = replace(view(ws, size=children), target=target)
     assert roomy(found, book) is expected
+
+
+def test_a_pool_of_one_child_gives_it_all_the_room_in_whole_bytes() -> None:
+    assert share(view(0, size=1, base=200)) == 700 * MIB  # 900 - 200, for one child
+    assert share(view(0, size=3, base=200)) == 244_667_733  # 700 MiB / 3, rounded down
+
+
+def test_a_child_that_retained_exactly_min_retained_is_worth_a_fork() -> None:
+    book = ledger((1, 20, None))
+    child = book.children[1]
+    child.rss = 200 * MIB + 4 * MIB  # 4 MiB beyond what a new child copies: MIN_RETAINED
+    assert worth_a_fork(book, child) is True
+    child.rss -= 1
+    assert worth_a_fork(book, child) is False
+
+
+@pytest.mark.parametrize(
+    ("retained", "recycled"),
+    [
+        # the share is 700 MiB / 3 = 244667733 bytes; an eighth of it 30583466 bytes
+        (30_583_466, True),  # exactly an eighth; 20 MiB + it + 200 MiB > the share
+        (30_583_465, False),  # a byte under an eighth: not worth a fork
+        (20 * MIB, False),  # 20 MiB, under an eighth (29.2 MiB), though above a ninth
+    ],
+)
+def test_a_child_is_recycled_from_an_eighth_of_its_share_retained(
+    retained: int, recycled: bool
+) -> None:
+    book = ledger((1, 20, None), peaks={"leak": 200})
+    child = book.children[1]
+    child.rss = 200 * MIB + retained
+    assert recycle(view(500, size=3), book, child) is recycled
+
+
+def test_a_child_that_would_reach_exactly_its_share_at_the_next_peak_is_kept() -> None:
+    """20 MiB copied + 95 retained + 60 (the worst peak) = 175 MiB, its share: it fits."""
+    book = ledger((1, 20, None), peaks={"leak": 60})
+    child = book.children[1]
+    child.rss = (200 + 95) * MIB
+    assert recycle(view(500), book, child) is False
+    child.rss += 1
+    assert recycle(view(500), book, child) is True
+
+
+def test_every_task_finished_since_the_cgroup_was_read_counts_not_only_the_last() -> None:
+    book = ledger((1, 20, "leak"), (2, 20, "leak"), peaks={"leak": 24})
+    book.task_finished(1)
+    book.task_finished(2)
+    assert to_come(book) == 2 * 24 * MIB
+
+
+def test_a_task_accepted_without_passing_the_gate_reserves_its_own_peak() -> None:
+    """Not the worst seen (60 MiB) when its kind was measured at 10 MiB."""
+    book = ledger((1, 20, None), peaks={"small": 10, "big": 60})
+    book.task_accepted(1, "id-1", "small")
+    assert to_come(book) == 10 * MIB
+
+
+def _at_the_hard_mark(ws: int, retained: dict[int, int], peak: int) -> list[tuple[str, int, str]]:
+    """Child 1 runs ``hog`` (grown 10 MiB so far), children 2 to 4 are idle and kept
+    ``retained`` MiB beyond the 20 a child copies; then the cgroup is at ``ws`` MiB."""
+    book = ledger((1, 20, "hog"), (2, 20, None), (3, 20, None), (4, 20, None),
+                  peaks={"hog": peak})  # fmt: skip
+    for pid, kept in retained.items():
+        book.children[pid].rss = (200 + kept) * MIB
+    safety = Safety()
+    safety.decide(view(500, rss={1: 200}), book, now=0.0)
+    actions = safety.decide(view(ws, rss={1: 210}), book, now=0.1)
+    assert all(a.child is not None and a.child.pid == a.pid for a in actions)
+    return [(a.action, a.pid, a.level) for a in actions]
+
+
+def test_at_the_hard_mark_when_stopping_the_tasks_is_not_enough_idle_children_are_shed() -> None:
+    """990 MiB, and task 1 is to add 50 more (its peak of 60, 10 grown): 1040 ahead.
+    Stopping it takes its peak and the 20 MiB its child copied (960 left, past the high
+    mark of 900); shedding child 2, which holds 70 MiB, is enough (890). Child 3 stays."""
+    assert _at_the_hard_mark(990, {2: 50, 3: 10, 4: 0}, peak=60) == [
+        ("kill", 1, "hard"), ("shed", 2, "hard"),
+    ]  # fmt: skip
+
+
+def test_at_the_hard_mark_shedding_stops_at_the_high_mark_itself() -> None:
+    """As above, child 2 holding 60 MiB: 960 - 60 leaves exactly the high mark, 900."""
+    assert _at_the_hard_mark(990, {2: 40, 3: 10, 4: 0}, peak=60) == [
+        ("kill", 1, "hard"), ("shed", 2, "hard"),
+    ]  # fmt: skip
+
+
+def test_at_the_hard_mark_idle_children_are_shed_the_largest_first_until_under_the_mark() -> None:
+    """995 MiB, task 1 at its peak of 10: stopping it takes 30 (965 left), child 2 60
+    (905: still past 900), child 3 50 (855). Child 4 kept nothing; it stays."""
+    assert _at_the_hard_mark(995, {2: 40, 3: 30, 4: 0}, peak=10) == [
+        ("kill", 1, "hard"), ("shed", 2, "hard"), ("shed", 3, "hard"),
+    ]  # fmt: skip
+
+
+def _shed_at(ws: int, retained: dict[int, int]) -> list[tuple[str, int, str]]:
+    """Idle children that copied 20 MiB and kept ``retained`` MiB more; the cgroup at
+    ``ws`` MiB, past the high mark (900) but not the hard one (970)."""
+    book = ledger(*[(pid, 20, None) for pid in retained], peaks={"leak": 24})
+    for pid, kept in retained.items():
+        book.children[pid].rss = (200 + kept) * MIB
+    actions = Safety().decide(view(ws, size=len(retained)), book, now=0.0)
+    assert all(a.child is not None and a.child.pid == a.pid for a in actions)
+    return [(a.action, a.pid, a.level) for a in actions]
+
+
+def test_past_the_high_mark_it_sheds_the_largest_idle_children_until_under_it() -> None:
+    """60 MiB over: child 1 frees the 50 it kept (10 over still), child 3 its 40."""
+    assert _shed_at(960, {1: 50, 2: 10, 3: 40}) == [("shed", 1, "high"), ("shed", 3, "high")]
+
+
+def test_past_the_high_mark_shedding_down_to_the_mark_itself_is_not_enough() -> None:
+    """60 MiB over, child 1 kept 60: at the mark after it, not under it; child 3 goes too."""
+    assert _shed_at(960, {1: 60, 2: 10, 3: 40}) == [("shed", 1, "high"), ("shed", 3, "high")]
+
+
+def test_past_the_high_mark_shedding_leaves_one_child() -> None:
+    assert _shed_at(960, {1: 50, 2: 40}) == [("shed", 1, "high")]
+
+
+def _retired_at(ws: int, children: int, target: int) -> list[tuple[str, int, str]]:
+    """``children`` idle children that copied 20 MiB and kept nothing, the plan's target
+    ``target``; the cgroup at ``ws`` MiB, past the high mark (900), not the hard one."""
+    book = ledger(*[(pid, 20, None) for pid in range(1, children + 1)], peaks={"t": 30})
+    actions = Safety().decide(replace(view(ws, size=children), target=target), book, now=0.0)
+    assert all(a.child is not None and a.child.pid == a.pid for a in actions)
+    return [(a.action, a.pid, a.level) for a in actions]
+
+
+def test_past_the_high_mark_a_pool_at_its_target_retires_no_child() -> None:
+    """Its idle children hold only what a new one copies (nothing to shed), and the pool
+    is no larger than its target (nothing to retire)."""
+    assert _retired_at(920, children=4, target=4) == []
+
+
+def test_past_the_high_mark_above_the_target_it_retires_idle_children_past_the_mark() -> None:
+    """60 MiB over, 20 freed per child: three bring it to the mark itself, a fourth under."""
+    assert _retired_at(960, children=5, target=1) == [
+        ("retire", 1, "high"), ("retire", 2, "high"), ("retire", 3, "high"), ("retire", 4, "high"),
+    ]  # fmt: skip
+
+
+def test_the_projection_adds_what_the_rate_since_the_last_reading_brings_in_half_a_second() -> None:
+    """100 MiB at 10 s, 300 at 12 s: 100 MiB/s, so 50 more in LOOKAHEAD (0.5 s)."""
+    safety = Safety()
+    assert safety.project(100 * MIB, 10.0) == 100 * MIB  # a first reading: no rate yet
+    assert safety.project(300 * MIB, 12.0) == 350 * MIB
+    assert safety.rate == 100 * MIB
+    assert safety.project(300 * MIB, 12.0) == 300 * MIB  # no time since: the figure alone
+    assert safety.project(200 * MIB, 13.0) == 200 * MIB  # falling: no rate
+    assert safety.rate == 0.0
+
+
+def test_below_the_low_mark_the_next_check_comes_half_way_there_at_the_rate() -> None:
+    """200 MiB, the low mark at 800, rising 200 MiB/s: there in 3 s, checked in 1.5 s."""
+    safety = Safety()
+    safety.project(0, 0.0)
+    safety.project(200 * MIB, 1.0)
+    assert safety.next_delay(200 * MIB, MARKS, 10.0) == pytest.approx(1.5)
+    assert safety.next_delay(800 * MIB, MARKS, 10.0) == Safety.FAST  # at the low mark
+    assert Safety().next_delay(800 * MIB, MARKS, 10.0) == Safety.FAST  # even not rising
+
+
+def test_a_rise_slower_than_a_byte_a_second_still_times_the_next_check() -> None:
+    safety = Safety()
+    safety.project(0, 0.0)
+    safety.project(1, 2.0)  # half a byte a second
+    assert safety.rate == 0.5
+    assert safety.next_delay(MARKS.low - 1, MARKS, 10.0) == pytest.approx(1.0)

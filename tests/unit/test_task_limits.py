@@ -220,3 +220,42 @@ def test_a_task_stopped_for_its_own_limit_is_never_re_delivered() -> None:
     assert "memory_limit of 96 MiB" in str(error)
     outcome = failures.outcome(7)
     assert outcome is not None and (outcome.cause, outcome.then) == (GUARD, "fail")
+
+
+def test_a_soft_limit_just_reached_leaves_the_hard_limit_as_the_next_one() -> None:
+    """At its soft limit of 60 MiB (raised at this check), 40 MiB from its hard limit of
+    100 at 100 MiB/s: the hard limit is 0.4 s away, so the next check is in 0.2 s."""
+    run = Run(TaskLimit(100 * MIB, 60 * MIB), soft_raised=True)
+    assert next_check(run, 60 * MIB, 100 * MIB) == pytest.approx(0.2)
+
+
+def test_a_task_growing_slower_than_a_byte_a_second_is_timed_by_its_rate() -> None:
+    """Only a task that does not grow waits the longest: one byte from its limit at half a
+    byte a second, it is there in 2 s, checked in 1 s (under a ceiling of 10 s)."""
+    run = Run(TaskLimit(4096))
+    assert next_check(run, 4095, 0.5, ceiling=10.0) == pytest.approx(1.0)
+
+
+def test_a_bad_limit_shows_the_value_as_declared_and_what_is_accepted() -> None:
+    accepted = (
+        "a size of at least 4K (bytes (536870912), or a number with K, M, G, T, KB, MiB,"
+        " GiB... (512M, 1.5GiB)), a whole number of bytes, or None"
+    )
+    with pytest.raises(LimitError) as error:
+        declared({"app.t": task(memory_limit="huge")})
+    assert (error.value.value, error.value.accepted) == ("huge", accepted)
+    assert str(error.value) == f"app.t.memory_limit='huge': expected {accepted}"
+
+
+def test_a_soft_limit_not_below_the_hard_one_shows_the_soft_limit_as_declared() -> None:
+    with pytest.raises(LimitError) as error:
+        declared({"app.t": task(memory_limit="100M", soft_memory_limit="200M")})
+    assert (error.value.value, error.value.accepted) == (
+        "200M", "a soft_memory_limit below memory_limit",
+    )  # fmt: skip
+
+
+def test_worker_defaults_with_a_soft_limit_above_the_hard_show_it_in_bytes() -> None:
+    with pytest.raises(LimitError) as error:
+        declared({"app.t": task()}, default_hard=100 * MIB, default_soft=200 * MIB)
+    assert (error.value.option, error.value.value) == ("soft_memory_limit", 200 * MIB)

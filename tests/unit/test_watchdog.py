@@ -149,7 +149,7 @@ def test_a_task_that_did_not_stop_has_its_child_killed_and_explained(
     assert (line["event"], line["action"], line["kind"], line["task_id"]) == (
         "task_memory_limit", "killed", "hard", "t-1",
     )  # fmt: skip
-    assert (line["limit_mib"], line["held_mib"]) == ("8.0", "9.0")
+    assert (line["task_limit_mib"], line["held_mib"]) == ("8.0", "9.0")
 
 
 def test_a_kill_that_finds_the_child_gone_says_so(caplog: pytest.LogCaptureFixture) -> None:
