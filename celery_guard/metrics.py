@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import __version__, cgroups, procfs
+from . import cgroups, procfs
 from .ledger import MAX_TASK_NAMES
 from .logline import emit
 from .protect import threads_without_signals
@@ -33,6 +33,17 @@ TASK_COUNTERS = (
     ("memory_kill", "Runs of the task stopped by the guard as the last resort."),
     ("oom_kill", "Runs of the task stopped by the kernel's OOM killer."),
 )
+
+
+def _version() -> str:
+    """The installed distribution's version (read from its metadata: the package's
+    ``__init__`` sits above this module, which it must not import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("celery-guard")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def registered_tasks(app: Any) -> list[str]:
@@ -106,7 +117,7 @@ class GuardCollector:
         info = GaugeMetricFamily(
             PREFIX + "info", "The guard's version; always 1.", labels=[*labels, "version"]
         )
-        info.add_metric([*host, __version__], 1)
+        info.add_metric([*host, _version()], 1)
         yield info
         yield from gauge("limit_bytes", "The memory limit the pool is fitted to.", now.limit)
         usage = cgroups.read_usage(c.cgroup) if c.cgroup is not None else None
