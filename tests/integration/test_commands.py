@@ -201,8 +201,8 @@ def test_check_weighs_the_autoscale_max(redis: harness.RedisServer) -> None:
 
 def test_check_of_a_pool_that_does_not_fork(redis: harness.RedisServer) -> None:
     """-P threads -c 8 in 256 MiB: eight forked children would not fit, but threads are
-    not forked: exit 0, and the container limit is the main process's with the headroom
-    (no child in it)."""
+    not forked: exit 0, no count of children that fit (``fits`` empty), and the
+    container limit is the main process's with the headroom (no child in it)."""
     env = harness.worker_env(
         redis, {"HEAVY_APP_ACKS_LATE": "1", "CELERY_GUARD_MEMORY_LIMIT": "256M"}
     )
@@ -210,7 +210,7 @@ def test_check_of_a_pool_that_does_not_fork(redis: harness.RedisServer) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     (check,) = lines(done.stdout, "check")
     assert (check["pool"], check["requested"]) == ("threads", "8")
-    assert int(check["fits"]) < 8
+    assert check["fits"] == ""
     parent = float(check["parent_rss_mib"])
     assert (
         parent
