@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -361,6 +362,19 @@ def _v1_setter(cgroup: Cgroup, value: int) -> str:
         directory = os.path.dirname(directory)
 
 
+def _up_to_mount(cgroup: Cgroup) -> Iterator[str]:
+    """The cgroup's directory, then each parent up to the mount point (v2 shows each
+    level's own settings only: a reader walks them all)."""
+    directory, mount = cgroup.path, cgroup.mount.rstrip("/") or "/"
+    while True:
+        yield directory
+        parent = os.path.dirname(directory)
+        at_top = directory.rstrip("/") == mount or len(directory) <= len(mount)
+        if at_top or parent == directory:
+            return
+        directory = parent
+
+
 def read_limit(cgroup: Cgroup, physical: int | None) -> Limit:
     """The effective memory limit of the cgroup, or bytes=None with the reason.
 
@@ -374,9 +388,7 @@ def read_limit(cgroup: Cgroup, physical: int | None) -> Limit:
     problems: list[str] = []
     if cgroup.version == 2:
         files_seen = 0
-        directory = cgroup.path
-        mount = cgroup.mount.rstrip("/") or "/"
-        while True:
+        for directory in _up_to_mount(cgroup):
             level = _level(cgroup, directory)
             for name in ("memory.max", "memory.high"):
                 display = f"{name} in {level}"
@@ -393,11 +405,6 @@ def read_limit(cgroup: Cgroup, physical: int | None) -> Limit:
                     problems.append(why)
                 else:
                     found.append((value, name, directory))
-            parent = os.path.dirname(directory)
-            at_top = directory.rstrip("/") == mount or len(directory) <= len(mount)
-            if at_top or parent == directory:
-                break
-            directory = parent
         if not found:
             if problems:
                 return Limit(None, source, "no limit found: " + "; ".join(problems))
@@ -490,15 +497,11 @@ def read_oom_group(cgroup: Cgroup) -> bool | None:
     if cgroup.version != 2:
         return None
     own: bool | None = None
-    directory, mount = cgroup.path, cgroup.mount.rstrip("/") or "/"
-    while True:
+    for directory in _up_to_mount(cgroup):
         text, _ = _read(os.path.join(directory, "memory.oom.group"), "memory.oom.group")
         value = text.strip() if text is not None else None
         if value == "1":
             return True
         if directory == cgroup.path:
             own = False if value == "0" else None
-        parent = os.path.dirname(directory)
-        if directory.rstrip("/") == mount or len(directory) <= len(mount) or parent == directory:
-            return own
-        directory = parent
+    return own

@@ -249,8 +249,7 @@ def check(ctx: click.Context, **options: Any) -> None:
     try:
         measured = startup.measure(settings, pool, requested)
     except startup.Unsupported as error:  # the worker's startup line says the same
-        fields = {"mode": settings.mode, "pool": pool, "requested": requested,
-                  "concurrency": requested, "action": "kept", "error": str(error)}  # fmt: skip
+        fields = startup.unmeasured_fields(settings, pool, requested, str(error))
         click.echo(format_event("check", fields, output))
         ctx.exit(EX_UNAVAILABLE)
     fields = measured.fields()

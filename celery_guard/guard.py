@@ -68,21 +68,14 @@ class Guard:
             if autoscale:
                 fields["autoscale_min"] = min(w.min_concurrency, measured.decision.concurrency)
         except startup.Unsupported as error:  # a known condition: one line, no traceback
-            fields = {
-                "worker": w.hostname, "mode": settings.mode, "pool": self.pool,
-                "requested": self.requested, "concurrency": self.requested, "action": "kept",
-                "error": str(error),
-            }  # fmt: skip
-            emit(logging.WARNING, "startup", fields)
+            unmeasured = startup.unmeasured_fields(settings, self.pool, self.requested, str(error))
+            emit(logging.WARNING, "startup", {"worker": w.hostname, **unmeasured})
             return
         except Exception as error:  # noqa: BLE001 - never take the worker down by accident
             logger.exception("celery-guard event=error stage=startup")
-            fields = {
-                "worker": w.hostname, "mode": settings.mode, "pool": self.pool,
-                "requested": self.requested, "concurrency": self.requested, "action": "kept",
-                "error": f"{type(error).__name__}: {error}",
-            }  # fmt: skip
-            emit(logging.ERROR, "startup", fields)
+            why = f"{type(error).__name__}: {error}"
+            unmeasured = startup.unmeasured_fields(settings, self.pool, self.requested, why)
+            emit(logging.ERROR, "startup", {"worker": w.hostname, **unmeasured})
             return
         decision = measured.decision
         emit(startup.LEVELS[decision.action], "startup", fields)

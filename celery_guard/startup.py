@@ -164,6 +164,15 @@ class Unsupported(Exception):
     """Nothing can be measured on this system (``procfs.unsupported`` says why)."""
 
 
+def unmeasured_fields(settings: Settings, pool: str, requested: int, error: str) -> dict[str, Any]:
+    """The startup (or check) line when measuring gave nothing: the concurrency as asked,
+    and why."""
+    return {
+        "mode": settings.mode, "pool": pool, "requested": requested,
+        "concurrency": requested, "action": "kept", "error": error,
+    }  # fmt: skip
+
+
 def measure(
     settings: Settings, pool: str, requested: int, forked: bool = True, root: str = "/"
 ) -> Measured:

@@ -38,6 +38,14 @@ def _busy(tmp_path: Path) -> Governor:
     return budget
 
 
+def _every_child_busy(tmp_path: Path) -> Governor:
+    """As ``_busy``, and the other three children running ``t`` too: no free child."""
+    budget = _busy(tmp_path)
+    for pid in (102, 103, 104):
+        budget.task_accepted(pid, f"id-{pid}", "t")
+    return budget
+
+
 def test_holding_starts_with_one_line_that_names_the_first_task_held(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -82,9 +90,7 @@ def test_a_task_with_no_free_child_is_held_without_a_hold_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every child busy: the task waits for one at the gate; that is no memory pressure."""
-    budget = _busy(tmp_path)
-    for pid in (102, 103, 104):
-        budget.task_accepted(pid, f"id-{pid}", "t")
+    budget = _every_child_busy(tmp_path)
     caplog.set_level(logging.INFO, logger="celery_guard")
     assert budget.gate(Request("n1", "t")) is Verdict.HOLD
     assert guard_lines(caplog, "action", "hold") == [] and budget.holds == 0
@@ -107,9 +113,7 @@ def test_observing_hands_over_what_it_would_hold_and_logs_the_hold(
 def test_observing_neither_holds_nor_logs_a_task_that_waits_for_a_free_child(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    budget = _busy(tmp_path)
-    for pid in (102, 103, 104):
-        budget.task_accepted(pid, f"id-{pid}", "t")
+    budget = _every_child_busy(tmp_path)
     budget.observing = True
     caplog.set_level(logging.INFO, logger="celery_guard")
     assert budget.gate(Request("n1", "t")) is Verdict.HAND_OVER
