@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -114,6 +115,19 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.completed == self.sent and self.oom_kills == 0
+
+    @property
+    def fits(self) -> bool:
+        """What the vanilla bisection asks: no OOM kill. A run that did not finish in time
+        without one was slow (more children, more tasks, two CPUs), not too big."""
+        return self.oom_kills == 0
+
+    def verdict(self) -> str:
+        if not self.fits:
+            return f"fails ({self.oom_kills} OOM kills)"
+        if self.ok:
+            return "ok"
+        return f"fits (no OOM kill; {self.completed}/{self.sent} done in time)"
 
 
 class Bench:
@@ -210,14 +224,23 @@ class Bench:
         return result
 
     def largest_vanilla(self, workload: Workload, limit_mib: int, high: int = 24) -> int:
-        """Bisection: the largest concurrency vanilla Celery runs the workload at."""
-        low, top = 0, high + 1
-        while top - low > 1:
-            middle = (low + top) // 2
-            ok = self.run(workload, limit_mib, middle, guard=False).ok
-            print(f"    vanilla c={middle}: {'ok' if ok else 'fails'}", flush=True)
-            low, top = (middle, top) if ok else (low, middle)
-        return low
+        """The largest concurrency vanilla Celery runs the workload at with no OOM kill."""
+
+        def fits(concurrency: int) -> bool:
+            run = self.run(workload, limit_mib, concurrency, guard=False)
+            print(f"    vanilla c={concurrency}: {run.verdict()}", flush=True)
+            return run.fits
+
+        return largest(fits, high)
+
+
+def largest(fits: Callable[[int], bool], high: int) -> int:
+    """Bisection over 1..high: the largest concurrency that fits (0: none does)."""
+    low, top = 0, high + 1
+    while top - low > 1:
+        middle = (low + top) // 2
+        low, top = (middle, top) if fits(middle) else (low, middle)
+    return low
 
 
 def _wait(worker: harness.Worker, results: list[Any], timeout: float) -> None:
@@ -744,7 +767,8 @@ def render(sections: dict[str, dict[str, Any]], plots: Path, base: Path) -> str:
         "## Efficiency: the concurrency that fits",
         "",
         "Vanilla largest: the largest `-c` at which vanilla Celery runs the workload (each "
-        "child runs its tasks; late acks) with no OOM kill, by bisection. Rule of thumb: "
+        "child runs its tasks; late acks) with no OOM kill, by bisection (a run that did "
+        "not finish in time with no OOM kill fits: it was slow, not too big). Rule of thumb: "
         "`floor(limit / per-worker RSS)`, with the RSS of a vanilla child that ran the "
         "workload (what `ps` shows; it counts the pages the child shares with the main "
         "process). Guard: what celery-guard starts with and settles on when asked for "
