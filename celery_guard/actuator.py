@@ -36,6 +36,7 @@ from celery.worker import state as worker_state
 
 from . import procfs
 from .exits import LostJob
+from .logline import logger
 
 
 class Verdict(enum.Enum):
@@ -50,9 +51,8 @@ class Listener:
     """What the pool's events are told to (why a child exited, the task limits'
     enforcer, the governor), in that order: each overrides the events it needs."""
 
-    #: Follows tasks one by one: hears each hand-over and acceptance, and wants the
-    #: children's records read before it hears a task's end. While no listener does,
-    #: the pool's per-task path costs the main process next to nothing.
+    #: Follows tasks one by one (each hand-over and acceptance; the children's records
+    #: read before each task's end). While none does, the per-task path costs next to nothing.
     tracks_tasks: bool = False
     #: The tasks (by name) whose end it must hear after their child's records, tracking
     #: or not (the task limits' enforcer: a limit hit recycles the child at that end).
@@ -101,14 +101,9 @@ def pool_size(w: Any) -> int:
 
 
 def reached_pool(request: Any) -> bool:
-    """Did Celery hand ``request`` to the pool? Its ``execute_using_pool`` keeps the
-    pool's result on the request; a revoked or expired request raises before that. A
-    request without the attribute (another Celery) counts as handed."""
+    """Did Celery hand ``request`` to the pool? ``execute_using_pool`` keeps the pool's
+    result on it; a revoked or expired one raises first. Without it (another Celery): yes."""
     return getattr(request, "_apply_result", True) is not None
-
-
-def _name(request: Any) -> str:
-    return str(getattr(request, "name", None) or "?")
 
 
 class PoolControl:
@@ -127,13 +122,12 @@ class PoolControl:
         #: Told of a task lost with its child; returns the exception it fails with
         #: instead of billiard's WorkerLostError, or None to leave it.
         self.on_lost: Callable[[LostJob], Exception | None] | None = None
-        #: Reads the children's records now: once before the listeners hear a task's
-        #: end or a child's exit (the child wrote its record before its result, but the
-        #: result's pipe may be read first).
+        #: Reads the children's records before the listeners hear a task's end or a child's
+        #: exit (a child writes its record before its result, whose pipe may be read first).
         self.read_records: Callable[[], None] | None = None
         self._resizing = False  # the guard's own grow is under way
-        #: children the main process forked, and the seconds its thread spent on them
-        #: (billiard's set-up, Celery's collection before each fork, the fork itself)
+        #: children forked, and the seconds the main thread spent on them (billiard's
+        #: set-up, Celery's collection before each fork, the fork itself)
         self.forks = 0
         self.fork_seconds = 0.0
         self._start_task: Callable[[Any], Any] | None = None
@@ -229,10 +223,8 @@ class PoolControl:
         if alive is not None:
             handlers[WORKER_UP] = on_alive
         pool.on_process_up, pool.on_process_down = on_process_up, on_process_down
-        pool.on_job_process_down, pool.on_job_process_lost = (
-            on_job_process_down,
-            on_job_process_lost,
-        )
+        pool.on_job_process_down = on_job_process_down
+        pool.on_job_process_lost = on_job_process_lost
         handlers[ACK], handlers[READY] = on_ack, on_ready
 
     def _wrap_fork(self, pool: Any) -> None:
@@ -295,14 +287,11 @@ class PoolControl:
         semaphore.clear = clear_semaphore
 
     def _tell(self, event: str, *args: Any) -> None:
-        """Tell every listener of ``event``; one that fails is logged, and the next is
-        still told."""
+        """Tell every listener of ``event``; one that fails is logged, the next still told."""
         for listener in self.listeners:
             try:
                 getattr(listener, event)(*args)
             except Exception:  # noqa: BLE001 - the pool's own callback must still run
-                from .logline import logger
-
                 logger.exception("celery-guard event=error stage=%s", event)
 
     def _guarded(self, stage: str, function: Callable[..., Any], *args: Any) -> Any:
@@ -310,8 +299,6 @@ class PoolControl:
         try:
             return function(*args)
         except Exception:  # noqa: BLE001 - the pool's own callback must still run
-            from .logline import logger
-
             logger.exception("celery-guard event=error stage=%s", stage)
             return None
 
@@ -340,8 +327,7 @@ class PoolControl:
             listener.task_accepted(pid, task_id, name)
 
     def _ready(self, job: int) -> int | None:
-        """A child finished a job: tell the listeners; recycle it when one asks. Returns
-        its pid (a listener may have retired or recycled it: see ``on_ready``)."""
+        """A child finished a job: tell the listeners, recycle it when one asks; its pid."""
         result = self.pool._cache.get(job)
         pids = result.worker_pids() if result is not None else []
         if not pids:
@@ -381,8 +367,7 @@ class PoolControl:
     def release(self) -> None:
         """Hand over held requests, oldest first, while the gate lets them; a request the
         gate defers (its kind is being measured) does not block the ones behind, one it
-        holds does. A gate that fails hands the request over: no request is ever dropped
-        here."""
+        holds does."""
         start = self._start_task
         if not self.held or start is None:
             return
@@ -409,8 +394,6 @@ class PoolControl:
         try:
             start(request)
         except Exception:  # noqa: BLE001 - as ``_guarded``, one call less per task
-            from .logline import logger
-
             logger.exception("celery-guard event=error stage=hand_over")
         if self.tracked() and reached_pool(request):
             self._tell("task_handed", request)
@@ -423,8 +406,7 @@ class PoolControl:
         return False
 
     def _records_first(self, job: Any) -> bool:
-        """Must the children's records be read before ``job``'s end is told? When a
-        listener tracks tasks, or watches this one (``Listener.records_before_end``)."""
+        """Must the children's records be read before ``job``'s end is told?"""
         name = None  # looked up only when a listener watches some task
         for listener in self.listeners:
             if listener.tracks_tasks:
@@ -436,9 +418,8 @@ class PoolControl:
         return False
 
     def in_flight(self) -> list[tuple[str, str, int | None]]:
-        """(task id, name, pid) of each task handed to the pool whose end was not heard
-        yet, from billiard's result cache; pid None: no child accepted it yet. What a
-        listener that starts following tasks (``tracks_tasks``) begins from."""
+        """(task id, name, pid: None until a child accepts it) of each task in billiard's
+        result cache: what a listener that starts following tasks begins from."""
         found = []
         for job in list(self.pool._cache.values()):
             if getattr(job, "correlation_id", None) is None:
@@ -454,19 +435,16 @@ class PoolControl:
         return [r for r in self.held if now - since.get(r.id, now) >= bound]
 
     def give_back(self, request: Any) -> bool:
-        """Return a held request's message to its queue (rejected with requeue: the broker
-        delivers it again, to this worker or another, with a new timer), as Celery does
-        with a request it will not run: its slot and its place in the worker's state are
-        freed. False when it was not held (handed over meanwhile)."""
+        """Return a held request's message to its queue (rejected with requeue: delivered
+        again, here or elsewhere, with a new timer) and free its slot, as Celery does with
+        a request it will not run. False when it was not held (handed over meanwhile)."""
         try:
             self.held.remove(request)
         except ValueError:
             return False
         self.held_since.pop(request.id, None)
-        from celery.worker import state
-
         request.reject(requeue=True)
-        state.task_ready(request)
+        worker_state.task_ready(request)
         release = getattr(self.w, "_quick_release", None)
         if release is not None:
             release()
@@ -479,9 +457,8 @@ class PoolControl:
         try:
             return gate(request)
         except Exception:  # noqa: BLE001 - a failed decision must not lose the task
-            from .logline import logger
-
-            logger.exception("celery-guard event=error stage=gate task=%s", _name(request))
+            name = getattr(request, "name", None) or "?"
+            logger.exception("celery-guard event=error stage=gate task=%s", name)
             return Verdict.HAND_OVER
 
     # -- reading the pool ------------------------------------------------------------
@@ -490,8 +467,8 @@ class PoolControl:
         return int(self.w.pool.num_processes)
 
     def pids(self) -> list[int]:
-        """The pool's children, as its hooks have seen them come and go (read from other
-        threads: ``dict.copy`` is one step for the interpreter, iterating is not)."""
+        """The pool's children, as its hooks saw them come and go (read from other threads:
+        ``dict.copy`` is one step for the interpreter, iterating is not)."""
         return list(self.children.copy())
 
     def rss(self, pid: int) -> int | None:
@@ -511,10 +488,9 @@ class PoolControl:
         return child
 
     def ready(self, pid: int) -> bool:
-        """Has the child said it is ready for work (billiard's WORKER_UP)? For children
-        forked before the hooks were in place, whose message may have come before them:
-        AsynPool keeps the children it still waits for in ``_waiting_to_start``. A pool
-        that does not say, or a child not known, counts as ready, as before waves."""
+        """Has the child said it is ready for work (billiard's WORKER_UP)? Asked of
+        AsynPool's ``_waiting_to_start``: the message of a child forked before the hooks
+        may have come before them. Not known or not said: ready."""
         child = self.children.get(pid)
         if child is None or child.process is None:
             return True
@@ -524,8 +500,7 @@ class PoolControl:
 
     # -- acting ----------------------------------------------------------------------
     def grow(self, count: int = 1) -> None:
-        """Add children now: billiard forks them at its next maintenance (every few
-        seconds) unless asked at once."""
+        """Add children now, not at billiard's next maintenance (every few seconds)."""
         self._resizing = True
         try:
             self.w.pool.grow(count)
@@ -536,20 +511,15 @@ class PoolControl:
             maintain()
 
     def replace_exited(self) -> None:
-        """Join children that exited and fork their replacements now. The pool does it
-        when a child's sentinel becomes readable, but a child seen closing it before the
-        kernel reports its exit is only joined at the next periodic maintenance, up to
-        5 seconds later: a slot without a child all that time."""
+        """Join children that exited and fork their replacements now: one seen closing its
+        sentinel before the kernel reports its exit is otherwise joined at the next
+        periodic maintenance, up to 5 seconds later, its slot empty all that time."""
         self.pool.maintain_pool()
 
     def exited_unjoined(self) -> tuple[int, int]:
-        """Children that exited and the pool has not joined (see ``replace_exited``):
-        lost, recycled by the guard or by billiard (``--max-tasks-per-child``,
-        ``worker_max_memory_per_child``); and how many of them the pool missed: Celery
-        stops watching a child's sentinel once it fires (``_sentinel_poll`` None), so
-        one exited and still unjoined then waits for the maintenance. The others' exit
-        events are still to be handled. Reaps them (waitpid, WNOHANG): billiard's join
-        takes the status it keeps."""
+        """Children that exited and the pool has not joined, and how many of those it missed
+        (Celery stops watching a sentinel once it fires: ``_sentinel_poll`` None). Reaps
+        them (waitpid, WNOHANG): billiard's join takes the status it keeps."""
         exited = missed = 0
         for process in list(self.pool._pool):
             popen = getattr(process, "_popen", None)
@@ -588,14 +558,13 @@ class PoolControl:
         pool.on_shrink(1)
 
     def _written_to(self, child: Child) -> bool:
-        """Has the pool scheduled a job for this child that it has not accepted yet? The
-        fair scheduler marks a child busy when it picks it, before the write."""
+        """Has the pool scheduled a job for this child (the fair scheduler marks it busy
+        when it picks it, before the write)?"""
         busy = getattr(self.pool, "_busy_workers", None)
         return busy is not None and getattr(child.process, "inqW_fd", None) in busy
 
     def _leave(self, child: Child) -> None:
-        """Let a child exit between tasks: marked busy first, so that nothing more is
-        written to it, then told to terminate."""
+        """Let a child exit between tasks, marked busy first: nothing more is written to it."""
         self.recycling.add(child.pid)
         busy = getattr(self.pool, "_busy_workers", None)
         fd = getattr(child.process, "inqW_fd", None)
@@ -604,8 +573,8 @@ class PoolControl:
         child.process.terminate_controlled()
 
     def kill(self, pid: int, shrink: bool) -> bool:
-        """SIGKILL a child (its task is lost: the last resort); ``shrink`` takes its slot
-        out of the pool too (never the last)."""
+        """SIGKILL a child, its task lost (the last resort); ``shrink``: its slot too, never
+        the last."""
         child = self._current(pid)
         if child is None:
             return False

@@ -1,22 +1,18 @@
 """How much of the main process's memory the app's tasks will write: a sampled census of
 the objects the app's own modules hold.
 
-A forked child copies a page when it first writes to it. Reading a Python object writes
-its reference count, so a task that reads the app's data copies every page that holds an
-object header it reaches. It does not copy what it only reads through a pointer: the items
-array of a large list, the hash table of a large dict, the payload of a NumPy array or of a
-large byte string. The interpreter's and the libraries' own objects (their functions,
-classes and tables) it mostly leaves alone; what Celery's worker loop touches of them is
-a separate, fixed part of the estimate.
+A forked child copies a page when it first writes to it, and reading a Python object
+writes its reference count: a task copies every page holding an object header it reaches,
+not what it only reads through a pointer (the items array of a large list, a large dict's
+hash table, the payload of a NumPy array or a large byte string). The interpreter's and
+the libraries' own objects it mostly leaves alone; what Celery's worker loop touches of
+them is a fixed part of the estimate.
 
-So the census walks what the *app's* modules hold (modules outside the standard library,
-Celery's stack and installed packages): their classes and functions (a task runs the
-app's code, which writes the code objects: the interpreter specialises bytecode in place),
-and the data their globals reach, counting for each object the bytes a reader writes.
-Large containers are sampled: ``sample`` evenly spaced items stand for all of them, so the
-cost is bounded whatever the size of the data.
-
-Everything here is a pure function of the objects and the module table it is given.
+So the census walks what the *app's* modules hold (not the standard library, Celery's
+stack or installed packages): their classes and functions (the interpreter specialises
+the bytecode it runs in place) and the data their globals reach. Large containers are
+sampled, so the cost is bounded whatever the size of the data. Pure: a function of the
+objects and the module table it is given.
 """
 
 from __future__ import annotations
@@ -25,7 +21,9 @@ import gc
 import itertools
 import os
 import random
+import site
 import sys
+import sysconfig
 import types
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -84,14 +82,9 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 def library_roots() -> tuple[str, ...]:
     """Where installed code lives: the interpreter's prefixes and every site directory."""
-    import site
-    import sysconfig
-
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        path = sysconfig.get_paths().get(key)
-        if path:
-            roots.add(path)
+    roots: set[str | None] = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths = sysconfig.get_paths()
+    roots.update(paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib"))
     try:
         roots.update(site.getsitepackages())
     except AttributeError:  # virtualenv's old site module
@@ -101,9 +94,8 @@ def library_roots() -> tuple[str, ...]:
 
 
 def is_app_module(name: str, module: object, roots: tuple[str, ...]) -> bool:
-    """A module of the app: not built in, not the standard library, not Celery's stack,
-    not installed under the interpreter's prefixes or a site directory. Modules made at
-    run time (no file) count as the app's."""
+    """Not built in, the standard library, Celery's stack, or installed under the
+    interpreter's prefixes or a site directory; made at run time (no file) counts."""
     top = name.partition(".")[0]
     if top in FRAMEWORK or top in getattr(sys, "stdlib_module_names", ()):
         return False
@@ -149,16 +141,13 @@ def _size(obj: object) -> int:
 
 
 def written(obj: object) -> tuple[int, int]:
-    """What a reader of ``obj`` copies in a child: (its block, its side block).
-
-    Small objects live in pymalloc's pools, one pool per 16-byte size class, among the
-    other objects of that class the app built with them: the whole block counts. A larger
-    object is a malloc chunk of its own: its header page is written (the reference count),
-    the rest only where it is written too (a code object's bytecode, a class's slots).
-    The items array of a list and the table of a dict or set are allocated on their own
-    and only read: that side block is returned apart, to count only where its size class
-    shares pools with objects that are written.
-    """
+    """What a reader of ``obj`` copies in a child: (its block, its side block). A small
+    object's whole block counts: pymalloc keeps it in a pool of its 16-byte size class,
+    among the other objects the app built with it. A larger object is a malloc chunk of
+    its own: its header page is written (the reference count), the rest only where it is
+    written too (a code object's bytecode, a class's slots). The items array of a list and
+    the table of a dict or set are only read: that side block counts only where its size
+    class shares pools with written objects."""
     size = _size(obj)
     kind = type(obj)
     if isinstance(obj, (list, dict, set, frozenset)):
@@ -189,20 +178,13 @@ def _is_ndarray(obj: object) -> bool:
     return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
 
 
-def _is_lxml_element(obj: object) -> bool:
-    return type(obj).__module__ == "lxml.etree" and hasattr(obj, "iter")
-
-
 def _distinct(ids: list[int], population: int) -> float:
     """How many distinct objects ``population`` references hold, from the ids of a sample
-    drawn with replacement (or of all of them): equal pairs in the sample tell how often
-    one object repeats (a column of strings that repeat, the same default everywhere).
-    With ``d`` distinct objects, two draws are equal with probability ``1/d``."""
+    drawn with replacement (or of all of them): with ``d`` distinct objects, two draws are
+    equal with probability ``1/d`` (strings that repeat, the same default everywhere)."""
     if not ids:
         return 0.0
-    counts: dict[int, int] = {}
-    for key in ids:
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(ids)
     if len(ids) >= population:
         return float(len(counts))
     pairs = sum(c * (c - 1) // 2 for c in counts.values())
@@ -218,13 +200,10 @@ REPEATS = 2
 
 def _pages(ids: list[int], population: int) -> float:
     """How many distinct pages the headers of ``population`` references lie on, from the
-    ids (addresses) of a sample drawn with replacement, or of all of them.
-
-    A child copies a page, not an object. Counting objects from a sample misses those that
-    are referenced less often than the rest (a column where some strings repeat more than
-    others looks like fewer strings), but pages are well covered: dozens of small objects
-    share one, so most pages are drawn several times. The Good-Turing coverage, one minus
-    the share of pages drawn only once, corrects for the pages no draw reached."""
+    ids (addresses) of a sample drawn with replacement, or of all of them. A sample misses
+    the objects referenced less often (strings that repeat unevenly look fewer), but pages
+    are well covered: dozens of small objects share one. The Good-Turing coverage (one
+    minus the share of pages drawn once) corrects for the pages no draw reached."""
     if not ids:
         return 0.0
     counts = Counter(address // PAGE for address in ids)
@@ -239,9 +218,8 @@ def _pages(ids: list[int], population: int) -> float:
 
 @dataclass
 class _Drawn:
-    """Items standing for a large container, and the pages their headers are on: ``pages``
-    is 0 where no item repeats, or where the items are not a sample of the whole (a
-    container small enough to walk, or strided out of an unordered one)."""
+    """Items standing for a container, and the pages their headers are on: 0 where no item
+    repeats or the items are not a sample (a small container, an unordered one strided)."""
 
     items: list[tuple[object, float]]
     pages: float = 0.0
@@ -249,7 +227,8 @@ class _Drawn:
 
 def _draw(items: Sequence[object], sample: int) -> _Drawn:
     """Up to ``sample`` distinct items of ``items``, each with the weight it stands for:
-    the distinct objects of the whole, by :func:`_distinct`, shared among them."""
+    the distinct objects of the whole, by :func:`_distinct`, shared among them. All of
+    them when they are few: what the walk visits stays bounded whatever one object holds."""
     count = len(items)
     if count <= sample:
         return _Drawn([(item, 1.0) for item in items])
@@ -266,26 +245,16 @@ def _draw(items: Sequence[object], sample: int) -> _Drawn:
         if len(picked) == sample:
             break
     weight = distinct / len(picked)
-    # Where items do not repeat, the count is exact and so are the bytes of its items
-    # (draws with replacement meet the same item now and then: REPEATS leaves room for
-    # that); where they repeat unevenly it is low, and the pages their headers are on
-    # bound it.
+    # Where items do not repeat the count is exact (REPEATS leaves room for the draws with
+    # replacement that meet the same item); where they repeat unevenly it is low, and the
+    # pages their headers are on bound it.
     pages = _pages(ids, count) if distinct * REPEATS <= count else 0.0
     return _Drawn([(item, weight) for item in picked.values()], pages)
 
 
-class _Strided(Sequence[object]):
-    """Every ``step``-th item of an iterable, as a sequence, without building the whole."""
-
-    def __init__(self, items: Iterable[object], count: int, sample: int) -> None:
-        step = max(count // sample, 1)
-        self.items = list(itertools.islice(items, 0, None, step))[:sample]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> object:  # type: ignore[override]
-        return self.items[index]
+def _strided(items: Iterable[object], count: int, sample: int) -> list[object]:
+    """Up to ``sample`` evenly spaced items of ``count``, without building the whole."""
+    return list(itertools.islice(items, 0, None, max(count // sample, 1)))[:sample]
 
 
 def _xml_bytes(element: Any, sample: int) -> float:
@@ -328,17 +297,14 @@ class _Walk:
                     yield key, 1.0
                     yield value, 1.0
                 return
-            keys = _Strided(obj.keys(), len(obj), self.sample)
-            values = _Strided(obj.values(), len(obj), DRAW)
-            for key, weight in _draw(keys, self.sample).items:
-                yield key, weight * len(obj) / len(keys)
-            yield from self._drawn(values, len(obj))
+            yield from self._drawn(_strided(obj.keys(), len(obj), self.sample), len(obj))
+            yield from self._drawn(_strided(obj.values(), len(obj), DRAW), len(obj))
         elif isinstance(obj, (set, frozenset, deque)):  # a deque's middle is slow to index
-            yield from self._drawn(_Strided(obj, len(obj), DRAW), len(obj))
+            yield from self._drawn(_strided(obj, len(obj), DRAW), len(obj))
         elif _is_ndarray(obj):
             return  # its numbers are its own block; an array of objects is a sequence
         elif isinstance(obj, type):
-            yield from self._few(list(vars(obj).values()))
+            yield from _draw(list(vars(obj).values()), self.sample).items
         elif isinstance(obj, types.FunctionType):
             code = obj.__code__
             for item in (code, *code.co_consts, obj.__defaults__, obj.__kwdefaults__):
@@ -356,16 +322,7 @@ class _Walk:
                 return
             # A library's objects hold their data in slots and C fields: the garbage
             # collector sees them (a list of one pointer each, no more than the object).
-            yield from self._few(gc.get_referents(obj))
-
-    def _few(self, items: list[object]) -> Iterator[tuple[object, float]]:
-        """All of ``items`` when they are few, else a sample standing for them: what the
-        walk keeps to visit stays bounded whatever one object holds."""
-        if len(items) <= self.sample:
-            for item in items:
-                yield item, 1.0
-        else:
-            yield from _draw(items, self.sample).items
+            yield from _draw(gc.get_referents(obj), self.sample).items
 
     def _drawn(self, items: Sequence[object], population: int) -> Iterator[tuple[object, float]]:
         """Items strided out of an unordered container, standing for ``population``."""
@@ -408,8 +365,7 @@ class _Walk:
 
     def size(self, root: object, code: bool) -> float:
         """Blocks a reader of ``root`` writes, itself and what it reaches, by sampling. An
-        object that fails to be looked at (an unbound proxy, a ``__len__`` that raises)
-        counts as opaque: the census goes on."""
+        object that raises when looked at (an unbound proxy) counts as opaque."""
         total = 0.0
         stack: list[tuple[object, float, bool]] = [(root, 1.0, code)]
         while stack and self.visited < self.budget:
@@ -431,13 +387,13 @@ class _Walk:
     def _visit(
         self, obj: object, weight: float, own: bool
     ) -> tuple[float, list[tuple[object, float, bool]]] | None:
-        """What a reader of ``obj`` (standing for ``weight`` of its kind) writes of it,
-        and what it reaches next, weighted; None for an object that is not followed."""
+        """What a reader of ``obj`` writes of it, and what it reaches next, weighted; None
+        for an object not followed."""
         if not self.follow(obj, own):
             return None
         self.seen.add(id(obj))
         self.visited += 1
-        if _is_lxml_element(obj):
+        if type(obj).__module__ == "lxml.etree" and hasattr(obj, "iter"):  # an element
             self.opaque += 1
             return weight * _xml_bytes(obj, self.sample), []
         kind = type(obj)
@@ -476,10 +432,9 @@ class _Walk:
         )
 
     def library_code(self) -> float:
-        """The classes of the library objects the app's data holds, with their bases, and
-        their methods: a task that reads a library's object calls them, and the
-        interpreter writes the code it runs (it specialises bytecode in place) and the
-        classes it looks methods up on. Each class counts once."""
+        """The classes of the library objects the app's data holds, with their bases and
+        methods, once each: a task calls them, and the interpreter writes the code it runs
+        and the classes it looks methods up on."""
         total, done = 0.0, set()
         for kind in (kind for kind, library in self.kinds.items() if library):
             for klass in kind.__mro__:
@@ -517,20 +472,12 @@ class _Walk:
 
 
 def census(
-    modules: Mapping[str, object],
-    roots: tuple[str, ...],
-    sample: int = 32,
-    budget: int = 60_000,
+    modules: Mapping[str, object], roots: tuple[str, ...], sample: int = 32, budget: int = 60_000
 ) -> Census:
-    """What the app's tasks will write, from the app's modules in ``modules``.
-
-    First the data the app's modules hold (their globals other than classes, functions and
-    modules), small containers whole and large ones by ``sample`` evenly spaced items,
-    smallest first, so that a large container sampled later meets what is already counted.
-    Then the app's code: the classes and functions each module defines, counted where they
-    are defined (a registry of classes refers to code counted there), ``2 * sample`` of
-    them standing for all. ``budget`` caps the objects looked at.
-    """
+    """What the app's tasks will write, from the app's modules in ``modules``: first the
+    data their globals hold, smallest first, so that a large container sampled later meets
+    what is already counted; then the classes and functions each module defines, ``2 *
+    sample`` of them standing for all. ``budget`` caps the objects looked at."""
     found = app_modules(modules, roots)
     walk = _Walk(sample, budget, frozenset(name for name, _ in found))
     data: list[tuple[int, object]] = []

@@ -1,13 +1,10 @@
 """Find the calling process's memory cgroup and read its limit, usage and OOM kills.
 
 Every function takes a root directory (default "/") or a `Cgroup` built from one, so
-tests point them at fixture trees instead of the real filesystem. Nothing here raises
-over a missing, unreadable, empty or malformed file: the answer is "unknown" (None) with
-a human reason, because a guard that crashes the worker over an odd cgroup file does more
-harm than one that runs without a figure.
-
-The readers (`read_usage`, `read_oom_kills`, `read_limit`) run on a timer, about once a
-second, so they do plain open/read and simple string splitting, nothing more.
+tests point them at fixture trees. Nothing here raises over a missing, unreadable, empty
+or malformed file: the answer is "unknown" (None) with a human reason, because a guard
+that crashes the worker over an odd cgroup file does more harm than one without a figure.
+The readers run on a timer, about once a second: plain open/read and string splitting.
 """
 
 from __future__ import annotations
@@ -79,8 +76,8 @@ class Limit:
 @dataclass(frozen=True)
 class Usage:
     """Bytes charged to the cgroup, the working set (usage minus inactive file: what
-    kubelet watches) and what the kernel cannot reclaim (usage minus all page cache,
-    active and inactive: what an OOM kill depends on)."""
+    kubelet watches) and what the kernel cannot reclaim before it kills (usage minus all
+    page cache: anonymous, unevictable and kernel memory)."""
 
     usage: int | None
     working_set: int | None
@@ -93,10 +90,6 @@ class _Mount(NamedTuple):
     mountpoint: str
     fstype: str
     superoptions: str
-
-
-# ---------------------------------------------------------------------------
-# small helpers
 
 
 def _under(root: str, abspath: str) -> str:
@@ -160,29 +153,18 @@ def _level(cgroup: Cgroup, directory: str) -> str:
     return directory
 
 
-def _source(cgroup: Cgroup) -> str:
-    return "cgroup-v2" if cgroup.version == 2 else "cgroup-v1"
-
-
 def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 space, \\011 tab, \\012 newline, \\134 backslash)."""
+    """Undo mountinfo's octal escapes (``_OCTAL``)."""
     if "\\" not in field:
         return field
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-# ---------------------------------------------------------------------------
-# locating the cgroup
-
-
 def parse_proc_cgroup(text: str) -> list[tuple[str, str, str]]:
-    """(hierarchy ID, controllers, path) for each record of /proc/<pid>/cgroup.
-
-    The kernel prints the path as it is: a newline in a directory name is a newline in
-    the file. So records are split where ``N:controllers:`` starts a line, not at every
-    newline, and only the file's own last newline is dropped. (A name holding a newline
-    followed by such a text is ambiguous; it is read as a new record.)
-    """
+    """(hierarchy ID, controllers, path) for each record of /proc/<pid>/cgroup: split
+    where ``N:controllers:`` starts a line (see ``_CGROUP_RECORD``), and only the file's
+    own last newline dropped. A name holding a newline and then such a text reads as a
+    new record."""
     if text.endswith("\n"):
         text = text[:-1]
     starts = list(_CGROUP_RECORD.finditer(text))
@@ -236,14 +218,10 @@ def _pick_mount(candidates: list[_Mount], path: str) -> _Mount:
 
 
 def _relative(path: str, mount_root: str) -> list[str]:
-    """The cgroup path's components below the mount root; [] means the mount point itself.
-
-    As uber-go/automaxprocs and automemlimit do: strip the mount root prefix when the
-    path is under it (mount root "/" strips nothing; a private cgroup namespace shows "/"
-    for both, giving the mount point). A path outside the mount root, or one climbing
-    out with "..", cannot be reached through this mount, so the mount point itself is
-    used: it is the closest cgroup this process can see.
-    """
+    """The cgroup path's components below the mount root ([]: the mount point itself), as
+    uber-go/automaxprocs and automemlimit strip it (a private cgroup namespace shows "/"
+    for both). A path outside the mount root, or climbing out with "..", cannot be reached
+    through this mount: the mount point is the closest cgroup this process can see."""
     if not path.startswith("/") or not _contains(mount_root, path):
         return []
     rel = path if mount_root == "/" else path[len(mount_root.rstrip("/")) :]
@@ -254,13 +232,10 @@ def _relative(path: str, mount_root: str) -> list[str]:
 
 
 def find_memory_cgroup(root: str = "/", pid: str = "self") -> Found:
-    """Locate the memory cgroup of `pid` from <root>/proc/<pid>/{cgroup,mountinfo}.
-
-    A v1 memory line wins over the v2 `0::` line (on hybrid hosts the cgroup2 mount has
-    no memory controller); without one, v2 is used when a cgroup2 mount exists. A leaf
-    directory that does not exist is replaced by its nearest existing ancestor within
-    the mount, else the mount point.
-    """
+    """Locate the memory cgroup of `pid` from <root>/proc/<pid>/{cgroup,mountinfo}. A v1
+    memory line wins over the v2 `0::` line (on hybrid hosts the cgroup2 mount has no
+    memory controller). A leaf directory that does not exist is replaced by its nearest
+    existing ancestor within the mount, else the mount point."""
     proc = f"/proc/{pid}"
     cg_name = f"{proc}/cgroup"
     text, why = _read(_under(root, cg_name), cg_name)
@@ -313,10 +288,6 @@ def find_memory_cgroup(root: str = "/", pid: str = "self") -> Found:
     return Found(Cgroup(version=version, path=leaf, mount=mount_dir), where)
 
 
-# ---------------------------------------------------------------------------
-# readers
-
-
 def physical_memory(root: str = "/") -> tuple[int | None, str]:
     """MemTotal from <root>/proc/meminfo in bytes: limits at or above it are no limits."""
     name = "/proc/meminfo"
@@ -347,19 +318,13 @@ def _no_limit_reason(value: int, physical: int | None, what: str) -> str:
 
 
 def _v1_setter(cgroup: Cgroup, value: int) -> str:
-    """The level whose own memory.limit_in_bytes is the hierarchical limit.
-
-    Its usage, not the leaf's, is what the limit is compared with (siblings count too).
-    """
-    directory = cgroup.path
-    mount = cgroup.mount.rstrip("/") or "/"
-    while True:
+    """The level whose own memory.limit_in_bytes is the hierarchical limit: its usage,
+    not the leaf's, is what the limit is compared with (siblings count too)."""
+    for directory in _up_to_mount(cgroup):
         text, _ = _read(os.path.join(directory, "memory.limit_in_bytes"), "")
         if text is not None and text.strip() == str(value):
             return directory
-        if directory.rstrip("/") == mount or len(directory) <= len(mount):
-            return cgroup.path
-        directory = os.path.dirname(directory)
+    return cgroup.path
 
 
 def _up_to_mount(cgroup: Cgroup) -> Iterator[str]:
@@ -376,14 +341,12 @@ def _up_to_mount(cgroup: Cgroup) -> Iterator[str]:
 
 
 def read_limit(cgroup: Cgroup, physical: int | None) -> Limit:
-    """The effective memory limit of the cgroup, or bytes=None with the reason.
-
-    v2: each level's memory.max/memory.high shows only that level, so walk from the leaf
-    up to the mount point and take the minimum. v1: the leaf's memory.limit_in_bytes and
-    memory.stat hierarchical_memory_limit (which is where an ancestor's limit shows).
-    Sentinels and figures at or above physical memory mean no limit.
-    """
-    source = _source(cgroup)
+    """The effective memory limit of the cgroup, or bytes=None with the reason. v2: each
+    level's memory.max/memory.high shows only that level: the minimum from the leaf up to
+    the mount point. v1: the leaf's memory.limit_in_bytes and memory.stat's
+    hierarchical_memory_limit (where an ancestor's limit shows). Sentinels and figures at
+    or above physical memory mean no limit."""
+    source = "cgroup-v2" if cgroup.version == 2 else "cgroup-v1"
     found: list[tuple[int, str, str]] = []  # (bytes, file, directory)
     problems: list[str] = []
     if cgroup.version == 2:
@@ -453,9 +416,7 @@ def read_limit(cgroup: Cgroup, physical: int | None) -> Limit:
 
 
 def read_usage(cgroup: Cgroup) -> Usage:
-    """Charged bytes, working set (what kubelet watches: usage minus inactive file) and
-    unreclaimable memory (usage minus the page cache, which the kernel reclaims, active or
-    inactive, before it kills: anonymous, unevictable and kernel memory stay)."""
+    """The cgroup's ``Usage`` now."""
     prefix = "" if cgroup.version == 2 else "total_"
     usage_name = "memory.current" if cgroup.version == 2 else "memory.usage_in_bytes"
     level = _level(cgroup, cgroup.path)

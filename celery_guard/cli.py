@@ -72,10 +72,7 @@ def _bounded(file: TextIO) -> Iterator[str]:
     """The file's lines, but a line longer than MAX_LINE (a task that logged a payload) is
     skipped piece by piece instead of being held whole: no record of ours is that long."""
     skipping = False
-    while True:
-        line = file.readline(MAX_LINE)
-        if not line:
-            return
+    for line in iter(lambda: file.readline(MAX_LINE), ""):
         ends = line.endswith("\n")
         if skipping:
             skipping = not ends
@@ -116,9 +113,8 @@ def _count(weight: float) -> str:
 
 
 def _safe(text: str, limit: int = 200) -> str:
-    """Text from a log as one printable line: control characters (a newline, a terminal
-    escape) are shown escaped, so a value can neither split the output nor drive the
-    terminal, and a long value is cut."""
+    """Text from a log as one printable line, a long one cut: control characters are
+    shown escaped, so a value can neither split the output nor drive the terminal."""
     shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
     return shown if len(shown) <= limit else shown[:limit] + "..."
 
@@ -154,10 +150,8 @@ def task_table(report: Report) -> list[str]:
 
 
 def peak_histogram(report: Report) -> list[str]:
-    """About ten rows of the children's peak RSS, from the child lines.
-
-    Rows are runs of the report's 1% buckets, so each count is exact for its range.
-    """
+    """About ten rows of the children's peak RSS, from the child lines: runs of the
+    report's 1% buckets, so each count is exact for its range."""
     hist = report.peaks
     if hist.min is None or hist.max is None:
         return ["no child line: no histogram of children's peak RSS"]
@@ -181,8 +175,7 @@ def peak_histogram(report: Report) -> list[str]:
 
 def _summary_inputs(summary: dict[str, Any]) -> dict[str, Any] | None:
     """The keyword arguments of ``stats.recommend`` from a summary; None if incomplete or
-    out of range (a figure below zero, a concurrency below one): settings are printed
-    from these, and a negative one must never be."""
+    out of range: settings are printed from these, and a negative one must never be."""
     inputs: dict[str, Any] = {}
     for key in ("limit_mib", "headroom_mib", "parent_rss_mib", "concurrency"):
         value = number(summary.get(key))

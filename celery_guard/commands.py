@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from billiard import cpu_count
 
 from . import advice, cgroups, fleet, imports_cost, startup, stats, task_limits
 from .config import OPTIONS, ConfigError, Settings, error_fields, given_options, load_settings
@@ -21,10 +22,6 @@ from .logline import format_event, use_format
 from .plan import FORKING_POOLS
 from .sizes import mib
 from .startup import EX_CONFIG, pool_name
-
-#: The worker's own options are accepted (and the ones the check does not use ignored),
-#: so that ``guard check`` can take a worker's command line as it is.
-WORKER_LIKE = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 def _guard_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -155,8 +152,6 @@ def _requested(
     """(the concurrency the worker would start with, whether it came from the host's CPU
     count), by Celery's own rules: ``--autoscale`` max, ``-c``, ``worker_concurrency``,
     else billiard's ``cpu_count``."""
-    from billiard import cpu_count
-
     if autoscale:
         return autoscale[0], False
     value: int | str | None = concurrency or None  # 0: the setting, as in Celery
@@ -207,7 +202,9 @@ def _import_like_a_worker(app: Any, pool: str | None) -> Any:
     return pool_cls
 
 
-@guard.command(context_settings=WORKER_LIKE)
+# The worker's own options are taken (those the check does not use, ignored): ``guard
+# check`` takes a worker's command line as it is.
+@guard.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option(
     "-c",
     "--concurrency",
@@ -253,13 +250,15 @@ def check(ctx: click.Context, **options: Any) -> None:
         click.echo(format_event("check", fields, output))
         ctx.exit(EX_UNAVAILABLE)
     fields = measured.fields()
-    fields["recommended_memory_limit_mib"] = _container_limit(measured, requested, forks)
+    # From the estimate (the worker's summary gives it again from what its children
+    # used); a pool that does not fork needs room for the main process alone.
+    fields["recommended_memory_limit_mib"] = stats.container_limit(
+        parent=mib(measured.parent.rss), requested=requested if forks else 0,
+        child_peak=mib(measured.child), headroom_fraction=measured.settings.headroom,
+    )  # fmt: skip
     click.echo(format_event("check", fields, output))
 
-    conf = app.conf
-    own = measured.budget.own
-    from billiard import cpu_count
-
+    conf, own = app.conf, measured.budget.own
     facts = advice.Facts.of(
         conf,
         settings,
@@ -284,16 +283,6 @@ def check(ctx: click.Context, **options: Any) -> None:
     _check_task_limits(app, settings, measured, forks, output)
     fits = not forks or requested <= measured.decision.fits
     ctx.exit(0 if fits else EX_CONFIG)
-
-
-def _container_limit(measured: startup.Measured, requested: int, forks: bool) -> float | None:
-    """The memory limit that would run the requested concurrency, from the estimate (the
-    worker's summary gives it again from what its children really used); a pool that
-    does not fork needs room for the main process alone."""
-    return stats.container_limit(
-        parent=mib(measured.parent.rss), requested=requested if forks else 0,
-        child_peak=mib(measured.child), headroom_fraction=measured.settings.headroom,
-    )  # fmt: skip
 
 
 def _check_task_limits(
@@ -361,8 +350,8 @@ def imports(ctx: click.Context, top: int, output: str) -> None:
         fields = {
             "module": row.module,
             "child_mib": mib(row.child) if row.child is not None else None,
-            "rss_mib": mib(row.rss) if row.rss is not None else None,
-            "tasks": row.tasks,
+            "main_mib": mib(row.rss) if row.rss is not None else None,
+            "defined_tasks": row.tasks,
             **({"error": row.error} if row.error else {}),
         }
         click.echo(format_event("imports", fields, output))
@@ -395,9 +384,7 @@ def report(
     output = "json" if as_json else output
     nodes = [node.strip() for given in destination for node in given.split(",")]
     where = [node for node in nodes if node] or None
-    replies = app.control.broadcast(
-        "guard_stats", reply=True, timeout=timeout, destination=where
-    )  # fmt: skip
+    replies = app.control.broadcast("guard_stats", reply=True, timeout=timeout, destination=where)
     stats = {node: reply for answer in replies or [] for node, reply in answer.items()}
     if not stats:
         click.echo("no worker answered guard_stats (is celery_guard in the app?)", err=True)
@@ -435,7 +422,7 @@ def config_command(ctx: click.Context, **options: Any) -> None:
     settings = _settings(options, app.conf, output)
     for option in OPTIONS:
         fields = {
-            "setting": option.name, "variable": option.variable,
+            "setting": option.setting, "variable": option.variable,
             "value": _shown(getattr(settings, option.name)),
             "source": settings.source(option.name), "default": option.default,
         }  # fmt: skip

@@ -30,12 +30,9 @@ class ConfigError(Exception):
         self, variable: str, setting: str, value: str, accepted: str, source: str, flag: str = ""
     ):
         super().__init__(f"{variable}={value!r}: expected {accepted}")
+        self.variable, self.setting, self.value = variable, setting, value
+        self.accepted, self.source = accepted, source
         self.flag = flag  # the worker option, when that is where the value came from
-        self.variable = variable
-        self.setting = setting
-        self.value = value
-        self.accepted = accepted
-        self.source = source
 
 
 #: The blanks stripped around a value: ASCII only. A no-break space or an ideographic one is
@@ -47,22 +44,20 @@ _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 #: Digits beyond these are a typo, and int() refuses more than 4300 of them anyway.
 _MAX_DIGITS = 30
 
-#: Seconds between two checks, samples or summaries: 10 ms is the floor below which a
-#: timer loop only burns the CPU the tasks want; a day is the ceiling above which it never
-#: runs in a worker's life, which is a typo, not a choice.
+#: Seconds between two checks, samples or summaries: below 10 ms a timer loop only burns
+#: the CPU the tasks want; above a day it never runs in a worker's life (a typo).
 INTERVAL_RANGE = (0.01, 86400.0)
 #: The water marks, fractions of the limit: below one half the brake would pause a pool
-#: that fits (0% pauses consumption for good); above 99.5% there is no room left to act
-#: before the OOM killer does.
+#: that fits; above 99.5% there is no room left to act before the OOM killer does.
 WATER_RANGE = (0.5, 0.995)
-#: The part of the limit kept free at startup: more than half is a fraction written the
-#: wrong way round (0.9 for 10%).
+#: The part of the limit kept free at startup: more than half is written the wrong way
+#: round (0.9 for 10%).
 HEADROOM_RANGE = (0.0, 0.5)
-#: ``CELERY_GUARD_MIN_CONCURRENCY``: prefork children or green threads, none at all is not
-#: a pool, and more than 10000 is beyond what one worker runs.
+#: ``CELERY_GUARD_MIN_CONCURRENCY``: none is not a pool, more than 10000 is beyond what one
+#: worker runs.
 MIN_CONCURRENCY_RANGE = (1, 10000)
-#: The smallest budget (``memory_limit``, ``max_worker_memory``): a Python interpreter with
-#: Celery imported does not fit in less, so a smaller figure is bytes meant as MiB.
+#: The smallest budget (``memory_limit``, ``max_worker_memory``): an interpreter with
+#: Celery does not fit in less, so a smaller figure is bytes meant as MiB.
 MIN_BUDGET = 16 * 1024 * 1024
 #: min_tasks_per_child and max_memory_kills: a pool sized for up to this many runs
 TASKS_PER_CHILD_RANGE = (1, 1000)
@@ -185,10 +180,6 @@ def _path_or_none(text: str) -> str | None:
     return value or None
 
 
-def _port_or_none(text: str) -> int | None:
-    return _empty_or(_whole(0, 65535))(text)
-
-
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -217,11 +208,8 @@ def _address(text: str) -> str:
 
 
 def _as_text(raw: Any) -> str:
-    """app.conf may hold numbers; write floats out in full (1e-05 -> 0.00001).
-
-    Raises ValueError for what cannot be shown as text (an int of over 4300 digits, an
-    object whose ``str`` fails): the value is bad, and must not be a traceback.
-    """
+    """app.conf may hold numbers; write floats out in full (1e-05 -> 0.00001). ValueError
+    for what cannot be shown as text (an int of 4300+ digits, a ``str`` that fails)."""
     if isinstance(raw, float) and math.isfinite(raw):
         return format(Decimal(repr(raw)), "f")
     if isinstance(raw, int) and not isinstance(raw, bool) and raw.bit_length() > 256:
@@ -280,6 +268,7 @@ _SECONDS = f"seconds from {INTERVAL_RANGE[0]:g} to {INTERVAL_RANGE[1]:g}"
 _BUDGET = f"a size of at least {MIN_BUDGET >> 20}M: {SIZE_FORMS}"
 _PAGE = f"a size of at least {MIN_PAGE >> 10}K: {SIZE_FORMS}"
 _WATER = _fraction(*WATER_RANGE)
+_PORT = _empty_or(_whole(0, 65535))
 
 OPTIONS = (
     Option("mode", "scale", " | ".join(MODES), _choice(MODES)),
@@ -327,9 +316,7 @@ OPTIONS = (
     Option("low_water", "85%", _range_forms(*WATER_RANGE, "85%, 0.85"), _WATER),
     Option("high_water", "95%", _range_forms(*WATER_RANGE, "95%, 0.95"), _WATER),
     Option("hard_water", "98%", _range_forms(*WATER_RANGE, "98%, 0.98"), _WATER),
-    Option(
-        "metrics_port", "", "empty for none, or a port up to 65535, 0 for any free", _port_or_none
-    ),
+    Option("metrics_port", "", "empty for none, or a port up to 65535, 0 for any free", _PORT),
     Option(
         "metrics_address",
         "127.0.0.1",
@@ -383,15 +370,11 @@ def given_options(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_settings(
-    env: Mapping[str, str],
-    conf: Mapping[str, Any] | Any,
-    options: Mapping[str, Any] | None = None,
+    env: Mapping[str, str], conf: Mapping[str, Any] | Any, options: Mapping[str, Any] | None = None
 ) -> Settings:
     """Read every option: worker options (by name, None when not given) first, then the
-    environment, then app.conf (anything with ``.get``).
-
-    Raises ConfigError for the first value that does not parse.
-    """
+    environment, then app.conf (anything with ``.get``); ConfigError for the first value
+    that does not parse."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for option in OPTIONS:
@@ -400,8 +383,7 @@ def load_settings(
         if raw is None:
             raw, source = env.get(option.variable), "env"
         if raw is None:
-            raw = conf.get(option.setting)
-            source = "config"
+            raw, source = conf.get(option.setting), "config"
         if raw is None:
             raw, source = option.default, "default"
         flag = option.flag if source == "option" else ""

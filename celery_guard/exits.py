@@ -84,21 +84,6 @@ class ExitCauses:
         self.causes.pop(pid, None)
 
 
-class KillCounts:
-    """Memory kills by task id, bounded; from ``known`` on (what the last worker counted:
-    ``history.recall_kills``), so a task that took its child down is not re-delivered
-    forever across restarts."""
-
-    def __init__(self, max_kills: int, known: Mapping[str, int] | None = None) -> None:
-        self.max_kills = max_kills
-        self.counts: OrderedDict[str, int] = OrderedDict(known or {})
-
-    def add(self, task_id: str) -> int:
-        count = self.counts.get(task_id, 0) + 1
-        _remember(self.counts, task_id, count)
-        return count
-
-
 def failure(
     message: str, count: int, max_kills: int, acks_late: bool, reject_on_worker_lost: bool
 ) -> tuple[Exception, str]:
@@ -126,13 +111,15 @@ class Outcome:
     cause: str  # GUARD | OOM
     then: str  # requeue | fail
     kills: int  # memory kills of this task id so far
-    task: str
-    task_id: str
 
 
 class MemoryFailures:
     """Turns a task lost to a memory kill into ``MemoryLimitExceeded``; other losses stay
-    Celery's ``WorkerLostError``. What it decided is kept by pid for the exit's line."""
+    Celery's ``WorkerLostError``. What it decided is kept by pid for the exit's line.
+
+    Memory kills are counted by task id from ``known`` on (what the last worker counted:
+    ``history.recall_kills``), so a task that took its child down is not re-delivered
+    forever across restarts."""
 
     def __init__(
         self,
@@ -141,23 +128,25 @@ class MemoryFailures:
         known: Mapping[str, int] | None = None,
     ) -> None:
         self.cause = cause
-        self.kills = KillCounts(max_kills, known)
+        self.max_kills = max_kills
+        self.kills: OrderedDict[str, int] = OrderedDict(known or {})  # by task id, bounded
         self.outcomes: OrderedDict[int, Outcome] = OrderedDict()
 
     def on_lost(self, lost: LostJob, causes: ExitCauses) -> Exception | None:
         cause = self.cause(lost.pid, lost.exitcode)
         if cause not in (GUARD, OOM):
             return None
-        count = self.kills.add(lost.task_id)
+        count = self.kills.get(lost.task_id, 0) + 1
+        _remember(self.kills, lost.task_id, count)
         kill = causes.kill_of(lost.pid) if cause == GUARD else None
         why = kill.reason if kill else "the kernel's OOM killer stopped it"
         message = f"{lost.name}[{lost.task_id}]: {why} (memory kill {count} of this task)"
         own_limit = kill is not None and kill.limit > 0  # it would only pass it again
         error, then = failure(
-            message, count, 1 if own_limit else self.kills.max_kills,
+            message, count, 1 if own_limit else self.max_kills,
             lost.acks_late, lost.reject_on_worker_lost,
         )  # fmt: skip
-        _remember(self.outcomes, lost.pid, Outcome(cause, then, count, lost.name, lost.task_id))
+        _remember(self.outcomes, lost.pid, Outcome(cause, then, count))
         return error
 
     def outcome(self, pid: int) -> Outcome | None:
@@ -173,7 +162,6 @@ __all__ = [
     "OTHER",
     "ExitCauses",
     "Kill",
-    "KillCounts",
     "LostJob",
     "MemoryFailures",
     "Outcome",

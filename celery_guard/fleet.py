@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from .stats import number
+
+Figure = TypeVar("Figure", int, float)
 
 
 def _number(value: Any) -> float | None:
     """A figure from a reply, or None: replies come from other processes."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    found = number(value)
+    return None if found is None else float(found)
 
 
 @dataclass(frozen=True)
@@ -92,31 +95,23 @@ def queue_rows(rows: list[WorkerRow]) -> list[QueueRow]:
     for queue in sorted(by_queue):
         members = by_queue[queue]
         recommended = [r.recommended_concurrency for r in members]
-        per_child = [
-            r.recommended_max_memory_per_child_kib
-            for r in members
-            if r.recommended_max_memory_per_child_kib is not None
-        ]
+        per_child = [r.recommended_max_memory_per_child_kib for r in members]
         limits = [r.recommended_memory_limit_mib for r in members]
         result.append(
             QueueRow(
                 queue=queue,
                 workers=tuple(r.hostname for r in members),
                 concurrency=sum(r.concurrency or 0 for r in members),
-                recommended_concurrency=(
-                    sum(x for x in recommended if x is not None)
-                    if all(x is not None for x in recommended)
-                    else None
-                ),
-                recommended_max_memory_per_child_kib=max(per_child) if per_child else None,
-                recommended_memory_limit_mib=(
-                    max(x for x in limits if x is not None)
-                    if any(x is not None for x in limits)
-                    else None
-                ),
+                recommended_concurrency=None if None in recommended else sum(_known(recommended)),
+                recommended_max_memory_per_child_kib=max(_known(per_child), default=None),
+                recommended_memory_limit_mib=max(_known(limits), default=None),
             )
         )
     return result
+
+
+def _known(values: list[Figure | None]) -> list[Figure]:
+    return [value for value in values if value is not None]
 
 
 def _cell(value: Any) -> str:

@@ -3,18 +3,18 @@
 After fork a child shares every page with the parent; the cgroup is charged again only
 for the pages the child writes. Reading a Python object writes its reference count and
 the garbage collector writes the header of every container it scans, so a child that
-runs tasks ends up with its own copy of the pages that hold the objects it uses. What
-it does not write stays shared: code and other file-backed pages, the payload of large
-buffers (arrays, byte strings, big hash tables: glibc serves each from an mmap chunk of
-its own), and the tables the interpreter and Celery built at import.
+runs tasks copies the pages that hold the objects it uses. Code and other file-backed
+pages, the payload of large buffers (glibc serves each from an mmap chunk of its own)
+and the tables the interpreter and Celery built at import stay shared.
 
-So ``estimate_child`` counts what a child's tasks will write, first from the census of
-the app's data (:mod:`celery_guard.census`), plus what any child costs (``CHILD_BASE``)
-and the parent's page tables (VmPTE: the child gets its own copy). Without ``gc.freeze()``
-before the fork, the first full collection in a child writes every tracked container's
-header, so the larger of the census and pymalloc's live small objects is counted.
+So ``estimate_child`` counts what a child's tasks will write: the census of the app's
+data (:mod:`celery_guard.census`, method ``census``), plus what any child costs
+(``CHILD_BASE``) and the parent's page tables (VmPTE: the child gets its own copy).
+Without ``gc.freeze()`` before the fork, the first full collection in a child writes
+every tracked container's header: the larger of the census and pymalloc's live small
+objects counts (``census-gc``).
 
-Where no census was taken, the parent's own allocators give the bound::
+Where no census was taken, the parent's own allocators give the bound (``objects``)::
 
     live small objects              (pymalloc: "bytes in allocated blocks")
     + malloc heap grown since celery_guard was imported
@@ -22,9 +22,9 @@ Where no census was taken, the parent's own allocators give the bound::
     + the page tables
 
 and where they cannot be asked (another allocator, PYTHONMALLOC=malloc, musl), the
-memory map alone: anonymous memory minus large malloc chunks, which also counts
-framework state that children never write. A spawned child shares nothing: about the
-parent's anonymous memory. Checked against real children in real cgroups by
+memory map alone (``anonymous``): anonymous memory minus large malloc chunks, which also
+counts framework state that children never write. A spawned child shares nothing: about
+the parent's anonymous memory (``spawn``). Checked against real children in real cgroups by
 tests/integration/test_startup.py and, on the corpus of real apps, by bench/probe.py.
 """
 
@@ -72,10 +72,9 @@ class Estimate:
 
 
 #: What a prefork child costs before it reads any of the app's data, by CPython minor
-#: version: the pages of the interpreter's and Celery's objects its worker loop and the
-#: tracer write, its own heap, the private pages of shared libraries and its kernel
-#: structures (page tables apart). ``bench/estimate.py`` measures it (its ``baseline``
-#: row: an app with no data), with Celery 5.7: 10.6 to 10.7 MiB a child on CPython 3.11
+#: version: the pages its worker loop and tracer write, its own heap, the private pages of
+#: shared libraries, its kernel structures (page tables apart). ``bench/estimate.py``'s
+#: ``baseline`` row (an app with no data), Celery 5.7: 10.6 to 10.7 MiB on CPython 3.11
 #: (pyenv's 3.11.7; Debian's 3.11.2 10.3 to 10.5), 9.5 to 9.6 MiB on Debian 13's 3.13.5
 #: (``.ci/python313``), 0.2 MiB of it page tables.
 CHILD_BASES = {(3, 11): 10 * 1024 * 1024 + 400 * 1024, (3, 13): 9 * 1024 * 1024 + 300 * 1024}
@@ -97,11 +96,8 @@ def parse_pymalloc_stats(text: bytes) -> int | None:
 
 
 def pymalloc_live_bytes() -> int | None:
-    """Ask pymalloc how many bytes its live objects hold, or None.
-
-    ``sys._debugmallocstats`` writes to the C-level stderr, so fd 2 is pointed at a
-    temporary file for the millisecond it takes.
-    """
+    """Ask pymalloc how many bytes its live objects hold, or None. It writes to the
+    C-level stderr: fd 2 is pointed at a temporary file for the millisecond it takes."""
     debug = getattr(sys, "_debugmallocstats", None)
     if debug is None:
         return None
@@ -158,15 +154,11 @@ PAGEMAP_RUN = 512
 
 @dataclass(frozen=True)
 class CollectorPages:
-    """The pages a full collection writes: those holding the header of an object the
-    collector tracks (frozen ones aside), as page numbers, sorted.
-
-    Without ``gc.freeze`` each child of a prefork pool gets its own copy of the ones
-    it still shares: Celery collects in the main process before every fork (AsynPool,
-    issue #2927), which copies the pages every child forked earlier shares with it,
-    and a child's own full collection does the same. Counted, not modelled:
-    ``test_footprint.py`` checks the count against what a forked child's
-    ``gc.collect()`` copies."""
+    """The pages a full collection writes (those holding the header of an object the
+    collector tracks, frozen ones aside), as page numbers, sorted. Without ``gc.freeze``
+    each child gets its own copy of the ones it still shares: Celery collects in the main
+    process before every fork (AsynPool, issue #2927), and a child's own full collection
+    does the same. ``test_footprint.py`` checks the count against a forked child's."""
 
     numbers: array[int]
     page: int = mmap.PAGESIZE
@@ -198,9 +190,8 @@ class CollectorPages:
             i = j + 1
 
     def shared(self, pagemap: str) -> int | None:
-        """Bytes of these pages the process whose ``pagemap`` this is still shares with
-        another (present, not its own): what one full collection would copy in it.
-        None when it cannot be read (the process is gone, no permission)."""
+        """Bytes of these pages the process whose ``pagemap`` this is still shares (present,
+        not its own): what one full collection would copy in it; None if unreadable."""
         shared = 0
         try:
             fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
@@ -256,15 +247,9 @@ def read_allocators() -> Allocators | None:
     info = _mallinfo2()
     if info is None:
         return None
-    growth = None
-    if MALLOC_AT_IMPORT is not None:
-        growth = max(int(info.uordblks) - MALLOC_AT_IMPORT, 0)
-    return Allocators(
-        small_objects=pymalloc_live_bytes(),
-        malloc_growth=growth,
-        large_buffers=int(info.hblkhd),
-        large_chunks=int(info.hblks),
-    )
+    at_import = MALLOC_AT_IMPORT
+    growth = None if at_import is None else max(int(info.uordblks) - at_import, 0)
+    return Allocators(pymalloc_live_bytes(), growth, int(info.hblkhd), int(info.hblks))
 
 
 def measure(
@@ -292,17 +277,7 @@ def _fields(found: dict[str, int] | procfs.Unread) -> dict[str, int]:
 
 def estimate_child(footprint: Footprint, forked: bool = True, gc_freeze: bool = True) -> Estimate:
     """Bytes one pool child is expected to add to the cgroup once it has run tasks that
-    read the app's data.
-
-    ``census``: what the tasks write of the app's data (:mod:`celery_guard.census`), plus
-    what any child costs (``CHILD_BASE``) and its page tables. Without ``gc.freeze()``
-    before the fork (``gc_freeze`` false, ``census-gc``), the first full collection in a
-    child writes the header of every container the collector tracks, wherever it is:
-    every pymalloc page that holds a live object is copied, the app's or not.
-
-    A child started by spawn instead of fork shares no heap with the parent, so it
-    costs about as much anonymous memory as the parent holds.
-    """
+    read the app's data, by the method that applies (see the top of this module)."""
     own = footprint.page_tables
     if not forked:
         return Estimate(footprint.anonymous + own, "spawn")

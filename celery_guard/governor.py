@@ -1,12 +1,10 @@
 """The run-time budget on the worker's event loop: ledger and policy, carried out.
 
 Decisions are taken where memory changes: when a task is handed to the pool (admit or
-hold), when it ends (its peak is known from the child's record: recycle the child if it
-outgrew its share, release held tasks), and when a child comes or goes. A check of the
-cgroup's unreclaimable memory (usage less page cache) every ``brake_interval`` seconds
-(every 0.05 s above the low mark) is the net for growth inside a running task.
-``policy`` decides, ``ledger`` remembers, ``actuator.PoolControl`` acts; this class only
-passes the figures between them.
+hold), when it ends (recycle the child if it outgrew its share, release held tasks), and
+when a child comes or goes. A check of the cgroup every ``brake_interval`` seconds (0.05
+s above the low mark) is the net for growth inside a running task. ``policy`` decides,
+``ledger`` remembers, ``actuator.PoolControl`` acts; this class passes the figures.
 """
 
 from __future__ import annotations
@@ -36,14 +34,14 @@ from .sizes import mib
 FRESH = 0.02
 #: Seconds a replacement may take to be ready before its slot is no longer waited for.
 REPLACED_WITHIN = 30.0
-#: Children whose share of the collector's pages is read (see ``_baseline_taken``): the
-#: first ones, then one in this many.
+#: Children whose share of the collector's pages is read: the first ones, then one in this
+#: many (one read takes about a millisecond).
 UNFROZEN_FIRST = 8
 UNFROZEN_EVERY = 8
 
 
 def available_cpus() -> float:
-    """CPUs this worker may use: Celery's own count (affinity and the cgroup's CPU quota,
+    """CPUs this worker may use: Celery's count (affinity and the cgroup's CPU quota,
     Celery 5.7), else the affinity mask."""
     try:
         from celery.utils.sysinfo import available_cpu_count  # type: ignore[attr-defined]
@@ -89,32 +87,23 @@ class Governor(Listener):
         self.ledger = Ledger(estimate, TaskTable(limits))
         self.safety = policy.Safety()
         self.cpus = cpus if cpus is not None else available_cpus()
-        #: the pages a full collection writes, counted at startup (gc.freeze on), and
-        #: what a child copies more without gc.freeze, as a vanilla worker's children do:
-        #: at most all of them, until children measure it (``vanilla_extra``)
+        #: the pages a full collection writes: at most what a vanilla worker's child copies more
         self.collector = collector
         self.unfrozen_extra = collector.bytes if collector is not None else 0
-        #: children whose first task was measured: how much of ``collector`` each still
-        #: shares is read at the next turn of the clock (UNFROZEN_FIRST, then 1 in
-        #: UNFROZEN_EVERY: one read takes about a millisecond)
-        self.unfrozen_due: list[int] = []
-        #: seconds of a full collection of the unfrozen heap, with the copies of the pages
-        #: it writes: a vanilla worker's main process runs one before every fork (Celery
-        #: issue #2927)
+        self.unfrozen_due: list[int] = []  # measured children whose share is read next tick
+        #: seconds of a full collection of the unfrozen heap (with its copies): a vanilla
+        #: worker runs one before every fork (Celery issue #2927)
         self.unfrozen_collect = unfrozen_collect
         self.baselines_taken = 0
-        #: The pool's size chosen for throughput (policy.plan), made again at each tick.
-        self.plan: policy.Plan | None = None
-        #: the plan as a vanilla worker's settings, for the summary's thread (replaced
-        #: whole at each tick, never changed in place)
+        self.plan: policy.Plan | None = None  # the size for throughput, made at each tick
+        #: the plan as a vanilla worker's settings, for the summary's thread (replaced whole)
         self.planned: dict[str, Any] = {}
         self.rss_at_baseline: int | None = None  # a measured child's RSS, less its leaks
         self.baseline_seen = estimate  # what a new child copies, as the last tick saw it
         self.main_cpu_at: tuple[float, int] | None = None  # (process CPU, tasks finished)
         self.forks_at = (0, 0.0)  # (children forked, seconds), as the last tick read them
-        #: When children were told to leave for a replacement, oldest first: the next
-        #: child forked is taken for the oldest one's replacement, and the time from
-        #: then to its first readiness is a slot's time without a child.
+        #: when children were told to leave for a replacement: the next one forked replaces
+        #: the oldest, and the time to its readiness is a slot left empty
         self.replacing: deque[float] = deque(maxlen=64)
         self.replacements: dict[int, float] = {}  # pid forked -> when its slot emptied
         #: runs between recycles a plan may not go below: the setting, when it was set
@@ -127,30 +116,25 @@ class Governor(Listener):
         self.holding = False
         #: seconds a task may be held before it goes back to the broker (``brokers``)
         self.hold_bound: brokers.HoldBound = brokers.HoldBound(None, "")
-        #: (task id, name, peak, when) of the request the gate admitted last, entered in
-        #: the ledger once it reaches the pool (``handed``)
+        #: (task id, name, peak, when) the gate admitted last, for ``task_handed``
         self.admitted: tuple[str, str, int, float] | None = None
         self.stopped = False
-        #: Room to spare (``policy.roomy``, decided at each tick): tasks are handed over
-        #: untracked, the ledger follows none, a task's end decides nothing. Its opposite,
-        #: ``tracks_tasks``, is read by PoolControl for every task: both set by ``_room``.
+        #: room to spare (``policy.roomy``): tasks are handed over untracked (``_room``)
         self.roomy = False
         self.tracks_tasks = True
         self.may_untrack = may_untrack  # False: every task tracked, room or not
         self.hub: Any = None
-        #: callbacks scheduled for the loop's next turn (a re-check, a new view)
-        self.pending: set[Callable[[], None]] = set()
+        self.pending: set[Callable[[], None]] = set()  # for the loop's next turn, once each
         #: while the held tasks are weighed again (``_recheck``): the figures read for it
         self.rechecked: policy.View | None = None
         #: observe: decide and log as usual, act on nothing (CELERY_GUARD_GOVERNOR=observe)
         self.observing = settings.governor == "observe"
         self.observed: dict[tuple[str, int], float] = {}  # (action, pid) -> last logged
-        #: Seconds from the unreclaimable memory passing the high mark to the safety net's action.
+        #: seconds from passing the high mark to the safety net's action
         self.reactions: deque[float] = deque(maxlen=256)
         self.crossed: float | None = None  # when it passed the high mark
-        #: Seconds the gate took to decide each hold, the last 256 (every decision that held a
-        #: task: the first of a run of holds often comes just after a fork, when the main
-        #: process's first touch of each page copies it).
+        #: seconds the gate took to decide each of the last holds (the first of a run often
+        #: comes just after a fork, when each page the loop touches is copied)
         self.hold_decisions: deque[float] = deque(maxlen=256)
         self.holds = 0  # tasks held, one count per decision
         self.working_set_max = 0  # the largest unreclaimable figure a check read
@@ -221,7 +205,7 @@ class Governor(Listener):
             self.unfrozen_due.append(pid)
 
     def _measure_unfrozen(self) -> None:
-        """What the children measured since the last turn still share of the pages a full
+        """What children measured since the last tick still share of the pages a full
         collection writes: what each would copy more in a vanilla worker."""
         due, self.unfrozen_due = self.unfrozen_due, []
         for pid in due:
@@ -232,7 +216,7 @@ class Governor(Listener):
     # -- the view ---------------------------------------------------------------------
     def _unreclaimable(self, now: float, fresh: float = FRESH) -> int:
         """The cgroup's memory the kernel cannot reclaim (its working set where memory.stat
-        has no active_file); the reading serves ``fresh`` seconds."""
+        has no active_file), read again after ``fresh`` seconds."""
         if self.reading is None or fresh <= 0 or now - self.reading[0] > fresh:
             usage = cgroups.read_usage(self.cgroup)
             found = usage.working_set if usage.unreclaimable is None else usage.unreclaimable
@@ -244,16 +228,16 @@ class Governor(Listener):
 
     def view(self, now: float, fresh: float = FRESH) -> policy.View:
         """What decisions are taken on. With ``fresh`` > 0 (the per-task path) nothing is
-        read: the last view serves, on the pool's size and plan of now; it is built again
-        at the loop's next turn (``_refresh``) once the pool changed, or once its cgroup
-        reading is older than ``fresh`` and a decision came near the low mark (``gate``;
-        building one reads the cgroup and /proc: ten times the rest of a decision). With
-        ``fresh`` 0 (the clock, a re-check) everything is read now."""
+        read: the last view serves, on the pool's size and plan of now, and is built again
+        at the loop's next turn (``_refresh``) once the pool changed, or once its reading
+        is older than ``fresh`` near the low mark (``gate``: building one reads the cgroup
+        and /proc, ten times the rest of a decision). With ``fresh`` 0 all is read now."""
         size, target, requested = self.control.size, self.target, self.requested
         cached = self.cached_view
         if fresh > 0 and cached is not None and self.reading is not None:
             reading, view = cached
-            if reading is not self.reading or view.shape != (size, target, requested):
+            changed = view.size != size or view.target != target or view.requested != requested
+            if changed or reading is not self.reading:
                 view = replace(
                     view, unreclaimable=self.reading[1], size=size, target=target,
                     requested=requested,
@@ -328,7 +312,7 @@ class Governor(Listener):
 
     def task_ready(self, pid: int, task_id: str) -> bool:
         """A task ended in ``pid``: take its record, then recycle the child if it has
-        outgrown its share. The held tasks are released after (PoolControl)."""
+        outgrown its share (PoolControl releases the held tasks after)."""
         if self.records:
             self._absorb()  # its record came first (PoolControl reads them before this)
         child = self.ledger.children.get(pid)
@@ -336,8 +320,8 @@ class Governor(Listener):
             if child is None or not policy.worth_a_fork(self.ledger, child):
                 self.ledger.task_finished(pid)  # the common end of an untracked task
                 return False
-            # it kept more than the room was judged on: track, then weigh its recycle
-            # (before its end is entered: billiard's cache still holds this task)
+            # it kept more than the room was judged on: track (billiard's cache still holds
+            # this task), then weigh its recycle
             self._track()
         last = child.task if child is not None else None
         self.ledger.task_finished(pid)
@@ -360,8 +344,7 @@ class Governor(Listener):
         return True
 
     def _retire_above_plan(self, child: ChildState, view: policy.View) -> bool:
-        """The pool is larger than its plan: the child that just finished leaves it (one
-        at a time: the next task's end retires the next)."""
+        """Above the plan, the child that just finished leaves (one per task's end)."""
         plan = self._outgrown_plan()
         if plan is None or self.observing:
             return False
@@ -382,9 +365,8 @@ class Governor(Listener):
         return plan if plan is not None and self.control.size > plan.size else None
 
     def _main_cpu(self) -> None:
-        """The main process' CPU per task since the last check (its threads included:
-        the hand-over, the results, the broker, the guard's own work), and apart from
-        it, per child forked: a plan weighs the forks by how often it replaces."""
+        """The main process' CPU per task since the last check (all its threads), and
+        apart from it, per child forked: a plan weighs forks by how often it replaces."""
         forks, seconds = self.control.forks, self.control.fork_seconds
         last_forks, self.forks_at = self.forks_at, (forks, seconds)
         forked = seconds - last_forks[1]
@@ -397,20 +379,15 @@ class Governor(Listener):
             self.ledger.pace.main_cpu.add(spent, finished - last[1])
 
     def _replan(self, view: policy.View) -> None:
-        """The pool's size for throughput, again from the latest figures; one line when
-        it changes or is first made from measured figures, with the figures it was
-        chosen from."""
+        """The pool's size for throughput, again; a line when it changes or is first made
+        from measured figures."""
         previous = self.plan
         self.plan = policy.plan(view, self.ledger, self.cpus, previous, self.fewest_tasks)
         self.planned = self._as_settings(view)
-        first_measured = (
-            previous is not None
-            and previous.reason == "measuring"
-            and self.plan.reason != "measuring"
+        measured_now = self.plan.reason != "measuring" and (
+            previous is None or previous.reason == "measuring"
         )
-        if previous is not None and previous.size == self.plan.size and not first_measured:
-            return
-        if previous is None and self.plan.reason == "measuring":
+        if not measured_now and (previous is None or previous.size == self.plan.size):
             return
         pace = self.ledger.pace
         fields: dict[str, Any] = {
@@ -478,8 +455,8 @@ class Governor(Listener):
         return Verdict.HOLD
 
     def resized(self, added: int) -> None:
-        """Someone resized the pool (remote control ``pool_grow``/``pool_shrink``): the
-        concurrency asked for moves with it, and the plan is made again from there."""
+        """Someone resized the pool (``pool_grow``/``pool_shrink``): the concurrency asked
+        for moves with it, and the plan is made again."""
         if self.stopped:
             return
         self.requested = max(1, self.requested + added)
@@ -501,14 +478,13 @@ class Governor(Listener):
 
     def _recheck_soon(self) -> None:
         """A task did not fit on the figures at hand: weigh the held tasks again at the
-        loop's next turn, reading the cgroup and the running children now. The decision
-        itself reads nothing (a read of the cgroup's memory.stat alone takes longer than
-        the rest of the hand-over)."""
+        loop's next turn, on figures read then (a read of memory.stat alone takes longer
+        than the rest of a hand-over)."""
         self._soon(self._recheck)
 
     def _recheck(self) -> None:
         """Read the cgroup and the running children's RSS once, then hand over the held
-        tasks that fit on those figures (the ones admitted meanwhile are in the ledger)."""
+        tasks that fit on those figures."""
         self.pending.discard(self._recheck)
         if self.stopped:
             return
@@ -539,9 +515,9 @@ class Governor(Listener):
 
     # -- the clock --------------------------------------------------------------------
     def _ready_missed(self) -> None:
-        """Children the pool no longer waits for (billiard's ``_waiting_to_start``) whose
-        readiness the guard did not hear: ready. A child taken for starting forever
-        would keep the pool at its first wave (``policy.Safety`` grows by the ready)."""
+        """Children the pool no longer waits for (billiard's ``_waiting_to_start``) are
+        ready, heard or not: one taken for starting forever would keep the pool at its
+        first wave (``policy.Safety`` grows by the ready)."""
         for child in self.ledger.live():
             if not child.ready and self.control.ready(child.pid):
                 self.ledger.child_ready(child.pid)
@@ -630,11 +606,7 @@ class Governor(Listener):
             return
         self.ledger.leave(child.pid)
         self._note_reaction()
-        extra: dict[str, Any] = {"pid": child.pid, "private_mib": mib(child.private)}
-        if action.action == "kill":
-            extra.update(task=child.task, task_id=child.task_id)
-        name = {"kill": "terminate", "shed": "retire"}.get(action.action, action.action)
-        self._pressure(name, action.level, view.unreclaimable, **extra)
+        self._action_line(action, view)
 
     def _observe(self, action: policy.Action, view: policy.View) -> None:
         """What the action would be, logged (once per action and child in OBSERVE_EVERY
@@ -646,13 +618,16 @@ class Governor(Listener):
         if len(self.observed) > 1024:
             self.observed = {k: t for k, t in self.observed.items() if now - t < 60}
         extra: dict[str, Any] = {}
+        if action.action == "grow":  # never about a child
+            extra = {"added": action.count, "target": policy.target_size(view, self.ledger)}
+        self._action_line(action, view, **extra)
+
+    def _action_line(self, action: policy.Action, view: policy.View, **extra: Any) -> None:
         child = action.child
         if child is not None:
-            extra = {"pid": child.pid, "private_mib": mib(child.private)}
+            extra.update(pid=child.pid, private_mib=mib(child.private))
             if action.action == "kill":
                 extra.update(task=child.task, task_id=child.task_id)
-        elif action.action == "grow":
-            extra = {"added": action.count, "target": policy.target_size(view, self.ledger)}
         name = {"kill": "terminate", "shed": "retire"}.get(action.action, action.action)
         self._pressure(name, action.level, view.unreclaimable, **extra)
 
@@ -699,8 +674,7 @@ class Governor(Listener):
         emit(logging.INFO, "recycle", fields)
 
     def figures(self) -> dict[str, Any]:
-        """What the summary line adds from the governor: how often it held tasks, and how
-        fast it acts (see the README's log reference)."""
+        """What the summary line adds from the governor (the README's log reference)."""
         with self.figures_lock:
             decisions, reactions = list(self.hold_decisions), list(self.reactions)
         return {
@@ -722,20 +696,17 @@ class Governor(Listener):
         return int(measured) if measured is not None else self.unfrozen_extra
 
     def _as_settings(self, view: policy.View) -> dict[str, Any]:
-        """The plan, and the pair a vanilla worker should run with (the summary
-        recommends it): the same measured pace, each child copying what it copies
-        without gc.freeze (``unfrozen_extra``), planned again; its size, and where tasks
-        keep memory, the ``worker_max_memory_per_child`` that recycles a child after its
-        planned tasks. The pair is left out where it cannot be told that way: children
-        that stay below the main process's RSS (billiard starts a child's peak RSS at
-        the main process's, so it would recycle every one after every task)."""
+        """The plan, and the pair the summary recommends to a vanilla worker: planned again
+        on the same pace, each child copying what it copies without gc.freeze; its size,
+        and where tasks keep memory, the ``worker_max_memory_per_child`` that recycles a
+        child after its planned tasks; not where children stay below the main process's
+        RSS (billiard starts a child's peak RSS at it: every task would recycle)."""
         plan = self.plan
         if plan is None or plan.reason == "memory":
             return {}
         found = policy.costs(view, self.ledger, self.cpus, self.fewest_tasks)
         if plan.reason == "measuring" or found is None:
-            # No pace (tasks whose records are rare: nothing changed): the size that fits
-            # at the children's peaks, at what a child copies without gc.freeze.
+            # no pace: the size that fits at what a child copies without gc.freeze
             if self.ledger.young_only():
                 return {}
             baseline = self.ledger.expected_baseline + self.vanilla_extra()

@@ -1,12 +1,10 @@
 """One worker's guard: its parts, each made once and wired here to the parts it needs.
 
-The worker's steps (``steps.py``) call these methods in Celery's order and nothing else:
-``fit`` before the pool forks (the startup decision), then ``add_telemetry``,
-``add_protection``, ``add_task_limits``, ``add_governor`` and ``add_metrics`` as the
-steps are made, ``start_sampler`` and ``start_metrics`` as they start, ``register`` with
-the event loop, ``install`` on its first tick (the pool's hooks, then every listener of
-the pool, then the governor), ``stop`` at shutdown. Each part gets what it reads as an
-argument; nothing reaches through this object at run time.
+The worker's steps (``steps.py``) call these methods in Celery's order: ``fit`` before the
+pool forks, ``add_<part>`` as each step is made, ``start_sampler`` and ``start_metrics``
+as they start, ``register`` with the event loop, ``install`` on its first tick (the pool's
+hooks, its listeners, the governor), ``stop`` at shutdown. Each part gets what it reads as
+an argument; nothing reaches through this object at run time.
 """
 
 from __future__ import annotations
@@ -17,12 +15,16 @@ import math
 import os
 from typing import Any
 
+from celery import signals
+
 from . import advice, cgroups, governor, history, procfs, startup, task_limits, telemetry, watchdog
 from .actuator import PoolControl, pool_size
+from .brokers import hold_bound
 from .config import Settings
 from .limit import LimitWatch, LiveLimit
 from .logline import emit, logger
 from .plan import FORKING_POOLS
+from .protect import ChildOomScore, FreezeBeforeFirstFork, WorkerMemoryLimit
 from .resize import Resizer
 from .sizes import mib
 from .task_limits import TaskLimit
@@ -113,8 +115,6 @@ class Guard:
         measured, live, settings, w = self.measured, self.live, self.settings, self.w
         if measured is None or live is None or settings.mode == "off":
             return False
-        from celery import signals
-
         budget = measured.budget
         max_kib = int(getattr(w, "max_memory_per_child", None) or 0)
         self.channel = telemetry.open_channel()
@@ -160,10 +160,6 @@ class Guard:
         memory limit of pools that do not fork."""
         if self.collector is None:
             return False
-        from celery import signals
-
-        from .protect import ChildOomScore, FreezeBeforeFirstFork, WorkerMemoryLimit
-
         settings = self.settings
         signals.worker_process_init.connect(
             ChildOomScore(settings), weak=False, dispatch_uid="cg-oom-score"
@@ -174,15 +170,13 @@ class Guard:
                 self.freeze, weak=False, dispatch_uid="cg-gc-freeze"
             )
         if settings.max_worker_memory is not None and self.pool not in FORKING_POOLS:
-            watch = WorkerMemoryLimit(
-                settings.max_worker_memory, self.w.hostname, settings, self.collector
-            )
+            watch = WorkerMemoryLimit(settings.max_worker_memory, self.w.hostname, self.collector)
             self.watches.append(watch.check)
         return True
 
     def add_task_limits(self) -> bool:
-        """Memory limits per task: read and checked before the fork (a bad one exits 78),
-        watched in each child, enforced by the main process."""
+        """Memory limits per task: checked before the fork (a bad one exits 78), watched in
+        each child, enforced by the main process."""
         collector, settings, w = self.collector, self.settings, self.w
         if collector is None:
             return False
@@ -216,16 +210,13 @@ class Guard:
         def start_in_child(**_: Any) -> None:
             dog.start(lambda record: _send(channel, record), _private_now, hostname)
 
-        from celery import signals
-
         signals.worker_process_init.connect(start_in_child, weak=False, dispatch_uid="cg-watchdog")
         self.enforcer = watchdog.Enforcer(hostname, self.control, collector.exits, limits)
         return True
 
     def add_governor(self) -> bool:
-        """The run-time budget, where it can act: a forking pool on the event loop, a
-        limit read from a cgroup, and the pool size its own (with ``--autoscale``
-        Celery's autoscaler owns the size). It starts once the pool's hooks are in."""
+        """The run-time budget, where it can act: a forking pool on the event loop, a limit
+        read from a cgroup, the pool size its own (not ``--autoscale``'s)."""
         measured, w = self.measured, self.w
         self.governs = bool(
             self.settings.governor != "off"
@@ -236,18 +227,17 @@ class Guard:
             and not w.autoscale
         )
         if self.governs and self.settings.mode == "scale" and self.settings.governor == "on":
-            # Forked with as many children as there are CPUs (Celery forks
-            # ``min_concurrency``, as for ``--autoscale``): the governor adds the rest in
-            # waves, each once the last is ready (``policy.Safety``), so a child that is
-            # dear to start is measured on a few before it is paid by all.
+            # Forked with as many children as CPUs (Celery forks ``min_concurrency``): the
+            # governor adds the rest in waves, each once the last is ready
+            # (``policy.Safety``), so a child dear to start is measured on a few first.
             first = max(math.ceil(governor.available_cpus()), 1)
             if w.min_concurrency > first:
                 self.whole, w.min_concurrency = w.min_concurrency, first
         return self.governs
 
     def started(self) -> None:
-        """After the Pool step's start: the pool's size as ``celery inspect stats`` shows
-        it (``max-concurrency``) is the whole, not the first wave it was forked with."""
+        """After the Pool step's start: ``celery inspect stats`` shows the whole pool's
+        size (``max-concurrency``), not the first wave it was forked with."""
         if self.whole is not None and self.w.pool is not None:
             self.w.pool.limit = self.whole
 
@@ -262,9 +252,8 @@ class Guard:
         self.sampler.start()
 
     def read_lines(self, lines: list[str]) -> None:
-        """The children's lines: into the collector's figures, then to the parts that act
-        on them, in this order: the first child's measured cost (kept at once for the
-        next start; the resizer), the task limits' hits, the records (the governor)."""
+        """The children's lines: into the collector's figures, then in this order to the state
+        file and the resizer (a measured cost), the enforcer (hits), the governor (records)."""
         assert self.collector is not None
         heard = self.collector.read_lines(lines)
         if heard.calibrated is not None:
@@ -282,7 +271,8 @@ class Guard:
     def snapshot(self, final: bool = False) -> telemetry.Snapshot:
         """The collector's figures with the governor's: what every report renders."""
         assert self.collector is not None
-        return self.collector.snapshot(final, self._governor_figures())
+        found = self.governor
+        return self.collector.snapshot(final, found.figures() if found is not None else None)
 
     def log_summary(self, final: bool = False) -> dict[str, Any]:
         fields = self.snapshot(final).summary
@@ -293,14 +283,9 @@ class Guard:
         found = self.governor
         return self.snapshot().stats({"governor": found.info()} if found is not None else {})
 
-    def _governor_figures(self) -> dict[str, Any] | None:
-        found = self.governor
-        return found.figures() if found is not None else None
-
     def register(self, hub: Any) -> None:
-        """Install the pool's hooks once AsynPool has installed its own: steps register in
-        reverse order, so the Pool registers after the Telemetry step; wait for the first
-        tick. Called again after a lost broker connection."""
+        """Install the pool's hooks on the first tick, once AsynPool has installed its own
+        (the Pool registers after the Telemetry step). Again after a lost connection."""
         self.hub = hub
         if self.resizer is not None:
             self.resizer.hub = hub
@@ -394,8 +379,7 @@ class Guard:
             self.governor.stop()
 
     def stop(self) -> None:
-        """At shutdown: the sampler stops; the final summary, and the measured cost kept
-        for the next start."""
+        """At shutdown: the final summary, and the measured cost kept for the next start."""
         if self.sampler is None or self.collector is None:
             return
         self.sampler.stop()
@@ -426,8 +410,7 @@ class Guard:
 
 
 def _send(channel: int, record: str) -> None:
-    """The watchdog's record: whatever the pipe's error, the watchdog goes on to stop
-    its task."""
+    """The watchdog's record: whatever the pipe's error, it goes on to stop its task."""
     with contextlib.suppress(OSError):
         telemetry.send(channel, record)
 
@@ -438,14 +421,12 @@ def _private_now() -> int | None:
 
 def _hold_bound(app: Any) -> Any:
     """How long the broker lets a received task wait unacknowledged (``brokers``)."""
-    from . import brokers
-
     try:
         transport = str(app.connection_for_read().transport_cls)
     except Exception:  # noqa: BLE001 - an odd broker URL: Celery reports it itself
         transport = ""
     options = app.conf.broker_transport_options or {}
-    return brokers.hold_bound(transport, options if isinstance(options, dict) else {})
+    return hold_bound(transport, options if isinstance(options, dict) else {})
 
 
 __all__ = ["Guard"]

@@ -1,13 +1,11 @@
 """Give the C heap that a task freed back to the system, where the C library allows it.
 
-glibc's malloc serves a large request with a mapping of its own and unmaps it when it is
-freed, but each such free raises its threshold for the next ones (up to 32 MiB), so the
-next blocks of that size come from the heap, and what a task frees there mostly stays in
-the process (a pandas group-by over a million rows leaves megabytes behind: see the heap
-per child that ``bench/estimate.py --shape pandas --detail`` prints, with
-``--malloc-trim 0`` and without). In a pool every child keeps its own, and the cgroup
-counts them all. ``malloc_trim(0)`` returns the free pages; it is cheap when there is
-little to return, and it runs only after a task that left the child's RSS higher.
+glibc's malloc serves a large request with a mapping of its own, but each free of one
+raises its threshold (up to 32 MiB), so the next blocks of that size come from the heap,
+and what a task frees there mostly stays in the process: in a pool, in every child (see
+the heap per child that ``bench/estimate.py --shape pandas --detail`` prints, with
+``--malloc-trim 0`` and without). ``malloc_trim(0)`` returns the free pages; it is cheap
+when there is little to return, and it runs only after a task that left RSS higher.
 """
 
 from __future__ import annotations

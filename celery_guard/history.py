@@ -4,12 +4,11 @@ JSON, never pickle: the file may outlive the code that wrote it, and reading it 
 never run anything. Written atomically with mode 0600; a file that cannot be read or
 parsed is ignored (the caller logs why) and the estimate is measured afresh.
 
-The file is read at every worker start, before the pool forks, so reading it must never
-raise and never block: only a regular file is opened (a FIFO would block ``open``, a
-device such as /dev/zero never ends), with O_NONBLOCK in case it is swapped for one
-between the check and the open, and at most MAX_BYTES are read. A cost that no machine
-can have (above physical memory, below one page) would fix the pool's size for good, so
-it is refused as well.
+It is read at every worker start, before the pool forks, so reading it never raises and
+never blocks: only a regular file is opened (a FIFO would block ``open``, /dev/zero never
+ends), with O_NONBLOCK in case one is swapped in after the check, and at most MAX_BYTES
+are read. A cost no machine can have (above physical memory, below one page) would fix
+the pool's size for good: refused too.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import contextlib
 import errno
 import json
 import logging
+import mmap
 import os
 import stat
 import tempfile
@@ -36,13 +36,6 @@ _MAX_DIGITS = 30
 #: The ceiling when physical memory cannot be read: 1 PiB.
 _NO_MACHINE_HAS = 1 << 50
 NO_FILE = "no state file yet"
-
-
-def _page_size() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError):
-        return 4096
 
 
 def _physical() -> int:
@@ -69,16 +62,11 @@ def _read(path: str) -> tuple[bytes | None, str]:
             return None, f"unreadable: larger than {MAX_BYTES} bytes"
         if _planted(path, info):
             return None, "unreadable: another user's file in a directory anyone may write"
-        chunks, size = [], 0
-        while size <= MAX_BYTES:
-            chunk = os.read(fd, MAX_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > MAX_BYTES:  # grew since the fstat
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:  # grew since the fstat
             return None, f"unreadable: larger than {MAX_BYTES} bytes"
-        return b"".join(chunks), ""
+        return data, ""
     except OSError as error:
         return None, f"unreadable: {error.strerror or error}"
     finally:
@@ -116,27 +104,31 @@ def _decode(data: bytes) -> tuple[Any, str]:
         return None, f"unreadable: not JSON ({type(error).__name__}: {str(error)[:80]})"
 
 
+def _record(path: str) -> tuple[dict[str, Any] | None, str]:
+    """The file's JSON object of this VERSION, or (None, why not)."""
+    data, why = _read(path)
+    if data is None:
+        return None, why
+    record, why = _decode(data)
+    if why:
+        return None, why
+    version = record.get("version") if isinstance(record, dict) else None
+    if type(version) is not int or version != VERSION:  # true == 1 in Python
+        return None, "unknown format"
+    return record, ""
+
+
 def load(path: str, physical: int | None = None, page: int | None = None) -> tuple[int | None, str]:
     """(child cost in bytes, "") or (None, why it was not used). Never raises, never blocks.
-
-    ``physical`` and ``page`` bound a plausible cost (default: this machine's).
-    """
+    ``physical`` and ``page`` bound a plausible cost (default: this machine's)."""
     try:
-        data, why = _read(path)
-        if data is None:
+        record, why = _record(path)
+        if record is None:
             return None, why
-        record, why = _decode(data)
-        if why:
-            return None, why
-        if not isinstance(record, dict):
-            return None, "unknown format"
-        version = record.get("version")
-        if type(version) is not int or version != VERSION:  # true == 1 in Python
-            return None, "unknown format"
         cost = record.get("child_cost_bytes")
         if type(cost) is not int or cost <= 0:
             return None, "no valid child_cost_bytes"
-        low = page if page is not None else _page_size()
+        low = page if page is not None else mmap.PAGESIZE
         high = physical if physical is not None else _physical()
         if not low <= cost <= high:
             return None, f"implausible child_cost_bytes {cost}: not from {low} to {high}"
@@ -166,10 +158,7 @@ def save(
     fsync: Callable[[int], None] = os.fsync,
 ) -> None:
     """Replace the file atomically: a crash leaves the old file or the new, never half.
-
-    Raises OSError when it cannot, ValueError for a NaN in ``extra`` (``fsync`` is for
-    tests that check what is synced).
-    """
+    Raises OSError when it cannot, ValueError for a NaN in ``extra``."""
     record = {
         "version": VERSION,
         "child_cost_bytes": int(child_cost),
@@ -223,19 +212,13 @@ def kills_path(state_file: str | None) -> str | None:
 
 def load_kills(path: str) -> tuple[dict[str, int], str]:
     """(memory kills by task id, "") or ({}, why not). Never raises, never blocks: a
-    task that the last worker saw killed is counted on from where it was, one whose
-    count cannot be read starts again from none."""
+    count that cannot be read starts again from none."""
     try:
-        data, why = _read(path)
-        if data is None:
+        record, why = _record(path)
+        if record is None:
             return {}, why
-        record, why = _decode(data)
-        if why:
-            return {}, why
-        if not isinstance(record, dict) or type(record.get("version")) is not int:
-            return {}, "unknown format"  # true == 1 in Python: hence the type
         kills = record.get("memory_kills")
-        if record["version"] != VERSION or not isinstance(kills, dict):
+        if not isinstance(kills, dict):
             return {}, "unknown format"
         return {
             task_id: count

@@ -73,17 +73,15 @@ def measure_all(modules: dict[str, int], base: str | None, python: str) -> list[
 
 def probe_path(path: list[str], cwd: str | None) -> list[str]:
     """The import path the worker's main process had while it imported the app: ``celery
-    -A`` puts the current directory first for that import only (``cwd_in_path``), so by
-    the time a command runs it is gone from ``sys.path``; a probe without it could not
-    import an app defined next to where the command was started."""
+    -A`` puts the current directory first for that import only (``cwd_in_path``); without
+    it a probe could not import an app defined where the command was started."""
     return path if not cwd or cwd in path else [cwd, *path]
 
 
 def _probe(python: str, base: str, module: str, tasks: int, env: dict[str, str]) -> Cost:
     """Run the probe; its figures come back on a pipe of their own, not on stdout, which
-    belongs to the module (one that prints, even at exit, must not hide them). stderr
-    goes to a file: a process the module started may keep a pipe open after the probe
-    exits, and waiting for its end would wait for that process."""
+    the module may print on. stderr goes to a file: a process the module started may keep
+    a pipe open after the probe exits."""
     read_end, write_end = os.pipe()
     try:
         with tempfile.TemporaryFile() as stderr:

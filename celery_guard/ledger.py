@@ -2,10 +2,9 @@
 
 A child costs its *baseline* (its private memory after its first task: what it copied
 from the main process), plus what its tasks *retained* since (a leak), plus, while it
-runs a task, that task's *peak growth*. Peaks and retention are learnt per task name from
-the records the children send after their tasks; a child's baseline from its first
-record. The ledger holds those figures and nothing else: no I/O, no clock of its own,
-fed by the governor on the event loop and read by the policy.
+runs a task, that task's *peak growth*, learnt per task name from the children's
+records. No I/O, no clock of its own: fed by the governor on the event loop, read by
+the policy.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ OTHER = "other"
 
 
 def name_key(table: Mapping[str, Any], name: str) -> str:
-    """The key ``name`` is counted under in a per-task-name table: itself while the table
-    has room for it, OTHER past MAX_TASK_NAMES names (a worker may run any number)."""
+    """``name``, or OTHER once the table holds MAX_TASK_NAMES names (a worker may run any
+    number)."""
     if name in table or len(table) < MAX_TASK_NAMES:
         return name
     return OTHER
@@ -30,14 +29,12 @@ def name_key(table: Mapping[str, Any], name: str) -> str:
 
 #: Baselines of the last children kept to predict the next child's.
 BASELINES_KEPT = 32
-#: Seconds a task handed to the pool may wait for a child to accept it before the ledger
-#: forgets it: it is handed over only when a child is free, so one that waits this long
-#: was revoked or lost on the way.
+#: Seconds a task handed to the pool may wait for a child to accept it before it is
+#: forgotten: handed over only when a child is free, one that waits this long was lost.
 ACCEPT_WITHIN = 10.0
-#: Tasks finished before the pool grows on what children copied, as measured, when it is
-#: below the startup estimate: a child measured after a task that reads little of the
-#: app's data copied a tenth of what the children running its reports did
-#: (bench/corpus.py).
+#: Tasks finished before the pool grows on a measured baseline below the startup estimate:
+#: a child measured after a task that reads little of the app's data copied a tenth of
+#: what the children running its reports did (bench/corpus.py).
 PRIOR_TASKS = 8
 #: Seconds between billiard's periodic maintenance of the pool, which joins exited
 #: children and forks their replacements (celery.concurrency.asynpool.AsynPool.timers).
@@ -78,10 +75,6 @@ class TaskMemory:
     peak: int = 0  # the largest growth during one run
     retained: int = 0  # bytes kept after runs, summed (only growth counts)
 
-    @property
-    def retained_per_run(self) -> int:
-        return self.retained // self.runs if self.runs else 0
-
 
 class TaskTable:
     """Peak growth and retention by task name, bounded at MAX_TASK_NAMES names."""
@@ -105,25 +98,22 @@ class TaskTable:
     def peak(self, name: str) -> int | None:
         """The growth to expect from one run of ``name``; None when nothing says."""
         memory = self.by_name.get(name)
-        if memory is not None:
-            return memory.peak
-        return self.limits.get(name)
+        return memory.peak if memory is not None else self.limits.get(name)
 
     @property
     def worst_peak(self) -> int:
-        """The largest growth of any run seen: what an unknown task may do. Declared
-        limits bound only their own task (a large limit is not a large peak)."""
+        """What an unknown task may do. Declared limits bound only their own task (a large
+        limit is not a large peak)."""
         return self._worst_peak
 
     @property
     def worst_retained(self) -> int:
         """What a run of the leakiest task keeps, on average."""
-        return max((m.retained_per_run for m in self.by_name.values()), default=0)
+        return max((m.retained // m.runs for m in self.by_name.values() if m.runs), default=0)
 
 
-#: Weight an old sample keeps at each new one: the means follow the last few dozen
-#: samples, so the start's contention (every child forked at once) is forgotten within
-#: the first round of tasks, and a workload that changes is followed as fast.
+#: Weight an old sample keeps at each new one: the means follow the last few dozen, so the
+#: start's contention (every child forked at once) is soon forgotten.
 DECAY = 0.95
 
 
@@ -147,9 +137,8 @@ class Mean:
 
 @dataclass
 class Pace:
-    """How fast the pool goes, in the units a hand-tuner weighs: a task's wall time, the
-    CPU it uses and the time it waits for a CPU, what a task keeps in its child, and what
-    a new child costs before its first task (CPU seconds: the fork's real price)."""
+    """How fast the pool goes, in the units a hand-tuner weighs (a new child's cost in CPU
+    seconds before its first task: the fork's real price)."""
 
     task_wall: Mean = field(default_factory=Mean)  # seconds a task runs (in its child)
     task_cpu: Mean = field(default_factory=Mean)  # CPU seconds per task
@@ -163,22 +152,18 @@ class Pace:
     #: seconds from a child told to leave to its replacement ready for work
     replace_wall: Mean = field(default_factory=Mean)
     main_cpu: Mean = field(default_factory=Mean)  # the main process' CPU seconds per task
-    #: seconds of the main process's thread per child forked (``actuator``): its loop
-    #: waits that long once per replacement, whatever the pool's size
+    #: seconds of the main process's thread per child forked: once per replacement
     fork_main: Mean = field(default_factory=Mean)
     #: bytes of the pages a full collection writes that a child still shares after its
-    #: first task (``footprint.CollectorPages.shared``): what it copies more without
-    #: gc.freeze, as a vanilla worker's children do
+    #: first task: what it copies more without gc.freeze, as a vanilla worker's do
     unfrozen: Mean = field(default_factory=Mean)
     replacements: int = 0  # replacements timed
-    #: of them, forked only when the governor asked the pool to join exited children:
-    #: billiard had missed the child's exit (see ``actuator.PoolControl.replace_exited``)
+    #: of them, joined only when the governor asked (``PoolControl.replace_exited``)
     late_joins: int = 0
 
     @property
     def start_cpu(self) -> float | None:
-        """CPU seconds a child spends before its first task: its first record's CPU less
-        the tasks it had run by then."""
+        """CPU seconds a child spends before its first task."""
         first, tasks, per_task = (
             self.first_cpu.value, self.first_tasks.value, self.task_cpu.value,
         )  # fmt: skip
@@ -187,10 +172,9 @@ class Pace:
         return max(first - tasks * per_task, 0.0)
 
     def start_and_task(self) -> tuple[float, float] | None:
-        """(CPU seconds a child spends before its first task, wall seconds of a task): from
-        the tasks timed once there are; before, from the first records alone, their CPU
-        less the wall time of their tasks (a start at least that dear) and that wall time
-        per task."""
+        """(a start's CPU seconds, a task's wall seconds); before any task is timed, from
+        the first records alone: their CPU less their tasks' wall time (a start at least
+        that dear)."""
         start, wall = self.start_cpu, self.task_wall.value
         if start is not None and wall is not None:
             return start, wall
@@ -200,9 +184,8 @@ class Pace:
         return max(first - busy, 0.0), busy / tasks
 
     def replace_idle(self) -> float | None:
-        """Seconds of a replacement neither on a CPU nor waiting for one: the old child's
-        exit, the fork, the new child's start off the CPU. Waiting for a CPU is left out
-        (children replaced at once wait for each other; the CPUs bound that apart)."""
+        """Seconds of a replacement neither on a CPU nor waiting for one (children replaced
+        at once wait for each other: the CPUs bound that apart)."""
         wall, start, wait = self.replace_wall.value, self.start_cpu, self.first_wait.value
         if wall is None or start is None:
             return None
@@ -211,26 +194,24 @@ class Pace:
         return max(wall - start - (wait or 0.0), 0.0)
 
     def vanilla_replace_idle(self) -> float | None:
-        """``replace_idle`` as a worker without the guard would see it: a replacement that
-        billiard missed waits for its next periodic maintenance (every
-        BILLIARD_MAINTENANCE seconds, half of it on average), as often as it was missed
-        here."""
+        """``replace_idle`` without the guard: a replacement billiard missed (as often as
+        here) waits for its next maintenance, half of BILLIARD_MAINTENANCE on average."""
         idle = self.replace_idle()
         if idle is None or self.replacements <= 0:
             return idle
         return idle + self.late_joins / self.replacements * BILLIARD_MAINTENANCE / 2
 
     def idle_wall(self) -> float | None:
-        """Seconds of a task's wall time spent neither on a CPU nor waiting for one
-        (sleep, I/O): what more children than CPUs can overlap."""
+        """Seconds of a task neither on a CPU nor waiting for one (sleep, I/O): what more
+        children than CPUs can overlap."""
         wall, cpu = self.task_wall.value, self.task_cpu.value
         if wall is None or cpu is None:
             return None
         return max(wall - cpu - (self.task_wait.value or 0.0), 0.0)
 
     def from_record(self, child: ChildState, record: Record) -> None:
-        """A child's record: its first gives what it cost to start; each later one what
-        the tasks in between used and kept."""
+        """A child's first record gives what it cost to start; each later one what the
+        tasks in between used and kept."""
         if record.cpu is None or record.tasks <= 0:
             return
         last = child.last_record
@@ -268,9 +249,7 @@ class ChildState:
     leaving: bool = False  # recycled, retired or killed: on its way out
     last_record: Record | None = None  # its last record that carried its CPU time
     private_read: tuple[int, int] | None = None  # (private, RSS) when it last read both
-    #: it said it is ready for work (billiard's WORKER_UP, after ``worker_process_init``)
-    #: or sent a record: its start is paid
-    ready: bool = False
+    ready: bool = False  # billiard's WORKER_UP or a record came: its start is paid
 
     @property
     def young(self) -> bool:
@@ -289,10 +268,8 @@ class ChildState:
 class Ledger:
     """Every live child, the tasks in flight and the task table.
 
-    The sums a hand-over weighs (children free, bytes reserved for running tasks, bytes
-    of children on their way out, what young children will still copy) are kept as the
-    events come, so that no decision walks the children: change a child only through
-    the events below (``leave`` included), never by setting its fields."""
+    The sums a hand-over weighs are kept as the events come, so that no decision walks
+    the children: change a child only through the events below, never by its fields."""
 
     estimate: int  # bytes: the startup estimate of a child's baseline
     tasks: TaskTable = field(default_factory=TaskTable)
@@ -302,8 +279,7 @@ class Ledger:
     baselines: deque[int] = field(default_factory=lambda: deque(maxlen=BASELINES_KEPT))
     pace: Pace = field(default_factory=Pace)
     finished: int = 0  # tasks finished in any child
-    #: bytes reserved for the tasks that finished since the cgroup was last read: what
-    #: they kept is in the cgroup now but not in that reading, and no longer to come
+    #: bytes reserved for the tasks finished since the cgroup was read: not in the reading
     unread: int = 0
     # -- kept as the events come (see ``_count``) --
     busy: int = field(default=0, init=False)  # children running a task, leaving ones too
@@ -314,27 +290,26 @@ class Ledger:
     #: tasks in flight (handed or running) by name
     in_flight: Counter[str] = field(default_factory=Counter, init=False)
     _expected: int | None = field(default=None, init=False)  # max(baselines), once per change
-    _gap: tuple[int, int] | None = field(default=None, init=False)  # (expected, baseline_gap)
+    _gap: int | None = field(default=None, init=False)  # baseline_gap, once per change
 
     # -- the figures the policy reads ----------------------------------------------------
     @property
     def expected_baseline(self) -> int:
-        """What the next child will copy: the largest of the last children's baselines,
-        else the startup estimate."""
+        """The largest of the last children's baselines, else the startup estimate."""
         if self._expected is None:
             self._expected = max(self.baselines, default=self.estimate)
         return self._expected
 
     @property
     def first_round(self) -> bool:
-        """Fewer than PRIOR_TASKS tasks finished: what the children copied so far may be
-        less than they will copy (the first tasks may read less of the app's data)."""
+        """Fewer than PRIOR_TASKS tasks finished: the first tasks may read less of the
+        app's data, so the children may copy more than they did so far."""
         return self.finished < PRIOR_TASKS
 
     @property
     def growth_baseline(self) -> int:
-        """What each child is taken to copy, a staying one and one added to the pool
-        alike: the expected baseline, not below the startup estimate in the first round."""
+        """What each child, staying or added, is taken to copy: not below the startup
+        estimate in the first round."""
         measured = self.expected_baseline
         return max(measured, self.estimate) if self.first_round else measured
 
@@ -342,16 +317,15 @@ class Ledger:
     def baseline_gap(self) -> int:
         """Bytes the staying children will still copy: all of ``growth_baseline`` for a
         young one, the rest of it for one that copied less so far. Summed again only when
-        a child comes, goes, leaves or is measured, or the expectation moves: not per task."""
-        expected = self.growth_baseline
-        if self._gap is None or self._gap[0] != expected:
-            self._gap = (expected, self._gap_of(lambda c: True))
-        return self._gap[1]
+        a child comes, goes, leaves or is measured, or the first round ends: not per task."""
+        if self._gap is None:
+            self._gap = self._gap_of(lambda c: True)
+        return self._gap
 
     @property
     def idle_gap(self) -> int:
-        """The part of ``baseline_gap`` that idle children hold back: it is copied only
-        when a task reaches them. Summed when asked (past the high mark), not cached."""
+        """The part of ``baseline_gap`` idle children hold back (copied only when a task
+        reaches them); summed when asked, past the high mark."""
         return self._gap_of(lambda c: c.task is None)
 
     def _gap_of(self, counted: Callable[[ChildState], bool]) -> int:
@@ -361,9 +335,6 @@ class Ledger:
             for c in self.children.values()
             if not c.leaving and counted(c)
         )
-
-    def expected_peak(self, name: str) -> int | None:
-        return self.tasks.peak(name)
 
     def young_only(self) -> bool:
         """No child has reported yet: nothing measured."""
@@ -382,8 +353,8 @@ class Ledger:
 
     # -- the sums ----------------------------------------------------------------------
     def _count(self, child: ChildState, sign: int) -> None:
-        """Add (``sign`` 1) or take out (-1) what ``child`` adds to the sums: called with
-        -1 before a child changes and 1 after."""
+        """Take out (``sign`` -1, before a child changes) or add (1, after) its part of
+        the sums."""
         if child.task is not None:
             self.busy += sign
             self.in_flight[child.task] += sign
@@ -447,17 +418,19 @@ class Ledger:
         self._gap = None
 
     def untrack(self) -> None:
-        """Forget the tasks in flight: the governor hands tasks over untracked while the
-        pool has room to spare (``Governor.roomy``), and ``task_handed`` and
-        ``task_accepted`` enter them again when it tracks them."""
+        """Forget the tasks in flight, while the pool has room to spare
+        (``Governor.roomy``); ``task_handed`` and ``task_accepted`` enter them again."""
         while self.starting:
             self._handed(self.starting.popitem()[1], -1)
         for child in self.children.values():
             if child.task is not None:
-                self._count(child, -1)
-                child.task = child.task_id = None
-                child.task_peak = 0
-                self._count(child, 1)
+                self._no_task(child)
+
+    def _no_task(self, child: ChildState) -> None:
+        self._count(child, -1)
+        child.task = child.task_id = None
+        child.task_peak = 0
+        self._count(child, 1)
 
     def task_handed(self, task_id: str, name: str, peak: int, now: float) -> None:
         old = self.starting.pop(task_id, None)
@@ -467,12 +440,15 @@ class Ledger:
         self._handed(handed, 1)
 
     def forget_stale(self, now: float) -> None:
-        """Tasks handed over that no child accepted in ACCEPT_WITHIN seconds."""
-        while self.starting:
-            task_id, handed = next(iter(self.starting.items()))
+        """Tasks handed over that no child accepted in ACCEPT_WITHIN seconds, the oldest
+        first (run at every decision: most often one look at the oldest)."""
+        starting = self.starting
+        while starting:
+            task_id = next(iter(starting))
+            handed = starting[task_id]
             if now - handed.when < ACCEPT_WITHIN:
                 return
-            del self.starting[task_id]
+            del starting[task_id]
             self._handed(handed, -1)
 
     def task_accepted(self, pid: int, task_id: str, name: str) -> None:
@@ -492,12 +468,11 @@ class Ledger:
         if child is not None:
             if child.task is not None:  # else untracked: the sums do not change
                 self.unread += child.task_peak
-                self._count(child, -1)
-                child.task = child.task_id = None
-                child.task_peak = 0
-                self._count(child, 1)
+                self._no_task(child)
             child.tasks += 1
         self.finished += 1
+        if self.finished == PRIOR_TASKS and self.expected_baseline < self.estimate:
+            self._gap = None  # the first round ended: growth_baseline falls to the measure
 
     def after_task(self, record: Record) -> None:
         """A child's report after a task: its figures, and the task's."""

@@ -1,10 +1,9 @@
 """The live limit: one object owns it, the rest read it.
 
 The cgroup's limit can change while the worker runs (``docker update --memory``, an
-in-place pod resize, an operator's echo). ``LimitWatch`` reads it again every second on
-the sampler's thread and, when it changed, logs one line and replaces the ``Marks`` the
-``LiveLimit`` holds: one attribute assignment, which a reader on another thread sees
-whole. The collector, the governor and the metrics read ``live.marks`` when they need it.
+in-place pod resize). ``LimitWatch`` reads it every second on the sampler's thread and,
+when it changed, logs a line and replaces the ``LiveLimit``'s ``Marks``: one assignment,
+which a reader on another thread sees whole.
 """
 
 from __future__ import annotations
@@ -23,11 +22,7 @@ class LiveLimit:
 
     def __init__(self, limit: int, settings: Settings) -> None:
         self.settings = settings
-        self.marks = self._marks(limit)
-
-    def _marks(self, limit: int) -> Marks:
-        s = self.settings
-        return Marks.of(limit, s.low_water, s.high_water, s.hard_water)
+        self.set(limit)
 
     @property
     def limit(self) -> int:
@@ -35,11 +30,12 @@ class LiveLimit:
 
     @property
     def headroom(self) -> int:
-        """Bytes of the limit kept free, as the startup decision kept them (a fraction)."""
+        """Bytes of the limit kept free, as the startup decision kept them."""
         return int(self.marks.limit * self.settings.headroom)
 
     def set(self, limit: int) -> None:
-        self.marks = self._marks(limit)
+        s = self.settings
+        self.marks = Marks.of(limit, s.low_water, s.high_water, s.hard_water)
 
 
 class LimitWatch:

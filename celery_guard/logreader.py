@@ -9,14 +9,13 @@ aggregates only, so a log of any length is read in bounded memory.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .logline import PREFIX, parse_line
-from .stats import ExpHistogram
+from .stats import ExpHistogram, number
 
 #: Celery's line header (worker_log_format and worker_task_log_format), with the level and
 #: the process: ``[2026-11-21 06:04:14,279: WARNING/MainProcess] ``.
@@ -127,10 +126,8 @@ def _record(fields: Any) -> dict[str, Any] | None:
     if not isinstance(event, str) or not _EVENT.match(event):
         return None
     record = {key: None if value == "" else value for key, value in fields.items()}
-    for key, value in record.items():
-        if not _KEY.match(key) or not _valid_value(key, value):
-            return None
-    return record
+    valid = all(_KEY.match(key) and _valid_value(key, value) for key, value in record.items())
+    return record if valid else None
 
 
 def parse_record(line: str) -> dict[str, Any] | None:
@@ -174,20 +171,7 @@ def parse_record(line: str) -> dict[str, Any] | None:
 
 def read_records(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     """The celery-guard records among ``lines``, in order."""
-    for line in lines:
-        record = parse_record(line)
-        if record is not None:
-            yield record
-
-
-def number(value: Any) -> float | None:
-    """A finite int or float from a record, else None (bools are not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return value if math.isfinite(value) else None
-    except OverflowError:  # an int too large for a float: not a memory figure
-        return None
+    return (record for record in map(parse_record, lines) if record is not None)
 
 
 @dataclass
@@ -257,9 +241,7 @@ class Report:
         if isinstance(task, str) and task and delta is not None and delta > 0:
             if task not in self.tasks and len(self.tasks) >= MAX_TASKS:
                 task = OTHER_TASKS
-            growth = self.tasks.get(task)
-            if growth is None:
-                growth = self.tasks[task] = TaskGrowth(task)
+            growth = self.tasks.setdefault(task, TaskGrowth(task))
             growth.events += 1
             growth.total_mib += delta
             growth.max_mib = max(growth.max_mib, delta)

@@ -7,6 +7,7 @@ listening socket, so one port answers for the whole worker.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -65,12 +66,8 @@ def exporter_hostname(node: str) -> str:
 def cumulative(counts: list[int], bounds: tuple[int, ...]) -> list[tuple[str, int]]:
     """Prometheus buckets (``le`` upper bounds, cumulative, ``+Inf`` last) from the counts
     of each bucket and the one above the last bound."""
-    buckets, total = [], 0
-    for bound, count in zip(bounds, counts, strict=False):
-        total += count
-        buckets.append((str(float(bound)), total))
-    buckets.append(("+Inf", total + sum(counts[len(bounds) :])))
-    return buckets
+    totals = zip(bounds, itertools.accumulate(counts), strict=False)
+    return [(str(float(bound)), total) for bound, total in totals] + [("+Inf", sum(counts))]
 
 
 class GuardCollector:
@@ -107,54 +104,38 @@ class GuardCollector:
         c, now = self.collector, self.snapshot()
         host, summary = [exporter_hostname(now.hostname), now.hostname], now.summary
         labels = ["hostname", "worker"]
-
-        def gauge(name: str, doc: str, value: float | None) -> Iterator[Any]:
-            if value is not None:
-                family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
-                family.add_metric(host, value)
-                yield family
-
         info = GaugeMetricFamily(
             PREFIX + "info", "The guard's version; always 1.", labels=[*labels, "version"]
         )
         info.add_metric([*host, _version()], 1)
         yield info
-        yield from gauge("limit_bytes", "The memory limit the pool is fitted to.", now.limit)
         usage = cgroups.read_usage(c.cgroup) if c.cgroup is not None else None
-        yield from gauge(
-            "usage_bytes", "The cgroup's memory usage.", usage.usage if usage else None
-        )
-        yield from gauge(
-            "working_set_bytes",
-            "The cgroup's working set: usage less inactive file pages.",
-            usage.working_set if usage else None,
-        )
         pids = c.children()
-        yield from gauge("children", "Live pool children.", len(pids))
-        yield from gauge("concurrency", "The pool's size now.", summary["concurrency"])
-        yield from gauge(
-            "requested_concurrency", "The concurrency the worker was started with.",
-            self.requested,
-        )  # fmt: skip
-        yield from gauge(
-            "recommended_concurrency", "The children the measured per-child cost allows.",
-            summary.get("recommended_concurrency"),
-        )  # fmt: skip
         limit_mib = summary.get("recommended_memory_limit_mib")
-        yield from gauge(
-            "recommended_memory_limit_bytes",
-            "The memory limit that would run the requested concurrency, as measured.",
-            limit_mib * 1024 * 1024 if limit_mib is not None else None,
-        )
         total, largest = self._children_private(pids)
-        yield from gauge(
-            "children_private_bytes",
-            "The pool children's private memory (USS) together, read when scraped.", total,
-        )  # fmt: skip
-        yield from gauge(
-            "child_max_private_bytes",
-            "The largest private memory (USS) of one pool child, read when scraped.", largest,
-        )  # fmt: skip
+        for name, doc, value in (
+            ("limit_bytes", "The memory limit the pool is fitted to.", now.limit),
+            ("usage_bytes", "The cgroup's memory usage.", usage.usage if usage else None),
+            ("working_set_bytes", "The cgroup's working set: usage less inactive file pages.",
+             usage.working_set if usage else None),
+            ("children", "Live pool children.", len(pids)),
+            ("concurrency", "The pool's size now.", summary["concurrency"]),
+            ("requested_concurrency", "The concurrency the worker was started with.",
+             self.requested),
+            ("recommended_concurrency", "The children the measured per-child cost allows.",
+             summary.get("recommended_concurrency")),
+            ("recommended_memory_limit_bytes",
+             "The memory limit that would run the requested concurrency, as measured.",
+             limit_mib * 1024 * 1024 if limit_mib is not None else None),
+            ("children_private_bytes",
+             "The pool children's private memory (USS) together, read when scraped.", total),
+            ("child_max_private_bytes",
+             "The largest private memory (USS) of one pool child, read when scraped.", largest),
+        ):  # fmt: skip
+            if value is not None:
+                gauge = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+                gauge.add_metric(host, value)
+                yield gauge
 
         actions = CounterMetricFamily(
             PREFIX + "pressure_actions",
@@ -206,11 +187,8 @@ class GuardCollector:
     def _children_private(pids: list[int]) -> tuple[int | None, int | None]:
         """The children's private memory now (USS, read when scraped): together and the
         largest; None for both when no child could be read."""
-        found = []
-        for pid in pids:
-            value = procfs.private(pid)
-            if not isinstance(value, procfs.Unread):  # else it exited since the listing
-                found.append(value)
+        readings = [procfs.private(pid) for pid in pids]  # Unread: it exited since the listing
+        found = [value for value in readings if not isinstance(value, procfs.Unread)]
         return (sum(found), max(found)) if found else (None, None)
 
 
@@ -218,9 +196,8 @@ class MetricsServer:
     """The HTTP endpoint; ``close_in_child`` runs in every child as it is forked
     (``os.register_at_fork``), before anything of Celery's runs there."""
 
-    def __init__(self, server: Any, thread: Any) -> None:
+    def __init__(self, server: Any) -> None:
         self.server = server
-        self.thread = thread
         self.port: int = server.server_address[1]  # the one bound (port 0: any free one)
 
     def close_in_child(self, **_: Any) -> None:
@@ -235,9 +212,9 @@ class MetricsServer:
 
 
 def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | None:
-    """Start serving; on any failure (no prometheus_client,
-    the port taken, an address the resolver or idna refuses) one ERROR line, and the
-    worker goes on without metrics: metrics are never worth the worker."""
+    """Start serving; on any failure (no prometheus_client, the port taken, an address the
+    resolver or idna refuses) one ERROR line, and the worker goes on: metrics are never
+    worth the worker."""
     fields: dict[str, Any] = {"address": address, "port": port}
     try:
         from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -246,17 +223,16 @@ def serve(source: GuardCollector, address: str, port: int) -> MetricsServer | No
         registry.register(source)
         ProcessCollector(registry=registry)  # process_*: the main process's own figures
         with threads_without_signals():  # its thread must not take the worker's signals
-            server, thread = start_http_server(port, addr=address, registry=registry)
-    except ImportError:
-        reason = "prometheus_client is not installed: pip install 'celery-guard[prometheus]'"
+            server, _ = start_http_server(port, addr=address, registry=registry)
+    except Exception as error:  # noqa: BLE001 - ImportError, OSError, gaierror, UnicodeError, ...
+        if isinstance(error, ImportError):
+            reason = "prometheus_client is not installed: pip install 'celery-guard[prometheus]'"
+        else:
+            detail = getattr(error, "strerror", None) or str(error) or "no detail"
+            reason = f"{type(error).__name__}: {detail}"
         emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason})
         return None
-    except Exception as error:  # noqa: BLE001 - OSError, gaierror, UnicodeError, ...
-        detail = getattr(error, "strerror", None) or str(error) or "no detail"
-        reason = f"{type(error).__name__}: {detail}"
-        emit(logging.ERROR, "metrics", {**fields, "action": "off", "reason": reason})
-        return None
-    serving = MetricsServer(server, thread)
+    serving = MetricsServer(server)
     emit(logging.INFO, "metrics", {"address": address, "port": serving.port, "action": "serving"})
     return serving
 

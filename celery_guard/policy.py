@@ -1,23 +1,23 @@
 """The run-time governor's decisions, apart from the pool they act on (pure).
 
 Every rule compares a *projected peak* with the marks: what the cgroup holds now that the
-kernel cannot reclaim (its usage less the page cache: ``View.unreclaimable``), plus what
-is still to come from what already runs (young children that have not copied yet, tasks
-that have not reached their peak), plus what a decision would add. The
-inputs come in a ``View``; the answers are plain values the governor carries out, so
-each rule has a table-driven test and nothing here touches a process.
+kernel cannot reclaim (``View.unreclaimable``), plus what is still to come from what
+already runs (young children that have not copied yet, tasks short of their peak), plus
+what a decision would add. The answers are plain values the governor carries out:
+nothing here touches a process.
 
 - ``admit``: hand a task to the pool now, or hold it until it fits.
 - ``recycle``: after its task, replace a child whose memory has outgrown its share.
-- ``target_size``: how many children the pool should have, from what they cost.
-- ``Safety``: the clock-driven net for growth inside running tasks: hold, shed idle
-  children, and only when the hard mark is near, stop a running task.
+- ``target_size`` and ``plan``: how many children the pool should have.
+- ``Safety``: the clock-driven net for growth inside running tasks.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from .ledger import BILLIARD_MAINTENANCE, ChildState, Ledger
 
@@ -57,25 +57,13 @@ class View:
     #: The pool's size as the throughput plan chose it (``plan``); None: no plan yet.
     target: int | None = None
 
-    @property
-    def shape(self) -> tuple[int, int | None, int]:
-        """The pool it was taken on: size, planned size, size asked for."""
-        return self.size, self.target, self.requested
-
 
 # -- the projection ------------------------------------------------------------------------
 def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) -> int:
-    """Bytes the pool will still add at its peak from what it runs now.
-
-    Every child will copy what the children measured last copied (``expected_baseline``;
-    in the first round not less than the startup estimate: ``growth_baseline``): a young
-    child all of it, one that copied less so far (its tasks read less of the app's data)
-    the rest (``Ledger.baseline_gap``). Each task handed out reaches its
-    expected peak. With ``rss_now`` a running task's growth so far is read and only the
-    rest is counted (it is already in the cgroup's figure); without, all of it counts
-    (cautious, and no read: the ledger's sums, no walk of the children). A task that
-    finished since the cgroup was read counts as it did while it ran, until the next
-    reading (``Ledger.unread``): what it kept is not in that reading."""
+    """Bytes the pool will still add at its peak from what it runs now: what the staying
+    children will still copy, and each task handed out up to its expected peak, less,
+    with ``rss_now``, what a running one grew by so far (it is in the cgroup's figure).
+    A task finished since the cgroup was read counts as it ran (``Ledger.unread``)."""
     total = ledger.unread + ledger.starting_peaks + ledger.baseline_gap
     if rss_now is None:
         return total + ledger.running_peaks
@@ -83,13 +71,15 @@ def to_come(ledger: Ledger, rss_now: Callable[[int], int | None] | None = None) 
         if child.task is None or child.leaving:
             continue
         now = rss_now(child.pid)
-        grown = max(now - child.task_rss, 0) if now is not None else child.task_peak
-        total += max(child.task_peak - grown, 0)
+        if now is not None:  # else gone: taken as at its peak
+            grown = now - child.task_rss  # no max(): a third of this loop's time
+            rest = child.task_peak - grown if grown > 0 else child.task_peak
+            if rest > 0:
+                total += rest
     return total
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(NamedTuple):  # a tuple: made at every decision, at a third of the cost
     admit: bool
     reason: str  # fits | idle | learning | no_child | over | no_room
     peak: int  # bytes the task is expected to add
@@ -98,26 +88,19 @@ class Admission:
 
 def expected_peak(ledger: Ledger, name: str) -> int:
     """A task's expected growth; one never measured counts at the worst seen."""
-    peak = ledger.expected_peak(name)
+    peak = ledger.tasks.peak(name)
     return ledger.tasks.worst_peak if peak is None else peak
-
-
-def leaving(ledger: Ledger) -> int:
-    """Bytes held by children on their way out (recycled, retired): the cgroup
-    still counts them, and soon will not."""
-    return ledger.leaving_bytes
 
 
 def fits(view: View, ledger: Ledger, adding: int, read: bool = False) -> tuple[bool, int]:
     """Does the pool's projected peak, with ``adding`` more, stay under the marks?
 
-    Two conditions: once the children on their way out are gone it stays under the high
-    mark, and until they are it stays under the hard mark (their memory is freed within
-    a fraction of a second; a task's peak may come sooner). With ``read``, the growth of
-    running tasks is read rather than assumed (see ``to_come``). Returns the answer and
-    the projection without the leaving children."""
+    Once the children on their way out are gone, under the high mark; until they are,
+    under the hard mark (their memory is freed within a fraction of a second; a task's
+    peak may come sooner). With ``read``, running tasks' growth is read (``to_come``).
+    Returns the answer and the projection without the leaving children."""
     projected = view.unreclaimable + to_come(ledger, view.rss_now if read else None) + adding
-    settled = projected - leaving(ledger)
+    settled = projected - ledger.leaving_bytes
     return settled <= view.marks.high and projected <= view.marks.hard, settled
 
 
@@ -126,23 +109,19 @@ def admit(
 ) -> Admission:
     """Hand ``name`` to the pool now?
 
-    - Nothing in flight and no child on its way out still holding memory: yes, whatever
-      it costs, so the worker always makes progress (a task that alone does not fit is
-      stopped at the hard mark and fails). A child on its way out frees its memory only
-      when it has exited (a child holding hundreds of MiB took over 90 ms): until then the
-      task is weighed as any other, and the exit releases it.
-    - A run of a task never measured is in flight: hold the next, so a burst of a new
-      kind of task is measured on one run before it is multiplied.
-    - No child is free to take it: hold it here, where it is weighed again at each
-      task's end, rather than in the pool's own buffer (Celery's semaphore lets a few
-      more through than there are children when children are replaced).
-    - The cgroup is past the high mark (``over``): hold.
-    - Else when the projected peak fits (``fits``): first as cheaply as it can be
-      told, then, given ``fresh`` (the cgroup read now: a reading older than the
-      children's would miss what grew in between), reading the running children's RSS.
+    - Nothing in flight and no child leaving (its memory is freed only once it exited,
+      which took over 90 ms for hundreds of MiB): yes, whatever it costs, so the worker
+      always makes progress (a task that alone does not fit is stopped at the hard mark).
+    - A run of a task never measured is in flight: hold, so a burst of a new kind of
+      task is measured on one run before it is multiplied.
+    - No child is free: hold it here, rather than in the pool's buffer (Celery's
+      semaphore lets a few more through when children are replaced).
+    - Past the high mark (``over``): hold.
+    - Else when the projected peak ``fits``: first told cheaply, then, given ``fresh``
+      (the cgroup read now), on the running children's RSS.
     """
     peak = expected_peak(ledger, name)
-    idle = not ledger.starting and not ledger.busy and not leaving(ledger)
+    idle = not ledger.starting and not ledger.busy and not ledger.leaving_bytes
     if idle:
         return Admission(True, "idle", peak, view.unreclaimable + peak)
     if not ledger.tasks.known(name) and ledger.learning(name):
@@ -158,11 +137,10 @@ def admit(
 
 
 def roomy(view: View, ledger: Ledger) -> bool:
-    """Room to spare: tasks may be handed over untracked until the next look. Every
-    child the pool has or plans, running the worst task seen at once, each young or new
-    one copying all a child copies, stays under the low mark; and no child holds enough
-    more than a new one copies to be worth a fork. No decision of the gate or of a
-    task's end could then differ from handing the task over (``Governor.roomy``)."""
+    """Room to spare, so that no decision of the gate or of a task's end could differ
+    from handing the task over (``Governor.roomy``): every child the pool has or plans,
+    running the worst task seen, each young or new one copying a whole baseline, stays
+    under the low mark; and no child holds enough more than a new one to be worth a fork."""
     children = max(view.size, view.target or 0)
     worst = (
         view.unreclaimable
@@ -178,15 +156,13 @@ def roomy(view: View, ledger: Ledger) -> bool:
 
 # -- recycling -----------------------------------------------------------------------------
 def share(view: View) -> int:
-    """What one child may hold at its peak: the room the marks leave the pool, divided
-    among its children."""
+    """What one child may hold at its peak: its part of the room the marks leave."""
     return _room(view) // max(view.size, 1)
 
 
 def recycle(view: View, ledger: Ledger, child: ChildState) -> bool:
-    """Replace ``child`` now that its task ended? When what it holds plus the peak of the
-    next task it may run (the worst seen) would pass its share, and what it holds beyond
-    what a new child copies is worth a fork (MIN_RETAINED)."""
+    """Replace ``child`` now that its task ended? When what it holds plus the worst peak
+    seen would pass its share, and what it holds beyond a new child is worth a fork."""
     if not worth_a_fork(ledger, child):
         return False
     room = share(view)
@@ -196,8 +172,8 @@ def recycle(view: View, ledger: Ledger, child: ChildState) -> bool:
 
 
 def worth_a_fork(ledger: Ledger, child: ChildState) -> bool:
-    """Could ``child`` be recycled at all: measured, idle, staying, and holding more than
-    a new child copies by MIN_RETAINED? Told without a view: most tasks' ends stop here."""
+    """Could ``child`` be recycled at all (measured, idle, staying, holding MIN_RETAINED
+    more than a new child)? Told without a view: most tasks' ends stop here."""
     if child.young or child.leaving or child.task is not None:
         return False
     return child.private - ledger.expected_baseline >= MIN_RETAINED
@@ -205,10 +181,9 @@ def worth_a_fork(ledger: Ledger, child: ChildState) -> bool:
 
 # -- the pool's size -----------------------------------------------------------------------
 def child_cost(view: View, ledger: Ledger, baseline: int | None = None) -> int:
-    """What one child needs at its peak: its baseline (``expected_baseline`` unless
-    given), the worst task's peak, and the room to keep what ``tasks_per_child - 1``
-    runs of the leakiest task retain, so that it is recycled at most every
-    ``tasks_per_child`` tasks (a recycle costs a fork)."""
+    """What one child needs at its peak: its baseline, the worst task's peak, and room
+    for what ``tasks_per_child - 1`` runs of the leakiest task retain (recycled at most
+    every ``tasks_per_child`` tasks: a recycle costs a fork)."""
     retained = ledger.tasks.worst_retained * max(view.tasks_per_child - 1, 0)
     if baseline is None:
         baseline = ledger.expected_baseline
@@ -216,8 +191,7 @@ def child_cost(view: View, ledger: Ledger, baseline: int | None = None) -> int:
 
 
 def target_size(view: View, ledger: Ledger) -> int:
-    """The pool's size: the throughput plan's (``plan``) once the governor has one,
-    else the children that fit at their peak cost, between 1 and the requested."""
+    """The throughput plan's size once there is one, else the children that fit."""
     return view.target if view.target is not None else _fitting(view, ledger)
 
 
@@ -228,23 +202,20 @@ MOST_TASKS_PER_CHILD = 1000
 #: pool that changes for less follows the noise of its own figures.
 HYSTERESIS = 0.10
 #: Pairs this close to the fastest count as a tie, which goes to the smaller pool: once the
-#: CPUs bound the rate, more children only share them (on 2 CPUs the best hand-tuned
-#: vanilla workers of the corpus' CPU-bound apps had 2 to 4 children where up to 12 fit:
-#: BENCHMARKS.md).
+#: CPUs bound the rate, more children only share them (BENCHMARKS.md: on 2 CPUs the best
+#: hand-tuned CPU-bound apps had 2 to 4 children where up to 12 fit).
 TIE = 0.01
 #: Records with CPU figures (tasks after a child's first) before a plan is made.
 MEASURED_TASKS = 8
 #: Replacements timed before a plan for tasks that keep memory is made: the first ones
-#: come in a burst and vary (a plan from one took 2 children of 15 runs where 5 of 6 were
-#: faster, and changed direction when the next were timed).
+#: come in a burst and vary (a plan from one chose 2 children where 5 were faster).
 MEASURED_REPLACEMENTS = 3
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A pool size and how many tasks each child then runs between recycles, chosen
-    together for the most tasks per second that fit (``tasks_per_child`` None: the
-    tasks keep too little for it to matter)."""
+    """A pool size and the tasks each child runs between recycles, chosen together for
+    the most tasks per second (``tasks_per_child`` None: tasks keep too little to matter)."""
 
     size: int
     tasks_per_child: int | None
@@ -255,7 +226,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Costs:
-    """What a plan weighs, measured (``ledger.Pace``) and from the ledger's peaks."""
+    """What a plan weighs: ``ledger.Pace`` and the ledger's peaks."""
 
     room: int  # bytes the marks leave for the children
     baseline: int  # bytes a new child copies
@@ -266,14 +237,11 @@ class Costs:
     task_idle: float  # seconds per task off the CPU (sleep, I/O): more children overlap it
     start_cpu: float  # CPU seconds a new child spends before its first task
     cpus: float  # CPUs the worker may use
-    #: seconds of a replacement off the CPU (the old child's exit, the fork, a start
-    #: that waits on I/O), on top of ``start_cpu``
+    #: seconds of a replacement off the CPU (exit, fork, a start waiting on I/O)
     replace_idle: float = 0.0
-    #: CPU seconds the main process spends per task (receive, hand over, collect): its
-    #: one thread bounds the rate of short tasks, and it shares the CPUs with the children
+    #: CPU seconds of the main process per task: its one thread bounds short tasks' rate
     main_cpu: float = 0.0
-    #: seconds of the main process's one thread per child forked (a replacement): its
-    #: loop hands nothing over meanwhile, so many children replaced often are bound by it
+    #: seconds of the main process's thread per child forked: its loop hands nothing over
     fork_main: float = 0.0
 
     def holds(self, tasks: int) -> int:
@@ -282,8 +250,7 @@ class Costs:
         return self.baseline + self.peak + kept
 
     def most_tasks(self, size: int) -> int:
-        """The most tasks a child can run before it outgrows its share at ``size``
-        children (0: not even one fits)."""
+        """Tasks a child can run before it outgrows its share at ``size`` children."""
         share = self.room // size
         if self.holds(1) > share:
             return 0
@@ -295,13 +262,11 @@ class Costs:
         return int(min(2 + extra, MOST_TASKS_PER_CHILD))
 
     def rate(self, size: int, tasks: int) -> float:
-        """Tasks per second of ``size`` children that each run ``tasks`` tasks, then
-        are replaced: bounded by the children (a task's wall time and the main
-        process' hand-over of the next, the start of the next child), by the CPUs (each
-        task's CPU, the main process' for it, and its share of a start and of a fork)
-        and by the main process' one thread (the hand-over of each task, and a fork
-        every ``tasks`` tasks: a cost no pool size spreads). Children that run
-        ``MOST_TASKS_PER_CHILD`` tasks are not replaced: they pay no start."""
+        """Tasks per second of ``size`` children that each run ``tasks`` tasks, then are
+        replaced: bounded by the children (the tasks' wall time, the next child's start),
+        by the CPUs (the tasks', the main process' and a share of the start and the fork)
+        and by the main process' one thread (a hand-over per task, a fork every ``tasks``:
+        no pool size spreads it). Children that run MOST_TASKS_PER_CHILD are not replaced."""
         start_cpu, replace_idle, fork_main = self.start_cpu, self.replace_idle, self.fork_main
         if tasks >= MOST_TASKS_PER_CHILD:
             start_cpu = replace_idle = fork_main = 0.0
@@ -317,9 +282,8 @@ class Costs:
 
 def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
     """The peak RSS (billiard's ``worker_max_memory_per_child``, in bytes) that recycles
-    a child after ``tasks`` tasks, as the plan does: billiard compares the child's peak
-    RSS after each task with it, so it lies half-way between the peak of the child's
-    ``tasks - 1``-th task and that of its ``tasks``-th."""
+    a child after ``tasks`` tasks: billiard checks it after each task, so half-way
+    between the peaks of the ``tasks - 1``-th and the ``tasks``-th."""
 
     def above(runs: int) -> int:
         return found.holds(runs) - found.baseline if runs >= 1 else 0
@@ -328,11 +292,10 @@ def recycle_rss(found: Costs, rss_at_baseline: int, tasks: int) -> int:
 
 
 def costs(view: View, ledger: Ledger, cpus: float, fewest_tasks: int = 1) -> Costs | None:
-    """The plan's inputs, or None while the pace is not measured yet: too few tasks, or
-    replacements not timed yet where their time would change the plan. Until they are
-    timed a replacement counts at its longest: tasks that keep little (a cache filled
-    once, the allocator's slack, a leak that fills a child in hundreds of tasks) do not
-    wait for replacements that may not come before the queue is empty."""
+    """The plan's inputs, or None while the pace is not measured: too few tasks, or
+    replacements not timed where their time would change the plan. Until then a
+    replacement counts at its longest: tasks that keep little do not wait for
+    replacements that may not come before the queue is empty."""
     pace = ledger.pace
     start, idle, task_cpu = pace.start_cpu, pace.idle_wall(), pace.task_cpu.value
     if pace.task_cpu.samples < MEASURED_TASKS or None in (start, idle, task_cpu):
@@ -354,10 +317,9 @@ def costs(view: View, ledger: Ledger, cpus: float, fewest_tasks: int = 1) -> Cos
     )
     if pace.replace_wall.samples >= MEASURED_REPLACEMENTS:
         return found
-    # Not timed yet: a replacement counts at its longest, billiard's maintenance interval
-    # (a replacement it misses waits that long). Where the plan made so would be more
-    # than HYSTERESIS slower than another if replacements cost only what was timed so
-    # far (a start), it waits for them to be timed: a plan made now would change then.
+    # At its longest, billiard's maintenance interval (a replacement it misses waits that
+    # long); where that plan would be HYSTERESIS slower than one on what was timed so
+    # far, wait for the timings: a plan made now would change then.
     longest = replace(found, replace_idle=max(found.replace_idle, BILLIARD_MAINTENANCE))
     cautious = best(longest, view.requested, fewest_tasks=fewest_tasks)
     hopeful = best(found, view.requested, fewest_tasks=fewest_tasks)
@@ -372,28 +334,21 @@ def plan(
 ) -> Plan:
     """The pool size that runs the most tasks per second within the marks.
 
-    For each size from 1 to the requested, a child's share of the room sets how many
-    tasks it runs before it outgrows it (``Costs.most_tasks``), and the pace sets the
-    rate of that pair (``Costs.rate``): many children replaced after every task win
-    when a child is cheap to start, fewer children that keep a few tasks' leaks win
-    when it is dear. Ties go to the smaller pool. The current size stays unless another
-    is expected to be HYSTERESIS faster or it no longer fits, or the room moved by more
-    than HYSTERESIS (the limit changed: that is no noise). The first plan grows the pool
-    forked while it was measuring by the same rule, and shrinks it to the fastest.
-    ``fewest_tasks``: sizes whose children would run fewer tasks than this between
-    recycles are left out (CELERY_GUARD_MIN_TASKS_PER_CHILD when set)."""
+    A child's share of the room sets how many tasks it runs before it outgrows it, the
+    pace the rate of that pair: many children replaced after every task win when a
+    child is cheap to start, fewer that keep a few tasks' leaks when it is dear. The
+    current size stays unless another is HYSTERESIS faster or it no longer fits (``best``).
+    Sizes whose children would run fewer than ``fewest_tasks`` are left out."""
     found = costs(view, ledger, cpus, fewest_tasks)
     if found is None:
         if previous is not None and previous.reason in ("throughput", "kept"):
-            # the figures went back to not enough (a mean near a bound): a plan made
-            # stays, the pool does not go back to what fits and then down again
+            # the figures went back to not enough (a mean near a bound): the plan stays
             return replace(previous, reason="kept")
         return Plan(_fitting(view, ledger), None, None, "measuring", _room(view))
     chosen = best(found, view.requested, previous, fewest_tasks)
     first = previous is None or previous.reason not in ("throughput", "kept")
     if first and chosen.size > view.size >= 1:
-        # The first plan grows the pool forked while it was measured as any plan changes
-        # a size: only for a size HYSTERESIS faster (each child added costs its start)
+        # grown as any plan changes a size: for one HYSTERESIS faster (a child costs its start)
         forked = Plan(view.size, None, None, "throughput", found.room)
         return best(found, view.requested, forked, fewest_tasks)
     return chosen
@@ -402,18 +357,14 @@ def plan(
 def best(found: Costs, requested: int, previous: Plan | None = None, fewest_tasks: int = 1) -> Plan:
     """The fastest size up to ``requested`` at these costs (see ``plan``).
 
-    A child's share shrinks as the pool grows, so the tasks it holds (``most_tasks``)
-    fall in steps, and within a step the rate only grows with the size (more children,
-    the same bounds): the fastest size of a step is its last, and the smallest that ties
-    is found by bisection inside the first step that reaches it. So each step is weighed
-    by its last size: three of them for tasks that keep nothing, where weighing every
-    size that fits took hundreds for the recommendation under a large limit
-    (``Governor._as_settings``, at every tick of the clock)."""
+    As the pool grows the tasks a child holds (``most_tasks``) fall in steps, and within
+    a step the rate only grows with the size: each step is weighed by its last size, and
+    the smallest that ties is found by bisection in the first step that reaches it (three
+    weighings for tasks that keep nothing, where each size took hundreds, at every tick)."""
     if previous is not None and previous.reason not in ("throughput", "kept"):
         previous = None  # a size taken before measuring is no plan to keep
     elif previous is not None and abs(found.room - previous.room) > previous.room * HYSTERESIS:
-        # the limit moved: a size it had ruled out (a pool shrunk for a lowered limit)
-        # is weighed afresh, not kept out by a margin meant for noisy figures
+        # the limit moved: weighed afresh, not kept by a margin meant for noisy figures
         previous = None
     # a set minimum that not even one child could run is lowered to what one can
     fewest = max(min(fewest_tasks, found.most_tasks(1)), 1)
@@ -440,28 +391,22 @@ def best(found: Costs, requested: int, previous: Plan | None = None, fewest_task
 def _smallest_reaching(
     found: Costs, steps: list[tuple[int, int, int, float]], rate: float
 ) -> tuple[int, int]:
-    """(size, tasks) of the smallest size whose rate reaches ``rate``: in the first step
-    whose last size does (``steps``: first size, last size, tasks, the last size's rate),
-    by bisection (the rate grows with the size inside a step)."""
+    """(size, tasks) of the smallest size whose rate reaches ``rate``, in the first step
+    whose last size does (``steps``: first size, last size, tasks, the last size's rate;
+    the rate grows with the size inside a step)."""
     for first, last, tasks, last_rate in steps:
-        if last_rate < rate:
-            continue
-        low, high = first, last
-        while low < high:
-            middle = (low + high) // 2
-            if found.rate(middle, tasks) >= rate:
-                high = middle
-            else:
-                low = middle + 1
-        return low, tasks
+        if last_rate >= rate:
+            reaches = bisect_left(
+                range(first, last), True, key=lambda n: found.rate(n, tasks) >= rate
+            )
+            return first + reaches, tasks
     raise ValueError("no step reaches the rate")  # the fastest step's last size does
 
 
 def _steps(found: Costs, top: int) -> Iterator[tuple[int, int, int]]:
     """(first size, last size, tasks) of each run of sizes up to ``top`` whose children
-    hold the same number of tasks (``most_tasks`` never grows with the size):
-    strides that double until the step ends, then bisection, so that short steps (tasks
-    that keep much) cost about what weighing each size would."""
+    hold the same number of tasks (``most_tasks`` never grows with the size): strides that
+    double, then bisection, so that short steps cost about what weighing each size would."""
     size = 1
     while size <= top:
         tasks = found.most_tasks(size)
@@ -485,23 +430,19 @@ def _room(view: View) -> int:
 
 
 def _fitting(view: View, ledger: Ledger) -> int:
-    """The children that fit at their peak cost (``child_cost``), between 1 and the
-    requested. The pool grows only as far as they fit at ``Ledger.growth_baseline`` (the
-    startup estimate bounds it from below in the first tasks), and shrinks only on what
-    was measured."""
+    """The children that fit at their peak cost, between 1 and the requested: the pool
+    grows only as far as they fit at ``Ledger.growth_baseline``, shrinks only on what was
+    measured."""
     measured = children_fitting(view, ledger)
     growth = children_fitting(view, ledger, ledger.growth_baseline)
     return max(1, min(view.requested, measured, max(growth, view.size)))
 
 
 def waiting_for_the_plan_is_cheaper(ledger: Ledger, children: int) -> bool:
-    """Wait for the plan rather than fork more children now? Until MEASURED_TASKS tasks
-    are timed the pool's size is a guess: a child forked now that the plan then retires
-    costs its start (CPU seconds, measured on the first children: ``Pace.start_and_task``);
-    waiting costs about the wall time of the records still missing, a task each at least,
-    on the ``children`` there are. The pool waits when that is the smaller cost: children
-    that load a model when they start are not forked to be retired, while cheap children
-    and slow tasks do not wait."""
+    """Wait for the plan rather than fork more children now? A child forked now that the
+    plan then retires costs its start (``Pace.start_and_task``); waiting costs about the
+    wall time of the MEASURED_TASKS records still missing on the ``children`` there are.
+    So children that load a model are not forked to be retired; cheap ones do not wait."""
     missing = MEASURED_TASKS - ledger.pace.task_cpu.samples
     known = ledger.pace.start_and_task()
     if missing <= 0 or known is None:
@@ -511,8 +452,7 @@ def waiting_for_the_plan_is_cheaper(ledger: Ledger, children: int) -> bool:
 
 
 def children_fitting(view: View, ledger: Ledger, baseline: int | None = None) -> int:
-    """How many children fit under the high mark at their peak cost (``child_cost``,
-    with ``baseline`` if given), whatever was asked for."""
+    """How many children fit under the high mark at their peak cost, whatever was asked."""
     return _room(view) // child_cost(view, ledger, baseline)
 
 
@@ -526,35 +466,19 @@ class Action:
     count: int = 1  # grow: how many children
 
 
-def _largest_first(children: list[ChildState], key: Callable[[ChildState], int]) -> list:
-    return sorted(children, key=lambda c: -key(c))
-
-
 def _to_retire(idle: list[ChildState]) -> list[ChildState]:
-    """Idle children above the target, the young first: a young child's first task will
-    copy a whole baseline that the cgroup's figure does not show yet (a limit lowered
-    since it was forked may not hold it), and it has nothing warm to lose; then the
-    largest."""
+    """Idle children above the target, the young first (its first task will copy a whole
+    baseline the cgroup's figure does not show yet, and it has nothing warm to lose),
+    then the largest."""
     return sorted(idle, key=lambda c: (not c.young, -c.private))
 
 
 class Safety:
     """The clock-driven net, for what the task-boundary rules cannot see: growth inside
-    a running task beyond its expected peak.
-
-    - Past the high mark, the hard mark is ahead of what the cgroup holds (less what
-      leaving children free) with what running tasks still add and what tasks past
-      their expected peaks add in LOOKAHEAD seconds: stop running tasks, the largest
-      first, as many as it takes to bring the projection back under the high mark (the
-      last resort: the kernel would act next, and it may pick the main process).
-    - Past the high mark: hold every task (``over``); recycle idle children that hold
-      retained memory, and retire idle ones above the target size (the limit fell),
-      the largest first, until under the high mark.
-    - Else: grow towards the target size as many children as fit at their projected
-      peak, at most as many as there are children ready for work, less those still
-      starting (``_resize``); above the target, retire idle children. Above the low mark
-      it checks every FAST seconds.
-    """
+    a running task beyond its expected peak. Past the high mark it holds every task,
+    sheds idle children (``_shed``) and, with the hard mark ahead, stops running tasks
+    (the last resort: the kernel would act next, and it may pick the main process);
+    below, it resizes towards the target (``_resize``)."""
 
     LOOKAHEAD = 0.5  # seconds
     FAST = 0.05  # seconds between checks above the low mark
@@ -585,17 +509,14 @@ class Safety:
         return interval
 
     def decide(self, view: View, ledger: Ledger, now: float) -> list[Action]:
-        """``over`` (every task held) once the memory the kernel cannot reclaim, less what
-        children on their way out will free, passes the high mark. Past the high mark,
-        stop running tasks only when the hard mark is ahead of that memory: by what the
-        admitted tasks are still expected to add, and by what tasks growing past their
-        expected peaks (growth the ledger did not foresee) add at the rate they do. The
-        cgroup's own rate is no measure of it: a burst of admitted tasks reaching the
-        peaks they were admitted with rises as fast, and is already counted."""
+        """``over`` once the unreclaimable memory, less what leaving children free, passes
+        the high mark. Past it, stop running tasks only when the hard mark is ahead by what
+        admitted tasks will add and tasks past their peaks add in LOOKAHEAD seconds (not
+        the cgroup's rate: admitted tasks reaching their peaks rise as fast)."""
         marks, held = view.marks, view.unreclaimable
         since = self.last[0] if self.last is not None else now
         self.project(held, now)  # the cgroup's rate paces the checks (next_delay)
-        settled = held - leaving(ledger)
+        settled = held - ledger.leaving_bytes
         self.over = settled >= marks.high
         if held < marks.high:
             self.overran = {}
@@ -607,16 +528,15 @@ class Safety:
             stopping = self._stop(view, ledger, ahead, unforeseen) if ahead >= marks.hard else []
             if stopping:
                 return stopping
-            # nothing to stop (what is ahead is idle children's copies yet to come, a
-            # young child's baseline): shed and retire as below the hard mark
+            # nothing to stop (what is ahead is idle children's copies): shed as below
         if self.over:
             return self._shed(view, ledger, now, "high")
         return self._resize(view, ledger, now)
 
     def _unforeseen(self, view: View, ledger: Ledger, elapsed: float) -> dict[int, int]:
-        """Bytes each running task will grow past its expected peak within LOOKAHEAD,
-        at the rate it passed it since the last check (FAST ago at least: a check soon
-        after another must not read a first overrun as an unbounded rate)."""
+        """Bytes each running task will grow past its expected peak within LOOKAHEAD, at
+        the rate it did since the last check (FAST ago at least: a first overrun read
+        soon after another check is no unbounded rate)."""
         before, self.overran = self.overran, {}
         ahead: dict[int, int] = {}
         for child in ledger.children.values():
@@ -648,7 +568,7 @@ class Safety:
             return max(grown, child.task_peak) + held + unforeseen.get(child.pid, 0)
 
         sizes = {c.pid: its_part(c) for c in busy}
-        for child in _largest_first(busy, lambda c: sizes[c.pid]):
+        for child in sorted(busy, key=lambda c: sizes[c.pid], reverse=True):
             if left <= view.marks.high or len(ledger.live()) - len(actions) <= 1:
                 break
             actions.append(Action("kill", child.pid, "hard", child))
@@ -662,18 +582,13 @@ class Safety:
         return actions
 
     def _idle_with_retained(self, ledger: Ledger) -> list[ChildState]:
-        expected = ledger.expected_baseline
-        idle = [
-            c
-            for c in ledger.live()
-            if c.task is None and not c.young and c.private - expected >= MIN_RETAINED
-        ]
-        return _largest_first(idle, lambda c: c.private)
+        idle = [c for c in ledger.live() if worth_a_fork(ledger, c)]
+        return sorted(idle, key=lambda c: c.private, reverse=True)
 
     def _shed(self, view: View, ledger: Ledger, now: float, level: str) -> list[Action]:
         """Past the high mark: recycle idle children that retained memory, the largest
-        first; then, when the pool is larger than its peak cost allows (the limit fell),
-        retire idle ones; as many as it takes to be under the mark again."""
+        first; then, above the target size (the limit fell), retire idle ones; as many as
+        it takes to be under the mark again."""
         if now < self.quiet_until:
             return []
         actions: list[Action] = []
@@ -698,16 +613,10 @@ class Safety:
 
     def _resize(self, view: View, ledger: Ledger, now: float) -> list[Action]:
         """Towards the target size: retire an idle child above it; below it, add the
-        children that fit at their projected peak (``fits``), in waves: no more than are
-        ready for work, less those still starting. A pool started with its first wave
-        (``steps.Governor``) doubles at most once per start, so a dear start (a child
-        that loads a model in ``worker_process_init``) is paid by a few children, not by
-        all of those asked for, before the plan has weighed it; a pool of cheap children
-        is whole after a few waves (the pool over the CPUs, doubled each wave). In the
-        first round (``Ledger.first_round``) a wave is the children that finished a task:
-        the startup estimate does not foresee the tasks' peaks, nor a task that copies
-        more of the app's data than it counted, so the pool is multiplied on children
-        measured, as a new kind of task is on one measured run (``admit``)."""
+        children that fit, in waves of no more than are ready, less those starting: a dear
+        start (a model loaded in ``worker_process_init``) is paid by a few children before
+        the plan weighed it. In the first round a wave is the children measured: the
+        estimate foresees neither the tasks' peaks nor tasks that copy more of the app."""
         target = target_size(view, ledger)
         if view.size > target and now >= self.quiet_until:
             idle = [c for c in ledger.live() if c.task is None]
@@ -716,7 +625,7 @@ class Safety:
                 child = _to_retire(idle)[0]
                 return [Action("retire", child.pid, "low", child)]
             return []
-        if view.size >= target or leaving(ledger):
+        if view.size >= target or ledger.leaving_bytes:
             return []  # children on their way out: grow once their memory is free
         ready, starting = ledger.starting_children()
         if ledger.first_round:  # a wave is the children measured: see above
@@ -754,7 +663,6 @@ __all__ = [
     "children_fitting",
     "expected_peak",
     "fits",
-    "leaving",
     "plan",
     "recycle",
     "recycle_rss",

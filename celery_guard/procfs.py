@@ -2,11 +2,8 @@
 here, over one root (the proc mount; tests give a fixture tree), and when it finds no
 figure it says why: the process is gone, the guard may not read it (``hidepid``,
 another user's process), or the file did not hold what it should. psutil draws the
-same lines (``NoSuchProcess``, ``AccessDenied``); here the per-task reads stay one
-system call with no object made.
-
-The cgroup's own files and the mount table are read by ``cgroups``, over a root of
-the whole file system, for the same reason: fixture trees.
+same lines; here the per-task reads stay one system call with no object made. (The
+cgroup's files and the mount table are ``cgroups``'s.)
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ import enum
 import errno
 import mmap
 import os
+import sys
 
 #: Where the proc file system is mounted.
 ROOT = "/proc"
@@ -50,11 +48,7 @@ def read(pid: int | str, name: str, proc: str = ROOT, size: int = -1) -> bytes |
 
 
 def unsupported(proc: str = ROOT, platform: str | None = None) -> str | None:
-    """Why nothing can be measured here, or None: the guard reads Linux's ``/proc`` (the
-    main process, the children, physical memory), so another system, or a Linux whose
-    ``/proc`` is not mounted, has no figure to start from."""
-    import sys
-
+    """Why nothing can be measured here (not Linux, or no ``/proc`` mounted), or None."""
     platform = platform or sys.platform
     if not platform.startswith("linux"):
         return f"{platform} is not Linux: celery-guard reads /proc and memory cgroups"
@@ -133,9 +127,8 @@ def known(figure: int | Unread) -> int | None:
 
 
 class Kept:
-    """A file of this process read again and again through a descriptor kept open: one
-    ``pread`` a read (about 1.4 us for ``statm``), cheap enough for every task. Open it
-    in the process it reads."""
+    """A file of this process read through a descriptor kept open: one ``pread`` a read
+    (about 1.4 us for ``statm``), cheap enough for every task."""
 
     def __init__(self, name: str, proc: str = ROOT) -> None:
         self.fd = os.open(path("self", name, proc), os.O_RDONLY | os.O_CLOEXEC)

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from celery.worker import state
+
 from . import procfs
 from .config import Settings
 from .logline import emit
@@ -34,12 +36,10 @@ _FOR_THE_MAIN_THREAD = frozenset(signal.valid_signals()) - _SYNCHRONOUS
 
 
 def signals_to_the_main_thread() -> None:
-    """Block process-directed signals in the calling thread (one of the guard's). The
+    """Block process-directed signals in the calling thread (one of the guard's): the
     kernel delivers a signal to any thread that does not block it, and Python runs the
-    handler in the main thread only once that thread wakes: a worker's SIGTERM or SIGQUIT
-    that lands in the guard's thread waits out the event loop's poll, a child's SIGUSR1
-    (Celery's soft time limit) the task's sleep. Blocked here, it goes to the main thread
-    and interrupts what it waits on, as in a worker without the guard."""
+    handler only once the main thread wakes, so a SIGTERM would wait out the event loop's
+    poll, a child's SIGUSR1 (Celery's soft time limit) the task's sleep."""
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, _FOR_THE_MAIN_THREAD)
 
@@ -84,16 +84,10 @@ class ChildOomScore:
 
 class FreezeBeforeFirstFork:
     """``worker_before_create_process`` receiver: before the first child, collect, then
-    move every object to the permanent generation (``gc.freeze``), so that
-
-    - the collector in each child never writes to (and copies) the pages it shares with
-      the main process, and
-    - the full collection Celery runs in the main process before *every* fork (AsynPool,
-      Celery issue #2927) skips what the worker imported: with a large app that
-      collection is most of what a fork costs the main process.
-
-    Once only: what the main process creates later stays collectable there (freezing
-    again at each fork would keep cycles that die later alive for good)."""
+    ``gc.freeze``: no child's collector copies the pages it shares with the main process,
+    and the full collection Celery runs before *every* fork (AsynPool, Celery issue #2927),
+    most of what a fork costs with a large app, skips what the worker imported. Once only:
+    freezing at each fork would keep cycles that die later alive for good."""
 
     def __init__(self) -> None:
         self.frozen = False
@@ -116,16 +110,11 @@ EX_TEMPFAIL = 75  # sysexits.h: a temporary failure; the supervisor should start
 
 class WorkerMemoryLimit:
     """``CELERY_GUARD_MAX_WORKER_MEMORY`` for pools that do not fork, where
-    ``worker_max_memory_per_child`` does nothing: past the limit, a warm shutdown.
+    ``worker_max_memory_per_child`` does nothing: past the limit, a warm shutdown (Celery's
+    consumer loop checks ``state.should_stop`` on every cycle: it stops consuming, lets
+    active tasks finish, returns unacknowledged messages and exits with that status)."""
 
-    Celery's consumer loop checks ``state.should_stop`` on every cycle; setting it stops
-    consuming, lets active tasks finish, returns unacknowledged messages to the broker and
-    exits with the status given.
-    """
-
-    def __init__(
-        self, limit: int, hostname: str, settings: Settings, collector: Any = None
-    ) -> None:
+    def __init__(self, limit: int, hostname: str, collector: Any = None) -> None:
         self.limit = limit
         self.hostname = hostname
         self.collector = collector
@@ -138,8 +127,6 @@ class WorkerMemoryLimit:
         rss = self.rss()
         if rss <= self.limit:
             return
-        from celery.worker import state
-
         # The stop flag first: nothing that follows (a log line, a set other threads
         # change) can leave the watch tripped and the worker running.
         state.should_stop = EX_TEMPFAIL  # type: ignore[assignment]  # celery-types: None; an exit code
@@ -148,7 +135,7 @@ class WorkerMemoryLimit:
             "worker": self.hostname,
             "level": "max_worker_memory",
             "rss_mib": mib(rss),
-            "limit_mib": mib(self.limit),
+            "max_worker_memory_mib": mib(self.limit),
             "action": "warm_shutdown",
             "pid": os.getpid(),
             "task": ",".join(active_task_names(state.active_requests)) or None,

@@ -1,11 +1,8 @@
 """The pool size where no governor runs (``--autoscale``, no cgroup, physical memory,
-``CELERY_GUARD_GOVERNOR=off``): sized as the startup decision sized it, again when the
-first child is measured and whenever the limit changes.
-
-With the governor, the governor owns the pool size; without it this does, and under
-``--autoscale`` it sets only the autoscaler's max (``Autoscaler.update``), the autoscaler
-keeping the size between its min and that max. Both triggers come from the sampler's
-thread; the resize itself runs on the event loop, where the pool is changed.
+``CELERY_GUARD_GOVERNOR=off``): sized by the startup decision's rule again when the first
+child is measured and whenever the limit changes. Under ``--autoscale`` only the
+autoscaler's max is set. The triggers come from the sampler's thread; the resize runs on
+the event loop, where the pool is changed.
 """
 
 from __future__ import annotations
@@ -63,9 +60,8 @@ class Resizer:
         self.hub.call_soon(self.resize, level)
 
     def target(self) -> int:
-        """The concurrency that fits at the child's cost in the limit of now: the startup
-        decision's rule (``plan.decide`` in ``scale`` mode: only forking pools are
-        resized), never above what was asked."""
+        """The concurrency that fits at the child's cost in the limit of now, by the
+        startup decision's rule (only forking pools are resized)."""
         live = self.live
         return decide(
             mode="scale", limit=live.limit, headroom_fraction=live.settings.headroom,

@@ -15,13 +15,7 @@ MAX_SIZE = 2**63 - 1
 #: The smallest size a memory figure or limit can mean: one page.
 PAGE = 4096
 
-_UNITS = {
-    "": 1,
-    "k": 1024,
-    "m": 1024**2,
-    "g": 1024**3,
-    "t": 1024**4,
-}
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+) ?([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _FRACTION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(%?)")
 
@@ -30,9 +24,7 @@ SIZE_FORMS = "bytes (536870912), or a number with K, M, G, T, KB, MiB, GiB... (5
 
 def parse_size(text: str) -> int:
     """Return the size in bytes; units are binary (``512M`` = ``512MiB`` = 536870912).
-
-    Raises ValueError for anything else, including zero, negatives and a bare ``B``.
-    """
+    ValueError for anything else, including zero, negatives and a bare ``B``."""
     match = _SIZE.fullmatch(text.strip())
     if not match or (text.strip()[-1:] in "bB" and not match.group(2)):
         raise ValueError(f"not a size: {text!r}")

@@ -69,11 +69,8 @@ def physical_bytes(root: str = "/") -> int:
 
 
 def read_budget(settings: Settings, root: str = "/") -> Budget:
-    """The limit to fit in: the setting, else the cgroup's, else physical memory.
-
-    With a cgroup limit, ``in_use`` is the working set where that limit is set: the
-    processes already charged there (siblings too) count against the pool.
-    """
+    """The limit to fit in: the setting, else the cgroup's, else physical memory. With a
+    cgroup limit, ``in_use`` is the working set where that limit is set (siblings too)."""
     found = cgroups.find_memory_cgroup(root)
     own, physical = found.cgroup, physical_bytes(root)
     if settings.memory_limit is not None:
@@ -97,7 +94,7 @@ def remembered_cost(settings: Settings, physical: int | None = None) -> int | No
     if path is None or settings.child_memory is not None:
         return None
     cost, why = history.load(path, physical=physical)
-    if cost is None and why != "no state file yet":
+    if cost is None and why != history.NO_FILE:
         fields = {"action": "ignored", "path": path, "reason": why}
         emit(logging.WARNING, "history", fields)
     return cost
@@ -149,15 +146,10 @@ class Measured:
             "child_estimate_method": self.estimate.method,
             "gc_freeze": self.settings.gc_freeze,
             "limit_detail": self.budget.detail,
-            "usage_measured": self.usage_measured,
+            # what the run-time budget compares with the limit: the cgroup's figure (every
+            # process in it), or nothing (the limit serves the startup decision only)
+            "usage_measured": "none" if self.budget.cgroup is None else "cgroup",
         }
-
-    @property
-    def usage_measured(self) -> str:
-        """What the run-time budget compares with the limit: the memory cgroup's figure
-        (every process in it, not the worker's alone, when the limit is a setting), or
-        nothing (no cgroup: the limit serves the startup decision only)."""
-        return "none" if self.budget.cgroup is None else "cgroup"
 
 
 class Unsupported(Exception):
@@ -165,8 +157,7 @@ class Unsupported(Exception):
 
 
 def unmeasured_fields(settings: Settings, pool: str, requested: int, error: str) -> dict[str, Any]:
-    """The startup (or check) line when measuring gave nothing: the concurrency as asked,
-    and why."""
+    """The startup (or check) line when nothing was measured: the concurrency asked, why."""
     return {
         "mode": settings.mode, "pool": pool, "requested": requested,
         "concurrency": requested, "action": "kept", "error": error,

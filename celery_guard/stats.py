@@ -20,9 +20,9 @@ class ExpHistogram:
     Memory stays bounded however many samples arrive (at most max_buckets keys)."""
 
     def __init__(self, first: float = 1024 * 1024, ratio: float = 1.05, max_buckets: int = 600):
-        if not (_finite(first) and first > 0):
+        if number(first) is None or first <= 0:
             raise ValueError(f"first must be a positive number, not {first!r}")
-        if not (_finite(ratio) and ratio > 1):
+        if number(ratio) is None or ratio <= 1:
             raise ValueError(f"ratio must be a number above 1, not {ratio!r}")
         if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
             raise ValueError(f"max_buckets must be a whole number >= 1, not {max_buckets!r}")
@@ -36,25 +36,10 @@ class ExpHistogram:
         self.ratio = float(ratio)
         self.max_buckets = max_buckets
         self._weights: dict[int, float] = {}
-        self._count = 0.0
-        self._min: float | None = None
-        self._max: float | None = None
-
-    # -- the figures ---------------------------------------------------------------------
-    @property
-    def count(self) -> float:
-        """The total weight added."""
-        return self._count
-
-    @property
-    def min(self) -> float | None:
-        """The exact smallest value added; None when empty."""
-        return self._min
-
-    @property
-    def max(self) -> float | None:
-        """The exact largest value added; None when empty."""
-        return self._max
+        self.count = 0.0  # the total weight added
+        #: The exact smallest and largest values added; None when empty.
+        self.min: float | None = None
+        self.max: float | None = None
 
     def lower(self, index: int) -> float:
         """The lower bound of bucket ``index`` (0 for bucket 0)."""
@@ -84,17 +69,17 @@ class ExpHistogram:
     # -- adding ----------------------------------------------------------------------------
     def add(self, value: float, weight: float = 1.0) -> None:
         """Count ``value`` with ``weight``; a weight of 0 changes nothing."""
-        if not _finite(value):
+        if number(value) is None:
             raise ValueError(f"value must be a finite number, not {value!r}")
-        if not (_finite(weight) and weight >= 0):
+        if number(weight) is None or weight < 0:
             raise ValueError(f"weight must be a finite number >= 0, not {weight!r}")
         if weight == 0:
             return
         index = self.bucket(value)
         self._weights[index] = self._weights.get(index, 0.0) + weight
-        self._count += weight
-        self._min = value if self._min is None else min(self._min, value)
-        self._max = value if self._max is None else max(self._max, value)
+        self.count += weight
+        self.min = value if self.min is None else min(self.min, value)
+        self.max = value if self.max is None else max(self.max, value)
 
     # -- reading ---------------------------------------------------------------------------
     def percentile(self, p: float) -> float | None:
@@ -104,12 +89,12 @@ class ExpHistogram:
         An upper bound, not an interpolation: a setting derived from it is on the safe
         side of every sample in the bucket (at most ``ratio`` above the true value).
         """
-        if not (_finite(p) and 0 <= p <= 100):
+        if number(p) is None or not 0 <= p <= 100:
             raise ValueError(f"p must be between 0 and 100, not {p!r}")
-        if not self._weights or self._max is None:
+        if not self._weights or self.max is None:
             return None
-        threshold = self._count * p / 100
-        slack = self._count * 1e-12  # sums of float weights must still reach 100%
+        threshold = self.count * p / 100
+        slack = self.count * 1e-12  # sums of float weights must still reach 100%
         cumulative = 0.0
         chosen = max(self._weights)
         for index, weight in sorted(self._weights.items()):
@@ -117,24 +102,18 @@ class ExpHistogram:
             if cumulative + slack >= threshold:
                 chosen = index
                 break
-        return min(self.upper(chosen), self._max)
-
-    def __repr__(self) -> str:
-        return (
-            f"ExpHistogram(first={self.first}, ratio={self.ratio}, "
-            f"max_buckets={self.max_buckets}, count={self._count}, "
-            f"min={self._min}, max={self._max}, buckets={len(self._weights)})"
-        )
+        return min(self.upper(chosen), self.max)
 
 
-def _finite(value: Any) -> bool:
-    """A real, finite number (bools are not numbers here; nor an int beyond a float)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
+def number(value: Any) -> float | None:
+    """A finite int or float, else None: bools are not numbers here, nor an int beyond a
+    float (``math.isfinite`` raises OverflowError past 1.8e308)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        return math.isfinite(value)
+        return value if math.isfinite(value) else None
     except OverflowError:
-        return False
+        return None
 
 
 @dataclass(frozen=True)
@@ -175,6 +154,15 @@ def container_limit(
     if requested and child_peak <= 0:
         return None
     return float(math.ceil((parent + requested * child_peak) / (1 - headroom_fraction)))
+
+
+#: ``recommend``'s figures as the summary line names them, and its plan's figures, which
+#: the summary names ``plan_vanilla_*``.
+SUMMARY_INPUTS = (
+    "limit_mib", "headroom_mib", "parent_rss_mib", "concurrency",
+    "private_p50_mib", "private_p95_mib", "peak_rss_p50_mib", "peak_rss_p95_mib",
+)  # fmt: skip
+PLAN_INPUTS = ("concurrency", "tasks_per_child", "max_memory_per_child_kib")
 
 
 def recommend(

@@ -1,18 +1,9 @@
 """The worker steps: thin Celery glue in the style of ``celery/worker/components.py``.
 
 ``MemoryGuard`` is the one line users add; it requires the others, so Celery's blueprint
-pulls them in (``requires`` also means "after"):
-
-- ``Fit`` (requires the Pool step): measure, read the limit, decide the concurrency. Its
-  ``__init__`` runs after ``Pool.__init__`` has copied the concurrency onto the worker and
-  before any step's ``create`` forks a child: the one moment the pool size can change.
-- ``Telemetry``: the per-task probe in each child, the collector and its sampler thread,
-  and (prefork on the event loop) the ``PoolControl`` that hears the pool.
-- ``Protection``: children's ``oom_score_adj``, ``gc.freeze`` before each fork, the
-  worker memory limit of pools that do not fork.
-- ``TaskLimits``: memory limits per task (``memory_limit``, ``soft_memory_limit``).
-- ``Governor``: the run-time budget (prefork, a cgroup, the event loop, no autoscale).
-- ``Metrics``: the Prometheus endpoint, when a port is set.
+pulls them in (``requires`` also means "after"). ``Fit`` requires the Pool step: its
+``__init__`` runs after ``Pool.__init__`` has copied the concurrency onto the worker and
+before any step's ``create`` forks a child, the one moment the pool size can change.
 
 ``Fit`` makes the worker's one ``guard.Guard`` (``w.memory_guard``); each step asks it
 to make and wire its part, at the step's moment. Each has ``info()``, so ``celery
@@ -70,7 +61,8 @@ class Fit(bootsteps.StartStopStep):
 
 
 class Telemetry(bootsteps.StartStopStep):
-    """What children really use: the probe in each child, the collector in the main."""
+    """What children really use: the probe in each child, the collector and its sampler in
+    the main, and (prefork on the event loop) the ``PoolControl`` that hears the pool."""
 
     label = "Telemetry"
     name = "celery_guard.steps.Telemetry"
@@ -123,9 +115,8 @@ class Protection(bootsteps.StartStopStep):
 
 
 class TaskLimits(bootsteps.StartStopStep):
-    """Memory limits per task (``memory_limit``, ``soft_memory_limit``): read and checked
-    before the pool forks, watched in each child while a limited task runs, enforced by
-    the main process when a task does not stop."""
+    """Memory limits per task (``memory_limit``, ``soft_memory_limit``): checked before
+    the pool forks, watched in each child, enforced by the main process."""
 
     label = "TaskLimits"
     name = "celery_guard.steps.TaskLimits"
@@ -145,8 +136,8 @@ class TaskLimits(bootsteps.StartStopStep):
 
 
 class Governor(bootsteps.StartStopStep):
-    """The run-time budget: admit, hold, recycle, grow and, as the last resort, stop. It
-    starts once the pool's hooks are in (``Guard.install``)."""
+    """The run-time budget (prefork, a cgroup, the event loop, no autoscale): admit, hold,
+    recycle, grow and, as the last resort, stop; once the pool's hooks are in."""
 
     label = "Governor"
     name = "celery_guard.steps.Governor"
@@ -206,9 +197,7 @@ class Metrics(bootsteps.StartStopStep):
 
 
 class MemoryGuard(bootsteps.Step):
-    """The one line: ``app.steps["worker"].add(MemoryGuard)`` brings in every step (the
-    startup fit before the pool forks, the children's telemetry, their protection, the
-    tasks' own memory limits, the run-time governor, the metrics endpoint), each
+    """The one line: ``app.steps["worker"].add(MemoryGuard)`` brings in every step, each
     configured by the ``CELERY_GUARD_*`` variables; ``install(app)`` adds it too, with a
     ``celery worker`` option for each."""
 

@@ -17,10 +17,7 @@ from typing import Any
 from .sizes import MAX_SIZE, PAGE, SIZE_FORMS, parse_size
 
 OPTIONS = ("memory_limit", "soft_memory_limit")
-ACCEPTED = (
-    f"a size of at least {PAGE >> 10}K ({SIZE_FORMS.removeprefix('auto, or ')}), "
-    "a whole number of bytes, or None"
-)
+ACCEPTED = f"a size of at least {PAGE >> 10}K ({SIZE_FORMS}), a whole number of bytes, or None"
 
 
 @dataclass(frozen=True)
@@ -38,9 +35,8 @@ class LimitError(Exception):
 
 
 def parse_limit(value: Any) -> int | None:
-    """A size as in the configuration (``CELERY_GUARD_TASK_MEMORY_LIMIT``: at least one
-    page, at most what a machine can have), a whole number of bytes, or None (no
-    limit)."""
+    """A size as in the configuration (at least one page, at most what a machine can
+    have), a whole number of bytes, or None (no limit)."""
     if value is None:
         return None
     if isinstance(value, bool):

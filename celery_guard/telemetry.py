@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import resource
 import selectors
@@ -32,10 +31,9 @@ from .ledger import Record, name_key
 from .limit import LiveLimit
 from .logline import emit, logger
 from .protect import signals_to_the_main_thread
-from .sizes import mib
-from .stats import ExpHistogram, container_limit, recommend
+from .sizes import MIB, mib
+from .stats import PLAN_INPUTS, SUMMARY_INPUTS, ExpHistogram, container_limit, recommend
 
-PAGE = mmap.PAGESIZE
 #: The child reads its private memory (smaps_rollup, 0.1-5 ms) on every Nth task only.
 PRIVATE_EVERY = 100
 #: A child's record goes at least this often (in tasks), changed or not: the governor's
@@ -44,7 +42,6 @@ RECORD_EVERY = 32
 #: A child reports a task whose figures changed nothing only for the first runs of each
 #: name in that child, up to this many names.
 NAMES_REPORTED = 256
-MIB = 1024 * 1024
 #: The largest figure a record may carry (bytes): 1 PiB; larger is a forged or broken line.
 MAX_FIGURE = 1 << 50
 MAX_NAME = 200  # characters of a task name in a record
@@ -178,13 +175,15 @@ class ChildProbe:
         paced = self.tasks & (self.tasks - 1) == 0 or self.tasks % RECORD_EVERY == 0
         if exact or new_name or recycling or paced or abs(rss - self.sent_rss) >= MIB:
             self.sent_rss = rss
-            cpu = int((usage.ru_utime + usage.ru_stime) * 1e6)
-            self._send(
-                f"{'R' if recycling else 'T'} {self.pid} {delta} {int(exact)} {task_peak} "
-                f"{rss_delta} {rss} {-1 if private is None else private} {cpu} "
-                f"{self.waited()} {int(self.busy * 1e6)} {self.tasks} "
-                f"{name[:MAX_NAME].replace(chr(10), '?')}\n"
-            )
+            if self.channel is not None:
+                cpu = int((usage.ru_utime + usage.ru_stime) * 1e6)
+                send(
+                    self.channel,
+                    f"{'R' if recycling else 'T'} {self.pid} {delta} {int(exact)} {task_peak} "
+                    f"{rss_delta} {rss} {-1 if private is None else private} {cpu} "
+                    f"{self.waited()} {int(self.busy * 1e6)} {self.tasks} "
+                    f"{name[:MAX_NAME].replace(chr(10), '?')}\n",
+                )
         if not logged:
             return
         if grew:
@@ -197,10 +196,6 @@ class ChildProbe:
         if private is not None:
             fields["private_mib"] = mib(private)
         emit(logging.INFO, "child", fields)
-
-    def _send(self, record: str) -> None:
-        if self.channel is not None:
-            send(self.channel, record)
 
 
 def send(channel: int, record: str) -> None:
@@ -287,14 +282,12 @@ def parse_limit_hit(line: str) -> LimitHit | None:
 
 #: Upper bounds (bytes) of the per-task peak histogram's buckets; the last is open.
 PEAK_BUCKETS = tuple(mib << 20 for mib in (1, 4, 16, 64, 256, 1024))
-#: What happens to tasks that the guard counts by task name.
-TASK_EVENTS = ("recycle", "hold", "memory_kill", "oom_kill")
 
 
 @dataclass
 class TaskFigures:
     """What the collector keeps of one task name, in one table bounded by ``name_key``:
-    what its runs kept, their peaks, its task-limit hits and its TASK_EVENTS."""
+    what its runs kept, their peaks, its task-limit hits and its ``count_task`` counts."""
 
     events: int = 0  # runs that kept memory
     total: int = 0
@@ -303,7 +296,7 @@ class TaskFigures:
     peaks: list[int] = field(default_factory=lambda: [0] * (len(PEAK_BUCKETS) + 1))
     peaks_sum: int = 0
     limit_hits: dict[str, int] = field(default_factory=dict)  # by LIMIT_KINDS
-    counts: dict[str, int] = field(default_factory=dict)  # by TASK_EVENTS
+    counts: dict[str, int] = field(default_factory=dict)  # by kind
 
     def copy(self) -> TaskFigures:
         return replace(
@@ -372,8 +365,9 @@ class Collector:
     #: Is this pid one of ours (a pool child, or this process for pools that do not fork)?
     known: Callable[[int], bool] = lambda pid: True
     exits: ExitCauses = field(default_factory=lambda: ExitCauses(None))
-    failures: MemoryFailures | None = None  # set in __post_init__
-    kills_path: str | None = field(default=None, init=False)  # set in __post_init__
+    #: A task's memory kills, kept beside the state file: the next worker counts on.
+    failures: MemoryFailures = field(init=False)
+    kills_path: str | None = field(init=False)
     #: The startup estimate of one child's cost, and what the first child measured: its
     #: private memory after its first task, less what that task kept (``event=calibration``).
     estimate: int = 0
@@ -383,32 +377,16 @@ class Collector:
     requested: int = 0
     peak_max: int = 0
     dropped: int = 0  # records refused
-
-    def __post_init__(self) -> None:
-        self.exits.seen = self.read_oom_kills()
-        # a task's memory kills, kept beside the state file: the next worker counts on
-        self.kills_path = history.kills_path(self.settings.state_file)
-        known = history.recall_kills(self.kills_path) if self.kills_path else None
-        self.failures = MemoryFailures(self.exit_cause, self.settings.max_memory_kills, known)
-
-    @property
-    def limit(self) -> int:
-        return self.live.limit
-
-    def on_lost(self, lost: LostJob) -> Exception | None:
-        """The pool lost a task with its child: ``MemoryLimitExceeded`` when memory was
-        why (see ``exits.MemoryFailures``)."""
-        assert self.failures is not None
-        with self.lock:
-            error = self.failures.on_lost(lost, self.exits)
-            if error is not None and self.kills_path is not None:  # a memory kill counted
-                history.keep_kills(self.kills_path, self.failures.kills.counts)
-            return error
-
     samples: int = 0
     usage: int | None = None
     working_set: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.exits.seen = self.read_oom_kills()
+        self.kills_path = history.kills_path(self.settings.state_file)
+        known = history.recall_kills(self.kills_path) if self.kills_path else None
+        self.failures = MemoryFailures(self.exit_cause, self.settings.max_memory_kills, known)
 
     # -- records from the children -------------------------------------------------
     def read_lines(self, lines: list[str]) -> Heard:
@@ -482,7 +460,7 @@ class Collector:
             self.pressure[action] = self.pressure.get(action, 0) + 1
 
     def count_task(self, kind: str, name: str | None) -> None:
-        """One more ``kind`` (TASK_EVENTS) for the task ``name`` (bounded: ``name_key``)."""
+        """One more ``kind`` (recycle, hold, memory_kill, oom_kill) for the task ``name``."""
         with self.lock:
             counts = self._task(name or "?")[1].counts
             counts[kind] = counts.get(kind, 0) + 1
@@ -520,25 +498,31 @@ class Collector:
         counter = self.read_oom_kills() if sigkill else None
         return self.exits.cause(pid, exitcode, counter)
 
+    def on_lost(self, lost: LostJob) -> Exception | None:
+        """The pool lost a task with its child: ``MemoryLimitExceeded`` when memory was
+        why (see ``exits.MemoryFailures``)."""
+        with self.lock:
+            error = self.failures.on_lost(lost, self.exits)
+            if error is not None and self.kills_path is not None:  # a memory kill counted
+                history.keep_kills(self.kills_path, self.failures.kills)
+            return error
+
     def on_child_up(self, pid: int) -> None:
         """A new child: the pid may have been an exited one's (pids are reused)."""
         self.exits.forget(pid)
-        if self.failures is not None:
-            self.failures.forget(pid)
+        self.failures.forget(pid)
 
     def on_exit(self, pid: int, exitcode: int | None, task: tuple[str, str] | None) -> None:
-        """A pool child is gone: say why when memory was the reason.
-
-        ``task`` is (name, id) of the task it was running, if any.
-        """
+        """A pool child is gone: say why when memory was the reason. ``task`` is (name, id)
+        of the task it was running, if any."""
         with self.lock:
             cause = self.exit_cause(pid, exitcode)
-            outcome = self.failures.outcome(pid) if self.failures else None
+            outcome = self.failures.outcome(pid)
+            last = self.last_task.pop(pid, None)  # whatever the exit: the dict stays bounded
+            figures = self.child_figures.get(pid)
         if cause == OOM:
             self.count_task("oom_kill", task[0] if task else None)
             self._on_oom(pid, task, outcome)
-        with self.lock:
-            last = self.last_task.pop(pid, None)  # whatever the exit: the dict stays bounded
         if exitcode != EX_RECYCLE:
             return
         if last is None and self.max_tasks_per_child:
@@ -550,9 +534,8 @@ class Collector:
                  "exitcode": exitcode, "max_tasks_per_child": self.max_tasks_per_child},
             )  # fmt: skip
             return
+        name, peak = last or ("?", figures.peak if figures else 0)
         with self.lock:
-            figures = self.child_figures.get(pid)
-            name, peak = last or ("?", figures.peak if figures else 0)
             self.recycles += 1
         self.count_task("recycle", name)
         emit(
@@ -580,8 +563,8 @@ class Collector:
             "rss_mib": mib(figures.rss) if figures else None,
             "private_mib": mib(figures.private) if figures else None,
             "usage_mib": _mib_or_none(usage.usage if usage else None),
-            "limit_mib": mib(self.limit),
-            "oom_kills": now,
+            "limit_mib": mib(self.live.limit),
+            "cgroup_oom_kills": now,
         }
         if outcome is not None:  # what becomes of the task (see exits.MemoryFailures)
             fields.update(then=outcome.then, memory_kills=outcome.kills)
@@ -605,7 +588,7 @@ class Collector:
             fields: dict[str, Any] = {
                 "worker": self.hostname,
                 "final": final,
-                "limit_mib": mib(self.limit),
+                "limit_mib": mib(self.live.limit),
                 "headroom_mib": mib(self.live.headroom),
                 "parent_rss_mib": mib(self.parent_rss),
                 "usage_mib": _mib_or_none(self.usage),
@@ -625,35 +608,21 @@ class Collector:
                 "oom_kills": self.oom_kills,
                 "child_cost_measured_mib": _mib_or_none(self.calibration),
             }
-        snapshot = Snapshot(self.hostname, self.limit, fields, tasks, pressure, held, self.dropped)
+        snapshot = Snapshot(
+            self.hostname, self.live.limit, fields, tasks, pressure, held, self.dropped
+        )
         top = sorted(tasks.items(), key=lambda item: -item[1].total)[:3]
         fields["top_tasks"] = ",".join(f"{n}:{mib(g.total)}" for n, g in top if g.total)
-        hits = snapshot.limit_hits()
+        hits = [(n, c.get("soft", 0), c.get("hard", 0)) for n, c in snapshot.limit_hits().items()]
         if hits:  # tasks that passed their own memory limits
-            totals = {k: sum(c.get(k, 0) for c in hits.values()) for k in LIMIT_KINDS}
-            fields["task_limit_soft"] = totals["soft"]
-            fields["task_limit_hard"] = totals["hard"]
-            fields["task_limit_top"] = ",".join(
-                f"{name}:{c.get('soft', 0)}/{c.get('hard', 0)}"
-                for name, c in sorted(
-                    hits.items(),
-                    key=lambda item: -(item[1].get("hard", 0) + item[1].get("soft", 0)),
-                )[:3]
-            )
+            fields["task_limit_soft"] = sum(soft for _, soft, _ in hits)
+            fields["task_limit_hard"] = sum(hard for _, _, hard in hits)
+            worst = sorted(hits, key=lambda hit: -(hit[1] + hit[2]))[:3]
+            fields["task_limit_top"] = ",".join(f"{n}:{soft}/{hard}" for n, soft, hard in worst)
         fields.update(more or {})
-        advice = recommend(
-            plan_concurrency=fields.get("plan_vanilla_concurrency"),
-            plan_tasks_per_child=fields.get("plan_vanilla_tasks_per_child"),
-            plan_max_memory_per_child_kib=fields.get("plan_vanilla_max_memory_per_child_kib"),
-            limit_mib=fields["limit_mib"],
-            headroom_mib=fields["headroom_mib"],
-            parent_rss_mib=fields["parent_rss_mib"],
-            concurrency=fields["concurrency"],
-            private_p50_mib=fields["private_p50_mib"],
-            private_p95_mib=fields["private_p95_mib"],
-            peak_rss_p50_mib=fields["peak_rss_p50_mib"],
-            peak_rss_p95_mib=fields["peak_rss_p95_mib"],
-        )
+        inputs: dict[str, Any] = {key: fields[key] for key in SUMMARY_INPUTS}
+        inputs.update((f"plan_{key}", fields.get(f"plan_vanilla_{key}")) for key in PLAN_INPUTS)
+        advice = recommend(**inputs)
         fields["recommended_max_memory_per_child_kib"] = advice.max_memory_per_child_kib
         fields["recommended_concurrency"] = advice.concurrency
         fields["recommended_memory_limit_mib"] = self._container_limit(fields)
@@ -700,7 +669,7 @@ class Snapshot:
         return {name: f.limit_hits for name, f in self.tasks.items() if f.limit_hits}
 
     def task_counts(self) -> dict[str, dict[str, int]]:
-        """TASK_EVENTS by task name, of the names that had any."""
+        """``Collector.count_task``'s counts by task name, of the names that had any."""
         return {name: f.counts for name, f in self.tasks.items() if f.counts}
 
     def stats(self, sections: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -758,23 +727,18 @@ class Sampler(threading.Thread):
         self.reading = threading.Lock()  # one reader at a time: the event loop drains too
         self.partial = b""  # the start of a record cut by the end of a read
         self.failures: dict[str, int] = {}
-        self.selector: selectors.BaseSelector | None = None
         #: The event loop reads the channel (``on_loop``): this thread no longer waits on
         #: it, so a record does not wake a second thread that contends for the GIL.
         self.loop_reads = False
-        if channel is not None:
-            self.selector = self._selector(channel)
-
-    def _selector(self, channel: int) -> selectors.BaseSelector | None:
-        """epoll or poll where there is one (no limit on the descriptor's number); green
-        runtimes leave only select(), which refuses descriptors >= 1024."""
+        #: epoll or poll where there is one (no limit on the descriptor's number); green
+        #: runtimes leave only select(), which refuses descriptors >= 1024.
+        self.selector: selectors.BaseSelector | None = None
         try:
-            selector = selectors.DefaultSelector()
-            selector.register(channel, selectors.EVENT_READ)
-            return selector
+            if channel is not None:
+                self.selector = selectors.DefaultSelector()
+                self.selector.register(channel, selectors.EVENT_READ)
         except (OSError, ValueError) as error:
             self._give_up(error)
-            return None
 
     def _give_up(self, error: BaseException) -> None:
         self.channel = None
@@ -795,9 +759,8 @@ class Sampler(threading.Thread):
                         return
                     data = os.read(self.channel, self.READ)
                 except (OSError, ValueError) as error:
-                    if isinstance(error, OSError) and error.errno in (errno.EAGAIN, errno.EINTR):
-                        return
-                    self._give_up(error)
+                    if getattr(error, "errno", None) not in (errno.EAGAIN, errno.EINTR):
+                        self._give_up(error)
                     return
                 if not data:
                     return
@@ -831,21 +794,18 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         signals_to_the_main_thread()
-        settings = self.collector.settings
+        sample_every = self.collector.settings.sample_interval
+        summary_every = self.collector.settings.summary_interval
         next_sample = next_watch = time.monotonic()
-        next_summary = next_sample + settings.summary_interval
+        next_summary = next_sample + summary_every
         while not self.stopping.is_set():
             now = time.monotonic()
             if self.watches and now >= next_watch:
                 next_watch = self._step("watch", now, self.WATCH_INTERVAL, self._watch)
             if now >= next_sample:
-                next_sample = self._step(
-                    "sample", now, settings.sample_interval, self.collector.sample
-                )
+                next_sample = self._step("sample", now, sample_every, self.collector.sample)
             if now >= next_summary:
-                next_summary = self._step(
-                    "summary", now, settings.summary_interval, self.on_summary
-                )
+                next_summary = self._step("summary", now, summary_every, self.on_summary)
             deadlines = [next_sample, next_summary] + ([next_watch] if self.watches else [])
             # at most WAKE: a green thread (gevent, eventlet) in select() misses stop()
             timeout = min(max(min(deadlines) - time.monotonic(), 0.01), self.WAKE)

@@ -1,21 +1,18 @@
 """Inside a pool child: follow each run of a task that declares a memory limit.
 
 The main process wraps the ``run`` of every limited task before the pool forks, so each
-child's tracer calls the wrapper, which arms the watchdog when the task starts and disarms
-it when the task returns. Tasks without a limit are not wrapped and pay nothing.
+child's tracer calls the wrapper, which arms the watchdog while the task runs. Tasks
+without a limit are not wrapped and pay nothing.
 
 While armed, a thread of the child reads the child's private memory (``smaps_rollup``,
-0.15 to 5 ms, off the task's thread) as often as the task's growth needs. What the
-thread reads first may come after the task allocated, so the task's anonymous resident
-memory at its start (``statm``, about 1.5 us, read as it starts) bounds what it added
-too: the larger of the two growths counts
-(``task_limits.next_check``) and compares what the task added since it started with its
-limits (``task_limits.decide``). To raise in the task it sends its own thread a signal
-of its own, ``WATCHDOG_SIGNAL`` (a real-time signal: Celery's soft time limit uses
-SIGUSR1, nothing in Celery or billiard uses real-time signals), whose handler raises the
-pending exception only while a run is armed. A signal interrupts a blocking system call;
-a task that holds the interpreter in C code for long is stopped by the cgroup-level
-safety net instead.
+0.15 to 5 ms, off the task's thread) as often as the task's growth needs
+(``task_limits.next_check``). Its first read may come after the task allocated, so the
+anonymous resident memory at the task's start (``statm``, about 1.5 us) bounds the growth
+too: the larger counts (``task_limits.decide``). To raise in the task it sends the task's
+thread ``WATCHDOG_SIGNAL`` (real-time: Celery's soft time limit uses SIGUSR1, nothing in
+Celery or billiard a real-time signal), whose handler raises the pending exception only
+while that run is armed. A signal interrupts a blocking system call; a task that holds
+the interpreter in C code for long is stopped by the cgroup-level safety net instead.
 
 ``Enforcer`` is the main process's half: told of each limit a task passed (the child's
 records, read by the collector), it kills a child whose task did not stop and has a child
@@ -36,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .actuator import Listener, PoolControl
 from .errors import MemoryLimitExceeded, SoftMemoryLimitExceeded
 from .exits import ExitCauses, Kill
-from .logline import emit
+from .logline import emit, logger
 from .procfs import StatmAnon
 from .protect import signals_to_the_main_thread
 from .sizes import mib
@@ -60,8 +57,8 @@ class Armed:
 
 
 class Watchdog:
-    """Made in the main process before the pool forks (the TaskLimits step's), started
-    in each child, inert elsewhere."""
+    """Made before the pool forks (the TaskLimits step's), started in each child, inert
+    elsewhere."""
 
     def __init__(self) -> None:
         self.active = False  # only in a child, once started
@@ -80,9 +77,8 @@ class Watchdog:
 
     # -- in the child ----------------------------------------------------------------
     def start(
-        self, send: Callable[[str], None], read_private: Callable[[], int | None],
-        hostname: str,
-    ) -> None:  # fmt: skip
+        self, send: Callable[[str], None], read_private: Callable[[], int | None], hostname: str
+    ) -> None:
         """At ``worker_process_init``, in the child's main thread."""
         self.send, self.read_private = send, read_private
         self.read_anon = StatmAnon()
@@ -93,8 +89,7 @@ class Watchdog:
         self.active = True
 
     def arm(self, name: str, task_id: str, limit: TaskLimit) -> None:
-        # read here, as the task starts: the thread may see it later
-        self._set(Armed(Run(limit), name, task_id, self.read_anon()))
+        self._set(Armed(Run(limit), name, task_id, self.read_anon()))  # as the task starts
 
     def disarm(self) -> None:
         self._set(None)
@@ -110,9 +105,8 @@ class Watchdog:
             self.busy = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        """Raise the pending exception in the run it is about. Not inside arm/disarm: an
-        exception there could leave the Event's condition half updated (the watchdog sends
-        the signal again at its next check)."""
+        """Raise the pending exception in the run it is about; not inside arm/disarm, where
+        it could leave the Event half updated (the signal is sent again at the next check)."""
         if self.busy:
             return
         with self.lock:
@@ -147,10 +141,8 @@ class Watchdog:
             followed = armed  # a run armed while the last one was followed starts here
             try:
                 self._follow(armed)
-            except Exception:
-                logging.getLogger("celery_guard").warning(
-                    "celery-guard event=error stage=watchdog", exc_info=True
-                )
+            except Exception:  # noqa: BLE001 - the watchdog follows the next run
+                logger.warning("celery-guard event=error stage=watchdog", exc_info=True)
 
     def _follow(self, armed: Armed) -> None:
         start = self.read_private()
@@ -200,7 +192,7 @@ class Watchdog:
         self, kind: str, limit: int, held: int, name: str, task_id: str, action: str
     ) -> None:
         """One line in the child's log, and a record for the main process (which counts
-        it, recycles the child after a hard limit, and stops it when asked)."""
+        it, recycles the child after a hard limit, stops it when asked)."""
         fields = {
             "worker": self.hostname, "pid": os.getpid(), "task": name, "task_id": task_id,
             "kind": kind, "task_limit_mib": mib(limit), "held_mib": mib(held), "action": action,
@@ -211,9 +203,8 @@ class Watchdog:
 
 
 def wrap(task: Any, name: str, limit: TaskLimit, dog: Watchdog) -> None:
-    """Make ``task.run`` arm ``dog`` for its runs (in the main process, before the pool
-    forks, so that every child's tracer calls it). Where it is not started it only calls
-    through."""
+    """Make ``task.run`` arm ``dog`` for its runs (before the pool forks, so that every
+    child's tracer calls it); where it is not started, only call through."""
     original = task.run
     if getattr(original, "__celery_guard_limit__", None) is not None:
         return  # wrapped already
@@ -234,17 +225,12 @@ def wrap(task: Any, name: str, limit: TaskLimit, dog: Watchdog) -> None:
 
 
 class Enforcer(Listener):
-    """In the main process: what a child's watchdog could not do itself. A listener of
-    ``PoolControl`` (the pool's events) and of the collector (the children's limit
-    records): a limit hit read before its task's end recycles that child then, so the
-    records are read before the end of every limited task (``records_before_end``)."""
+    """In the main process: what a child's watchdog could not do itself. Hears the pool
+    and the children's limit records, read before the end of every limited task
+    (``records_before_end``), so that a hit recycles the child at that end."""
 
     def __init__(
-        self,
-        hostname: str,
-        control: PoolControl,
-        exits: ExitCauses,
-        limited: Collection[str] = (),
+        self, hostname: str, control: PoolControl, exits: ExitCauses, limited: Collection[str] = ()
     ) -> None:
         self.hostname = hostname
         self.control = control
@@ -276,8 +262,8 @@ class Enforcer(Listener):
         self.recycle_after.discard(pid)
 
     def task_ready(self, pid: int, task_id: str) -> bool:
-        """Replace a child whose task passed its hard limit: the exception freed what the
-        task held, but what the child's allocator kept is not worth keeping."""
+        """Replace a child whose task passed its hard limit: what its allocator kept of
+        what the task held is not worth keeping."""
         if pid not in self.recycle_after:  # its record was read first (PoolControl)
             return False
         self.recycle_after.discard(pid)

@@ -239,7 +239,7 @@ def test_imports_measures_each_task_module_largest_first(redis: harness.RedisSer
     assert [r["module"] for r in rows] == ["heavy_app", "heavy_reports"]
     app_cost, reports_cost = (float(r["child_mib"]) for r in rows)
     assert app_cost > 4 * reports_cost > 0
-    assert rows[1]["tasks"] == "1"
+    assert rows[1]["defined_tasks"] == "1"
 
     small = harness.run_celery(
         ["guard", "imports", "--format", "json"], {**env, "HEAVY_APP_OBJECTS": "30000"}

@@ -176,7 +176,7 @@ def assert_only_bystanders_besides(task_id: str, lines: list[dict[str, str]]) ->
     left to rank, so the kernel's OOM killer may pick an idle sibling. The guard reports that
     kill as it is: an event=oom line with no task, counted against none."""
     others = [line for line in lines if line["task_id"] != task_id]
-    assert all("oom_kills" in line and line["task"] == "" for line in others), others
+    assert all("cgroup_oom_kills" in line and line["task"] == "" for line in others), others
 
 
 @pytest.mark.cgroup

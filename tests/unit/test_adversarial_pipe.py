@@ -245,7 +245,7 @@ def test_the_worker_memory_watch_stops_the_worker_even_when_its_task_list_is_bus
 
     monkeypatch.setattr(state, "active_requests", ChangingSet())
     monkeypatch.setattr(state, "should_stop", None)
-    watch = WorkerMemoryLimit(1, "w@h", load_settings({}, {}))
+    watch = WorkerMemoryLimit(1, "w@h")
     watch.check()
     assert state.should_stop == 75
     assert active_task_names(ChangingSet()) == []

@@ -179,7 +179,7 @@ def test_config_prints_each_setting_with_where_it_came_from(
         guard, ["config", "--guard-mode", "warn"], obj=SimpleNamespace(app=app)
     )
     assert result.exit_code == 0, result.output
-    lines = {f["setting"]: f for f in map(parse_line, result.output.splitlines())}
+    lines = {f["setting"][6:]: f for f in map(parse_line, result.output.splitlines())}
     assert list(lines) == [option.name for option in OPTIONS]
     assert (lines["mode"]["value"], lines["mode"]["source"]) == ("warn", "option")
     assert (lines["headroom"]["value"], lines["headroom"]["source"]) == ("0.2", "env")
@@ -187,8 +187,9 @@ def test_config_prints_each_setting_with_where_it_came_from(
         "3", "config",
     )  # fmt: skip
     assert lines["child_log_step"] == {
-        "event": "config", "setting": "child_log_step", "variable": "CELERY_GUARD_CHILD_LOG_STEP",
-        "value": str(16 * 1024 * 1024), "source": "default", "default": "16M",
+        "event": "config", "setting": "guard_child_log_step",
+        "variable": "CELERY_GUARD_CHILD_LOG_STEP", "value": str(16 * 1024 * 1024),
+        "source": "default", "default": "16M",
     }  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The README, the documentation pages and the examples name only settings and options that
 exist (a renamed variable must not leave a recipe that silently does nothing); the
-configuration page has a row for every setting, and the log reference a section for every
-event the code emits."""
+configuration page has a row for every setting. The log reference's sections and keys,
+against every line the code emits, are test_log_keys.py's."""
 
 from __future__ import annotations
 
@@ -48,37 +48,6 @@ def test_the_configuration_page_documents_every_setting() -> None:
         assert f"| `{option.flag}` |" in row, (option.variable, option.flag)
 
 
-#: How the code names an event: ``emit(level, "name", ...)``, ``format_event("name", ...)``,
-#: or a traceback line logged as ``"celery-guard event=name ..."``.
-EMITTED = re.compile(
-    r"""\bemit\(\s*[^,()]+?,\s*"(\w+)"|\bformat_event\(\s*"(\w+)"|"celery-guard event=(\w+)"""
-)
-#: Every call of the two functions, to check that each names its event as a literal.
-CALLS = re.compile(r"(?<!def )\b(?:emit|format_event)\(")
-
-
-def emitted_events() -> set[str]:
-    events: set[str] = set()
-    for path in sorted((ROOT / "celery_guard").glob("*.py")):
-        if path.name == "logline.py":  # where emit and format_event are defined
-            continue
-        text = path.read_text()
-        found = [next(g for g in match.groups() if g) for match in EMITTED.finditer(text)]
-        calls = len(CALLS.findall(text))
-        literal = sum(1 for match in EMITTED.finditer(text) if not match.group(3))
-        # An event named by a variable cannot be checked here: make it a literal.
-        assert calls == literal, (path.name, calls, literal)
-        events.update(found)
-    return events
-
-
-def test_the_log_reference_has_a_section_for_every_event() -> None:
-    events = emitted_events()
-    assert {"startup", "summary", "pressure", "config_error", "check", "error"} <= events
-    headings = set(re.findall(r"^## `event=(\w+)`$", (ROOT / "docs" / "logs.md").read_text(), re.M))
-    assert events <= headings, sorted(events - headings)
-
-
 def test_the_readme_reads_the_same_on_a_package_index() -> None:
     """The README is the package's long description: on a package index a relative link
     points nowhere, so every link is absolute (or an anchor on the page); no placeholder
@@ -118,24 +87,3 @@ def test_the_readmes_startup_line_has_the_keys_the_worker_prints() -> None:
     settings = load_settings({"CELERY_GUARD_CHILD_MEMORY": "100M"}, {})
     fields = startup.measure(settings, "prefork", 1, forked=False).fields()
     assert list(parse_line(shown)) == ["event", "worker", *fields]
-
-
-#: Keys that meant different things in different lines (issue 24), with the one meaning
-#: each keeps and the only modules that may write them.
-ONE_MEANING = {
-    # the cgroup's charge: the summary's and the OOM line's (telemetry); cli reads it
-    "usage_mib": {"telemetry.py", "cli.py", "logreader.py"},
-}
-
-
-@pytest.mark.parametrize("key", sorted(ONE_MEANING))
-def test_a_key_keeps_one_meaning_across_events(key: str) -> None:
-    """A pressure line's figure is the cgroup's unreclaimable memory (``unreclaimable_mib``)
-    or the worker's RSS (``rss_mib``), not ``usage_mib``, which is the cgroup's charge
-    wherever it appears; a task's own limit is ``task_limit_mib``, never ``limit_mib``
-    (the worker's limit)."""
-    writers = {
-        path.name for path in (ROOT / "celery_guard").glob("*.py") if f'"{key}"' in path.read_text()
-    }
-    assert writers <= ONE_MEANING[key], sorted(writers - ONE_MEANING[key])
-    assert '"limit_mib"' not in (ROOT / "celery_guard" / "watchdog.py").read_text()

@@ -17,9 +17,9 @@ from celery_guard.exits import (
     OTHER,
     ExitCauses,
     Kill,
-    KillCounts,
     LostJob,
     MemoryFailures,
+    Outcome,
     failure,
 )
 
@@ -73,10 +73,10 @@ def test_what_it_remembers_is_bounded() -> None:
     for pid in range(KEPT + 100):
         causes.cause(pid, 0, None)
     assert len(causes.causes) == KEPT
-    counts = KillCounts(max_kills=3)
+    failures = MemoryFailures(lambda pid, code: GUARD, max_kills=3)
     for i in range(KEPT + 100):
-        counts.add(str(i))
-    assert len(counts.counts) == KEPT
+        failures.on_lost(LostJob(i, KILLED, str(i), "app.t", True, True), causes)
+    assert len(failures.kills) == KEPT and len(failures.outcomes) == KEPT
 
 
 @pytest.mark.parametrize(
@@ -129,13 +129,14 @@ def test_the_next_worker_goes_on_counting_a_tasks_memory_kills(tmp_path: Path) -
         failures = MemoryFailures(lambda p, c: causes.cause(p, c, None), 3, known)  # noqa: B023
         causes.killing(pid, Kill("the hard mark"))
         failures.on_lost(LostJob(pid, KILLED, "task-1", "app.hog", True, True), causes)
-        history.keep_kills(path, failures.kills.counts)  # ... and at each memory kill
+        history.keep_kills(path, failures.kills)  # ... and at each memory kill
         outcomes.append(failures.outcome(pid))
     assert [(o.then, o.kills) for o in outcomes if o] == [
         ("requeue", 1), ("requeue", 2), ("fail", 3)
     ]  # fmt: skip
     forgetful = MemoryFailures(lambda p, c: GUARD, 3)
-    assert forgetful.kills.add("task-1") == 1
+    assert forgetful.on_lost(LostJob(103, KILLED, "task-1", "app.hog", True, True), causes)
+    assert forgetful.outcome(103) == Outcome(GUARD, "requeue", 1)  # its first kill
 
 
 def test_a_task_lost_for_another_reason_stays_a_worker_lost_error() -> None:

@@ -114,7 +114,8 @@ def test_after_the_pool_changed_the_gate_reads_nothing_and_asks_for_a_new_view(
     assert budget.gate(Request("id-1")) is Verdict.HAND_OVER
     assert main_rss.calls == 1 and budget.reading is reading  # nothing read
     assert budget.cached_view is not None
-    assert budget.cached_view[1].shape == (3, budget.target, 3)
+    view = budget.cached_view[1]
+    assert (view.size, view.target, view.requested) == (3, budget.target, 3)
     refreshes = [c for _, c in budget.hub.later if c == budget._refresh]
     assert len(refreshes) == 1
     refreshes[0]()

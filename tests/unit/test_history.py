@@ -363,10 +363,15 @@ def test_save_over_a_directory_raises_oserror_and_leaves_no_temporary(tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
 
 
-def test_default_bounds_are_this_machine() -> None:
+def test_default_bounds_are_this_machine(tmp_path: Path) -> None:
     """Without ``physical``, the bound is this machine's memory: a cost above it is refused
     (the page floor is the kernel's page size)."""
-    assert resource.getpagesize() == history._page_size()
+    path, page = str(tmp_path / "s.json"), resource.getpagesize()
+    history.save(path, page, 1)
+    assert history.load(path) == (page, "")
+    for cost in (page - 1, 1 << 60):  # below a page; above any machine's memory
+        history.save(path, cost, 1)
+        assert history.load(path)[0] is None, cost
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,6 @@ def test_log_line_with_a_long_number() -> None:
     ],
 )
 def test_log_line_with_an_int_too_large_for_a_float(line: str) -> None:
-    """logreader.py number(): math.isfinite(int) raises OverflowError past 1.8e308, so
+    """stats.number() (the log reader's): math.isfinite(int) raises OverflowError past 1.8e308, so
     `celery-guard recommend` crashes on the line instead of skipping the figure."""
     build_report(read_records([line]))

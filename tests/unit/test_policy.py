@@ -19,7 +19,6 @@ from celery_guard.policy import (
     admit,
     child_cost,
     fits,
-    leaving,
     plan,
     recycle,
     roomy,
@@ -96,7 +95,7 @@ def test_children_on_their_way_out_count_once_they_are_gone_but_not_past_the_har
     book = ledger((1, 20, None), (2, 20, None), peaks={"t": 50})
     book.after_task(Record(2, "t", 0, False, 100 * MIB, 300 * MIB, None))  # child 2 holds 120
     book.leave(2)
-    assert leaving(book) == 120 * MIB
+    assert book.leaving_bytes == 120 * MIB
     # 880 + 50 = 930: over the high mark now, 810 once child 2 is gone; under the hard
     assert fits(view(880), book, 50 * MIB) == (True, 810 * MIB)
     # 930 + 50 = 980 would pass the hard mark before child 2 is gone

@@ -309,8 +309,8 @@ def test_recommend_overflows(figures: dict[str, float]) -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: ExpHistogram().add(10**309),  # _finite(value)
-        lambda: ExpHistogram(10**309, 1.5, 3),  # _finite(first)
+        lambda: ExpHistogram().add(10**309),  # number(value)
+        lambda: ExpHistogram(10**309, 1.5, 3),  # number(first)
         # whole first and ratio: first * ratio ** (max_buckets - 1) is exact int arithmetic
         lambda: ExpHistogram(1, 2, 1025),
         lambda: ExpHistogram(1, 2, 2**40),  # the exact power never finished
@@ -319,7 +319,7 @@ def test_recommend_overflows(figures: dict[str, float]) -> None:
 )
 def test_histogram_huge_ints(build: Callable[[], object]) -> None:
     """stats.py: math.isfinite() of an int past 1.8e308 raises OverflowError, not the
-    ValueError that add and the constructor promise for a number they cannot take (_finite, and
+    ValueError that add and the constructor promise for a number they cannot take (number, and
     ExpHistogram.__init__ on ``last``). With a whole ratio and a huge max_buckets
     (ratio 2, max_buckets 2**40) the exact integer power did not even finish."""
     with pytest.raises(ValueError):

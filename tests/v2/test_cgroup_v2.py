@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 import harness
 from harness import MIB
 
@@ -94,7 +96,7 @@ def test_a_kernel_oom_kill_is_explained_from_memory_events(
     assert group.oom_kills() >= 1, group.events()
     (oom,) = worker.events("oom")
     assert oom["limit_mib"] == "320.0", oom
-    assert int(oom["oom_kills"]) == group.oom_kills(), (oom, group.events())  # what it read
+    assert int(oom["cgroup_oom_kills"]) == group.oom_kills(), (oom, group.events())  # what it read
     (after,) = harness.send_tasks(redis, worker.queue, "add", 1, (2, 3))
     assert after.get(timeout=SLOW) == 5
 
@@ -126,3 +128,36 @@ def test_memory_max_lowered_under_a_running_worker_is_noticed_and_the_pool_shrin
 
     assert harness.eventually(retired, 60), worker.events("pressure", lowered_at)
     assert group.oom_kills() == 0, group.events()
+
+
+@pytest.mark.parametrize(
+    ("task", "args", "count"),
+    [
+        ("leak", (16,), 48),  # 768 MiB kept in children, in all: children recycled
+        ("hog", (96, 0.5), 24),  # 8 at once would need 768 MiB: tasks held
+    ],
+)
+def test_with_group_oom_a_pool_of_8_under_pressure_has_no_oom_kill(
+    redis: harness.RedisServer,
+    make_v2_cgroup: MakeCgroup,
+    make_worker: MakeWorker,
+    task: str,
+    args: tuple[float, ...],
+    count: int,
+) -> None:
+    """With ``memory.oom.group=1`` one OOM kill would end the whole worker, the main process
+    with its children. Leaky tasks (each keeps 16 MiB in its child for good) and transient
+    peaks (96 MiB for half a second each) at ``-c 8`` in 512 MiB, late acks: every task
+    finishes, the guard recycling children or holding tasks, and the kernel kills nothing."""
+    group = make_v2_cgroup(512 * MIB, oom_group=True)
+    env = harness.worker_env(redis, {**SMALL_APP, **FAST, "HEAVY_APP_ACKS_LATE": "1"})
+    worker = make_worker(["-c", "8"], env, group)
+    assert startup(worker)["concurrency"] == "8"
+    worker.wait_ready(SLOW)
+    results = harness.send_tasks(redis, worker.queue, task, count, args)
+    assert harness.wait_for_results(results, 3 * SLOW, group), harness.outcome(
+        results, group, worker
+    )
+    assert group.oom_kills() == 0, group.events()
+    acted = worker.events("recycle") + worker.events("pressure")
+    assert acted, worker.log[-3000:]  # it had to act (recycle, retire, hold), and did
