@@ -9,6 +9,7 @@ from what the worker printed is a bug, and is reported as one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import sys
@@ -16,7 +17,8 @@ from collections.abc import Iterator
 from typing import Any, NoReturn, TextIO
 
 from . import stats
-from .logreader import MAX_WORKERS, Report, build_report, number, read_records
+from .fleet import cell
+from .logreader import MAX_WORKERS, Report, build_report, read_records
 
 #: Rows of the peak histogram, and the widest bar.
 HISTOGRAM_ROWS = 10
@@ -32,22 +34,15 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, and prints help where it is told."""
-
-    out: TextIO | None = None
+    """argparse that raises instead of exiting."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"celery-guard: {message} (see celery-guard --help)")
 
-    def print_help(self, file: Any = None) -> None:
-        super().print_help(file or self.out)
 
-
-def _parser(stdout: TextIO) -> _Parser:
+def _parser() -> _Parser:
     parser = _Parser(prog="celery-guard", description="Tools for celery-guard's log lines.")
-    parser.out = stdout
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     recommend = commands.add_parser(
         "recommend",
         help="recommend worker_max_memory_per_child and --concurrency from worker logs",
@@ -58,7 +53,6 @@ def _parser(stdout: TextIO) -> _Parser:
             "be read. The same figures live from running workers: celery -A proj guard report."
         ),
     )
-    recommend.out = stdout
     recommend.add_argument(
         "files",
         nargs="*",
@@ -120,13 +114,11 @@ def _safe(text: str, limit: int = 200) -> str:
 
 
 def _fmt(value: Any, unit: str = "") -> str:
-    if isinstance(value, bool) or value is None:
-        return "-" if value is None else str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.1f}{unit}"
-    if isinstance(value, int):
-        return f"{value}{unit}"
-    return _safe(str(value)) + unit
+    """A figure as ``celery guard report`` prints it, text escaped and cut; the unit after
+    a number or text."""
+    if value is None or isinstance(value, bool):
+        return cell(value)
+    return (cell(value) if isinstance(value, (int, float)) else _safe(str(value))) + unit
 
 
 # -- the three parts of the output --------------------------------------------------------
@@ -158,13 +150,11 @@ def peak_histogram(report: Report) -> list[str]:
     first, last = hist.bucket(hist.min), hist.bucket(hist.max)
     per_row = -(-(last - first + 1) // HISTOGRAM_ROWS)  # ceiling
     weights = dict(hist.buckets())
-    rows: list[tuple[float, float, float]] = []
+    rows = []
     for start in range(first, last + 1, per_row):
         end = min(start + per_row, last + 1)
         count = sum(weights.get(index, 0.0) for index in range(start, end))
-        low = max(hist.lower(start), hist.min)
-        high = min(hist.upper(end - 1), hist.max)
-        rows.append((low, high, count))
+        rows.append((max(hist.lower(start), hist.min), min(hist.upper(end - 1), hist.max), count))
     largest = max(count for _, _, count in rows)
     lines = [f"children's peak RSS (MiB) in {_count(hist.count)} child lines:"]
     for low, high, count in rows:
@@ -176,25 +166,16 @@ def peak_histogram(report: Report) -> list[str]:
 def _summary_inputs(summary: dict[str, Any]) -> dict[str, Any] | None:
     """The keyword arguments of ``stats.recommend`` from a summary; None if incomplete or
     out of range: settings are printed from these, and a negative one must never be."""
-    inputs: dict[str, Any] = {}
-    for key in ("limit_mib", "headroom_mib", "parent_rss_mib", "concurrency"):
-        value = number(summary.get(key))
-        if value is None or value < 0:
+    inputs = {key: stats.number(value) for key, value in stats.summary_inputs(summary).items()}
+    for key, value in inputs.items():
+        whole = key == "concurrency" or key.startswith("plan_")  # counts of children, tasks
+        if value is None:
+            if key in stats.REQUIRED_INPUTS:
+                return None
+        elif value < 0 or (whole and (value < 1 or value != int(value))):
             return None
-        inputs[key] = value
-    if inputs["concurrency"] != int(inputs["concurrency"]) or inputs["concurrency"] < 1:
-        return None
-    inputs["concurrency"] = int(inputs["concurrency"])
-    for key in ("private_p50_mib", "private_p95_mib", "peak_rss_p50_mib", "peak_rss_p95_mib"):
-        value = number(summary.get(key))
-        if value is not None and value < 0:
-            return None
-        inputs[key] = value
-    for key in ("concurrency", "tasks_per_child", "max_memory_per_child_kib"):
-        value = number(summary.get(f"plan_vanilla_{key}"))
-        if value is not None and (value < 1 or value != int(value)):
-            return None
-        inputs[f"plan_{key}"] = None if value is None else int(value)
+        elif whole:
+            inputs[key] = int(value)
     return inputs
 
 
@@ -253,19 +234,19 @@ def worker_section(worker: str, summary: dict[str, Any], recycle_lines: int) -> 
 
 def _differences(worker: str, summary: dict[str, Any], advice: stats.Recommendation) -> list[str]:
     """``warning:`` lines where the summary printed something else than recomputed."""
-    printed: dict[str, Any] = {
+    if not summary.keys() & {"recommended_concurrency", "recommended_max_memory_per_child_kib"}:
+        return []  # a summary from before recommendations were logged
+    recomputed = {
         "recommended_max_memory_per_child_kib": advice.max_memory_per_child_kib,
         "recommended_concurrency": advice.concurrency,
+        "recommendation_note": advice.note or None,
+        "alternative_concurrency": advice.alternative_concurrency,
+        "alternative_max_memory_per_child_kib": advice.alternative_max_memory_per_child_kib,
     }
-    if not any(key in summary for key in printed):
-        return []  # a summary from before recommendations were logged
-    printed["recommendation_note"] = advice.note or None
-    printed["alternative_concurrency"] = advice.alternative_concurrency
-    printed["alternative_max_memory_per_child_kib"] = advice.alternative_max_memory_per_child_kib
     return [
         f"warning: worker {worker}: recomputed {key}={_fmt(value)}, but the summary printed"
         f" {_fmt(summary.get(key))} (a bug in celery-guard)"
-        for key, value in printed.items()
+        for key, value in recomputed.items()
         if summary.get(key) != value
     ]
 
@@ -295,7 +276,8 @@ def main(
     out = stdout if stdout is not None else sys.stdout
     source = stdin if stdin is not None else _system_stdin()
     try:
-        args = _parser(out).parse_args(sys.argv[1:] if argv is None else argv)
+        with contextlib.redirect_stdout(out):  # --help
+            args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
         report = build_report(read_records(_lines(args.files, source)))
     except UsageError as error:
         print(error, file=sys.stderr)

@@ -8,19 +8,11 @@ broker the fleet already has) and prints these tables.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from .stats import number
-
-Figure = TypeVar("Figure", int, float)
-
-
-def _number(value: Any) -> float | None:
-    """A figure from a reply, or None: replies come from other processes."""
-    found = number(value)
-    return None if found is None else float(found)
 
 
 @dataclass(frozen=True)
@@ -40,37 +32,31 @@ class WorkerRow:
     error: str = ""  # a worker without the guard's figures says why
 
 
-def _int(value: Any) -> int | None:
-    number = _number(value)
-    return None if number is None else int(number)
+def _figure(key: str, value: Any) -> float | int | None:
+    """A figure from a reply, or None: replies come from other processes. MiB as they are,
+    counts whole."""
+    found = number(value)
+    if found is None:
+        return None
+    return float(found) if key.endswith("_mib") else int(float(found))
 
 
 def worker_rows(stats: Mapping[str, Any], queues: Mapping[str, list[str]]) -> list[WorkerRow]:
-    """One row per worker that answered, sorted by name."""
+    """One row per worker that answered, sorted by name; ``holds`` from the governor's
+    section where the summary has none."""
     rows = []
     for hostname in sorted(stats):
         reply: Mapping[str, Any] = stats[hostname] if isinstance(stats[hostname], Mapping) else {}
-        found = reply.get("governor")
-        governor: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-        rows.append(
-            WorkerRow(
-                hostname=hostname,
-                queues=tuple(sorted(queues.get(hostname, []))),
-                concurrency=_int(reply.get("concurrency")),
-                requested=_int(reply.get("requested")),
-                limit_mib=_number(reply.get("limit_mib")),
-                private_p95_mib=_number(reply.get("private_p95_mib")),
-                oom_kills=_int(reply.get("oom_kills")),
-                recycles=_int(reply.get("recycles")),
-                holds=_int(reply.get("holds", governor.get("holds"))),
-                recommended_concurrency=_int(reply.get("recommended_concurrency")),
-                recommended_max_memory_per_child_kib=_int(
-                    reply.get("recommended_max_memory_per_child_kib")
-                ),
-                recommended_memory_limit_mib=_number(reply.get("recommended_memory_limit_mib")),
-                error=str(reply.get("error", ""))[:200],
-            )
-        )
+        governor = reply.get("governor")
+        reply = {"holds": governor.get("holds") if isinstance(governor, Mapping) else None, **reply}
+        figures: dict[str, Any] = {
+            f.name: _figure(f.name, reply.get(f.name))
+            for f in fields(WorkerRow)
+            if f.name not in ("hostname", "queues", "error")
+        }
+        queued = tuple(sorted(queues.get(hostname, [])))
+        error = str(reply.get("error", ""))[:200]
+        rows.append(WorkerRow(hostname, queued, **figures, error=error))
     return rows
 
 
@@ -92,31 +78,31 @@ def queue_rows(rows: list[WorkerRow]) -> list[QueueRow]:
         for queue in row.queues or ("(no queue reported)",):
             by_queue.setdefault(queue, []).append(row)
     result = []
-    for queue in sorted(by_queue):
-        members = by_queue[queue]
+    for queue, members in sorted(by_queue.items()):
         recommended = [r.recommended_concurrency for r in members]
-        per_child = [r.recommended_max_memory_per_child_kib for r in members]
-        limits = [r.recommended_memory_limit_mib for r in members]
         result.append(
             QueueRow(
-                queue=queue,
-                workers=tuple(r.hostname for r in members),
-                concurrency=sum(r.concurrency or 0 for r in members),
-                recommended_concurrency=None if None in recommended else sum(_known(recommended)),
-                recommended_max_memory_per_child_kib=max(_known(per_child), default=None),
-                recommended_memory_limit_mib=max(_known(limits), default=None),
+                queue,
+                tuple(r.hostname for r in members),
+                sum(r.concurrency or 0 for r in members),
+                None if None in recommended else sum(filter(None, recommended)),
+                _largest(r.recommended_max_memory_per_child_kib for r in members),
+                _largest(r.recommended_memory_limit_mib for r in members),
             )
         )
     return result
 
 
-def _known(values: list[Figure | None]) -> list[Figure]:
-    return [value for value in values if value is not None]
+def _largest(values: Iterable[Any]) -> Any:
+    return max((value for value in values if value is not None), default=None)
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A figure as the reports print it: MiB to a tenth, flags as log lines spell them."""
     if value is None or value == "":
         return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, tuple):
         return ",".join(value) or "-"
     if isinstance(value, float):
@@ -133,10 +119,10 @@ def table(rows: list[Any], columns: list[tuple[str, str]]) -> str:
     they are, so a name with a control character is shown escaped."""
     cells = [[heading for _, heading in columns]]
     for row in rows:
-        cells.append([_escaped(_cell(getattr(row, name))) for name, _ in columns])
+        cells.append([_escaped(cell(getattr(row, name))) for name, _ in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
         for line in cells
     )
 
@@ -169,4 +155,4 @@ def render(workers: list[WorkerRow], queues: list[QueueRow], output: str) -> str
     )
 
 
-__all__ = ["QueueRow", "WorkerRow", "queue_rows", "render", "table", "worker_rows"]
+__all__ = ["QueueRow", "WorkerRow", "cell", "queue_rows", "render", "table", "worker_rows"]

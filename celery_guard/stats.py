@@ -10,6 +10,7 @@ so a reader of the log recomputes exactly what the live worker printed.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,13 +157,22 @@ def container_limit(
     return float(math.ceil((parent + requested * child_peak) / (1 - headroom_fraction)))
 
 
-#: ``recommend``'s figures as the summary line names them, and its plan's figures, which
-#: the summary names ``plan_vanilla_*``.
+#: ``recommend``'s figures as the summary line names them (the required ones always there,
+#: the children's None before their first sample), and its plan's figures, which the
+#: summary names ``plan_vanilla_*``.
+REQUIRED_INPUTS = ("limit_mib", "headroom_mib", "parent_rss_mib", "concurrency")
 SUMMARY_INPUTS = (
-    "limit_mib", "headroom_mib", "parent_rss_mib", "concurrency",
-    "private_p50_mib", "private_p95_mib", "peak_rss_p50_mib", "peak_rss_p95_mib",
+    *REQUIRED_INPUTS, "private_p50_mib", "private_p95_mib", "peak_rss_p50_mib", "peak_rss_p95_mib",
 )  # fmt: skip
 PLAN_INPUTS = ("concurrency", "tasks_per_child", "max_memory_per_child_kib")
+
+
+def summary_inputs(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """``recommend``'s keyword arguments from a summary's fields: the live worker and the
+    log reader recommend from the same figures."""
+    inputs = {key: summary.get(key) for key in SUMMARY_INPUTS}
+    inputs.update((f"plan_{key}", summary.get(f"plan_vanilla_{key}")) for key in PLAN_INPUTS)
+    return inputs
 
 
 def recommend(

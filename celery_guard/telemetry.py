@@ -32,7 +32,7 @@ from .limit import LiveLimit
 from .logline import emit, logger
 from .protect import signals_to_the_main_thread
 from .sizes import MIB, mib
-from .stats import PLAN_INPUTS, SUMMARY_INPUTS, ExpHistogram, container_limit, recommend
+from .stats import ExpHistogram, container_limit, recommend, summary_inputs
 
 #: The child reads its private memory (smaps_rollup, 0.1-5 ms) on every Nth task only.
 PRIVATE_EVERY = 100
@@ -620,9 +620,7 @@ class Collector:
             worst = sorted(hits, key=lambda hit: -(hit[1] + hit[2]))[:3]
             fields["task_limit_top"] = ",".join(f"{n}:{soft}/{hard}" for n, soft, hard in worst)
         fields.update(more or {})
-        inputs: dict[str, Any] = {key: fields[key] for key in SUMMARY_INPUTS}
-        inputs.update((f"plan_{key}", fields.get(f"plan_vanilla_{key}")) for key in PLAN_INPUTS)
-        advice = recommend(**inputs)
+        advice = recommend(**summary_inputs(fields))
         fields["recommended_max_memory_per_child_kib"] = advice.max_memory_per_child_kib
         fields["recommended_concurrency"] = advice.concurrency
         fields["recommended_memory_limit_mib"] = self._container_limit(fields)

@@ -82,7 +82,7 @@ def test_an_oom_kill_of_a_child_is_explained_and_the_worker_lives_on(
     (oom,) = worker.events("oom")
     assert oom["task"] == "heavy_app.hog" and oom["task_id"] == hog.id
     assert float(oom["limit_mib"]) == 400.0
-    assert int(oom["oom_kills"]) == group.oom_kills() >= 1
+    assert int(oom["cgroup_oom_kills"]) == group.oom_kills() >= 1
     assert "ERROR/MainProcess" in next(
         line for line in worker.log.splitlines() if "event=oom" in line
     )
