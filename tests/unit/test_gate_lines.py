@@ -86,13 +86,18 @@ def test_the_first_task_handed_over_after_a_hold_logs_the_release_once(
     assert [line["task_id"] for line in guard_lines(caplog, "action", "hold")] == ["h1", "h2"]
 
 
-def test_a_task_with_no_free_child_is_held_without_a_hold_line(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("observing", "verdict"), [(False, Verdict.HOLD), (True, Verdict.HAND_OVER)]
+)
+def test_a_task_that_waits_for_a_free_child_is_no_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, observing: bool, verdict: Verdict
 ) -> None:
-    """Every child busy: the task waits for one at the gate; that is no memory pressure."""
+    """Every child busy: the task waits for one at the gate (observing, it is handed over);
+    that is no memory pressure, so no hold line and no hold counted."""
     budget = _every_child_busy(tmp_path)
+    budget.observing = observing
     caplog.set_level(logging.INFO, logger="celery_guard")
-    assert budget.gate(Request("n1", "t")) is Verdict.HOLD
+    assert budget.gate(Request("n1", "t")) is verdict
     assert guard_lines(caplog, "action", "hold") == [] and budget.holds == 0
 
 
@@ -108,16 +113,6 @@ def test_observing_hands_over_what_it_would_hold_and_logs_the_hold(
     assert budget.holds == 1 and len(budget.hold_decisions) == 1
     assert 0 <= budget.hold_decisions[0] < 1
     assert budget.admitted is not None and budget.admitted[:3] == ("h1", "heavy", 800 * MIB)
-
-
-def test_observing_neither_holds_nor_logs_a_task_that_waits_for_a_free_child(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    budget = _every_child_busy(tmp_path)
-    budget.observing = True
-    caplog.set_level(logging.INFO, logger="celery_guard")
-    assert budget.gate(Request("n1", "t")) is Verdict.HAND_OVER
-    assert guard_lines(caplog, "action", "hold") == [] and budget.holds == 0
 
 
 def test_observing_hands_over_a_second_run_of_a_kind_being_measured_without_a_hold(
